@@ -1,0 +1,32 @@
+# The commands the README tells people to type. Each target installs what is missing first,
+# so a fresh clone needs only Python 3.10+, a C++ compiler and CMake.
+PYTHON ?= python3
+PIP := $(PYTHON) -m pip
+# The CPU build of torch is enough for the tests; a torch that is already installed is kept.
+TORCH_SPEC ?= torch==2.13.0
+STAMP := .make/installed
+NATIVE_SOURCES := setup.py CMakeLists.txt $(wildcard kernels/cpu/*.cpp kernels/cpu/*.h)
+
+.PHONY: install test demo bench-cpu clean
+
+$(STAMP): $(NATIVE_SOURCES)
+	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_SPEC)"
+	$(PIP) install "setuptools>=70" wheel
+	$(PIP) install --no-build-isolation -e ".[dev]"
+	@mkdir -p .make && touch $(STAMP)
+
+install: $(STAMP)
+
+test: install
+	$(PYTHON) -m pytest tests -q
+
+# Until the federated trainer lands, the main job is the CPU benchmark of the fused op.
+demo: install
+	@echo "make demo: the federated trainer has not landed yet; running the CPU op benchmark."
+	$(PYTHON) bench/op_cpu.py
+
+bench-cpu: install
+	$(PYTHON) bench/op_cpu.py
+
+clean:
+	rm -rf build .make kernels/_feddpa_cpu*.so *.egg-info

@@ -1,0 +1,148 @@
+"""The providers every op benchmark compares, built on one random problem:
+
+    base      F.linear(x, W, b): the frozen GEMM alone, the floor
+    unfused   PEFT-style PyTorch: base output plus, per branch, lora_B(lora_A(x)) * scaling * w
+              added out of place (w: per-row mix weight, as FedDPA needs)
+    peft      a real peft LoRA layer holding two adapters, both active (static weights: PEFT
+              has no per-instance mix)
+    two_gemm  shrink x A^T, scale, then addmm_ of (u*S) B^T into the base output
+    fused     feddpa_fast.kernels.lora_linear
+
+Modes: "forward" and "fwd+bwd" (backward: dx plus the adapter gradients; for base, dx only).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from feddpa_fast.kernels import lora_linear
+
+
+@dataclass
+class Problem:
+    """Inputs of one benchmark case: r adapters per branch, two branches (global, local)."""
+
+    x: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor
+    a: list[torch.Tensor]       # per branch (r, K)
+    b: list[torch.Tensor]       # per branch (N, r)
+    mix: list[torch.Tensor]     # per branch (M, 1) float32 per-row weights
+    scaling: float
+    dy: torch.Tensor
+
+    @property
+    def shape(self):
+        return self.x.shape[0], self.x.shape[1], self.weight.shape[0], self.a[0].shape[0]
+
+
+def make_problem(m, k, n, r, dtype=torch.float32, device="cpu", seed=0) -> Problem:
+    """Random inputs (never zeros: B is random too, so no branch is trivially skipped)."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+
+    def rand(*shape, std=1.0):
+        return (torch.randn(*shape, generator=gen) * std).to(device=device, dtype=dtype)
+
+    mix_g = torch.rand(m, 1, generator=gen).to(device)
+    return Problem(
+        x=rand(m, k),
+        weight=rand(n, k, std=1 / math.sqrt(k)),
+        bias=rand(n, std=0.1),
+        a=[rand(r, k, std=1 / math.sqrt(k)) for _ in range(2)],
+        b=[rand(n, r, std=0.1) for _ in range(2)],
+        mix=[mix_g, 1 - mix_g],
+        scaling=2.0,
+        dy=rand(m, n),
+    )
+
+
+def flops(m, k, n, r, mode, provider) -> float:
+    """Analytic FLOPs of one call (two branches of rank r; base does only its own GEMM)."""
+    base_fwd = 2.0 * m * n * k
+    base_dx = 2.0 * m * n * k
+    lora_fwd = 2.0 * m * (2 * r) * (k + n)
+    lora_bwd = 2 * 2.0 * m * (2 * r) * (k + n)  # g, dB over N; dx-lora, dA over K
+    if provider == "base":
+        return base_fwd + (base_dx if mode == "fwd+bwd" else 0.0)
+    return base_fwd + lora_fwd + ((base_dx + lora_bwd) if mode == "fwd+bwd" else 0.0)
+
+
+def _peft_layer(p: Problem):
+    """A real peft LoRA model around one nn.Linear, adapters 'global' and 'local' both active."""
+    from peft import LoraConfig, get_peft_model
+
+    n, k = p.weight.shape
+    r = p.a[0].shape[0]
+
+    class Holder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(k, n, device=p.x.device, dtype=p.x.dtype)
+
+        def forward(self, inp):
+            return self.proj(inp)
+
+    holder = Holder()
+    with torch.no_grad():
+        holder.proj.weight.copy_(p.weight)
+        holder.proj.bias.copy_(p.bias)
+    cfg = LoraConfig(r=r, lora_alpha=int(p.scaling * r), lora_dropout=0.0, target_modules=["proj"])
+    model = get_peft_model(holder, cfg, adapter_name="global")
+    model.add_adapter("local", cfg)
+    model.base_model.set_adapter(["global", "local"])
+    layer = model.base_model.model.proj
+    with torch.no_grad():
+        for i, name in enumerate(("global", "local")):
+            layer.lora_A[name].weight.copy_(p.a[i])
+            layer.lora_B[name].weight.copy_(p.b[i])
+    for name, param in model.named_parameters():
+        param.requires_grad_("lora_" in name)
+    return model
+
+
+def build_providers(p: Problem, mode: str, names: list[str]) -> dict:
+    """Callables running one forward (or forward+backward) of each provider on problem p."""
+    train = mode == "fwd+bwd"
+    x = p.x.detach().clone().requires_grad_(train)
+    w, bias = p.weight, p.bias
+    a = [t.detach().clone().requires_grad_(train) for t in p.a]
+    b = [t.detach().clone().requires_grad_(train) for t in p.b]
+    # The fused op reads both branches from one stacked buffer (what DualLoRALinear keeps).
+    a_st = torch.cat(p.a).detach().requires_grad_(train)
+    b_st = torch.cat(p.b, dim=1).detach().requires_grad_(train)
+    r = p.a[0].shape[0]
+    scale = torch.cat([(p.scaling * m).expand(-1, r) for m in p.mix], dim=1).contiguous()
+    row_w = [(p.scaling * m).to(p.x.dtype) for m in p.mix]
+
+    def run(forward, params):
+        if not train:
+            with torch.no_grad():
+                forward()
+            return
+        for t in params:
+            t.grad = None
+        forward().backward(p.dy)
+
+    impls = {
+        "base": (lambda: F.linear(x, w, bias), [x]),
+        "unfused": (lambda: F.linear(x, w, bias)
+                    + F.linear(F.linear(x, a[0]), b[0]) * row_w[0]
+                    + F.linear(F.linear(x, a[1]), b[1]) * row_w[1], [x, *a, *b]),
+        "two_gemm": (lambda: _two_gemm(x, w, bias, a_st, b_st, scale), [x, a_st, b_st]),
+        "fused": (lambda: lora_linear(x, w, bias, a_st, b_st, scale), [x, a_st, b_st]),
+    }
+    if "peft" in names:
+        model = _peft_layer(p)
+        params = [t for t in model.parameters() if t.requires_grad] + [x]
+        impls["peft"] = (lambda: model(x), params)
+    return {n: (lambda f=impls[n][0], ps=impls[n][1]: run(f, ps)) for n in names}
+
+
+def _two_gemm(x, w, bias, a_st, b_st, scale):
+    """Shrink, scale in fp32, then addmm_ the expand into the base output (autograd-safe:
+    linear's backward does not need its output)."""
+    us = (F.linear(x, a_st).float() * scale).to(x.dtype)
+    return F.linear(x, w, bias).addmm_(us, b_st.T)

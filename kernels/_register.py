@@ -1,0 +1,67 @@
+"""Python-side registrations of the ``feddpa::lora_linear`` op family.
+
+The native library (kernels/cpu/ops.cpp) defines the schemas, the C++ autograd kernel and the
+CPU kernels. Here:
+- fake (meta) kernels, so ``torch.compile(fullgraph=True)`` traces a module calling the op;
+- kernels for every other device: the reference formulas, registered as
+  ``CompositeExplicitAutograd`` (a device-specific kernel, such as the native CPU one or the
+  Triton CUDA one, takes precedence over it).
+"""
+from __future__ import annotations
+
+import torch
+
+from . import reference
+
+
+def _out_shape(x, weight):
+    return (*x.shape[:-1], weight.shape[0])
+
+
+@torch.library.register_fake("feddpa::lora_linear")
+def _lora_linear_fake(x, weight, bias, lora_a, lora_b, scale):
+    torch.ops.feddpa.lora_linear_check(x, weight, bias, lora_a, lora_b, scale)
+    return x.new_empty(_out_shape(x, weight))
+
+
+@torch.library.register_fake("feddpa::lora_linear_fwd")
+def _lora_linear_fwd_fake(x, weight, bias, lora_a, lora_b, scale):
+    torch.ops.feddpa.lora_linear_check(x, weight, bias, lora_a, lora_b, scale)
+    u = x.new_empty((_leading_rows(x), lora_a.shape[0]), dtype=reference.accum_dtype(x.dtype))
+    return x.new_empty(_out_shape(x, weight)), u
+
+
+def _leading_rows(x):
+    rows = 1
+    for d in x.shape[:-1]:
+        rows = rows * d
+    return rows
+
+
+@torch.library.register_fake("feddpa::lora_linear_bwd")
+def _lora_linear_bwd_fake(dy, x, weight, lora_a, lora_b, scale, u, output_mask):
+    need_dx, need_da, need_db, need_ds = output_mask
+    empty = x.new_empty(0)
+    return (
+        x.new_empty(x.shape) if need_dx else empty,
+        lora_a.new_empty(lora_a.shape) if need_da else empty,
+        lora_b.new_empty(lora_b.shape) if need_db else empty,
+        scale.new_empty(scale.shape) if need_ds else scale.new_empty(0),
+    )
+
+
+@torch.library.impl("feddpa::lora_linear", "CompositeExplicitAutograd")
+def _lora_linear_other_device(x, weight, bias, lora_a, lora_b, scale):
+    torch.ops.feddpa.lora_linear_check(x, weight, bias, lora_a, lora_b, scale)
+    return reference.lora_linear_forward(x, weight, bias, lora_a, lora_b, scale)[0]
+
+
+@torch.library.impl("feddpa::lora_linear_fwd", "CompositeExplicitAutograd")
+def _lora_linear_fwd_other_device(x, weight, bias, lora_a, lora_b, scale):
+    torch.ops.feddpa.lora_linear_check(x, weight, bias, lora_a, lora_b, scale)
+    return reference.lora_linear_forward(x, weight, bias, lora_a, lora_b, scale)
+
+
+@torch.library.impl("feddpa::lora_linear_bwd", "CompositeExplicitAutograd")
+def _lora_linear_bwd_other_device(dy, x, weight, lora_a, lora_b, scale, u, output_mask):
+    return reference.lora_linear_backward(dy, x, weight, lora_a, lora_b, scale, u, output_mask)

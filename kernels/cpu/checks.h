@@ -1,0 +1,24 @@
+// Input validation for feddpa::lora_linear, shared by every entry point of the native library
+// (the autograd kernel, the CPU kernels, and the `lora_linear_check` op that Python backends call).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <optional>
+
+namespace feddpa {
+
+// fp64 inputs accumulate in fp64 (gradcheck); every other dtype accumulates u = x @ A^T in fp32.
+inline at::ScalarType accum_dtype(at::ScalarType x_dtype) {
+  return x_dtype == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// Raises c10::ValueError / c10::TypeError (Python ValueError / TypeError) naming the argument.
+// Works on symbolic shapes so that fake tensors under torch.compile go through it too.
+void check_lora_linear_inputs(
+    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& lora_a, const at::Tensor& lora_b, const at::Tensor& scale);
+
+// The rows of x seen as a matrix: M = prod(x.shape[:-1]).
+c10::SymInt leading_rows(const at::Tensor& x);
+
+}  // namespace feddpa

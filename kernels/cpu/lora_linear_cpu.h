@@ -1,0 +1,27 @@
+// Native CPU kernels of feddpa::lora_linear (forward and backward). See lora_linear_cpu.cpp.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <array>
+#include <optional>
+#include <tuple>
+
+namespace feddpa {
+
+// y = x W^T + b + ((x A^T) * S) B^T ; returns (y, u) with u = x A^T in the accumulation dtype
+// (saved for backward: it is only M x R).
+std::tuple<at::Tensor, at::Tensor> lora_linear_fwd_cpu(
+    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& lora_a, const at::Tensor& lora_b, const at::Tensor& scale);
+
+at::Tensor lora_linear_cpu(
+    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& lora_a, const at::Tensor& lora_b, const at::Tensor& scale);
+
+// Returns (dx, d lora_a, d lora_b, d scale); an entry whose mask bit is false is an empty tensor.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_bwd_cpu(
+    const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight,
+    const at::Tensor& lora_a, const at::Tensor& lora_b, const at::Tensor& scale,
+    const at::Tensor& u, std::array<bool, 4> output_mask);
+
+}  // namespace feddpa

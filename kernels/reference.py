@@ -1,0 +1,71 @@
+"""Pure-PyTorch semantics of ``lora_linear``: the contract, and the oracle of every test.
+
+    x       (..., K)   float32 | float16 | bfloat16 | float64
+    weight  (N, K)     dtype of x, frozen
+    bias    (N,) or None
+    lora_a  (R, K)     the A matrices of all branches stacked (rows)
+    lora_b  (N, R)     the B matrices stacked the same way (columns)
+    scale   (M, R) or (1, R), float32 (float64 for float64 x); M = prod(x.shape[:-1])
+
+    u = x @ lora_a.T                      accumulated in float32 (float64 for float64 x)
+    y = x @ weight.T + bias + (u * scale).to(x.dtype) @ lora_b.T          (..., N), dtype of x
+
+``lora_linear`` is written with ordinary differentiable torch ops, so its gradients come from
+autograd, independently of the hand-written backward formulas of the fast backends.
+``lora_linear_forward`` / ``lora_linear_backward`` spell those formulas out (DESIGN section 2);
+they serve as the op's kernels on devices with no fast backend.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["accum_dtype", "lora_linear", "lora_linear_forward", "lora_linear_backward"]
+
+
+def accum_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype u = x @ A^T is accumulated and scaled in: float64 for float64, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def lora_linear(x, weight, bias, lora_a, lora_b, scale):
+    """Reference ``y = x W^T + b + ((x A^T) * scale) B^T`` with autograd for every input."""
+    acc = accum_dtype(x.dtype)
+    x2 = x.reshape(-1, x.shape[-1])
+    u = x2.to(acc) @ lora_a.to(acc).T
+    y = F.linear(x2, weight, bias) + (u * scale).to(x.dtype) @ lora_b.T
+    return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def lora_linear_forward(x, weight, bias, lora_a, lora_b, scale):
+    """Forward without autograd: returns ``(y, u)`` with u = x A^T in the accumulation dtype."""
+    acc = accum_dtype(x.dtype)
+    x2 = x.reshape(-1, x.shape[-1])
+    u = x2.to(acc) @ lora_a.to(acc).T
+    y = F.linear(x2, weight, bias) + (u * scale).to(x.dtype) @ lora_b.T
+    return y.reshape(*x.shape[:-1], weight.shape[0]), u
+
+
+def lora_linear_backward(dy, x, weight, lora_a, lora_b, scale, u, output_mask):
+    """The backward formulas of DESIGN section 2; entries not in ``output_mask`` are empty.
+
+    g = dy B ; gs = g * S ; dx = dy W + gs A ; dA = gs^T x ; dB = dy^T (u * S) ; dS = g * u
+    """
+    need_dx, need_da, need_db, need_ds = output_mask
+    acc = accum_dtype(x.dtype)
+    n, k = weight.shape
+    dy2 = dy.reshape(-1, n)
+    x2 = x.reshape(-1, k)
+    g = dy2.to(acc) @ lora_b.to(acc)
+    gs = (g * scale).to(x.dtype)
+    empty = x.new_empty(0)
+    dx = (dy2 @ weight + gs @ lora_a).reshape(x.shape) if need_dx else empty
+    da = gs.T @ x2 if need_da else empty
+    db = dy2.T @ (u * scale).to(x.dtype) if need_db else empty
+    if need_ds:
+        ds = g * u
+        if scale.shape[0] == 1 and ds.shape[0] != 1:
+            ds = ds.sum(0, keepdim=True)
+    else:
+        ds = scale.new_empty(0)
+    return dx, da, db, ds

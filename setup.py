@@ -1,0 +1,87 @@
+"""Packaging for feddpa_fast.
+
+    pip install --no-build-isolation -e ".[dev]"
+
+`--no-build-isolation` because the native CPU library is compiled (by CMake, from
+kernels/cpu/*.cpp) against the torch that is *already installed*: a build-isolated torch could
+differ from the one the library is later loaded into. `kernels/` is installed as
+`feddpa_fast.kernels`.
+"""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from setuptools import Extension, find_packages, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = Path(__file__).resolve().parent
+
+
+class CMakeExtension(Extension):
+    """An extension built by CMakeLists.txt rather than by setuptools' compiler driver."""
+
+    def __init__(self, name: str):
+        super().__init__(name, sources=[])
+
+
+class CMakeBuild(build_ext):
+    """Configures and builds CMakeLists.txt against the installed torch."""
+
+    def build_extension(self, ext: Extension) -> None:
+        try:
+            import torch
+            from torch.utils import cpp_extension
+        except ImportError as err:  # pragma: no cover - install-time message
+            raise RuntimeError(
+                "feddpa_fast builds its native library against an installed torch: install "
+                "torch first (e.g. `pip install torch`), then `pip install --no-build-isolation -e .`"
+            ) from err
+        target = Path(self.get_ext_fullpath(ext.name)).resolve()
+        build_dir = Path(self.build_temp).resolve() / "cmake"
+        build_dir.mkdir(parents=True, exist_ok=True)
+        configure = [
+            "cmake", "-S", str(ROOT), "-B", str(build_dir),
+            "-DCMAKE_BUILD_TYPE=Release",
+            f"-DTORCH_INCLUDE_DIRS={';'.join(cpp_extension.include_paths())}",
+            f"-DTORCH_LIBRARY_DIR={os.path.join(os.path.dirname(torch.__file__), 'lib')}",
+            f"-DTORCH_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+            f"-DFEDDPA_OUTPUT_DIR={target.parent}",
+            f"-DFEDDPA_OUTPUT_NAME={target.name}",
+        ]
+        subprocess.run(configure, check=True)
+        jobs = str(os.cpu_count() or 1)
+        subprocess.run(["cmake", "--build", str(build_dir), "-j", jobs], check=True)
+
+
+def read_version() -> str:
+    text = (ROOT / "feddpa_fast" / "__init__.py").read_text()
+    for line in text.splitlines():
+        if line.startswith("__version__"):
+            return line.split("=")[1].strip().strip('"')
+    raise RuntimeError("no __version__ in feddpa_fast/__init__.py")
+
+
+setup(
+    name="feddpa_fast",
+    version=read_version(),
+    description="Fused dual-LoRA kernels and a lean trainer for personalized federated fine-tuning",
+    long_description=(ROOT / "README.md").read_text(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["feddpa_fast", "feddpa_fast.*"]) + ["feddpa_fast.kernels"],
+    package_dir={"feddpa_fast.kernels": "kernels"},
+    ext_modules=[CMakeExtension("feddpa_fast.kernels._feddpa_cpu")],
+    cmdclass={"build_ext": CMakeBuild},
+    install_requires=["torch>=2.6", "numpy", "safetensors", "transformers"],
+    extras_require={
+        "dev": [
+            "pytest",
+            "peft",
+            "matplotlib",
+            "triton>=3.2; platform_system == 'Linux' and platform_machine == 'x86_64'",
+        ],
+    },
+    entry_points={"console_scripts": ["feddpa-fast=feddpa_fast.cli:main"]},
+    zip_safe=False,
+)
