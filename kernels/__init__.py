@@ -4,12 +4,15 @@
 
 Backends, chosen by the device of x:
     cpu   -> "native"    C++ (kernels/cpu), BLAS calls plus fused epilogues, C++ autograd
-    cuda  -> "reference" for now (the Triton backend replaces it)
+    cuda  -> "triton"    single-pass fused kernels (kernels/triton_*.py); "reference" if
+                         triton is not installed
     other -> "reference" kernels/reference.py formulas
-Force one with ``FEDDPA_FAST_BACKEND=native|reference`` or ``lora_linear(..., backend=...)``.
+Force one with ``FEDDPA_FAST_BACKEND=native|triton|reference`` or ``lora_linear(..., backend=)``;
+"triton" on CPU tensors needs TRITON_INTERPRET=1 (set before this package is imported).
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import torch
@@ -22,8 +25,25 @@ from . import _register  # noqa: E402,F401  (fake kernels + other-device kernels
 
 __all__ = ["BACKENDS", "backend_for", "lora_linear", "native_library_path", "reference"]
 
-BACKENDS = ("native", "reference")
+BACKENDS = ("native", "triton", "reference")
 _ENV_VAR = "FEDDPA_FAST_BACKEND"
+
+
+def triton_available() -> bool:
+    """True when the triton package can be imported."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def _triton_op():
+    """The Triton glue module, imported on first use (importing triton costs ~1 s)."""
+    if not triton_available():
+        raise ValueError("backend 'triton' needs the triton package (pip install triton)")
+    from . import triton_op
+    return triton_op
+
+
+if torch.cuda.is_available() and triton_available():
+    _triton_op().register_cuda_kernels()
 
 
 def backend_for(device: torch.device | str) -> str:
@@ -31,6 +51,8 @@ def backend_for(device: torch.device | str) -> str:
     device_type = torch.device(device).type
     if device_type == "cpu":
         return "native"
+    if device_type == "cuda" and triton_available():
+        return "triton"
     return "reference"
 
 
@@ -57,5 +79,11 @@ def lora_linear(x, weight, bias, lora_a, lora_b, scale, *, backend: str | None =
     torch.ops.feddpa.lora_linear_check(x, weight, bias, lora_a, lora_b, scale)
     if choice == "reference":
         return reference.lora_linear(x, weight, bias, lora_a, lora_b, scale)
+    if choice == "triton":
+        from .triton_config import interpreting
+        if x.device.type != "cuda" and not interpreting():
+            raise ValueError(f"backend 'triton' cannot run on {x.device} tensors: it needs a "
+                             "CUDA device, or TRITON_INTERPRET=1 set before import")
+        return _triton_op().lora_linear(x, weight, bias, lora_a, lora_b, scale)
     # choice == "native" on a device that is not the CPU.
     raise ValueError(f"backend 'native' runs on CPU tensors only; x is on {x.device}")

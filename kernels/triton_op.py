@@ -1,0 +1,60 @@
+"""Glue between the Triton kernels and the op: the CUDA kernels of the feddpa::lora_linear
+family (autograd stays the C++ kernel, which calls lora_linear_fwd / lora_linear_bwd), and a
+Python autograd.Function used when the Triton backend is forced on CPU tensors under
+TRITON_INTERPRET=1 (the interpreter tests).
+
+Import this module only with triton installed; feddpa_fast.kernels imports it lazily.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import triton_backward, triton_forward
+
+
+def _fwd(x, weight, bias, lora_a, lora_b, scale):
+    torch.ops.feddpa.lora_linear_check(x, weight, bias, lora_a, lora_b, scale)
+    return triton_forward.forward(x, weight, bias, lora_a, lora_b, scale)
+
+
+def _bwd(dy, x, weight, lora_a, lora_b, scale, u, output_mask):
+    return triton_backward.backward(dy, x, weight, lora_a, lora_b, scale, u, list(output_mask))
+
+
+def register_cuda_kernels() -> None:
+    """Makes Triton the CUDA implementation of the op family (idempotent)."""
+    if getattr(register_cuda_kernels, "_done", False):
+        return
+    torch.library.impl("feddpa::lora_linear_fwd", "CUDA")(_fwd)
+    torch.library.impl("feddpa::lora_linear_bwd", "CUDA")(_bwd)
+    torch.library.impl("feddpa::lora_linear", "CUDA")(lambda *a: _fwd(*a)[0])
+    register_cuda_kernels._done = True
+
+
+class TritonLoraLinear(torch.autograd.Function):
+    """Autograd over the Triton launchers, for the forced backend on any device."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scale):
+        y, u = _fwd(x, weight, bias, lora_a, lora_b, scale)
+        ctx.save_for_backward(x, weight, lora_a, lora_b, scale, u)
+        ctx.has_bias = bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, lora_a, lora_b, scale, u = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        mask = [need[0], need[3], need[4], need[5]]
+        dx, da, db, ds = _bwd(dy, x, weight, lora_a, lora_b, scale, u, mask)
+        dbias = dy.reshape(-1, weight.shape[0]).sum(0) if ctx.has_bias and need[2] else None
+        return (dx if mask[0] else None, None, dbias, da if mask[1] else None,
+                db if mask[2] else None, ds if mask[3] else None)
+
+
+def lora_linear(x, weight, bias, lora_a, lora_b, scale):
+    """The op on the Triton kernels, with autograd, on the device of x."""
+    if torch.is_grad_enabled() and weight.requires_grad:
+        raise ValueError("lora_linear: weight must be frozen (requires_grad=False); the op "
+                         "never computes a gradient for it")
+    return TritonLoraLinear.apply(x, weight, bias, lora_a, lora_b, scale)
