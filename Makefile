@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP := .make/installed
 NATIVE_SOURCES := setup.py CMakeLists.txt $(wildcard kernels/cpu/*.cpp kernels/cpu/*.h)
 
-.PHONY: install test demo bench-cpu clean
+.PHONY: install test demo bench-cpu bench-gpu clean
 
 $(STAMP): $(NATIVE_SOURCES)
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_SPEC)"
@@ -27,6 +27,10 @@ demo: install
 
 bench-cpu: install
 	$(PYTHON) bench/op_cpu.py
+
+# Needs a CUDA GPU (exits with status 2 and a message without one).
+bench-gpu: install
+	$(PYTHON) bench/op_gpu.py
 
 clean:
 	rm -rf build .make kernels/_feddpa_cpu*.so *.egg-info

@@ -78,16 +78,16 @@ def today() -> str:
     return _dt.date.today().isoformat()
 
 
-def append_rows(path: Path, rows: list[dict]) -> None:
+def append_rows(path: Path, rows: list[dict], fields: list[str] = CSV_FIELDS) -> None:
     """Appends rows to the long-format CSV (writing the header when the file is new)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     new = not path.exists() or path.stat().st_size == 0
     with path.open("a", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=CSV_FIELDS)
+        writer = csv.DictWriter(fh, fieldnames=fields)
         if new:
             writer.writeheader()
         for row in rows:
-            writer.writerow({k: row.get(k, "") for k in CSV_FIELDS})
+            writer.writerow({k: row.get(k, "") for k in fields})
 
 
 def markdown_table(rows: list[dict], providers: list[str]) -> str:

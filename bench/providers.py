@@ -8,7 +8,8 @@
     two_gemm  shrink x A^T, scale, then addmm_ of (u*S) B^T into the base output
     fused     feddpa_fast.kernels.lora_linear
 
-Modes: "forward" and "fwd+bwd" (backward: dx plus the adapter gradients; for base, dx only).
+Modes: "forward", "fwd+bwd" and "backward" (backward: dx plus the adapter gradients; for base,
+dx only; in "backward" mode the forward runs once, outside the timing).
 """
 from __future__ import annotations
 
@@ -66,8 +67,10 @@ def flops(m, k, n, r, mode, provider) -> float:
     lora_fwd = 2.0 * m * (2 * r) * (k + n)
     lora_bwd = 2 * 2.0 * m * (2 * r) * (k + n)  # g, dB over N; dx-lora, dA over K
     if provider == "base":
-        return base_fwd + (base_dx if mode == "fwd+bwd" else 0.0)
-    return base_fwd + lora_fwd + ((base_dx + lora_bwd) if mode == "fwd+bwd" else 0.0)
+        fwd, bwd = base_fwd, base_dx
+    else:
+        fwd, bwd = base_fwd + lora_fwd, base_dx + lora_bwd
+    return {"forward": fwd, "backward": bwd, "fwd+bwd": fwd + bwd}[mode]
 
 
 def _peft_layer(p: Problem):
@@ -103,9 +106,13 @@ def _peft_layer(p: Problem):
     return model
 
 
-def build_providers(p: Problem, mode: str, names: list[str]) -> dict:
-    """Callables running one forward (or forward+backward) of each provider on problem p."""
-    train = mode == "fwd+bwd"
+def build_providers(p: Problem, mode: str, names: list[str], *, backward_only: bool = False,
+                    return_output: bool = False) -> dict:
+    """Callables running one call of each provider on problem p in ``mode``.
+
+    ``backward_only``: run the forward once now and time only ``backward`` (graph retained).
+    ``return_output``: the callables return the forward output (for accuracy checks)."""
+    train = mode in ("fwd+bwd", "backward")
     x = p.x.detach().clone().requires_grad_(train)
     w, bias = p.weight, p.bias
     a = [t.detach().clone().requires_grad_(train) for t in p.a]
@@ -120,11 +127,19 @@ def build_providers(p: Problem, mode: str, names: list[str]) -> dict:
     def run(forward, params):
         if not train:
             with torch.no_grad():
-                forward()
-            return
+                return forward()
         for t in params:
             t.grad = None
         forward().backward(p.dy)
+
+    def backward_of(forward, params):
+        y = forward()
+
+        def step():
+            for t in params:
+                t.grad = None
+            y.backward(p.dy, retain_graph=True)
+        return step
 
     impls = {
         "base": (lambda: F.linear(x, w, bias), [x]),
@@ -138,6 +153,10 @@ def build_providers(p: Problem, mode: str, names: list[str]) -> dict:
         model = _peft_layer(p)
         params = [t for t in model.parameters() if t.requires_grad] + [x]
         impls["peft"] = (lambda: model(x), params)
+    if return_output:
+        return {n: impls[n][0] for n in names}
+    if backward_only:
+        return {n: backward_of(*impls[n]) for n in names}
     return {n: (lambda f=impls[n][0], ps=impls[n][1]: run(f, ps)) for n in names}
 
 

@@ -10,80 +10,19 @@ Backends, chosen by the device of x:
 Force one with ``FEDDPA_FAST_BACKEND=native|triton|reference`` or ``lora_linear(..., backend=)``;
 "triton" on CPU tensors needs TRITON_INTERPRET=1 (set before this package is imported).
 """
-from __future__ import annotations
+# The repository root holds this package as the directory `kernels/`. When that root is on
+# sys.path (e.g. `python -m pytest` run from it), `import kernels` finds this directory;
+# transformers imports `kernels` to probe for the Hugging Face package of that name. Imported
+# under any name but feddpa_fast.kernels, stay inert: no version, no op registrations.
+if __name__ == "feddpa_fast.kernels":
+    from .dispatch import (  # noqa: F401
+        BACKENDS,
+        backend_for,
+        lora_linear,
+        native_library_path,
+        reference,
+        triton_available,
+    )
 
-import importlib.util
-import os
-
-import torch
-
-from . import reference
-from ._native import load_native_library, native_library_path
-
-load_native_library()
-from . import _register  # noqa: E402,F401  (fake kernels + other-device kernels)
-
-__all__ = ["BACKENDS", "backend_for", "lora_linear", "native_library_path", "reference"]
-
-BACKENDS = ("native", "triton", "reference")
-_ENV_VAR = "FEDDPA_FAST_BACKEND"
-
-
-def triton_available() -> bool:
-    """True when the triton package can be imported."""
-    return importlib.util.find_spec("triton") is not None
-
-
-def _triton_op():
-    """The Triton glue module, imported on first use (importing triton costs ~1 s)."""
-    if not triton_available():
-        raise ValueError("backend 'triton' needs the triton package (pip install triton)")
-    from . import triton_op
-    return triton_op
-
-
-if torch.cuda.is_available() and triton_available():
-    _triton_op().register_cuda_kernels()
-
-
-def backend_for(device: torch.device | str) -> str:
-    """Name of the backend the op uses for tensors on ``device`` when nothing is forced."""
-    device_type = torch.device(device).type
-    if device_type == "cpu":
-        return "native"
-    if device_type == "cuda" and triton_available():
-        return "triton"
-    return "reference"
-
-
-def _forced_backend(backend: str | None) -> str | None:
-    choice = backend if backend is not None else os.environ.get(_ENV_VAR) or None
-    if choice is not None and choice not in BACKENDS:
-        raise ValueError(
-            f"unknown backend {choice!r} (from {'backend=' if backend else _ENV_VAR}); "
-            f"choose one of {BACKENDS}"
-        )
-    return choice
-
-
-def lora_linear(x, weight, bias, lora_a, lora_b, scale, *, backend: str | None = None):
-    """Fused ``y = x W^T + b + ((x A^T) * scale) B^T``; see kernels/reference.py for the contract.
-
-    ``backend`` (or the environment variable FEDDPA_FAST_BACKEND) forces a backend; by default
-    the device of ``x`` picks it (``backend_for``). Bad shapes, dtypes or devices raise
-    ValueError / TypeError naming the argument.
-    """
-    choice = _forced_backend(backend)
-    if choice is None or choice == backend_for(x.device):
-        return torch.ops.feddpa.lora_linear(x, weight, bias, lora_a, lora_b, scale)
-    torch.ops.feddpa.lora_linear_check(x, weight, bias, lora_a, lora_b, scale)
-    if choice == "reference":
-        return reference.lora_linear(x, weight, bias, lora_a, lora_b, scale)
-    if choice == "triton":
-        from .triton_config import interpreting
-        if x.device.type != "cuda" and not interpreting():
-            raise ValueError(f"backend 'triton' cannot run on {x.device} tensors: it needs a "
-                             "CUDA device, or TRITON_INTERPRET=1 set before import")
-        return _triton_op().lora_linear(x, weight, bias, lora_a, lora_b, scale)
-    # choice == "native" on a device that is not the CPU.
-    raise ValueError(f"backend 'native' runs on CPU tensors only; x is on {x.device}")
+    __all__ = ["BACKENDS", "backend_for", "lora_linear", "native_library_path", "reference",
+               "triton_available"]

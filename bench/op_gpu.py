@@ -1,0 +1,124 @@
+"""GPU benchmark of the lora_linear op (bf16): base (cuBLAS F.linear, the floor), unfused
+(PEFT-style), peft (the real library, two adapters), two_gemm (shrink + addmm_ into the base
+output) and fused (the Triton backend), in modes forward, backward and fwd+bwd.
+
+    python bench/op_gpu.py [--quick] [--no-plot]        (make bench-gpu)
+
+Timings are triton.testing.do_bench medians (p20/p80 too); decode forward (M <= 64) is timed
+through CUDA graphs to take launch gaps out. Rows (with TFLOP/s, GB/s from the analytic byte
+count, and each provider's max abs error against the fp32 reference) are appended to
+bench/results/op_gpu.csv with the GPU name and date; bench/results/op_gpu.png is drawn from
+the CSV. Needs a CUDA GPU: without one it says so and exits with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+import plot  # noqa: E402
+from providers import Problem, build_providers, flops, make_problem  # noqa: E402
+
+import feddpa_fast  # noqa: E402
+from feddpa_fast.kernels import reference  # noqa: E402
+
+PREFILL = [(m, k, n, 16) for m in (2048, 8192)
+           for (k, n) in ((4096, 4096), (4096, 11008), (11008, 4096))]
+DECODE = [(m, k, n, 16) for m in (1, 16, 64) for (k, n) in ((4096, 4096), (4096, 11008))]
+PROVIDERS = ["base", "unfused", "peft", "two_gemm", "fused"]
+MODES = ["forward", "backward", "fwd+bwd"]
+CSV_PATH = common.RESULTS_DIR / "op_gpu.csv"
+FIELDS = common.CSV_FIELDS + ["gbps", "max_abs_err"]
+
+
+def bytes_moved(m, k, n, r, mode, provider) -> float:
+    """Fewest bytes of one call in bf16: each input read once, each output written once."""
+    e = 2
+    fwd = e * (m * k + n * k + m * n) + (0 if provider == "base" else e * 2 * r * (k + n))
+    bwd = e * (m * n + n * k + m * k) + (0 if provider == "base" else e * (2 * 2 * r * (k + n) + m * k))
+    return {"forward": fwd, "backward": bwd, "fwd+bwd": fwd + bwd}[mode]
+
+
+def max_abs_errors(p: Problem) -> dict[str, float]:
+    """Forward max abs error of each provider against the fp32 reference of the same inputs."""
+    r = p.a[0].shape[0]
+    scale = torch.cat([(p.scaling * m).expand(-1, r) for m in p.mix], dim=1).contiguous()
+    a_st, b_st = torch.cat(p.a), torch.cat(p.b, dim=1)
+    ref = reference.lora_linear(p.x.float(), p.weight.float(), p.bias.float(), a_st.float(),
+                                b_st.float(), scale)
+    base_ref = torch.nn.functional.linear(p.x.float(), p.weight.float(), p.bias.float())
+    # peft has no per-row mix: both adapters at their full scaling.
+    static_ref = reference.lora_linear(p.x.float(), p.weight.float(), p.bias.float(),
+                                       a_st.float(), b_st.float(),
+                                       torch.full_like(scale[:1], p.scaling))
+    refs = {"base": base_ref, "peft": static_ref}
+    out = {}
+    with torch.no_grad():
+        for name, fn in build_providers(p, "forward", PROVIDERS, return_output=True).items():
+            out[name] = (fn().float() - refs.get(name, ref)).abs().max().item()
+    return out
+
+
+def time_provider(fn, mode, m) -> list[float]:
+    """(median, p20, p80) in ms through do_bench; CUDA graphs for decode forward."""
+    import triton.testing as tt
+
+    if mode == "forward" and m <= 64:
+        med = tt.do_bench_cudagraph(fn, rep=200, return_mode="median")
+        p20, p80 = (tt.do_bench_cudagraph(fn, rep=200, quantiles=[0.2, 0.8]) or [med, med])
+        return [med, p20, p80]
+    med, p20, p80 = tt.do_bench(fn, warmup=50, rep=300, quantiles=[0.5, 0.2, 0.8])
+    return [med, p20, p80]
+
+
+def main(argv=None) -> list[dict]:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="one prefill and one decode shape")
+    ap.add_argument("--csv", type=Path, default=CSV_PATH)
+    ap.add_argument("--no-plot", action="store_true")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench/op_gpu.py needs a CUDA GPU; none is visible.", file=sys.stderr)
+        raise SystemExit(2)
+    device = torch.device("cuda")
+    shapes = [PREFILL[0], DECODE[1]] if args.quick else PREFILL + DECODE
+    meta = {
+        "run_id": common.new_run_id(), "date": common.today(),
+        "device": common.device_name(device), "threads": "",
+        "torch": torch.__version__, "feddpa_fast": feddpa_fast.__version__,
+        "bench": "op_gpu", "dtype": "bfloat16",
+    }
+    rows = []
+    for (m, k, n, r) in shapes:
+        problem = make_problem(m, k, n, r, dtype=torch.bfloat16, device=device)
+        errors = max_abs_errors(problem)
+        for mode in MODES:
+            fns = build_providers(problem, mode, PROVIDERS, backward_only=(mode == "backward"))
+            timed = {name: time_provider(fn, mode, m) for name, fn in fns.items()}
+            base_median = timed["base"][0]
+            for name, (med, p20, p80) in timed.items():
+                rows.append({**meta, "M": m, "K": k, "N": n, "r": r, "mode": mode,
+                             "provider": name, "median_ms": f"{med:.5f}",
+                             "p20_ms": f"{p20:.5f}", "p80_ms": f"{p80:.5f}",
+                             "tflops": f"{flops(m, k, n, r, mode, name) / med / 1e9:.2f}",
+                             "gbps": f"{bytes_moved(m, k, n, r, mode, name) / med / 1e6:.1f}",
+                             "ratio_to_base": f"{med / base_median:.4f}",
+                             "max_abs_err": f"{errors[name]:.4g}" if mode == "forward" else ""})
+            print(f"done {m},{k},{n},{r} {mode}", file=sys.stderr, flush=True)
+    common.append_rows(args.csv, rows, FIELDS)
+    print(f"# {meta['device']}, torch {meta['torch']}, {meta['date']}, bf16")
+    print(common.markdown_table(rows, PROVIDERS))
+    print("max abs error vs fp32 reference (forward): " + "; ".join(
+        f"{r['M']},{r['K']},{r['N']} {r['provider']}={r['max_abs_err']}"
+        for r in rows if r["mode"] == "forward"))
+    if not args.no_plot:
+        print(f"plot: {plot.plot_latest_run(args.csv, args.csv.with_suffix('.png'))}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
