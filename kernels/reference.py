@@ -30,15 +30,11 @@ def accum_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def lora_linear(x, weight, bias, lora_a, lora_b, scale):
     """Reference ``y = x W^T + b + ((x A^T) * scale) B^T`` with autograd for every input."""
-    acc = accum_dtype(x.dtype)
-    x2 = x.reshape(-1, x.shape[-1])
-    u = x2.to(acc) @ lora_a.to(acc).T
-    y = F.linear(x2, weight, bias) + (u * scale).to(x.dtype) @ lora_b.T
-    return y.reshape(*x.shape[:-1], weight.shape[0])
+    return lora_linear_forward(x, weight, bias, lora_a, lora_b, scale)[0]
 
 
 def lora_linear_forward(x, weight, bias, lora_a, lora_b, scale):
-    """Forward without autograd: returns ``(y, u)`` with u = x A^T in the accumulation dtype."""
+    """Returns ``(y, u)`` with u = x A^T in the accumulation dtype (differentiable ops only)."""
     acc = accum_dtype(x.dtype)
     x2 = x.reshape(-1, x.shape[-1])
     u = x2.to(acc) @ lora_a.to(acc).T
