@@ -99,8 +99,9 @@ def backward(dy, x, weight, lora_a, lora_b, scale, u, output_mask):
     upcast = interpreting() and dtype != torch.float32
     precision = input_precision(dtype)
 
-    us = (u * scale).to(dtype)
     g = torch.empty((m, r), device=x.device, dtype=torch.float32)
+    # us = u * S only feeds dB; without it the kernel gets placeholder pointers it never reads.
+    us = (u * scale).to(dtype) if need_db else g
     db32 = torch.zeros((n, r), device=x.device, dtype=torch.float32) if need_db else g
     block_m, block_n, block_r, warps = bwd_dy_config(m, n, r, x.device)
     _dy_kernel[(triton.cdiv(m, block_m),)](

@@ -182,9 +182,7 @@ def input_grad(dy2, weight, lora_a, gs, cfg: FwdConfig | None = None):
     """dx = dy W + gs A as one fused launch (the forward kernel with W^T and A^T strides)."""
     m, n = dy2.shape
     k, r = weight.shape[1], lora_a.shape[0]
-    cfg = cfg or fwd_config(m, k, n, r, dy2.device)
-    if cfg.split_k != 1:
-        cfg = cfg.with_split_k(1)
+    cfg = (cfg or fwd_config(m, k, n, r, dy2.device, split_k=1)).with_split_k(1)
     # "weight" of this GEMM is W^T (K_out = K, reduction over N); "lora_b" is A^T (K, R).
     dx, _ = _launch(dy2, (weight.stride(1), weight.stride(0)), weight, None, (0, 0), None,
                     (lora_a.stride(1), lora_a.stride(0)), lora_a, None, gs, k, r, False, cfg)
