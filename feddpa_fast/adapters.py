@@ -1,0 +1,215 @@
+"""Adapters in PEFT's on-disk format (DESIGN section 3).
+
+A directory with ``adapter_config.json`` (a LoRA config PEFT reads) and
+``adapter_model.safetensors`` (keys ``base_model.model.<module>.lora_A.weight`` /
+``.lora_B.weight``, metadata ``{"format": "pt"}``), so that
+``peft.PeftModel.from_pretrained(base, dir)`` loads either adapter of a patched model, and
+``load_adapter`` reads what PEFT saved. Loading validates everything (files, config, key set,
+shapes, finiteness) before it touches the model: a bad adapter leaves the model unchanged.
+Saving writes a fresh directory and renames it into place, so a crash never leaves a
+half-written adapter where a good one was.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .config import ADAPTERS
+from .layers import dual_lora_layers
+from .patch import _name_matches
+
+__all__ = ["save_adapter", "load_adapter", "adapter_state_dict", "load_adapter_state_dict",
+           "AdapterError", "CONFIG_NAME", "WEIGHTS_NAME"]
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+_PREFIX = "base_model.model."
+
+
+class AdapterError(ValueError):
+    """An adapter directory or state dict that does not fit the patched model."""
+
+
+def _check_adapter_name(adapter: str) -> None:
+    if adapter not in ADAPTERS:
+        raise ValueError(f"adapter must be one of {ADAPTERS}, got {adapter!r}")
+
+
+def _layers(model: nn.Module):
+    layers = dual_lora_layers(model)
+    if not layers:
+        raise ValueError("model has no DualLoRALinear layers; call feddpa_fast.patch first")
+    return layers
+
+
+def adapter_state_dict(model: nn.Module, adapter: str = "global") -> dict[str, torch.Tensor]:
+    """One adapter's tensors under PEFT's key names (contiguous copies, on the CPU)."""
+    _check_adapter_name(adapter)
+    out = {}
+    for name, layer in _layers(model):
+        for part, modules in (("lora_A", layer.lora_A), ("lora_B", layer.lora_B)):
+            out[f"{_PREFIX}{name}.{part}.weight"] = \
+                modules[adapter].weight.detach().to("cpu", copy=True).contiguous()
+    return out
+
+
+def load_adapter_state_dict(model: nn.Module, tensors: dict[str, torch.Tensor],
+                            adapter: str = "global") -> None:
+    """Copies ``tensors`` (PEFT key names) into one adapter, after checking all of them."""
+    _check_adapter_name(adapter)
+    layers = dict(_layers(model))
+    expected = {}
+    for name, layer in layers.items():
+        for part, modules in (("lora_A", layer.lora_A), ("lora_B", layer.lora_B)):
+            expected[f"{_PREFIX}{name}.{part}.weight"] = modules[adapter].weight
+    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise AdapterError(f"adapter keys do not match the patched layers: missing "
+                           f"{missing[:4]}{'...' if len(missing) > 4 else ''}, unexpected "
+                           f"{unexpected[:4]}{'...' if len(unexpected) > 4 else ''}")
+    for key, param in expected.items():
+        t = tensors[key]
+        if tuple(t.shape) != tuple(param.shape):
+            raise AdapterError(f"{key}: shape {tuple(t.shape)}, the model's is {tuple(param.shape)}")
+        if not t.is_floating_point():
+            raise AdapterError(f"{key}: dtype {t.dtype} is not floating point")
+        if not torch.isfinite(t).all():
+            raise AdapterError(f"{key}: has non-finite values")
+    with torch.no_grad():
+        for key, param in expected.items():
+            param.copy_(tensors[key])  # in place: the stacked views stay intact
+
+
+def _target_spec(model: nn.Module, names: list[str]):
+    """The shortest PEFT ``target_modules`` that selects exactly ``names`` in ``model``."""
+    inside = tuple(n + "." for n in names)
+    candidates = [n for n, _ in model.named_modules() if n and not n.startswith(inside)]
+    suffixes = sorted({n.split(".")[-1] for n in names})
+    if {n for n in candidates if _name_matches(n, suffixes)} == set(names):
+        return suffixes
+    return "^(" + "|".join(re.escape(n) for n in names) + ")$"
+
+
+def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter: str = "global") -> Path:
+    """Writes one adapter of a patched model as a PEFT LoRA adapter directory; returns it."""
+    _check_adapter_name(adapter)
+    layers = _layers(model)
+    first = layers[0][1]
+    names = [n for n, _ in layers]
+    config = {
+        "peft_type": "LORA", "task_type": None, "inference_mode": True,
+        "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None),
+        "r": first.r[adapter], "lora_alpha": first.lora_alpha[adapter],
+        "lora_dropout": first.dropout_p, "target_modules": _target_spec(model, names),
+        "fan_in_fan_out": bool(first.fan_in_fan_out), "bias": "none", "use_rslora": False,
+        "use_dora": False, "init_lora_weights": True, "modules_to_save": None,
+        "rank_pattern": {}, "alpha_pattern": {},
+    }
+    if any(layer.fan_in_fan_out != first.fan_in_fan_out for _, layer in layers):
+        raise ValueError("save_adapter: PEFT's format has one fan_in_fan_out flag, but this "
+                         "model mixes nn.Linear and Conv1D targets")
+    tensors = adapter_state_dict(model, adapter)
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        save_file(tensors, str(staging / WEIGHTS_NAME), metadata={"format": "pt"})
+        (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+        for path in staging.iterdir():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+        _replace_directory(staging, directory)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return directory
+
+
+def _replace_directory(staging: Path, directory: Path) -> None:
+    """Renames ``staging`` to ``directory``; an old ``directory`` is moved aside first and only
+    deleted once the new one is in place."""
+    if not directory.exists():
+        os.rename(staging, directory)
+        return
+    backup = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old.", dir=directory.parent))
+    os.rmdir(backup)
+    os.rename(directory, backup)
+    try:
+        os.rename(staging, directory)
+    except BaseException:
+        os.rename(backup, directory)
+        raise
+    shutil.rmtree(backup, ignore_errors=True)
+
+
+def _read_config(directory: Path) -> dict:
+    path = directory / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}")
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AdapterError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(config, dict) or config.get("peft_type") != "LORA":
+        raise AdapterError(f"{path}: not a LoRA adapter config (peft_type "
+                           f"{config.get('peft_type') if isinstance(config, dict) else None!r})")
+    for feature in ("use_dora", "lora_bias"):
+        if config.get(feature):
+            raise AdapterError(f"{path}: {feature}=true is not supported by feddpa_fast")
+    if config.get("rank_pattern") or config.get("alpha_pattern"):
+        raise AdapterError(f"{path}: per-module rank_pattern/alpha_pattern is not supported")
+    if config.get("modules_to_save"):
+        raise AdapterError(f"{path}: modules_to_save is not supported (adapters only)")
+    return config
+
+
+def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter: str = "global") -> None:
+    """Loads a PEFT LoRA adapter directory into one adapter of a patched model.
+
+    Checks the rank, the target modules, every key and shape before changing anything;
+    ``lora_alpha`` of the file sets the adapter's scaling (``alpha / r``, or ``alpha / sqrt(r)``
+    with ``use_rslora``).
+    """
+    _check_adapter_name(adapter)
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"adapter directory {directory} does not exist")
+    config = _read_config(directory)
+    layers = _layers(model)
+    names = [n for n, _ in layers]
+    r = config.get("r")
+    ranks = {layer.r[adapter] for _, layer in layers}
+    if ranks != {r}:
+        raise AdapterError(f"{directory}: rank r={r!r}, but the model's {adapter} adapter has "
+                           f"rank {sorted(ranks)}")
+    targets = config.get("target_modules")
+    if isinstance(targets, (str, list)) and targets != "all-linear":
+        selected = [n for n in names if _name_matches(n, targets)]
+        if selected != names:
+            raise AdapterError(f"{directory}: target_modules={targets!r} selects "
+                               f"{len(selected)} of the model's {len(names)} patched layers")
+    weights = directory / WEIGHTS_NAME
+    if not weights.is_file():
+        raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory}")
+    try:
+        tensors = load_file(str(weights))
+    except (SafetensorError, OSError) as exc:
+        raise AdapterError(f"{weights}: unreadable safetensors file ({exc})") from None
+    alpha = config.get("lora_alpha", r)
+    if not isinstance(alpha, (int, float)) or not alpha > 0:
+        raise AdapterError(f"{directory}: lora_alpha must be a positive number, got {alpha!r}")
+    load_adapter_state_dict(model, tensors, adapter)  # validates all before copying
+    scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+    for _, layer in layers:
+        layer.lora_alpha[adapter] = alpha
+        layer.scaling[adapter] = scaling

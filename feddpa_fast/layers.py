@@ -1,0 +1,236 @@
+"""``DualLoRALinear``: a frozen linear layer plus a ``global`` and a ``local`` LoRA adapter,
+run by the fused ``lora_linear`` op (DESIGN sections 2 and 3).
+
+Parameter names follow PEFT (``lora_A.global.weight`` (r, K), ``lora_B.local.weight`` (N, r)),
+with PEFT's initialisation (A Kaiming-uniform, B zeros) and ``scaling = alpha / r``.
+
+In-place stacking. The op wants the branches stacked: ``lora_a`` (2r, K) with rows [0:r) global
+and [r:2r) local, ``lora_b`` (N, 2r) with the columns stacked the same way. Concatenating them on
+every call would copy both adapters per layer per step, so each adapter parameter is a *view*
+of one stacked tensor per layer (``_stack_a``, ``_stack_b``); the forward hands the stacked
+tensor to the op, and ``_StackedBranches`` routes its gradient back to the branch parameters
+(slices, no copy). Anything that gives a parameter new storage (``.to()``, ``.half()``,
+``load_state_dict(assign=True)``, ``deepcopy``) breaks the aliasing; ``_apply`` and the eager
+forward detect that and re-stack.
+
+LoRA dropout (PEFT applies it to the input of the A branch only): when training with
+``dropout > 0`` the op receives ``lora_input = dropout(x)`` next to ``x`` and uses it for the A
+branch only, so the frozen GEMM still sees the clean ``x`` and the call stays one fused op. Both
+branches share one dropout mask (PEFT draws one per adapter; the expectation is the same).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .config import ADAPTERS
+from .kernels import lora_linear, reference
+
+__all__ = ["DualLoRALinear", "is_supported_base", "dual_lora_layers"]
+
+
+def _conv1d_class():
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # transformers is a dependency, but keep the layer usable without it
+        return None
+    return Conv1D
+
+
+def is_supported_base(module: nn.Module) -> bool:
+    """True for the layers ``DualLoRALinear`` can wrap: ``nn.Linear`` and GPT-2's ``Conv1D``."""
+    conv1d = _conv1d_class()
+    return isinstance(module, nn.Linear) or (conv1d is not None and isinstance(module, conv1d))
+
+
+def dual_lora_layers(model: nn.Module) -> list[tuple[str, "DualLoRALinear"]]:
+    """``(name, layer)`` for every ``DualLoRALinear`` inside ``model``, in module order."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, DualLoRALinear)]
+
+
+class _StackedBranches(torch.autograd.Function):
+    """Returns ``stack`` (which the ``branches`` are views of) with autograd to the branches.
+
+    Forward is free (an alias of the stacked storage); backward splits the gradient of the
+    stacked tensor into one slice per branch along ``dim``.
+    """
+
+    @staticmethod
+    def forward(ctx, stack, dim, *branches):
+        ctx.dim = dim
+        ctx.sizes = [b.shape[dim] for b in branches]
+        return stack.view_as(stack)
+
+    @staticmethod
+    def backward(ctx, grad):
+        parts = grad.split(ctx.sizes, dim=ctx.dim)
+        needs = ctx.needs_input_grad[2:]
+        return (None, None, *[p if need else None for p, need in zip(parts, needs)])
+
+
+class DualLoRALinear(nn.Module):
+    """``base_layer(x)`` plus ``w_g * s * B_g A_g x + w_l * s * B_l A_l x`` in one fused op.
+
+    ``w_g`` / ``w_l`` are the current mix weights (``feddpa_fast.mix``): floats, or tensors of
+    shape (batch,) giving each sequence of the batch its own weights. Outside any ``mix`` both
+    are 1.0 (both adapters fully on, as PEFT with two active adapters).
+    """
+
+    def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float):
+        super().__init__()
+        if not is_supported_base(base_layer):
+            raise TypeError(f"DualLoRALinear wraps nn.Linear or transformers' Conv1D, "
+                            f"not {type(base_layer).__name__}")
+        self.base_layer = base_layer
+        # GPT-2's Conv1D keeps its weight as (in, out): the op reads it through a transposed view.
+        self.fan_in_fan_out = not isinstance(base_layer, nn.Linear)
+        weight = base_layer.weight
+        out_features, in_features = (weight.shape[::-1] if self.fan_in_fan_out else weight.shape)
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        self.r = {name: r for name in ADAPTERS}
+        self.lora_alpha = {name: alpha for name in ADAPTERS}
+        self.scaling = {name: alpha / r for name in ADAPTERS}
+        self.dropout_p = float(dropout)
+        self.lora_dropout = nn.Dropout(p=dropout) if dropout > 0 else nn.Identity()
+        factory = {"device": weight.device, "dtype": weight.dtype}
+        self.lora_A = nn.ModuleDict(
+            {n: nn.Linear(self.in_features, r, bias=False, **factory) for n in ADAPTERS})
+        self.lora_B = nn.ModuleDict(
+            {n: nn.Linear(r, self.out_features, bias=False, **factory) for n in ADAPTERS})
+        for name in ADAPTERS:  # PEFT's init_lora_weights=True
+            nn.init.kaiming_uniform_(self.lora_A[name].weight, a=math.sqrt(5))
+            nn.init.zeros_(self.lora_B[name].weight)
+        self.mix_weights: tuple = (1.0, 1.0)
+        self.merged = False
+        self._restack()
+
+    # ---- stacked storage -------------------------------------------------------------------
+    def _branch_params(self):
+        return ([self.lora_A[n].weight for n in ADAPTERS], [self.lora_B[n].weight for n in ADAPTERS])
+
+    def _restack(self) -> None:
+        """(Re)builds the stacked tensors from the current parameter values and makes every
+        branch parameter a view of them again."""
+        a_params, b_params = self._branch_params()
+        with torch.no_grad():
+            stack_a = torch.cat([p.detach() for p in a_params], dim=0)
+            stack_b = torch.cat([p.detach() for p in b_params], dim=1)
+        rows = 0
+        for p_a, p_b in zip(a_params, b_params):
+            r = p_a.shape[0]
+            p_a.data = stack_a[rows:rows + r]
+            p_b.data = stack_b[:, rows:rows + r]
+            rows += r
+        self._stack_a, self._stack_b = stack_a, stack_b
+
+    def _stack_intact(self) -> bool:
+        a_params, b_params = self._branch_params()
+        stack_a, stack_b = self._stack_a, self._stack_b
+        rows = 0
+        for p_a, p_b in zip(a_params, b_params):
+            if (p_a.untyped_storage().data_ptr() != stack_a.untyped_storage().data_ptr()
+                    or p_b.untyped_storage().data_ptr() != stack_b.untyped_storage().data_ptr()
+                    or p_a.storage_offset() != stack_a.storage_offset() + rows * stack_a.stride(0)
+                    or p_b.storage_offset() != stack_b.storage_offset() + rows
+                    or p_a.dtype != stack_a.dtype):
+                return False
+            rows += p_a.shape[0]
+        return True
+
+    def _apply(self, fn, *args, **kwargs):
+        module = super()._apply(fn, *args, **kwargs)
+        self._restack()  # .to() / .half() gave each parameter its own storage
+        return module
+
+    def _stacked_adapters(self):
+        a_params, b_params = self._branch_params()
+        stack_a, stack_b = self._stack_a, self._stack_b
+        if not any(p.requires_grad for p in a_params + b_params) or not torch.is_grad_enabled():
+            return stack_a, stack_b
+        return (_StackedBranches.apply(stack_a, 0, *a_params),
+                _StackedBranches.apply(stack_b, 1, *b_params))
+
+    # ---- forward ---------------------------------------------------------------------------
+    def base_weight(self) -> torch.Tensor:
+        """The frozen weight as the op wants it, (out, in); a transposed view for Conv1D."""
+        weight = self.base_layer.weight
+        return weight.t() if self.fan_in_fan_out else weight
+
+    def _scale(self, x: torch.Tensor) -> torch.Tensor:
+        """The op's ``scale``: (1, R) for float weights, (M, R) for per-sequence weights."""
+        acc = reference.accum_dtype(x.dtype)
+        weights = self.mix_weights
+        per_row = [w for w in weights if isinstance(w, torch.Tensor) and w.dim() == 1]
+        if not per_row:
+            values = [float(w) * self.scaling[n] for w, n in zip(weights, ADAPTERS)]
+            return torch.tensor(values, dtype=acc, device=x.device).repeat_interleave(
+                torch.tensor([self.r[n] for n in ADAPTERS], device=x.device)).unsqueeze(0)
+        batch = per_row[0].shape[0]
+        if x.dim() < 2 or x.shape[0] != batch:
+            raise ValueError(f"mix weights are given for a batch of {batch} sequences, but this "
+                             f"layer's input has shape {tuple(x.shape)} (batch {x.shape[0]})")
+        columns = []
+        for w, name in zip(weights, ADAPTERS):
+            w = w.to(device=x.device, dtype=acc) if isinstance(w, torch.Tensor) else \
+                torch.full((batch,), float(w), dtype=acc, device=x.device)
+            columns.append((w * self.scaling[name]).unsqueeze(1).expand(batch, self.r[name]))
+        rows = torch.cat(columns, dim=1)  # (batch, R)
+        tokens = x.numel() // (x.shape[-1] * batch)
+        return rows.unsqueeze(1).expand(batch, tokens, rows.shape[1]).reshape(-1, rows.shape[1])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            return self.base_layer(x)
+        if not torch.compiler.is_compiling() and not self._stack_intact():
+            self._restack()  # a parameter was given new storage (deepcopy, assign=True, ...)
+        lora_a, lora_b = self._stacked_adapters()
+        scale = self._scale(x)
+        bias = self.base_layer.bias
+        if self.training and self.dropout_p > 0:
+            return lora_linear(x, self.base_weight(), bias, lora_a, lora_b, scale,
+                               lora_input=self.lora_dropout(x))
+        return lora_linear(x, self.base_weight(), bias, lora_a, lora_b, scale)
+
+    # ---- merging ---------------------------------------------------------------------------
+    def delta_weight(self, global_w: float, local_w: float) -> torch.Tensor:
+        """``sum_b w_b * s_b * B_b A_b`` in fp32, shaped like ``base_layer.weight``."""
+        delta = None
+        for w, name in zip((global_w, local_w), ADAPTERS):
+            a = self.lora_A[name].weight.detach().float()
+            b = self.lora_B[name].weight.detach().float()
+            term = (b @ a) * (float(w) * self.scaling[name])
+            delta = term if delta is None else delta + term
+        return delta.t() if self.fan_in_fan_out else delta
+
+    def merge(self, global_w: float, local_w: float) -> None:
+        """Folds the mix into the base weight; keeps the original for an exact ``unmerge``."""
+        if self.merged:
+            raise ValueError("layer is already merged; call unmerge() first")
+        delta = self.delta_weight(global_w, local_w)
+        if not torch.isfinite(delta).all():
+            raise ValueError("merge: the adapters give a non-finite weight delta; nothing merged")
+        weight = self.base_layer.weight
+        merged = (weight.detach().float() + delta).to(weight.dtype)
+        if not torch.isfinite(merged).all():
+            raise ValueError("merge: the merged weight is not finite in the base dtype; "
+                             "nothing merged")
+        self._unmerged_weight = weight.detach().clone()
+        with torch.no_grad():
+            weight.copy_(merged)
+        self.merged = True
+
+    def unmerge(self) -> None:
+        """Restores the base weight saved by ``merge`` (bit for bit)."""
+        if not self.merged:
+            raise ValueError("layer is not merged")
+        with torch.no_grad():
+            self.base_layer.weight.copy_(self._unmerged_weight)
+        del self._unmerged_weight
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"r={self.r['global']}, alpha={self.lora_alpha['global']}, "
+                f"dropout={self.dropout_p}, fan_in_fan_out={self.fan_in_fan_out}")
