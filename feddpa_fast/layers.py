@@ -187,11 +187,18 @@ class DualLoRALinear(nn.Module):
             self._restack()  # a parameter was given new storage (deepcopy, assign=True, ...)
         lora_a, lora_b = self._stacked_adapters()
         scale = self._scale(x)
-        bias = self.base_layer.bias
-        if self.training and self.dropout_p > 0:
-            return lora_linear(x, self.base_weight(), bias, lora_a, lora_b, scale,
-                               lora_input=self.lora_dropout(x))
-        return lora_linear(x, self.base_weight(), bias, lora_a, lora_b, scale)
+        weight, bias = self.base_weight(), self.base_layer.bias
+        lora_input = self.lora_dropout(x) if self.training and self.dropout_p > 0 else None
+        if torch.is_autocast_enabled(x.device.type):
+            # The op is not on autocast's lists: cast as autocast casts F.linear's operands
+            # (gradients flow back through the casts to the fp32 adapters).
+            dtype = torch.get_autocast_dtype(x.device.type)
+            x, weight, lora_a, lora_b = (t.to(dtype) for t in (x, weight, lora_a, lora_b))
+            bias = bias.to(dtype) if bias is not None else None
+            lora_input = lora_input.to(dtype) if lora_input is not None else None
+        if lora_input is not None:
+            return lora_linear(x, weight, bias, lora_a, lora_b, scale, lora_input=lora_input)
+        return lora_linear(x, weight, bias, lora_a, lora_b, scale)
 
     # ---- merging ---------------------------------------------------------------------------
     def delta_weight(self, global_w: float, local_w: float) -> torch.Tensor:

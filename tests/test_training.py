@@ -104,3 +104,18 @@ def test_dropout_reaches_only_the_lora_branch_and_matches_peft_semantics():
     model.eval()
     with torch.no_grad():
         assert torch.equal(layer(x), layer(x))
+
+
+def test_autocast_bf16_runs_the_op_in_bf16_with_fp32_adapters():
+    model = _patched()
+    inputs = batch("llama", size=2)
+    with torch.no_grad(), fd.mix(model, 0.5, 0.5):
+        ref = output_of(model, inputs)
+    with torch.autocast("cpu", dtype=torch.bfloat16), fd.mix(model, 0.5, 0.5):
+        out = output_of(model, inputs)
+        out.float().square().mean().backward()
+    assert out.dtype == torch.bfloat16
+    # bf16 carries ~3 significant digits; the logits here are O(1).
+    torch.testing.assert_close(out.float(), ref, rtol=0.02, atol=0.02)
+    grads = [p.grad for n, p in model.named_parameters() if p.requires_grad]
+    assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
