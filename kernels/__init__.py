@@ -1,6 +1,8 @@
 """feddpa_fast.kernels: the ``lora_linear`` op and its backends. All compute, no model logic.
 
-    y = x @ weight.T + bias + ((x @ lora_a.T) * scale) @ lora_b.T
+    y = x @ weight.T + bias + ((xl @ lora_a.T) * scale) @ lora_b.T,   xl = lora_input or x
+
+(``lora_input``, optional: the A branch's own input, e.g. dropout(x) for LoRA dropout.)
 
 Backends, chosen by the device of x:
     cpu   -> "native"    C++ (kernels/cpu), BLAS calls plus fused epilogues, C++ autograd

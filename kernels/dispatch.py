@@ -57,24 +57,29 @@ def _forced_backend(backend: str | None) -> str | None:
     return choice
 
 
-def lora_linear(x, weight, bias, lora_a, lora_b, scale, *, backend: str | None = None):
-    """Fused ``y = x W^T + b + ((x A^T) * scale) B^T``; see kernels/reference.py for the contract.
+def lora_linear(x, weight, bias, lora_a, lora_b, scale, lora_input=None, *,
+                backend: str | None = None):
+    """Fused ``y = x W^T + b + ((xl A^T) * scale) B^T``; see kernels/reference.py for the contract.
 
-    ``backend`` (or the environment variable FEDDPA_FAST_BACKEND) forces a backend; by default
-    the device of ``x`` picks it (``backend_for``). Bad shapes, dtypes or devices raise
-    ValueError / TypeError naming the argument.
+    ``lora_input`` (xl; default x) is the input of the LoRA A branch when it differs from x,
+    e.g. ``dropout(x)`` for LoRA dropout as PEFT applies it (the frozen GEMM still reads x). It
+    must match x in shape, dtype and device, and receives its own gradient ``gs A`` while x gets
+    ``dy W``. ``backend`` (or the environment variable FEDDPA_FAST_BACKEND) forces a backend;
+    by default the device of ``x`` picks it (``backend_for``). Bad shapes, dtypes or devices
+    raise ValueError / TypeError naming the argument.
     """
+    args = (x, weight, bias, lora_a, lora_b, scale, lora_input)
     choice = _forced_backend(backend)
     if choice is None or choice == backend_for(x.device):
-        return torch.ops.feddpa.lora_linear(x, weight, bias, lora_a, lora_b, scale)
-    torch.ops.feddpa.lora_linear_check(x, weight, bias, lora_a, lora_b, scale)
+        return torch.ops.feddpa.lora_linear(*args)
+    torch.ops.feddpa.lora_linear_check(*args)
     if choice == "reference":
-        return reference.lora_linear(x, weight, bias, lora_a, lora_b, scale)
+        return reference.lora_linear(*args)
     if choice == "triton":
         from .triton_config import interpreting
         if x.device.type != "cuda" and not interpreting():
             raise ValueError(f"backend 'triton' cannot run on {x.device} tensors: it needs a "
                              "CUDA device, or TRITON_INTERPRET=1 set before import")
-        return _triton_op().lora_linear(x, weight, bias, lora_a, lora_b, scale)
+        return _triton_op().lora_linear(*args)
     # choice == "native" on a device that is not the CPU.
     raise ValueError(f"backend 'native' runs on CPU tensors only; x is on {x.device}")

@@ -8,6 +8,11 @@
     dS = g * u                (M, R) or summed to (1, R), only when requested
 
 u is the fp32 x A^T saved by the forward (M x R), so nothing is recomputed.
+
+With lora_input (xl, e.g. dropout(x)): u = xl A^T, dA = gs^T xl (the same _da_kernel reading
+xl), dx = dy W (the forward kernel with its expand switched off), and d lora_input = gs A as
+a torch mm: an (M, R) x (R, K) product (2MRK flops) bound by the write of its (M, K) output,
+which folding it into the dx kernel as a second store would not save.
 """
 from __future__ import annotations
 
@@ -86,9 +91,11 @@ def _da_kernel(
              acc.to(da_ptr.dtype.element_ty), mask=mask_r[:, None] & mask_k[None, :])
 
 
-def backward(dy, x, weight, lora_a, lora_b, scale, u, output_mask):
-    """(dx, d lora_a, d lora_b, d scale); entries not in output_mask are empty tensors."""
-    need_dx, need_da, need_db, need_ds = output_mask
+def backward(dy, x, weight, lora_a, lora_b, scale, u, lora_input, output_mask):
+    """(dx, d lora_a, d lora_b, d scale, d lora_input); entries not in output_mask (and d
+    lora_input without lora_input) are empty tensors. With lora_input, x is not read."""
+    need_dx, need_da, need_db, need_ds, need_dl = output_mask
+    split = lora_input is not None
     dtype = x.dtype
     n, k = weight.shape
     r = lora_a.shape[0]
@@ -115,10 +122,11 @@ def backward(dy, x, weight, lora_a, lora_b, scale, u, output_mask):
     gs = (g * scale).to(dtype)
     dx = empty
     if need_dx:
-        dx = triton_forward.input_grad(dy2, weight, lora_a, gs).view(x.shape)
+        dx = triton_forward.input_grad(dy2, weight, lora_a, None if split else gs).view(x.shape)
+    dl = torch.mm(gs, lora_a).view(x.shape) if split and need_dl else empty
     da = empty
     if need_da:
-        x2 = x.reshape(-1, k)
+        x2 = (lora_input if split else x).reshape(-1, k)
         da = torch.empty((r, k), device=x.device, dtype=dtype)
         blk_r, blk_k, blk_m, warps = bwd_da_config(r, k, x.device)
         _da_kernel[(triton.cdiv(k, blk_k),)](
@@ -133,4 +141,4 @@ def backward(dy, x, weight, lora_a, lora_b, scale, u, output_mask):
         ds = g * u
         if scale.shape[0] == 1 and ds.shape[0] != 1:
             ds = ds.sum(0, keepdim=True)
-    return dx, da, db, ds
+    return dx, da, db, ds, dl

@@ -12,13 +12,14 @@ import torch
 from . import triton_backward, triton_forward
 
 
-def _fwd(x, weight, bias, lora_a, lora_b, scale):
-    torch.ops.feddpa.lora_linear_check(x, weight, bias, lora_a, lora_b, scale)
-    return triton_forward.forward(x, weight, bias, lora_a, lora_b, scale)
+def _fwd(x, weight, bias, lora_a, lora_b, scale, lora_input=None):
+    torch.ops.feddpa.lora_linear_check(x, weight, bias, lora_a, lora_b, scale, lora_input)
+    return triton_forward.forward(x, weight, bias, lora_a, lora_b, scale, lora_input)
 
 
-def _bwd(dy, x, weight, lora_a, lora_b, scale, u, output_mask):
-    return triton_backward.backward(dy, x, weight, lora_a, lora_b, scale, u, list(output_mask))
+def _bwd(dy, x, weight, lora_a, lora_b, scale, u, lora_input, output_mask):
+    return triton_backward.backward(dy, x, weight, lora_a, lora_b, scale, u, lora_input,
+                                    list(output_mask))
 
 
 def register_cuda_kernels() -> None:
@@ -27,7 +28,7 @@ def register_cuda_kernels() -> None:
         return
     torch.library.impl("feddpa::lora_linear_fwd", "CUDA")(_fwd)
     torch.library.impl("feddpa::lora_linear_bwd", "CUDA")(_bwd)
-    torch.library.impl("feddpa::lora_linear", "CUDA")(lambda *a: _fwd(*a)[0])
+    torch.library.impl("feddpa::lora_linear", "CUDA")(lambda *a, **kw: _fwd(*a, **kw)[0])
     register_cuda_kernels._done = True
 
 
@@ -35,26 +36,31 @@ class TritonLoraLinear(torch.autograd.Function):
     """Autograd over the Triton launchers, for the forced backend on any device."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, scale):
-        y, u = _fwd(x, weight, bias, lora_a, lora_b, scale)
-        ctx.save_for_backward(x, weight, lora_a, lora_b, scale, u)
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scale, lora_input=None):
+        y, u = _fwd(x, weight, bias, lora_a, lora_b, scale, lora_input)
+        # As in the C++ autograd kernel: with lora_input only it is saved (dA reads it; x is
+        # needed by no gradient). It stands in for x in the backward call (same shape, dtype).
+        ctx.save_for_backward(x if lora_input is None else lora_input, weight, lora_a, lora_b,
+                              scale, u)
         ctx.has_bias = bias is not None
+        ctx.has_lora_input = lora_input is not None
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight, lora_a, lora_b, scale, u = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        mask = [need[0], need[3], need[4], need[5]]
-        dx, da, db, ds = _bwd(dy, x, weight, lora_a, lora_b, scale, u, mask)
+        xl, weight, lora_a, lora_b, scale, u = ctx.saved_tensors
+        need = ctx.needs_input_grad  # one entry per forward argument, None ones included
+        mask = [need[0], need[3], need[4], need[5], ctx.has_lora_input and need[6]]
+        lora_input = xl if ctx.has_lora_input else None
+        dx, da, db, ds, dl = _bwd(dy, xl, weight, lora_a, lora_b, scale, u, lora_input, mask)
         dbias = dy.reshape(-1, weight.shape[0]).sum(0) if ctx.has_bias and need[2] else None
         return (dx if mask[0] else None, None, dbias, da if mask[1] else None,
-                db if mask[2] else None, ds if mask[3] else None)
+                db if mask[2] else None, ds if mask[3] else None, dl if mask[4] else None)
 
 
-def lora_linear(x, weight, bias, lora_a, lora_b, scale):
+def lora_linear(x, weight, bias, lora_a, lora_b, scale, lora_input=None):
     """The op on the Triton kernels, with autograd, on the device of x."""
     if torch.is_grad_enabled() and weight.requires_grad:
         raise ValueError("lora_linear: weight must be frozen (requires_grad=False); the op "
                          "never computes a gradient for it")
-    return TritonLoraLinear.apply(x, weight, bias, lora_a, lora_b, scale)
+    return TritonLoraLinear.apply(x, weight, bias, lora_a, lora_b, scale, lora_input)

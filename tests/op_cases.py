@@ -29,9 +29,10 @@ def assert_close_scaled(actual, expected, dtype, what):
 
 
 def make_inputs(m_shape, k, n, r, dtype, *, bias=True, row_scale=True, seed=0,
-                device="cpu", noncontig=False):
+                device="cpu", noncontig=False, lora_input=False):
     """Random op inputs; m_shape is the leading shape of x (e.g. (67,) or (2, 5)).
-    With ``noncontig`` x is a strided view (every other column of a wider tensor)."""
+    With ``noncontig`` x is a strided view (every other column of a wider tensor). With
+    ``lora_input`` the inputs gain a ``lora_input``: x under a fixed dropout mask (p = 0.25)."""
     gen = torch.Generator().manual_seed(seed)
     acc = reference.accum_dtype(dtype)
 
@@ -45,7 +46,7 @@ def make_inputs(m_shape, k, n, r, dtype, *, bias=True, row_scale=True, seed=0,
         assert not x.is_contiguous()
     else:
         x = rand(*m_shape, k)
-    return {
+    inputs = {
         "x": x,
         "weight": rand(n, k, std=1 / math.sqrt(k)),
         "bias": rand(n, std=0.5) if bias else None,
@@ -53,9 +54,13 @@ def make_inputs(m_shape, k, n, r, dtype, *, bias=True, row_scale=True, seed=0,
         "lora_b": rand(n, r, std=1 / math.sqrt(max(r, 1))),
         "scale": rand(m if row_scale else 1, r, std=1.0, out_dtype=acc),
     }
+    if lora_input:
+        keep = torch.rand(x.shape, generator=gen) >= 0.25
+        inputs["lora_input"] = x * keep.to(device) / 0.75
+    return inputs
 
 
-GRAD_NAMES = ("x", "bias", "lora_a", "lora_b", "scale")
+GRAD_NAMES = ("x", "bias", "lora_a", "lora_b", "scale", "lora_input")
 
 
 def run_with_grads(fn, inputs, dy, wanted=GRAD_NAMES):

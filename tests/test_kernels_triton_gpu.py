@@ -31,6 +31,22 @@ def test_outputs_and_gradients_match_reference(dtype, m_shape, k, n, r, row_scal
     assert_close_to_reference(on_gpu, inputs)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m_shape,k,n,r", [SHAPES[0], SHAPES[3], SHAPES[5], SHAPES[7]])
+@pytest.mark.parametrize("bias", [True, False])
+def test_lora_input_matches_reference(dtype, m_shape, k, n, r, bias):
+    inputs = make_inputs(m_shape, k, n, r, dtype, bias=bias, row_scale=bias, device="cuda",
+                         lora_input=True)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    assert_close_to_reference(on_gpu, inputs)
+
+
+@pytest.mark.parametrize("wanted", [("lora_input",), ("x",), ("lora_a", "scale")])
+def test_lora_input_only_requested_gradients(wanted):
+    inputs = make_inputs((2, 33), 256, 320, 16, torch.float16, device="cuda", lora_input=True)
+    assert_close_to_reference(on_gpu, inputs, wanted=wanted)
+
+
 def test_torch_compile_fullgraph_on_gpu():
     inputs = make_inputs((4, 33), 256, 320, 16, torch.bfloat16, device="cuda")
     a = inputs["lora_a"].requires_grad_(True)

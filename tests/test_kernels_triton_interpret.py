@@ -42,13 +42,37 @@ def test_outputs_and_gradients_match_reference(dtype, m_shape, k, n, r, row_scal
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_three_d_and_row_strided_input(dtype):
-    inputs = make_inputs((2, 9), 48, 40, 8, dtype)
-    wide = torch.randn(2, 9, 80, dtype=dtype)
-    wide[..., :48] = inputs["x"]
-    inputs["x"] = wide[..., :48]  # rows strided by 80: read in place
-    assert inputs["x"].stride(-1) == 1 and not inputs["x"].is_contiguous()
+@pytest.mark.parametrize("lora_input", [False, True])
+def test_three_d_and_row_strided_input(dtype, lora_input):
+    inputs = make_inputs((2, 9), 48, 40, 8, dtype, lora_input=lora_input)
+    for name, width in (("x", 80), ("lora_input", 64)):
+        if name in inputs:
+            wide = torch.randn(2, 9, width, dtype=dtype)
+            wide[..., :48] = inputs[name]
+            inputs[name] = wide[..., :48]  # rows strided by `width`: read in place
+            assert inputs[name].stride(-1) == 1 and not inputs[name].is_contiguous()
     assert_close_to_reference(triton_backend, inputs)
+
+
+# lora_input (LoRA dropout): the A branch reads its own input; dx = dy W, d lora_input = gs A.
+LORA_INPUT_CASES = [((1,), 48, 40, 8, False, False), ((3,), 80, 96, 16, True, True),
+                    ((67,), 48, 40, 48, True, False), ((2, 5), 80, 96, 8, False, True)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("m_shape,k,n,r,row_scale,bias", LORA_INPUT_CASES)
+def test_lora_input_matches_reference(dtype, m_shape, k, n, r, row_scale, bias):
+    inputs = make_inputs(m_shape, k, n, r, dtype, bias=bias, row_scale=row_scale,
+                         lora_input=True)
+    assert_close_to_reference(triton_backend, inputs)
+
+
+@pytest.mark.parametrize("wanted", [("lora_input",), ("x",), ("lora_a", "scale"),
+                                    ("x", "lora_input", "bias")])
+@pytest.mark.parametrize("bias", [True, False])
+def test_lora_input_only_requested_gradients(wanted, bias):
+    inputs = make_inputs((5,), 48, 40, 16, torch.float32, bias=bias, lora_input=True)
+    assert_close_to_reference(triton_backend, inputs, wanted=wanted)
 
 
 @pytest.mark.parametrize("wanted", [("lora_a", "lora_b"), ("x",), ("scale",), ("x", "bias")])
@@ -57,11 +81,11 @@ def test_only_requested_gradients(wanted):
     assert_close_to_reference(triton_backend, inputs, wanted=wanted)
 
 
-@pytest.mark.parametrize("split_k", [2, 3])
+@pytest.mark.parametrize("split_k,lora_input", [(2, False), (3, False), (2, True)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_split_k_decode_forward(split_k, dtype):
+def test_split_k_decode_forward(split_k, dtype, lora_input):
     from feddpa_fast.kernels import reference, triton_forward
-    inputs = make_inputs((3,), 80, 96, 16, dtype, row_scale=False)
+    inputs = make_inputs((3,), 80, 96, 16, dtype, row_scale=False, lora_input=lora_input)
     cfg = fwd_config(3, 96, 80, 16, torch.device("cpu"), split_k=split_k)
     cfg = cfg.__class__(16, 32, 16, cfg.block_r, split_k=split_k)  # 5 K blocks over the slices
     y, u = triton_forward.forward(**inputs, cfg=cfg)
@@ -87,6 +111,10 @@ def test_bad_input_is_checked_before_any_launch():
     inputs = make_inputs((4,), 48, 40, 8, torch.float32)
     inputs["lora_b"] = torch.randn(40, 7)
     with pytest.raises(ValueError, match="rank mismatch"):
+        lora_linear(**inputs, backend="triton")
+    inputs = make_inputs((4,), 48, 40, 8, torch.float32, lora_input=True)
+    inputs["lora_input"] = inputs["lora_input"].half()
+    with pytest.raises(TypeError, match="lora_input has dtype"):
         lora_linear(**inputs, backend="triton")
 
 

@@ -14,9 +14,14 @@ inline at::ScalarType accum_dtype(at::ScalarType x_dtype) {
 
 // Raises c10::ValueError / c10::TypeError (Python ValueError / TypeError) naming the argument.
 // Works on symbolic shapes so that fake tensors under torch.compile go through it too.
+// lora_input (the input of the A branch, e.g. dropout(x)) must match x in shape, dtype, device.
 void check_lora_linear_inputs(
     const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-    const at::Tensor& lora_a, const at::Tensor& lora_b, const at::Tensor& scale);
+    const at::Tensor& lora_a, const at::Tensor& lora_b, const at::Tensor& scale,
+    const std::optional<at::Tensor>& lora_input);
+
+// True when an optional tensor argument was given (None arrives as nullopt or undefined).
+inline bool given(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
 
 // The rows of x seen as a matrix: M = prod(x.shape[:-1]).
 c10::SymInt leading_rows(const at::Tensor& x);

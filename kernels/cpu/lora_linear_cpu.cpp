@@ -13,6 +13,9 @@
 // Backward (weight frozen):
 //   g = dy B ; gs = g * S ; dx = dy W + gs A ; dA = gs^T x ; dB = dy^T (u * S) ; dS = g * u
 // with the same "small product initialises, big GEMM accumulates" order for dx.
+//
+// With lora_input (xl, the A branch's own input, e.g. dropout(x) as PEFT does LoRA dropout),
+// u = xl A^T, and the two input gradients split: dx = dy W ; d xl = gs A ; dA = gs^T xl.
 #include "lora_linear_cpu.h"
 
 #include "checks.h"
@@ -45,13 +48,15 @@ at::Tensor skinny_product(const at::Tensor& lhs, const at::Tensor& rhs_t) {
 
 std::tuple<at::Tensor, at::Tensor> lora_linear_fwd_cpu(
     const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-    const at::Tensor& lora_a, const at::Tensor& lora_b, const at::Tensor& scale) {
-  check_lora_linear_inputs(x, weight, bias, lora_a, lora_b, scale);
+    const at::Tensor& lora_a, const at::Tensor& lora_b, const at::Tensor& scale,
+    const std::optional<at::Tensor>& lora_input) {
+  check_lora_linear_inputs(x, weight, bias, lora_a, lora_b, scale, lora_input);
   const int64_t K = x.size(-1);
   const int64_t N = weight.size(0);
   const at::Tensor x2 = x.reshape({-1, K});
+  const at::Tensor xl2 = given(lora_input) ? lora_input->reshape({-1, K}) : x2;
 
-  at::Tensor u = skinny_product(x2, lora_a);               // (M, R), fp32
+  at::Tensor u = skinny_product(xl2, lora_a);              // (M, R), fp32
   const at::Tensor us = (u * scale).to(x.scalar_type());   // scaled in fp32, cast once
   at::Tensor y = bias.has_value() ? at::addmm(*bias, us, lora_b.t()) : at::mm(us, lora_b.t());
   y.addmm_(x2, weight.t());                                // frozen GEMM, beta = 1
@@ -63,33 +68,39 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_fwd_cpu(
 
 at::Tensor lora_linear_cpu(
     const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-    const at::Tensor& lora_a, const at::Tensor& lora_b, const at::Tensor& scale) {
-  return std::get<0>(lora_linear_fwd_cpu(x, weight, bias, lora_a, lora_b, scale));
+    const at::Tensor& lora_a, const at::Tensor& lora_b, const at::Tensor& scale,
+    const std::optional<at::Tensor>& lora_input) {
+  return std::get<0>(lora_linear_fwd_cpu(x, weight, bias, lora_a, lora_b, scale, lora_input));
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_bwd_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_bwd_cpu(
     const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight,
     const at::Tensor& lora_a, const at::Tensor& lora_b, const at::Tensor& scale,
-    const at::Tensor& u, std::array<bool, 4> output_mask) {
+    const at::Tensor& u, const std::optional<at::Tensor>& lora_input,
+    std::array<bool, 5> output_mask) {
   const auto dtype = x.scalar_type();
   const int64_t K = x.size(-1);
   const int64_t N = weight.size(0);
   TORCH_CHECK_VALUE(dy.scalar_type() == dtype && dy.size(-1) == N && dy.numel() / N == u.size(0),
                     "lora_linear backward: grad_output must be (..., ", N, ") of dtype ", dtype);
   const at::Tensor dy2 = dy.reshape({-1, N});
-  const at::Tensor x2 = x.reshape({-1, K});
-  const auto [need_dx, need_da, need_db, need_ds] = output_mask;
+  const bool split = given(lora_input);  // dx and d lora_input are separate gradients
+  const at::Tensor xl2 = (split ? *lora_input : x).reshape({-1, K});
+  const auto [need_dx, need_da, need_db, need_ds, need_dl_arg] = output_mask;
+  const bool need_dl = need_dl_arg && split;
 
   at::Tensor g = skinny_product(dy2, lora_b.t());  // dy B: (M, R), fp32
-  at::Tensor dx, da, db, ds;
-  if (need_dx || need_da) {
+  at::Tensor dx, da, db, ds, dl;
+  if (split && need_dx) dx = at::mm(dy2, weight).view(x.sizes());  // no rank-R term
+  if ((need_dx && !split) || need_da || need_dl) {
     const at::Tensor gs = (g * scale).to(dtype);
-    if (need_dx) {
+    if (need_dx && !split) {
       dx = at::mm(gs, lora_a);    // small product initialises dx ...
       dx.addmm_(dy2, weight);     // ... the frozen GEMM accumulates
       dx = dx.view(x.sizes());
     }
-    if (need_da) da = at::mm(gs.t(), x2);
+    if (need_dl) dl = at::mm(gs, lora_a).view(x.sizes());
+    if (need_da) da = at::mm(gs.t(), xl2);
   }
   if (need_db) db = at::mm(dy2.t(), (u * scale).to(dtype));
   if (need_ds) {
@@ -98,7 +109,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_bwd_cpu(
   }
   const auto empty = at::empty({0}, x.options());
   return {need_dx ? dx : empty, need_da ? da : empty, need_db ? db : empty,
-          need_ds ? ds : at::empty({0}, scale.options())};
+          need_ds ? ds : at::empty({0}, scale.options()), need_dl ? dl : empty};
 }
 
 }  // namespace feddpa

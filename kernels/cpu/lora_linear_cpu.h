@@ -8,20 +8,25 @@
 
 namespace feddpa {
 
-// y = x W^T + b + ((x A^T) * S) B^T ; returns (y, u) with u = x A^T in the accumulation dtype
-// (saved for backward: it is only M x R).
+// y = x W^T + b + ((xl A^T) * S) B^T with xl = lora_input if given, else x; returns (y, u) with
+// u = xl A^T in the accumulation dtype (saved for backward: it is only M x R).
 std::tuple<at::Tensor, at::Tensor> lora_linear_fwd_cpu(
     const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-    const at::Tensor& lora_a, const at::Tensor& lora_b, const at::Tensor& scale);
+    const at::Tensor& lora_a, const at::Tensor& lora_b, const at::Tensor& scale,
+    const std::optional<at::Tensor>& lora_input);
 
 at::Tensor lora_linear_cpu(
     const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-    const at::Tensor& lora_a, const at::Tensor& lora_b, const at::Tensor& scale);
+    const at::Tensor& lora_a, const at::Tensor& lora_b, const at::Tensor& scale,
+    const std::optional<at::Tensor>& lora_input);
 
-// Returns (dx, d lora_a, d lora_b, d scale); an entry whose mask bit is false is an empty tensor.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_bwd_cpu(
+// Returns (dx, d lora_a, d lora_b, d scale, d lora_input); an entry whose mask bit is false (or
+// d lora_input without lora_input) is an empty tensor. With lora_input, x is not read: only its
+// shape and dtype matter (the autograd kernel passes lora_input there, as x is not saved).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_bwd_cpu(
     const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight,
     const at::Tensor& lora_a, const at::Tensor& lora_b, const at::Tensor& scale,
-    const at::Tensor& u, std::array<bool, 4> output_mask);
+    const at::Tensor& u, const std::optional<at::Tensor>& lora_input,
+    std::array<bool, 5> output_mask);
 
 }  // namespace feddpa
