@@ -58,14 +58,16 @@ def mix(model: nn.Module, global_w, local_w):
     layers = [layer for _, layer in dual_lora_layers(model)]
     if not layers:
         raise ValueError("model has no DualLoRALinear layers; call feddpa_fast.patch first")
-    previous = [layer.mix_weights for layer in layers]
+    previous = [(layer.mix_weights, layer._scale_cache) for layer in layers]
+    shared_scales = {}  # one scale tensor per input shape for the whole model (layers.py)
     for layer in layers:
         layer.mix_weights = (global_w, local_w)
+        layer._scale_cache = shared_scales
     try:
         yield model
     finally:
-        for layer, weights in zip(layers, previous):
-            layer.mix_weights = weights
+        for layer, (weights, cache) in zip(layers, previous):
+            layer.mix_weights, layer._scale_cache = weights, cache
 
 
 def set_trainable(model: nn.Module, which: str) -> nn.Module:

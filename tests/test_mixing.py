@@ -132,3 +132,18 @@ def test_training_only_local_leaves_global_untouched():
     # The stacked buffers saw the optimizer's in-place update of the local rows/columns.
     for _, layer in dual_lora_layers(model):
         assert layer._stack_intact()
+
+
+def test_layers_share_one_scale_tensor_per_shape_inside_mix():
+    model = _patched("llama")
+    layers = [layer for _, layer in dual_lora_layers(model)]
+    x = torch.randn(2, 5, layers[0].in_features)
+    with fd.mix(model, torch.tensor([0.1, 0.9]), 0.5):
+        first, second = layers[0]._scale(x), layers[1]._scale(x)
+        assert first is second and first.shape == (10, 8)
+        torch.testing.assert_close(first[:5, 0], torch.full((5,), 0.1 * 2.0))
+        torch.testing.assert_close(first[5:, 4:], torch.full((5, 4), 0.5 * 2.0))
+    assert all(layer._scale_cache is None for layer in layers)
+    w = torch.tensor([0.1, 0.9], requires_grad=True)
+    with fd.mix(model, w, 0.5):  # a scale with a graph is rebuilt per call
+        assert layers[0]._scale(x) is not layers[1]._scale(x)
