@@ -1,7 +1,8 @@
 """Model benchmark: a randomly initialised Llama-style causal LM (nothing downloaded), LoRA r 16,
 alpha 32 on q/k/v/o/gate/up/down of every block; each provider builds its own copy from one seed:
 
-    base      the model alone, all parameters frozen: forward only (the floor)
+    base      the model alone, all parameters frozen (the floor); its "train step" is the
+              forward plus the backward for the input gradients only (no LoRA, no optimizer)
     fused     feddpa_fast.patch, global + local adapters both trainable, run under
               feddpa_fast.mix with per-sequence weights (backward inside the mix too)
     peft_one  peft.get_peft_model, one adapter
@@ -93,6 +94,7 @@ def build(name: str, args, device: torch.device, dtype: torch.dtype) -> SimpleNa
             p.requires_grad_("lora_" in pname)
     else:
         model.requires_grad_(False)
+        model.enable_input_require_grads()  # the backward runs through every block, as with LoRA
     # B starts at zero in both libraries; make it nonzero so no branch is trivially zero.
     gen = torch.Generator(device).manual_seed(SEED + 2)
     with torch.no_grad():
@@ -123,8 +125,9 @@ def build(name: str, args, device: torch.device, dtype: torch.dtype) -> SimpleNa
 
     def train_step():
         loss_backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        if opt is not None:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
         sync()
 
     return SimpleNamespace(model=model, params=params, opt=opt, forward=forward,
@@ -170,18 +173,19 @@ def markdown(rows: list[dict]) -> str:
     """One line per provider: forward and train step side by side, ratios, memory."""
     mem = ["saved_mb", "train_state_mb"] + ["peak_mb"] * any(r["peak_mb"] for r in rows)
     lines = ["| provider | forward ms [p20, p80] | fwd tok/s | fwd x base | train step ms "
-             "[p20, p80] | train tok/s | train speedup vs peft_two | " + " | ".join(mem) + " |",
-             "|---" * (7 + len(mem)) + "|"]
+             "[p20, p80] | train tok/s | train x base | train speedup vs peft_two | "
+             + " | ".join(mem) + " |", "|---" * (8 + len(mem)) + "|"]
     for name in dict.fromkeys(r["provider"] for r in rows):
         cells = [name]
-        for mode, ratio in (("forward", "ratio_to_base"), ("train_step", "speedup_vs_peft_two")):
+        for mode, ratios in (("forward", ("ratio_to_base",)),
+                             ("train_step", ("ratio_to_base", "speedup_vs_peft_two"))):
             row = next((r for r in rows if r["provider"] == name and r["mode"] == mode), None)
             if row is None:
-                cells += ["n/a"] * 3
+                cells += ["n/a"] * (2 + len(ratios))
                 continue
             cells += [f"{float(row['median_ms']):.1f} [{float(row['p20_ms']):.1f}, "
-                      f"{float(row['p80_ms']):.1f}]", f"{float(row['tokens_per_s']):.0f}",
-                      f"{float(row[ratio]):.3f}" if row[ratio] else "-"]
+                      f"{float(row['p80_ms']):.1f}]", f"{float(row['tokens_per_s']):.0f}"]
+            cells += [f"{float(row[k]):.3f}" if row[k] else "-" for k in ratios]
         train = next((r for r in rows if r["provider"] == name and r["mode"] == "train_step"), {})
         cells += [train.get(k) or "-" for k in mem]
         lines.append("| " + " | ".join(cells) + " |")
@@ -264,8 +268,7 @@ def main(argv=None) -> list[dict]:
     fns = {}
     for name, p in provs.items():
         fns[("forward", name)] = p.forward
-        if p.opt:  # base has nothing to train: its train step is n/a
-            fns[("train_step", name)] = p.train_step
+        fns[("train_step", name)] = p.train_step  # base: forward + input-grad backward
     print(f"timing {len(fns)} callables x {args.repeats} repeats", file=sys.stderr, flush=True)
     samples = common.time_alternating(fns, args.repeats, warmup=1)
     peaks = {key: cuda_peak(fn) for key, fn in fns.items()} if cuda else {}
@@ -282,8 +285,9 @@ def main(argv=None) -> list[dict]:
                      "tokens_per_s": f"{tokens / m * 1e3:.1f}",
                      "ratio_to_base": f"{m / base:.4f}" if base else "",
                      "speedup_vs_peft_two": f"{ref / m:.4f}" if ref else "",
-                     "saved_mb": f"{saved / MB:.1f}" if train else "",
-                     "train_state_mb": f"{(saved + state) / MB:.1f}" if train else "",
+                     "saved_mb": f"{saved / MB:.1f}" if train and saved is not None else "",
+                     "train_state_mb": f"{(saved + state) / MB:.1f}"
+                     if train and saved is not None else "",
                      "peak_mb": f"{peaks[(mode, name)] / MB:.1f}" if peaks else ""})
     rows.sort(key=lambda r: (PROVIDERS.index(r["provider"]), r["mode"]))
     common.append_rows(csv_path, rows, FIELDS)
