@@ -192,16 +192,16 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def draw(csv_path: Path, out_path: Path) -> Path:
-    """From the CSV alone (newest run): tokens/s per provider for forward and train step
-    (p20-p80 as error bars) and the train-step memory."""
+def draw(csv_path: Path, out_path: Path, run_id: str | None = None) -> Path:
+    """From the CSV alone (run ``run_id``, default the newest): tokens/s per provider for
+    forward and train step (p20-p80 as error bars) and the train-step memory."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = plot.read_rows(csv_path)
-    run_id = max(r["run_id"] for r in rows)
+    run_id = run_id or max(r["run_id"] for r in rows)
     rows = [r for r in rows if r["run_id"] == run_id]
     mem = "peak_mb" if any(r["peak_mb"] for r in rows) else "train_state_mb"
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
