@@ -1,0 +1,117 @@
+"""Evaluation of personalised federated runs: P, TTP, tables and plots (DESIGN section 4).
+
+- **P**: a client's score on its own task's test set.
+- **TTP**: the mean of a client's scores over every task's test set, its own included.
+Scores are accuracy (``classify``) or ROUGE-L F (``causal-lm``), in [0, 1]; tables print %.
+
+How a client's model answers depends on the algorithm: the global adapter alone (``fedit``),
+the local adapter alone (``local``), or FedDPA's instance-wise dynamic mix (``feddpa-*``):
+per test instance, weights from its similarity to k seeded local training instances, applied
+in one batched forward with a different mix per sequence.
+"""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import torch
+
+from .fed.algorithms import WeightingConfig, instance_weights
+from .fed.checkpoint import derive_seed
+
+__all__ = ["anchors_for", "score_set", "evaluate_client", "format_table", "plot_rounds",
+           "plot_methods"]
+
+
+def anchors_for(client, k: int, seed: int):
+    """The k local training instances FedDPA compares test instances with (seeded)."""
+    rng = random.Random(derive_seed(seed, "anchors", client.name))
+    return rng.sample(client.train, min(k, len(client.train)))
+
+
+def score_set(task, examples, mode: str, *, anchors=None, weighting: WeightingConfig | None = None,
+              batch_size: int = 32) -> float:
+    """Score of the model currently loaded on ``examples`` under ``mode``
+    ("global" | "local" | "dynamic")."""
+    if not examples:
+        return float("nan")
+    if mode == "dynamic":
+        g, l = instance_weights(task, examples, anchors, weighting, batch_size)
+    else:
+        fixed = {"global": (1.0, 0.0), "local": (0.0, 1.0)}[mode]
+    predictions = []
+    for i in range(0, len(examples), batch_size):
+        chunk = examples[i:i + batch_size]
+        if mode == "dynamic":
+            w = (g[i:i + batch_size], l[i:i + batch_size])
+        else:
+            w = fixed
+        predictions += task.predict(chunk, *w)
+    return task.score(examples, predictions)
+
+
+def evaluate_client(task, client, mode: str, test_sets: dict, *, own: str, seed: int,
+                    weighting: WeightingConfig, batch_size: int = 32,
+                    own_only: bool = False) -> dict:
+    """{"P": .., "TTP": .., "per_set": {name: score}} for the adapters loaded in the model."""
+    anchors = anchors_for(client, weighting.k, seed) if mode == "dynamic" else None
+    names = [own] if own_only else list(test_sets)
+    per_set = {name: score_set(task, test_sets[name], mode, anchors=anchors,
+                               weighting=weighting, batch_size=batch_size) for name in names}
+    result = {"P": per_set[own], "per_set": per_set}
+    if not own_only:
+        result["TTP"] = sum(per_set.values()) / len(per_set)
+    return result
+
+
+def format_table(rows: list[dict]) -> str:
+    """Markdown table: method, P, TTP (means over clients, %), bytes up per client per round,
+    wall time."""
+    lines = ["| method | P (%) | TTP (%) | bytes up / client / round | wall time (s) |",
+             "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['method']} | {100 * r['P']:.2f} | {100 * r['TTP']:.2f} | "
+                     f"{r.get('bytes_per_client_round', 0):,} | {r.get('wall_s', 0):.1f} |")
+    return "\n".join(lines)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_rounds(metrics_path: Path, out_path: Path) -> Path:
+    """Per-round training loss and own-task score from a run's metrics.jsonl."""
+    rows = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line]
+    rows = [r for r in rows if "round" in r]
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    rounds = [r["round"] for r in rows]
+    for key in sorted({k for r in rows for k in r if k.startswith("loss_")}):
+        axes[0].plot(rounds, [r.get(key, float("nan")) for r in rows], marker="o", label=key)
+    axes[0].set_xlabel("round"), axes[0].set_ylabel("mean training loss"), axes[0].legend()
+    axes[1].plot(rounds, [100 * r.get("P", float("nan")) for r in rows], marker="o")
+    axes[1].set_xlabel("round"), axes[1].set_ylabel("P: own-task score (%)")
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=110)
+    plt.close(fig)
+    return out_path
+
+
+def plot_methods(rows: list[dict], out_path: Path) -> Path:
+    """Grouped bars of P and TTP per method."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(rows)), 3.8))
+    xs = torch.arange(len(rows)).tolist()
+    ax.bar([x - 0.2 for x in xs], [100 * r["P"] for r in rows], width=0.4, label="P")
+    ax.bar([x + 0.2 for x in xs], [100 * r["TTP"] for r in rows], width=0.4, label="TTP")
+    ax.set_xticks(xs, [r["method"] for r in rows], rotation=15)
+    ax.set_ylabel("score (%)"), ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=110)
+    plt.close(fig)
+    return out_path

@@ -1,0 +1,85 @@
+"""Atomic files and the server checkpoint (DESIGN section 5).
+
+Every state file is written to a temporary file in the same directory, flushed and fsynced,
+then renamed over the old one (``os.replace`` is atomic on POSIX), and the directory is
+fsynced: a crash leaves either the old file or the new one, never a torn one.
+
+The checkpoint is one safetensors file: the global adapter's tensors plus, in its metadata, the
+run state as JSON (rounds completed, the run's config, the seed). There is no opaque RNG state
+to save: every random stream of the run (client sampling, shuffling, dropout, adapter init) is
+derived from ``(seed, round, client, phase)`` (``derive_seed``), so the seed and the round *are*
+the RNG state, and a resumed run replays exactly what an uninterrupted one does.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+__all__ = ["CheckpointError", "atomic_write_bytes", "derive_seed", "load_checkpoint",
+           "save_checkpoint"]
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read or does not belong to this run."""
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Writes ``data`` to ``path`` atomically (temp file, fsync, rename, fsync dir)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def derive_seed(*parts) -> int:
+    """A 63-bit seed from the run seed and labels (stable across runs and platforms)."""
+    digest = hashlib.sha256(json.dumps([str(p) for p in parts]).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def save_checkpoint(path: str | os.PathLike, global_adapter: dict[str, torch.Tensor],
+                    state: dict) -> None:
+    """Atomically writes the global adapter and the JSON-able ``state``."""
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in global_adapter.items()}
+    blob = st_save(tensors, metadata={"format": "pt", "state": json.dumps(state, sort_keys=True)})
+    atomic_write_bytes(path, blob)
+
+
+def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
+    """(global adapter, state) from a checkpoint written by ``save_checkpoint``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    data = path.read_bytes()
+    try:
+        tensors = st_load(data)
+        header_len = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8:8 + header_len])
+        state = json.loads(header["__metadata__"]["state"])
+    except (SafetensorError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{path}: unreadable checkpoint ({exc})") from None
+    return tensors, state

@@ -1,0 +1,158 @@
+"""A federated client: receives the global adapter as a blob, trains its phases, keeps its local
+adapter in its own state directory, and answers with a blob holding only the global adapter.
+
+In-process simulation shares one patched model between clients (one at a time): a client
+loads the received global adapter and its own local adapter into it before training. Each
+round's local adapter is written to ``<state_dir>/local_r<round>.safetensors`` (atomically);
+the server's checkpoint says which rounds are committed, so a resumed run ignores (and
+removes) files of rounds that were not.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import re
+from pathlib import Path
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from torch import nn
+
+from ..adapters import adapter_state_dict, load_adapter_state_dict
+from ..layers import dual_lora_layers
+from ..mixing import mix, set_trainable
+from . import wire
+from .algorithms import Algorithm, Phase
+from .checkpoint import atomic_write_bytes, derive_seed
+
+__all__ = ["Client", "TrainSettings", "train_phase", "init_adapter"]
+
+log = logging.getLogger("feddpa_fast.fed")
+_LOCAL_FILE = re.compile(r"local_r(\d{4,})\.safetensors")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSettings:
+    """Local optimisation: AdamW per phase (re-created each phase, as the authors' per-round
+    Trainer), ``local_epochs`` passes over the client's data, at most ``max_steps`` batches
+    per epoch when set."""
+
+    local_epochs: int = 1
+    lr: float = 3e-4
+    batch_size: int = 16
+    max_steps: int | None = None
+    weight_decay: float = 0.0
+
+
+def init_adapter(model: nn.Module, adapter: str, seed: int) -> None:
+    """PEFT's init (A Kaiming-uniform, B zero) for one adapter, from a seeded generator."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in dual_lora_layers(model):
+            a = layer.lora_A[adapter].weight
+            bound = 1.0 / math.sqrt(a.shape[1])  # kaiming_uniform_(a=sqrt(5)) on (r, K)
+            a.copy_(torch.rand(a.shape, generator=gen, dtype=torch.float64)
+                    .mul_(2 * bound).sub_(bound).to(a.dtype))
+            layer.lora_B[adapter].weight.zero_()
+
+
+def train_phase(task, examples, phase: Phase, settings: TrainSettings, seed: int) -> float:
+    """Trains ``phase.train`` under ``phase.weights``; returns the mean training loss."""
+    model = task.model
+    set_trainable(model, phase.train)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # dropout
+    model.train()
+    losses = []
+    for _ in range(settings.local_epochs):
+        order = torch.randperm(len(examples), generator=gen).tolist()
+        batches = [order[i:i + settings.batch_size]
+                   for i in range(0, len(order), settings.batch_size)]
+        for batch in batches[: settings.max_steps]:
+            with mix(model, *phase.weights):  # backward inside: checkpointing recomputes here
+                loss = task.loss([examples[i] for i in batch])
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"non-finite training loss in phase {phase.name}")
+                loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+    model.eval()
+    set_trainable(model, "none")
+    return sum(losses) / max(len(losses), 1)
+
+
+class Client:
+    """One client of the in-process simulation (see the module docstring)."""
+
+    def __init__(self, name: str, train, test, state_dir: str | Path, task,
+                 algorithm: Algorithm, settings: TrainSettings, seed: int):
+        self.name, self.train, self.test = name, list(train), list(test)
+        self.state_dir = Path(state_dir)
+        self.task, self.algorithm, self.settings, self.seed = task, algorithm, settings, seed
+
+    # ---- the local adapter on disk ---------------------------------------------------------
+    def _local_files(self) -> dict[int, Path]:
+        if not self.state_dir.is_dir():
+            return {}
+        found = {}
+        for path in self.state_dir.iterdir():
+            m = _LOCAL_FILE.fullmatch(path.name)
+            if m:
+                found[int(m.group(1))] = path
+        return found
+
+    def discard_uncommitted(self, committed_rounds: int) -> None:
+        """Removes local adapters of rounds >= ``committed_rounds`` (a killed run's leftovers)."""
+        for r, path in self._local_files().items():
+            if r >= committed_rounds:
+                path.unlink()
+
+    def load_local(self, before_round: int) -> None:
+        """Puts the newest local adapter of a round < ``before_round`` into the model (or a
+        fresh seeded one)."""
+        files = {r: p for r, p in self._local_files().items() if r < before_round}
+        if not files:
+            init_adapter(self.task.model, "local", derive_seed(self.seed, "local-init", self.name))
+            return
+        tensors = st_load(files[max(files)].read_bytes())
+        load_adapter_state_dict(self.task.model, tensors, "local")
+
+    def save_local(self, round_index: int) -> None:
+        blob = st_save(adapter_state_dict(self.task.model, "local"), metadata={"format": "pt"})
+        atomic_write_bytes(self.state_dir / f"local_r{round_index:04d}.safetensors", blob)
+
+    # ---- one round -------------------------------------------------------------------------
+    def run_round(self, broadcast: bytes, round_index: int, expected) -> tuple[bytes | None, dict]:
+        """Decodes the server's blob, trains this round's phases; returns (reply blob, stats)."""
+        global_tensors, _ = wire.decode(broadcast, expected, round=round_index, sender="server")
+        model = self.task.model
+        load_adapter_state_dict(model, global_tensors, "global")
+        self.load_local(round_index)
+        stats = {}
+        for phase in self.algorithm.phases(round_index):
+            seed = derive_seed(self.seed, round_index, self.name, phase.name)
+            stats[f"loss_{phase.name}"] = train_phase(self.task, self.train, phase,
+                                                      self.settings, seed)
+        if any(p.train == "local" for p in self.algorithm.phases(round_index)):
+            self.save_local(round_index)
+        if not self.algorithm.uploads:
+            return None, stats
+        reply = wire.encode(adapter_state_dict(model, "global"), {
+            "round": round_index, "client": self.name, "num_examples": len(self.train)})
+        return reply, stats
+
+    def finetune_local(self, round_index: int, global_tensors) -> dict:
+        """FedDPA-F: a local adapter initialised from the final global one, trained alone."""
+        model = self.task.model
+        load_adapter_state_dict(model, global_tensors, "global")
+        load_adapter_state_dict(model, global_tensors, "local")
+        phase = Phase("finetune", "local", (0.0, 1.0))
+        seed = derive_seed(self.seed, round_index, self.name, phase.name)
+        loss = train_phase(self.task, self.train, phase, self.settings, seed)
+        self.save_local(round_index)
+        return {"loss_finetune": loss}

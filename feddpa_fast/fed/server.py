@@ -1,0 +1,116 @@
+"""The federated server: samples clients, validates their blobs, aggregates, checkpoints.
+
+Transport-agnostic: ``round_broadcast`` makes the blob sent to every sampled client, and
+``aggregate_round`` takes the replies (blobs, or exceptions for clients that failed), drops
+and logs whatever fails validation, and either returns the new global adapter or raises
+``TooFewUpdates`` so that the caller redoes the round. The in-process loop
+(``fed/runner.py``) and the Flower apps call the same functions.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+
+import numpy as np
+import torch
+
+from . import wire
+from .aggregate import RULES, aggregate
+from .checkpoint import derive_seed
+
+__all__ = ["ServerSettings", "Server", "TooFewUpdates"]
+
+log = logging.getLogger("feddpa_fast.fed")
+
+
+class TooFewUpdates(RuntimeError):
+    """Fewer valid updates than ``min_clients``: the round must be redone."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerSettings:
+    """Sampling (``fraction`` of the clients, or ``per_round`` clients when set), the
+    aggregation rule (``fedavg`` by examples, ``uniform``, ``median``, ``trimmed-mean``),
+    optional update-norm clipping, and the minimum of valid updates per round."""
+
+    fraction: float = 1.0
+    per_round: int | None = None
+    aggregation: str = "uniform"
+    trim: float = 0.1
+    clip_norm: float | None = None
+    min_clients: int = 1
+    max_attempts: int = 3
+    max_blob_bytes: int = 1 << 30
+
+    def __post_init__(self):
+        if self.aggregation not in RULES:
+            raise ValueError(f"aggregation must be one of {RULES}, got {self.aggregation!r}")
+        if not 0 < self.fraction <= 1:
+            raise ValueError(f"fraction must be in (0, 1], got {self.fraction}")
+        if self.per_round is not None and self.per_round < 1:
+            raise ValueError(f"per_round must be >= 1, got {self.per_round}")
+        if self.min_clients < 1 or self.max_attempts < 1:
+            raise ValueError("min_clients and max_attempts must be >= 1")
+
+
+class Server:
+    """Holds the global adapter (PEFT key names) and the server-side timers."""
+
+    def __init__(self, global_adapter: dict[str, torch.Tensor], client_names: list[str],
+                 settings: ServerSettings, seed: int):
+        self.global_adapter = {k: v.detach().clone() for k, v in global_adapter.items()}
+        self.client_names = list(client_names)
+        self.settings, self.seed = settings, seed
+        self.server_seconds = 0.0  # decode + validate + aggregate (+ checkpoint, by the runner)
+
+    def sample(self, round_index: int, attempt: int = 0) -> list[str]:
+        """The clients of a round: a seeded draw from (seed, round, attempt), in name order."""
+        n = len(self.client_names)
+        k = self.settings.per_round or max(1, math.ceil(self.settings.fraction * n))
+        k = min(k, n)
+        rng = np.random.default_rng(derive_seed(self.seed, "sample", round_index, attempt))
+        chosen = sorted(rng.choice(n, size=k, replace=False).tolist())
+        return [self.client_names[i] for i in chosen]
+
+    def round_broadcast(self, round_index: int) -> bytes:
+        return wire.encode(self.global_adapter,
+                           {"round": round_index, "client": "server", "num_examples": 0})
+
+    def aggregate_round(self, round_index: int, replies: dict[str, bytes | BaseException]):
+        """Validates the replies and aggregates; returns (new global, accepted client names).
+
+        Raises TooFewUpdates when fewer than ``min_clients`` replies are valid; the global
+        adapter is then unchanged.
+        """
+        start = time.perf_counter()
+        updates, counts, accepted = [], [], []
+        for name, reply in replies.items():
+            if isinstance(reply, BaseException):
+                log.warning("round %d: client %s failed (%s: %s); left out",
+                            round_index, name, type(reply).__name__, reply)
+                continue
+            try:
+                tensors, meta = wire.decode(reply, self.global_adapter, round=round_index,
+                                            sender=name, max_bytes=self.settings.max_blob_bytes)
+            except wire.WireError as exc:
+                log.warning("round %d: blob from %s rejected (%s: %s); left out",
+                            round_index, name, type(exc).__name__, exc)
+                continue
+            updates.append(tensors)
+            counts.append(meta["num_examples"])
+            accepted.append(name)
+        try:
+            if len(updates) < self.settings.min_clients:
+                raise TooFewUpdates(f"round {round_index}: {len(updates)} valid updates, "
+                                    f"min_clients is {self.settings.min_clients}")
+            if self.settings.aggregation == "fedavg" and sum(counts) == 0:
+                raise TooFewUpdates(f"round {round_index}: the valid updates hold 0 examples")
+            s = self.settings
+            new = aggregate(s.aggregation, self.global_adapter, updates, counts,
+                            trim=s.trim, clip_norm=s.clip_norm)
+        finally:
+            self.server_seconds += time.perf_counter() - start
+        self.global_adapter = new
+        return new, accepted

@@ -1,0 +1,183 @@
+"""What a client trains and evaluates: the two task kinds of DESIGN section 6.
+
+``ClassifyTask`` (the embedded default): a sentence encoder (MiniLM) embeds the text (masked
+mean pooling, L2-normalised) and each candidate label name; the logits are the cosines over a
+temperature, restricted to the example's ``choices``; cross-entropy trains the adapters. The
+label-name embeddings come from the *base* encoder (both adapters at weight 0), computed once
+per label set: the adapters learn to move texts towards their label, and an example's label
+space does not depend on which adapter mix is evaluating it.
+
+``CausalLMTask``: an instruction-tuned causal LM; the prompt is the Alpaca template, the loss
+covers the response tokens only (EOS appended), prompts are truncated to ``cutoff`` tokens;
+evaluation generates greedily and scores ROUGE-L against the reference output.
+
+Both expose the same methods, all taking per-sequence mix weights where it matters:
+``loss(examples)``, ``predict(examples, global_w, local_w) -> list[str]``,
+``score(examples, predictions) -> float`` and ``represent(examples, how) -> (B, H)`` (the hidden
+state FedDPA's dynamic weighting compares).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .mixing import mix
+
+__all__ = ["ClassifyTask", "CausalLMTask", "PROMPT"]
+
+PROMPT = ("Below is an instruction that describes a task. Write a response that appropriately "
+          "completes the request.\n\n### Instruction:\n{instruction}\n\n{input_block}"
+          "### Response:\n")
+
+
+def _pool(hidden: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
+    """(B, T, H) -> (B, H): the last real token (right padding) or the masked mean."""
+    if how == "last":
+        last = mask.sum(1) - 1
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    if how == "mean":
+        m = mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
+    raise ValueError(f"representation must be 'last' or 'mean', got {how!r}")
+
+
+class ClassifyTask:
+    """Text classification by matching text and label-name embeddings (see module docstring)."""
+
+    kind = "classify"
+
+    def __init__(self, model, tokenizer, *, max_length: int = 64, temperature: float = 0.05):
+        self.model, self.tokenizer = model, tokenizer
+        self.max_length, self.temperature = max_length, temperature
+        self._label_cache: dict[tuple[str, ...], torch.Tensor] = {}
+
+    def _encode(self, texts):
+        batch = self.tokenizer(list(texts), padding=True, truncation=True,
+                               max_length=self.max_length, return_tensors="pt")
+        return {k: v.to(self.model.device) for k, v in batch.items()}
+
+    def _embed(self, texts, how: str = "mean") -> torch.Tensor:
+        batch = self._encode(texts)
+        hidden = self.model(**batch).last_hidden_state
+        return F.normalize(_pool(hidden, batch["attention_mask"], how), dim=-1)
+
+    def label_embeddings(self, choices: tuple[str, ...]) -> torch.Tensor:
+        """(C, H) base-encoder embeddings of the label names, cached per label set."""
+        if choices not in self._label_cache:
+            with torch.no_grad(), mix(self.model, 0.0, 0.0):
+                self._label_cache[choices] = self._embed(choices)
+        return self._label_cache[choices]
+
+    def _logits(self, examples) -> tuple[torch.Tensor, list[tuple[str, ...]]]:
+        texts = self._embed([e.text for e in examples])
+        label_sets = sorted({e.choices for e in examples})
+        width = max(len(c) for c in label_sets)
+        logits = texts.new_full((len(examples), width), float("-inf"))
+        for choices in label_sets:
+            rows = [i for i, e in enumerate(examples) if e.choices == choices]
+            sims = texts[rows] @ self.label_embeddings(choices).T
+            logits[rows, : len(choices)] = sims / self.temperature
+        return logits, [e.choices for e in examples]
+
+    def loss(self, examples) -> torch.Tensor:
+        """Mean cross-entropy over the examples' label choices (call inside ``mix``)."""
+        logits, choices = self._logits(examples)
+        target = torch.tensor([c.index(e.label) for c, e in zip(choices, examples)],
+                              device=logits.device)
+        return F.cross_entropy(logits, target)
+
+    @torch.no_grad()
+    def predict(self, examples, global_w, local_w) -> list[str]:
+        with mix(self.model, global_w, local_w):
+            logits, choices = self._logits(examples)
+        return [c[i] for c, i in zip(choices, logits.argmax(-1).tolist())]
+
+    @staticmethod
+    def score(examples, predictions) -> float:
+        """Accuracy in [0, 1]."""
+        return sum(p == e.label for p, e in zip(predictions, examples)) / max(len(examples), 1)
+
+    @torch.no_grad()
+    def represent(self, examples, how: str = "last") -> torch.Tensor:
+        """Last-layer hidden state per example under the current mix (not normalised)."""
+        batch = self._encode([e.text for e in examples])
+        hidden = self.model(**batch).last_hidden_state
+        return _pool(hidden, batch["attention_mask"], how)
+
+
+class CausalLMTask:
+    """Instruction tuning of a causal LM; ROUGE-L of greedy generations (module docstring)."""
+
+    kind = "causal-lm"
+
+    def __init__(self, model, tokenizer, *, cutoff: int = 256, max_new_tokens: int = 32):
+        self.model, self.tokenizer = model, tokenizer
+        self.cutoff, self.max_new_tokens = cutoff, max_new_tokens
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        self._scorer = None
+
+    def _prompt_ids(self, e) -> list[int]:
+        block = f"### Input:\n{e.input}\n\n" if e.input else ""
+        text = PROMPT.format(instruction=e.instruction, input_block=block)
+        ids = self.tokenizer(text, add_special_tokens=True)["input_ids"]
+        return ids[-self.cutoff:]  # keep the end: "### Response:" must stay next to the answer
+
+    def _training_batch(self, examples):
+        rows, labels = [], []
+        for e in examples:
+            prompt = self._prompt_ids(e)
+            answer = self.tokenizer(e.output, add_special_tokens=False)["input_ids"]
+            answer = answer[: self.cutoff] + [self.tokenizer.eos_token_id]
+            rows.append(prompt + answer)
+            labels.append([-100] * len(prompt) + answer)  # loss on the response only
+        width = max(len(r) for r in rows)
+        pad = self.tokenizer.pad_token_id
+        ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
+        lab = torch.tensor([r + [-100] * (width - len(r)) for r in labels])
+        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+        dev = self.model.device
+        return ids.to(dev), mask.to(dev), lab.to(dev)
+
+    def loss(self, examples) -> torch.Tensor:
+        ids, mask, labels = self._training_batch(examples)
+        return self.model(input_ids=ids, attention_mask=mask, labels=labels).loss
+
+    def _left_padded_prompts(self, examples):
+        prompts = [self._prompt_ids(e) for e in examples]
+        width = max(len(p) for p in prompts)
+        pad = self.tokenizer.pad_token_id
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        return ids.to(self.model.device), mask.to(self.model.device)
+
+    @torch.no_grad()
+    def predict(self, examples, global_w, local_w) -> list[str]:
+        ids, mask = self._left_padded_prompts(examples)
+        with mix(self.model, global_w, local_w):
+            out = self.model.generate(input_ids=ids, attention_mask=mask, do_sample=False,
+                                      max_new_tokens=self.max_new_tokens,
+                                      pad_token_id=self.tokenizer.pad_token_id)
+        return self.tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
+
+    def score(self, examples, predictions) -> float:
+        """Mean ROUGE-L F-measure in [0, 1] (the rouge-score package)."""
+        if self._scorer is None:
+            from rouge_score import rouge_scorer
+            self._scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+        scores = [self._scorer.score(e.output, p)["rougeL"].fmeasure
+                  for e, p in zip(examples, predictions)]
+        return sum(scores) / max(len(scores), 1)
+
+    @torch.no_grad()
+    def represent(self, examples, how: str = "last") -> torch.Tensor:
+        """Last-layer hidden state of the prompt (right-aligned: the last token is real)."""
+        ids, mask = self._left_padded_prompts(examples)
+        # Positions count real tokens only, so a left-padded row sees what it sees alone.
+        positions = (mask.cumsum(1) - 1).clamp_min(0)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                         output_hidden_states=True)
+        hidden = out.hidden_states[-1]
+        if how == "last":
+            return hidden[:, -1]  # left padding: the last position is the last real token
+        return _pool(hidden, mask, how)
