@@ -6,8 +6,8 @@ A directory with ``adapter_config.json`` (a LoRA config PEFT reads) and
 ``peft.PeftModel.from_pretrained(base, dir)`` loads either adapter of a patched model, and
 ``load_adapter`` reads what PEFT saved. Loading validates everything (files, config, key set,
 shapes, finiteness) before it touches the model: a bad adapter leaves the model unchanged.
-Saving writes a fresh directory and renames it into place, so a crash never leaves a
-half-written adapter where a good one was.
+Saving replaces each file atomically (temp file, fsync, rename), so a crash never leaves a
+half-written file; other files in the directory are kept.
 """
 from __future__ import annotations
 
@@ -15,15 +15,15 @@ import json
 import math
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as st_save
 from torch import nn
 
+from .atomic import atomic_write_bytes
 from .config import ADAPTERS
 from .layers import dual_lora_layers
 from .patch import _name_matches
@@ -109,7 +109,8 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter: str = 
     config = {
         "peft_type": "LORA", "task_type": None, "inference_mode": True,
         "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None),
-        "r": first.r[adapter], "lora_alpha": first.lora_alpha[adapter],
+        # lora_alpha = scaling * r, so an adapter loaded with rsLoRA scaling keeps its scaling.
+        "r": first.r[adapter], "lora_alpha": first.scaling[adapter] * first.r[adapter],
         "lora_dropout": first.dropout_p, "target_modules": _target_spec(model, names),
         "fan_in_fan_out": bool(first.fan_in_fan_out), "bias": "none", "use_rslora": False,
         "use_dora": False, "init_lora_weights": True, "modules_to_save": None,
@@ -120,36 +121,11 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter: str = 
                          "model mixes nn.Linear and Conv1D targets")
     tensors = adapter_state_dict(model, adapter)
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
-        save_file(tensors, str(staging / WEIGHTS_NAME), metadata={"format": "pt"})
-        (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
-        for path in staging.iterdir():
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
-        _replace_directory(staging, directory)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    # Each file is replaced atomically and other files in the directory are kept (as PEFT's
+    # save_pretrained does): the weights first, then the config that describes them.
+    atomic_write_bytes(directory / WEIGHTS_NAME, st_save(tensors, metadata={"format": "pt"}))
+    atomic_write_bytes(directory / CONFIG_NAME, (json.dumps(config, indent=2) + "\n").encode())
     return directory
-
-
-def _replace_directory(staging: Path, directory: Path) -> None:
-    """Renames ``staging`` to ``directory``; an old ``directory`` is moved aside first and only
-    deleted once the new one is in place."""
-    if not directory.exists():
-        os.rename(staging, directory)
-        return
-    backup = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old.", dir=directory.parent))
-    os.rmdir(backup)
-    os.rename(directory, backup)
-    try:
-        os.rename(staging, directory)
-    except BaseException:
-        os.rename(backup, directory)
-        raise
-    shutil.rmtree(backup, ignore_errors=True)
 
 
 def _read_config(directory: Path) -> dict:
@@ -205,7 +181,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter: str = 
         tensors = load_file(str(weights))
     except (SafetensorError, OSError) as exc:
         raise AdapterError(f"{weights}: unreadable safetensors file ({exc})") from None
-    alpha = config.get("lora_alpha", r)
+    alpha = config.get("lora_alpha", 8)  # PEFT's default
     if not isinstance(alpha, (int, float)) or not alpha > 0:
         raise AdapterError(f"{directory}: lora_alpha must be a positive number, got {alpha!r}")
     load_adapter_state_dict(model, tensors, adapter)  # validates all before copying

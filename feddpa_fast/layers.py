@@ -10,8 +10,10 @@ every call would copy both adapters per layer per step, so each adapter paramete
 of one stacked tensor per layer (``_stack_a``, ``_stack_b``); the forward hands the stacked
 tensor to the op, and ``_StackedBranches`` routes its gradient back to the branch parameters
 (slices, no copy). Anything that gives a parameter new storage (``.to()``, ``.half()``,
-``load_state_dict(assign=True)``, ``deepcopy``) breaks the aliasing; ``_apply`` and the eager
-forward detect that and re-stack.
+``load_state_dict(assign=True)``, ``deepcopy``) breaks the aliasing; ``_apply``, a
+load-state-dict hook, ``__setstate__`` (deepcopy, unpickling) and the eager forward detect
+that and re-stack. ``state_dict()`` holds contiguous copies of the adapter tensors, so
+``save_pretrained`` / safetensors see ordinary, unshared tensors.
 
 LoRA dropout (PEFT applies it to the input of the A branch only): when training with
 ``dropout > 0`` the op receives ``lora_input = dropout(x)`` next to ``x`` and uses it for the A
@@ -50,6 +52,19 @@ def dual_lora_layers(model: nn.Module) -> list[tuple[str, "DualLoRALinear"]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, DualLoRALinear)]
 
 
+def _contiguous_adapter_state(module, state_dict, prefix, local_metadata):
+    """state_dict hook: adapter entries as contiguous copies (not views of the stacks), so
+    that savers which reject shared or strided storage (safetensors, save_pretrained) work."""
+    for key in list(state_dict):
+        if key.startswith(prefix + "lora_"):
+            state_dict[key] = state_dict[key].detach().clone(memory_format=torch.contiguous_format)
+
+
+def _restack_after_load(module, incompatible_keys):
+    """load_state_dict post-hook (a module-level function, so the layer stays picklable)."""
+    module._restack()
+
+
 class _StackedBranches(torch.autograd.Function):
     """Returns ``stack`` (which the ``branches`` are views of) with autograd to the branches.
 
@@ -61,10 +76,14 @@ class _StackedBranches(torch.autograd.Function):
     def forward(ctx, stack, dim, *branches):
         ctx.dim = dim
         ctx.sizes = [b.shape[dim] for b in branches]
+        # Saved only for autograd's version check: an in-place edit of a branch between
+        # forward and backward then raises, as it would for nn.Linear (no extra memory).
+        ctx.save_for_backward(*branches)
         return stack.view_as(stack)
 
     @staticmethod
     def backward(ctx, grad):
+        ctx.saved_tensors  # noqa: B018  (raises if a branch was modified in place)
         parts = grad.split(ctx.sizes, dim=ctx.dim)
         needs = ctx.needs_input_grad[2:]
         return (None, None, *[p if need else None for p, need in zip(parts, needs)])
@@ -110,6 +129,8 @@ class DualLoRALinear(nn.Module):
         self._scale_cache: dict | None = None
         self.merged = False
         self._restack()
+        self._register_state_dict_hook(_contiguous_adapter_state)
+        self.register_load_state_dict_post_hook(_restack_after_load)
 
     # ---- stacked storage -------------------------------------------------------------------
     def _branch_params(self):
@@ -146,8 +167,13 @@ class DualLoRALinear(nn.Module):
 
     def _apply(self, fn, *args, **kwargs):
         module = super()._apply(fn, *args, **kwargs)
-        self._restack()  # .to() / .half() gave each parameter its own storage
+        if not self._stack_intact():  # .to() / .half() gave each parameter its own storage
+            self._restack()           # (share_memory_() keeps the views: nothing to do)
         return module
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._restack()  # deepcopy / unpickling copied each parameter on its own
 
     def _stacked_adapters(self):
         a_params, b_params = self._branch_params()
@@ -166,12 +192,16 @@ class DualLoRALinear(nn.Module):
     def _scale(self, x: torch.Tensor) -> torch.Tensor:
         """The op's ``scale``: (1, R) for float weights, (M, R) for per-sequence weights."""
         cache = self._scale_cache
-        if cache is None or torch.compiler.is_compiling() or any(
-                isinstance(w, torch.Tensor) and w.requires_grad for w in self.mix_weights):
-            return self._build_scale(x)  # a scale with a graph is not reused across forwards
+        if (cache is None or torch.compiler.is_compiling() or torch.is_inference_mode_enabled()
+                or any(isinstance(w, torch.Tensor) and w.requires_grad for w in self.mix_weights)):
+            # Not reused: a scale with a graph (across forwards), or an inference tensor
+            # (autograd could not save it in a later training forward).
+            return self._build_scale(x)
         key = (tuple(x.shape[:-1]), x.device, x.dtype,
                tuple((self.r[n], self.scaling[n]) for n in ADAPTERS))
         if key not in cache:
+            if len(cache) >= 16:  # e.g. generate() without KV cache: one length per step
+                cache.clear()
             cache[key] = self._build_scale(x)
         return cache[key]
 
@@ -180,9 +210,16 @@ class DualLoRALinear(nn.Module):
         weights = self.mix_weights
         per_row = [w for w in weights if isinstance(w, torch.Tensor) and w.dim() == 1]
         if not per_row:
-            values = [float(w) * self.scaling[n] for w, n in zip(weights, ADAPTERS)]
-            return torch.tensor(values, dtype=acc, device=x.device).repeat_interleave(
-                torch.tensor([self.r[n] for n in ADAPTERS], device=x.device)).unsqueeze(0)
+            if not any(isinstance(w, torch.Tensor) for w in weights):
+                # torch.full per branch: static sizes, so torch.compile sees no data-dependent
+                # shape (repeat_interleave with tensor repeats would be one).
+                return torch.cat([torch.full((self.r[n],), float(w) * self.scaling[n], dtype=acc,
+                                             device=x.device) for w, n in zip(weights, ADAPTERS)]
+                                 ).unsqueeze(0)
+            # 0-d tensor weights (which may require grad): tensor arithmetic keeps the graph.
+            parts = [(torch.as_tensor(w, dtype=acc, device=x.device) * self.scaling[n])
+                     .reshape(1).expand(self.r[n]) for w, n in zip(weights, ADAPTERS)]
+            return torch.cat(parts).unsqueeze(0)
         batch = per_row[0].shape[0]
         if x.dim() < 2 or x.shape[0] != batch:
             raise ValueError(f"mix weights are given for a batch of {batch} sequences, but this "
@@ -191,6 +228,7 @@ class DualLoRALinear(nn.Module):
         for w, name in zip(weights, ADAPTERS):
             w = w.to(device=x.device, dtype=acc) if isinstance(w, torch.Tensor) else \
                 torch.full((batch,), float(w), dtype=acc, device=x.device)
+            w = w.expand(batch)  # a 0-d tensor weight next to a per-sequence one
             columns.append((w * self.scaling[name]).unsqueeze(1).expand(batch, self.r[name]))
         rows = torch.cat(columns, dim=1)  # (batch, R)
         tokens = x.numel() // (x.shape[-1] * batch)

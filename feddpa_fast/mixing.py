@@ -34,7 +34,9 @@ def _check_weight(name: str, w):
         return float(w)
     if isinstance(w, torch.Tensor):
         if w.dim() == 0:
-            return _check_weight(name, float(w))
+            if not torch.compiler.is_compiling() and not bool(torch.isfinite(w)):
+                raise ValueError(f"{name} must be finite, got {w}")
+            return w if w.requires_grad else float(w)  # keep the graph of a learnable weight
         if w.dim() != 1 or w.shape[0] == 0:
             raise ValueError(f"{name} must be a float or a tensor of shape (batch,), got shape "
                              f"{tuple(w.shape)}")
@@ -52,7 +54,7 @@ def mix(model: nn.Module, global_w, local_w):
     """Sets the adapter weights of every patched layer of ``model`` for the ``with`` block."""
     global_w = _check_weight("global_w", global_w)
     local_w = _check_weight("local_w", local_w)
-    sizes = {w.shape[0] for w in (global_w, local_w) if isinstance(w, torch.Tensor)}
+    sizes = {w.shape[0] for w in (global_w, local_w) if isinstance(w, torch.Tensor) and w.dim()}
     if len(sizes) > 1:
         raise ValueError(f"global_w and local_w have different batch sizes: {sorted(sizes)}")
     layers = [layer for _, layer in dual_lora_layers(model)]

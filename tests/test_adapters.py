@@ -91,7 +91,8 @@ def test_save_replaces_an_existing_adapter_directory(tmp_path):
     _, ours, _ = _pair("llama")
     fd.save_adapter(ours, tmp_path / "a", adapter="global")
     fd.save_adapter(ours, tmp_path / "a", adapter="local")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]  # no staging leftovers
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == [
+        "adapter_config.json", "adapter_model.safetensors"]  # no temp-file leftovers
     other = fd.patch(build("llama")[0], fd.DualLoRAConfig(r=4, alpha=8, dropout=0.0))
     fd.load_adapter(other, tmp_path / "a", adapter="global")
     expected = adapter_state_dict(ours, "local")
@@ -164,3 +165,28 @@ def test_wrong_shapes_and_non_finite_tensors_raise_and_change_nothing(tmp_path):
     with pytest.raises(ValueError, match="adapter must be one of"):
         fd.save_adapter(target, tmp_path / "x", adapter="default")
     assert _unchanged(target, snapshot)
+
+
+def test_saving_keeps_other_files_in_the_directory(tmp_path):
+    _, ours, _ = _pair("llama")
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "tokenizer.json").write_text("{}")
+    fd.save_adapter(ours, tmp_path / "a")
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == [
+        "adapter_config.json", "adapter_model.safetensors", "tokenizer.json"]
+
+
+def test_rslora_scaling_survives_a_save_and_reload(tmp_path):
+    base, targets = build("llama")
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
+        r=4, lora_alpha=8, lora_dropout=0.0, target_modules=list(targets), use_rslora=True))
+    theirs.save_pretrained(tmp_path / "peft")
+    ours = fd.patch(copy.deepcopy(base), fd.DualLoRAConfig(r=4, alpha=8, dropout=0.0,
+                                                           target_modules=targets))
+    fd.load_adapter(ours, tmp_path / "peft", adapter="global")
+    assert dual_lora_layers(ours)[0][1].scaling["global"] == 4.0  # 8 / sqrt(4)
+    fd.save_adapter(ours, tmp_path / "ours", adapter="global")
+    again = fd.patch(copy.deepcopy(base), fd.DualLoRAConfig(r=4, alpha=8, dropout=0.0,
+                                                            target_modules=targets))
+    fd.load_adapter(again, tmp_path / "ours", adapter="global")
+    assert dual_lora_layers(again)[0][1].scaling["global"] == 4.0

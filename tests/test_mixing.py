@@ -147,3 +147,21 @@ def test_layers_share_one_scale_tensor_per_shape_inside_mix():
     w = torch.tensor([0.1, 0.9], requires_grad=True)
     with fd.mix(model, w, 0.5):  # a scale with a graph is rebuilt per call
         assert layers[0]._scale(x) is not layers[1]._scale(x)
+
+
+def test_an_inference_mode_forward_does_not_poison_a_later_training_forward():
+    model = _patched("llama")
+    inputs = batch("llama", size=2)
+    with fd.mix(model, torch.tensor([0.3, 0.7]), torch.tensor([1.0, 0.5])):
+        with torch.inference_mode():
+            output_of(model, inputs)
+        output_of(model, inputs).sum().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_a_scalar_weight_that_requires_grad_gets_its_gradient():
+    model = _patched("llama")
+    w = torch.tensor(0.4, requires_grad=True)
+    with fd.mix(model, w, 1.0):
+        output_of(model, batch("llama", size=2)).square().mean().backward()
+    assert w.grad is not None and w.grad != 0

@@ -181,3 +181,44 @@ def test_stacked_views_survive_dtype_moves_and_deepcopy():
     r = layer.r["global"]
     assert torch.equal(layer._stack_a[r:], layer.lora_A["local"].weight)
     assert isinstance(layer, DualLoRALinear)
+
+
+def test_a_patched_model_saves_with_save_pretrained_and_reloads(tmp_path):
+    model, targets = build("llama")
+    fd.patch(model, _cfg(targets))
+    randomize_lora_b(model)
+    model.save_pretrained(tmp_path / "m")  # the adapter entries are contiguous copies
+    state = model.state_dict()
+    key = next(k for k in state if "lora_B.local" in k)
+    assert state[key].is_contiguous()
+    fresh = fd.patch(build("llama", seed=7)[0], _cfg(targets))
+    fresh.load_state_dict(state)
+    inputs = batch("llama")
+    with torch.no_grad():
+        torch.testing.assert_close(output_of(fresh, inputs), output_of(model, inputs))
+    assert all(layer._stack_intact() for _, layer in dual_lora_layers(fresh))
+
+
+def test_compile_after_deepcopy_reads_the_copied_adapters():
+    model, targets = build("llama")
+    fd.patch(model, _cfg(targets))
+    clone = copy.deepcopy(model)
+    randomize_lora_b(clone, seed=9)  # in place: the clone's stacks must see it
+    inputs = batch("llama")
+    with torch.no_grad():
+        eager = output_of(clone, inputs)
+        torch._dynamo.reset()
+        compiled = torch.compile(clone, backend="aot_eager", fullgraph=True)
+        torch.testing.assert_close(compiled(**inputs).logits, eager)
+        assert not torch.allclose(eager, output_of(model, inputs))
+
+
+def test_editing_an_adapter_between_forward_and_backward_raises():
+    model, targets = build("llama")
+    fd.patch(model, _cfg(targets))
+    layer = dual_lora_layers(model)[0][1]
+    y = layer(torch.randn(2, 3, layer.in_features))
+    with torch.no_grad():
+        layer.lora_A["global"].weight.mul_(2)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
