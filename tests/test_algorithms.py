@@ -1,0 +1,78 @@
+"""Algorithms as phases, and FedDPA's instance-wise dynamic weighting."""
+import pytest
+import torch
+
+from feddpa_fast.data import builtin_suite
+from feddpa_fast.evaluate import score_set
+from feddpa_fast.fed.algorithms import (ALGORITHMS, WeightingConfig, get_algorithm,
+                                        instance_weights, similarity_scores)
+from feddpa_fast.fed.runner import RunConfig, build_task
+
+from fed_fixtures import tiny_bert_dir
+from tiny_models import randomize_lora_b
+
+
+def test_phases_follow_the_papers():
+    assert [p.name for p in get_algorithm("fedit").phases(3)] == ["global"]
+    assert [(p.train, p.weights) for p in get_algorithm("local").phases(0)] == [("local", (0, 1))]
+    t = get_algorithm("feddpa-t")
+    assert [p.train for p in t.phases(0)] == ["global"]  # round 0: global phase only
+    local, glob = t.phases(1)
+    assert (local.train, local.weights) == ("local", (0.5, 0.5))  # global mixed in, frozen
+    assert (glob.train, glob.weights) == ("global", (1.0, 0.0))
+    assert get_algorithm("feddpa-f").finetune_local and not ALGORITHMS["fedit"].finetune_local
+    assert not ALGORITHMS["local"].uploads and ALGORITHMS["feddpa-t"].uploads
+    with pytest.raises(ValueError, match="unknown algorithm"):
+        get_algorithm("fedprox")
+
+
+def test_similarity_scores_and_options():
+    anchors = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    reps = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [1.0, 1.0]])
+    mean = similarity_scores(reps, anchors, WeightingConfig())
+    assert torch.allclose(mean, torch.tensor([0.5, 0.0, 2 ** -0.5], dtype=torch.float64))
+    top = similarity_scores(reps, anchors, WeightingConfig(reduction="max"))
+    assert torch.allclose(top, torch.tensor([1.0, 0.0, 2 ** -0.5], dtype=torch.float64))
+    l2 = similarity_scores(reps[:1], anchors[:1], WeightingConfig(similarity="l2"))
+    assert l2.item() == 1.0  # distance 0
+    with pytest.raises(ValueError):
+        WeightingConfig(similarity="dot")
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory):
+    model_dir = tiny_bert_dir(tmp_path_factory.mktemp("m"))
+    t = build_task(RunConfig(model=str(model_dir), rank=4, alpha=8, dropout=0.0))
+    torch.manual_seed(0)
+    randomize_lora_b(t.model, std=0.5)  # the two adapters differ
+    return t
+
+
+@pytest.mark.parametrize("assignment", ["authors", "opposite"])
+def test_batched_dynamic_weights_equal_those_computed_one_by_one(task, assignment):
+    train, test = builtin_suite(0)
+    examples, anchors = test["topic"][:12], train["topic"][:5]
+    cfg = WeightingConfig(assignment=assignment)
+    g, l = instance_weights(task, examples, anchors, cfg, batch_size=5)
+    assert g.shape == l.shape == (12,)
+    assert torch.allclose(g + l, torch.ones(12)) and (g != g[0]).any()
+    capped = g if assignment == "authors" else l
+    assert (capped >= 0).all() and (capped <= 0.5).all()
+    for i, e in enumerate(examples):
+        gi, li = instance_weights(task, [e], anchors, cfg)
+        torch.testing.assert_close(gi[0], g[i], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(li[0], l[i], rtol=1e-5, atol=1e-6)
+    # One batched forward with per-sequence weights predicts what per-example forwards do.
+    batched = [task.predict(examples[i:i + 4], g[i:i + 4], l[i:i + 4]) for i in range(0, 12, 4)]
+    alone = [task.predict([e], float(g[i]), float(l[i]))[0] for i, e in enumerate(examples)]
+    assert sum(batched, []) == alone
+
+
+def test_score_set_computes_both_assignments_from_one_set_of_weights(task):
+    train, test = builtin_suite(0)
+    scores = score_set(task, test["urgency"][:10], "dynamic", anchors=train["urgency"][:5],
+                       weighting=WeightingConfig(), assignments=("authors", "opposite"))
+    assert set(scores) == {"authors", "opposite"}
+    assert all(0 <= v <= 1 for v in scores.values())
+    fixed = score_set(task, test["urgency"][:10], "global")
+    assert set(fixed) == {"fixed"}

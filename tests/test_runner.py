@@ -1,0 +1,155 @@
+"""The federated loop end to end on tiny models: every algorithm, what travels, resume after
+kill -9, the causal-LM path, the CLI."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from feddpa_fast.cli import main as cli_main
+from feddpa_fast.fed.checkpoint import load_checkpoint
+from feddpa_fast.fed.runner import RunConfig, run
+
+from fed_fixtures import causal_lm_data_dir, tiny_bert_dir, tiny_llama_dir
+
+ALGOS = ["fedit", "local", "feddpa-f", "feddpa-t"]
+
+
+@pytest.fixture(scope="module")
+def bert_dir(tmp_path_factory):
+    return tiny_bert_dir(tmp_path_factory.mktemp("models"))
+
+
+def _cfg(model_dir, out, **kw):
+    base = dict(model=str(model_dir), clients=2, rounds=2, max_steps=2, batch_size=8,
+                test_limit=8, lr=1e-2, rank=4, alpha=8, out=str(out))
+    base.update(kw)
+    return RunConfig(**base)
+
+
+@pytest.mark.parametrize("algo", ALGOS)
+def test_each_algorithm_runs_two_clients_two_rounds(bert_dir, tmp_path, algo):
+    results = run(_cfg(bert_dir, tmp_path / algo, algo=algo), progress=False)
+    out = tmp_path / algo
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows if "round" in r] == [0, 1] and rows[-1]["final"]
+    assert 0 <= results["P"] <= 1 and 0 <= results["TTP"] <= 1
+    clients = sorted(results["per_client"])
+    assert len(clients) == 2
+    if algo == "local":  # nothing travels
+        assert results["bytes_per_client_round"] == 0
+        assert not (out / "adapters" / "global").exists()
+    else:  # the global adapter, and nothing else, travels
+        size = results["global_adapter_bytes"]
+        assert size < results["bytes_per_client_round"] < size + 16384
+        assert (out / "adapters" / "global" / "adapter_config.json").is_file()
+    if algo != "fedit":
+        for name in clients:
+            assert (out / "adapters" / name / "local" / "adapter_model.safetensors").is_file()
+    if algo in ("feddpa-f", "feddpa-t"):
+        assert set(results["by_assignment"]) == {"authors", "opposite"}
+    assert (out / "plots" / "rounds.png").stat().st_size > 1000
+
+
+def test_uploads_hold_only_the_global_adapter(bert_dir, tmp_path, monkeypatch):
+    from feddpa_fast.fed import client as client_mod
+    from feddpa_fast.fed import wire
+
+    sent = []
+    original = wire.encode
+
+    def spy(tensors, meta):
+        sent.append((dict(meta), {k: v.clone() for k, v in tensors.items()}))
+        return original(tensors, meta)
+
+    monkeypatch.setattr(client_mod.wire, "encode", spy)
+    run(_cfg(bert_dir, tmp_path / "t", algo="feddpa-t"), progress=False)
+    uploads = [(m, t) for m, t in sent if m["client"] != "server"]
+    assert len(uploads) == 4  # 2 clients x 2 rounds
+    for meta, tensors in uploads:
+        assert tensors and all(".lora_" in k and "local" not in k for k in tensors)
+        local_file = tmp_path / "t" / "clients" / meta["client"] / "local_r0001.safetensors"
+        local = load_file(local_file)
+        assert set(local) == set(tensors)  # same layout, different adapter:
+        if meta["round"] == 1:
+            assert any(not torch.equal(local[k], tensors[k]) for k in local)
+
+
+def _train_cmd(model_dir, out, rounds):
+    return [sys.executable, "-m", "feddpa_fast.cli", "train", "--model", str(model_dir),
+            "--clients", "2", "--rounds", str(rounds), "--max-steps", "3", "--batch-size", "8",
+            "--lr", "0.01", "--rank", "4", "--seed", "3", "--out", str(out), "--quiet"]
+
+
+def test_resume_after_kill_equals_an_uninterrupted_run(bert_dir, tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    reference = tmp_path / "reference"
+    subprocess.run(_train_cmd(bert_dir, reference, 4) + ["--test-limit", "4"], check=True,
+                   env=env, capture_output=True, timeout=600)
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_train_cmd(bert_dir, killed, 4) + ["--test-limit", "4"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = killed / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline:  # wait until round 1 is committed: round 2 is under way
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    _, state = load_checkpoint(killed / "checkpoint.safetensors")
+    assert 2 <= state["rounds_done"] < 4  # killed mid-run
+    subprocess.run(_train_cmd(bert_dir, killed, 4) + ["--test-limit", "4", "--resume"],
+                   check=True, env=env, capture_output=True, timeout=600)
+    a, _ = load_checkpoint(reference / "checkpoint.safetensors")
+    b, _ = load_checkpoint(killed / "checkpoint.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # bit for bit
+    for name in ("sentiment", "product"):
+        la = load_file(reference / "adapters" / name / "local" / "adapter_model.safetensors")
+        lb = load_file(killed / "adapters" / name / "local" / "adapter_model.safetensors")
+        assert all(torch.equal(la[k], lb[k]) for k in la)
+
+
+def test_refuses_to_overwrite_a_run_and_to_resume_with_other_flags(bert_dir, tmp_path):
+    run(_cfg(bert_dir, tmp_path / "r", algo="fedit", rounds=1), progress=False)
+    with pytest.raises(FileExistsError):
+        run(_cfg(bert_dir, tmp_path / "r", algo="fedit", rounds=1), progress=False)
+    with pytest.raises(RuntimeError, match="another configuration"):
+        run(_cfg(bert_dir, tmp_path / "r", algo="fedit", rounds=1, lr=0.5), resume=True,
+            progress=False)
+
+
+def test_causal_lm_path_with_a_model_loaded_by_path(tmp_path):
+    model_dir = tiny_llama_dir(tmp_path)
+    data_dir = causal_lm_data_dir(tmp_path)
+    results = run(_cfg(model_dir, tmp_path / "lm", algo="feddpa-t", task="causal-lm",
+                       data=str(data_dir), targets=("q_proj", "v_proj")), progress=False)
+    assert sorted(results["per_client"]) == ["echo", "plural"]
+    assert 0 <= results["P"] <= 1 and 0 <= results["TTP"] <= 1
+    assert (tmp_path / "lm" / "adapters" / "global" / "adapter_model.safetensors").is_file()
+
+
+def test_cli_train_eval_and_compare(bert_dir, tmp_path, capsys):
+    common = ["--model", str(bert_dir), "--clients", "2", "--rounds", "1", "--max-steps", "1",
+              "--test-limit", "4", "--rank", "4", "--quiet"]
+    assert cli_main(["train", "--algo", "fedit", "--out", str(tmp_path / "t")] + common) == 0
+    assert "fedit: P" in capsys.readouterr().out
+    assert cli_main(["eval", "--run", str(tmp_path / "t"), "--quiet"]) == 0
+    assert "fedit: P" in capsys.readouterr().out
+    config = tmp_path / "c.toml"
+    config.write_text('rounds = 1\nmax_steps = 1\n[weighting]\nassignment = "opposite"\n')
+    assert cli_main(["compare", "--algos", "fedit,feddpa-t", "--out", str(tmp_path / "cmp"),
+                     "--config", str(config)] + common) == 0
+    out = capsys.readouterr().out
+    assert "| fedit |" in out and "| feddpa-t |" in out and "authors weights" in out
+    assert (tmp_path / "cmp" / "compare.png").is_file()
+    bad = tmp_path / "bad.toml"
+    bad.write_text("roundz = 3\n")
+    assert cli_main(["train", "--config", str(bad), "--out", str(tmp_path / "x")] + common) == 2
+    assert "unknown option" in capsys.readouterr().err
