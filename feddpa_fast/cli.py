@@ -39,6 +39,8 @@ _FIELDS = {  # flag -> (type, help); names and meanings fixed by the issue
     "batch-size": (int, "local batch size"),
     "max-steps": (int, "at most this many batches per local epoch"),
     "fraction": (float, "fraction of clients sampled per round"),
+    "clients-per-round": (int, "clients sampled per round (instead of --fraction)"),
+    "dirichlet-alpha": (float, "Dirichlet(alpha) label skew when the data has no task field"),
     "aggregation": (str, "uniform | fedavg (by examples) | median | trimmed-mean"),
     "trim": (float, "trimmed-mean fraction cut at each end"),
     "clip-norm": (float, "clip each client's update to this L2 norm"),
@@ -78,7 +80,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _read_toml(path: Path) -> dict:
-    import tomllib
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        try:
+            import tomli as tomllib
+        except ImportError:
+            raise ValueError("--config needs Python >= 3.11 (tomllib) or the tomli package") from None
 
     if not path.is_file():
         raise FileNotFoundError(f"--config {path} does not exist")

@@ -123,7 +123,7 @@ def plot_methods(rows: list[dict], out_path: Path) -> Path:
     xs = torch.arange(len(rows)).tolist()
     ax.bar([x - 0.2 for x in xs], [100 * r["P"] for r in rows], width=0.4, label="P")
     ax.bar([x + 0.2 for x in xs], [100 * r["TTP"] for r in rows], width=0.4, label="TTP")
-    ax.set_xticks(xs, [r["method"] for r in rows], rotation=15)
+    ax.set_xticks(xs, [r["method"] for r in rows], rotation=20, ha="right")
     ax.set_ylabel("score (%)"), ax.legend()
     fig.tight_layout()
     fig.savefig(out_path, dpi=110)

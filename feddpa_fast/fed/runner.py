@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 
@@ -59,6 +60,8 @@ class RunConfig:
     batch_size: int = 16
     max_steps: int | None = 8
     fraction: float = 1.0
+    clients_per_round: int | None = None
+    dirichlet_alpha: float = 0.5
     aggregation: str = "uniform"
     trim: float = 0.1
     clip_norm: float | None = None
@@ -127,7 +130,8 @@ def _load_data(cfg: RunConfig):
             raise ValueError(f"the built-in suite has {len(train)} tasks (one per client); "
                              f"--clients {cfg.clients} is too many")
         return {n: train[n] for n in names}, {n: test[n] for n in names}
-    return data_mod.load_data_dir(cfg.data, cfg.task, clients=cfg.clients, seed=cfg.seed)
+    return data_mod.load_data_dir(cfg.data, cfg.task, clients=cfg.clients,
+                                  alpha=cfg.dirichlet_alpha, seed=cfg.seed)
 
 
 def _limit(examples, n):
@@ -163,12 +167,13 @@ def run(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> dict:
     wall_start = time.perf_counter()
     task = build_task(cfg)
     train, test = _load_data(cfg)
-    settings = TrainSettings(cfg.local_epochs, cfg.lr, cfg.batch_size, cfg.max_steps)
+    settings = TrainSettings(cfg.local_epochs, cfg.lr, cfg.batch_size, cfg.max_steps or None)
     clients = {name: Client(name, train[name], test[name], out / "clients" / name, task,
                             algorithm, settings, cfg.seed) for name in train}
     init_adapter(task.model, "global", derive_seed(cfg.seed, "global-init"))
     server = Server(adapter_state_dict(task.model, "global"), list(clients),
-                    ServerSettings(fraction=cfg.fraction, aggregation=cfg.aggregation,
+                    ServerSettings(fraction=cfg.fraction, per_round=cfg.clients_per_round,
+                                   aggregation=cfg.aggregation,
                                    trim=cfg.trim, clip_norm=cfg.clip_norm,
                                    min_clients=cfg.min_clients), cfg.seed)
     done, finetuned = 0, False
@@ -236,13 +241,21 @@ def run(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> dict:
         metrics.write(row)
         bar.set_postfix_str(f"loss {row.get('loss_global', row.get('loss_local', 0)):.3f}"
                             + (f" P {100 * row['P']:.1f}%" if "P" in row else ""))
-        log.info("round %d: %s", r, json.dumps({k: v for k, v in row.items()
-                                                 if k not in ("sampled", "accepted")}))
+        tqdm.write(_round_line(r, row, len(sampled)), file=sys.stderr)
     if algorithm.finetune_local and not finetuned:
         for name in tqdm(clients, desc="finetune", leave=False, disable=not progress):
             clients[name].finetune_local(cfg.rounds, server.global_adapter)
         checkpoint(cfg.rounds, True)
     return _finish(cfg, task, clients, server, test, out, metrics, wall_start, progress)
+
+
+def _round_line(r: int, row: dict, sampled: int) -> str:
+    """The one-line summary of a round."""
+    losses = " ".join(f"{k[5:]} {v:.3f}" for k, v in row.items() if k.startswith("loss_"))
+    p = f" | P {100 * row['P']:.1f}%" if "P" in row else ""
+    return (f"round {r}: {len(row['accepted'])}/{sampled} updates | loss {losses}{p} | "
+            f"up {row['bytes_up_per_client']:,} B/client | server {1e3 * row['server_s']:.0f} ms"
+            f" | {row['round_s']:.1f} s")
 
 
 def _load_client_adapters(task, client, server, before_round: int) -> None:
