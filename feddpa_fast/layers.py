@@ -127,6 +127,9 @@ class DualLoRALinear(nn.Module):
         # backward) instead of building M x R floats each (7 MB over 28 layers in the model
         # benchmark).
         self._scale_cache: dict | None = None
+        # (A (r, K), B (N, r), scaling) from a hypernetwork, used instead of both adapters
+        # while set (feddpa_fast.fed.c2a.generated_adapters).
+        self.generated: tuple | None = None
         self.merged = False
         self._restack()
         self._register_state_dict_hook(_contiguous_adapter_state)
@@ -237,10 +240,16 @@ class DualLoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return self.base_layer(x)
-        if not torch.compiler.is_compiling() and not self._stack_intact():
-            self._restack()  # a parameter was given new storage (deepcopy, assign=True, ...)
-        lora_a, lora_b = self._stacked_adapters()
-        scale = self._scale(x)
+        if self.generated is not None:
+            # Factors made by a hypernetwork (C2A): one branch, read in place like the stacks.
+            lora_a, lora_b, scaling = self.generated
+            scale = torch.full((1, lora_a.shape[0]), float(scaling),
+                               dtype=reference.accum_dtype(x.dtype), device=x.device)
+        else:
+            if not torch.compiler.is_compiling() and not self._stack_intact():
+                self._restack()  # a parameter got new storage (deepcopy, assign=True, ...)
+            lora_a, lora_b = self._stacked_adapters()
+            scale = self._scale(x)
         weight, bias = self.base_weight(), self.base_layer.bias
         lora_input = self.lora_dropout(x) if self.training and self.dropout_p > 0 else None
         if torch.is_autocast_enabled(x.device.type):

@@ -18,7 +18,7 @@ from feddpa_fast.fed.runner import RunConfig, run
 
 from fed_fixtures import causal_lm_data_dir, tiny_bert_dir, tiny_llama_dir
 
-ALGOS = ["fedit", "local", "feddpa-f", "feddpa-t"]
+ALGOS = ["fedit", "local", "feddpa-f", "feddpa-t", "fdlora", "c2a"]
 
 
 @pytest.fixture(scope="module")
@@ -45,10 +45,12 @@ def test_each_algorithm_runs_two_clients_two_rounds(bert_dir, tmp_path, algo):
     if algo == "local":  # nothing travels
         assert results["bytes_per_client_round"] == 0
         assert not (out / "adapters" / "global").exists()
-    else:  # the global adapter, and nothing else, travels
+    elif algo != "c2a":  # the global adapter, and nothing else, travels
         size = results["global_adapter_bytes"]
         assert size < results["bytes_per_client_round"] < size + 16384
         assert (out / "adapters" / "global" / "adapter_config.json").is_file()
+    if algo == "c2a":  # the hypernetwork travels, and is smaller than one adapter
+        assert (out / "adapters" / "hypernetwork.safetensors").is_file()
     if algo != "fedit":
         for name in clients:
             assert (out / "adapters" / name / "local" / "adapter_model.safetensors").is_file()
@@ -79,6 +81,35 @@ def test_uploads_hold_only_the_global_adapter(bert_dir, tmp_path, monkeypatch):
         assert set(local) == set(tensors)  # same layout, different adapter:
         if meta["round"] == 1:
             assert any(not torch.equal(local[k], tensors[k]) for k in local)
+
+
+@pytest.mark.parametrize("algo", ["fdlora", "c2a"])
+def test_what_fdlora_and_c2a_upload(bert_dir, tmp_path, monkeypatch, algo):
+    from feddpa_fast.fed import client as client_mod
+    from feddpa_fast.fed import wire
+
+    sent = []
+    original = wire.encode
+
+    def spy(tensors, meta):
+        sent.append((dict(meta), {k: v.clone() for k, v in tensors.items()}))
+        return original(tensors, meta)
+
+    monkeypatch.setattr(client_mod.wire, "encode", spy)
+    out = tmp_path / algo
+    run(_cfg(bert_dir, out, algo=algo, rounds=3), progress=False)
+    uploads = [(m, t) for m, t in sent if m["client"] != "server"]
+    assert len(uploads) == 6  # 2 clients x 3 rounds
+    for meta, tensors in uploads:
+        if algo == "c2a":  # only the hypernetwork: no adapter tensor leaves a client
+            assert tensors and not any("lora_" in k for k in tensors)
+            continue
+        assert all(".lora_" in k for k in tensors)
+        personal = load_file(out / "clients" / meta["client"] / "local_r0000.safetensors")
+        same = all(torch.equal(personal[k], tensors[k]) for k in personal)
+        # round 0: the personalized adapter, once (its average initialises the global one);
+        # afterwards only the global adapter, which differs from the personalized one
+        assert same == (meta["round"] == 0)
 
 
 def _train_cmd(model_dir, out, rounds):

@@ -11,6 +11,17 @@ uploads, how it is evaluated; and FedDPA's instance-wise dynamic weighting.
               received global mixed in but frozen (local weight a = 0.5, global 1 - a), then
               the global adapter alone from the received global; upload the global adapter.
               Evaluated with the dynamic mix.
+    fdlora    round 0: each client trains its personalized (local) adapter alone and uploads
+              it once; their average initialises the global adapter. Later rounds: the global
+              adapter alone, uploaded and averaged; every ``sync_every`` rounds the personalized
+              adapter is first re-synced (restarted from the received global adapter and
+              trained locally). After the last round, per-client fusion weights
+              (w_global, w_personal) from a bounded Nelder-Mead search on a held-out slice of
+              the client's training data (fed/fdlora.py); evaluated with those weights.
+    c2a       a hypernetwork (fed/c2a.py), shared and averaged, generates each client's LoRA
+              factors from its label distribution, its mean context embedding and a layer
+              embedding; only the hypernetwork travels. Evaluated with the factors generated
+              from a uniform label distribution, as in the method.
 """
 from __future__ import annotations
 
@@ -28,8 +39,9 @@ class Phase:
     """One stretch of local training: which adapter learns, under which fixed mix."""
 
     name: str
-    train: str               # "global" | "local"
+    train: str                    # "global" | "local" | "hyper" (C2A's hypernetwork)
     weights: tuple[float, float]  # (global_w, local_w) during the phase
+    init_from_global: bool = False  # copy the received global adapter into the local first
 
 
 GLOBAL_ALONE = Phase("global", "global", (1.0, 0.0))
@@ -39,10 +51,16 @@ LOCAL_ALONE = Phase("local", "local", (0.0, 1.0))
 @dataclasses.dataclass(frozen=True)
 class Algorithm:
     name: str
-    uploads: bool            # does the client send its global adapter each round?
-    evaluation: str          # "global" | "local" | "dynamic"
-    finetune_local: bool = False  # feddpa-f: a local phase after the last round
+    uploads: bool            # does the client send something each round?
+    evaluation: str          # "global" | "local" | "dynamic" | "fused" | "generated"
+    post: str | None = None  # after the last round: "finetune" (feddpa-f), "search" (fdlora)
     local_mix: float = 0.5   # feddpa-t: the local weight a of the local phase
+    sync_every: int = 2      # fdlora: rounds between re-syncs of the personalized adapter
+    holdout: float = 0.0     # fdlora: fraction of a client's training data kept for the search
+
+    @property
+    def finetune_local(self) -> bool:
+        return self.post == "finetune"
 
     def phases(self, round_index: int) -> list[Phase]:
         """What a client trains in round ``round_index`` (0-based), in order."""
@@ -50,17 +68,36 @@ class Algorithm:
             return [GLOBAL_ALONE]
         if self.name == "local":
             return [LOCAL_ALONE]
+        if self.name == "c2a":
+            return [Phase("hyper", "hyper", (0.0, 0.0))]
+        if self.name == "fdlora":
+            if round_index == 0:  # the personalized adapter, trained locally first
+                return [Phase("personal", "local", (0.0, 1.0))]
+            if round_index % self.sync_every == 0:  # re-sync: restart it from the global one
+                return [Phase("resync", "local", (0.0, 1.0), init_from_global=True),
+                        GLOBAL_ALONE]
+            return [GLOBAL_ALONE]
         if round_index == 0:  # feddpa-t: nothing to personalise against yet
             return [GLOBAL_ALONE]
         a = self.local_mix
         return [Phase("local", "local", (1.0 - a, a)), GLOBAL_ALONE]
 
+    def upload_adapter(self, round_index: int) -> str:
+        """Which adapter a client sends: FDLoRA's round 0 sends the personalized adapters,
+        whose average initialises the global one (the method's only local upload); C2A
+        sends its hypernetwork ("hyper"); everything else the global adapter."""
+        if self.name == "fdlora" and round_index == 0:
+            return "local"
+        return "hyper" if self.name == "c2a" else "global"
+
 
 ALGORITHMS = {
     "fedit": Algorithm("fedit", uploads=True, evaluation="global"),
     "local": Algorithm("local", uploads=False, evaluation="local"),
-    "feddpa-f": Algorithm("feddpa-f", uploads=True, evaluation="dynamic", finetune_local=True),
+    "feddpa-f": Algorithm("feddpa-f", uploads=True, evaluation="dynamic", post="finetune"),
     "feddpa-t": Algorithm("feddpa-t", uploads=True, evaluation="dynamic"),
+    "fdlora": Algorithm("fdlora", uploads=True, evaluation="fused", post="search", holdout=0.2),
+    "c2a": Algorithm("c2a", uploads=True, evaluation="generated"),
 }
 
 

@@ -58,11 +58,18 @@ def init_adapter(model: nn.Module, adapter: str, seed: int) -> None:
             layer.lora_B[adapter].weight.zero_()
 
 
-def train_phase(task, examples, phase: Phase, settings: TrainSettings, seed: int) -> float:
-    """Trains ``phase.train`` under ``phase.weights``; returns the mean training loss."""
+def train_phase(task, examples, phase: Phase, settings: TrainSettings, seed: int,
+                hyper=None) -> float:
+    """Trains ``phase.train`` under ``phase.weights`` (or, for C2A's "hyper" phase, the
+    hypernetwork of ``hyper``, a ``c2a.C2AClient``); returns the mean training loss."""
     model = task.model
-    set_trainable(model, phase.train)
-    params = [p for p in model.parameters() if p.requires_grad]
+    if phase.train == "hyper":
+        set_trainable(model, "none")
+        params = list(hyper.network.parameters())
+        hyper.network.train()
+    else:
+        set_trainable(model, phase.train)
+        params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # dropout
@@ -73,7 +80,10 @@ def train_phase(task, examples, phase: Phase, settings: TrainSettings, seed: int
         batches = [order[i:i + settings.batch_size]
                    for i in range(0, len(order), settings.batch_size)]
         for batch in batches[: settings.max_steps]:
-            with mix(model, *phase.weights):  # backward inside: checkpointing recomputes here
+            # backward inside the context: gradient checkpointing recomputes in there
+            context = hyper.training_factors() if phase.train == "hyper" else \
+                mix(model, *phase.weights)
+            with context:
                 loss = task.loss([examples[i] for i in batch])
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"non-finite training loss in phase {phase.name}")
@@ -83,6 +93,8 @@ def train_phase(task, examples, phase: Phase, settings: TrainSettings, seed: int
             losses.append(loss.item())
     model.eval()
     set_trainable(model, "none")
+    if hyper is not None:
+        hyper.network.eval()
     return sum(losses) / max(len(losses), 1)
 
 
@@ -90,10 +102,19 @@ class Client:
     """One client of the in-process simulation (see the module docstring)."""
 
     def __init__(self, name: str, train, test, state_dir: str | Path, task,
-                 algorithm: Algorithm, settings: TrainSettings, seed: int):
+                 algorithm: Algorithm, settings: TrainSettings, seed: int, hyper=None):
         self.name, self.train, self.test = name, list(train), list(test)
         self.state_dir = Path(state_dir)
         self.task, self.algorithm, self.settings, self.seed = task, algorithm, settings, seed
+        self.hyper = hyper  # c2a.C2AClient for C2A, else None
+        # FDLoRA keeps a seeded slice of the training data out of training, for its search.
+        self.fit, self.holdout = self.train, []
+        if algorithm.holdout > 0 and len(self.train) > 1:
+            order = torch.randperm(len(self.train), generator=torch.Generator().manual_seed(
+                derive_seed(seed, "holdout", name))).tolist()
+            cut = max(1, int(round(algorithm.holdout * len(self.train))))
+            self.holdout = [self.train[i] for i in order[:cut]]
+            self.fit = [self.train[i] for i in order[cut:]]
 
     # ---- the local adapter on disk ---------------------------------------------------------
     def _local_files(self) -> dict[int, Path]:
@@ -131,19 +152,26 @@ class Client:
         """Decodes the server's blob, trains this round's phases; returns (reply blob, stats)."""
         global_tensors, _ = wire.decode(broadcast, expected, round=round_index, sender="server")
         model = self.task.model
-        load_adapter_state_dict(model, global_tensors, "global")
-        self.load_local(round_index)
+        if self.hyper is not None:
+            self.hyper.network.load_state_dict(global_tensors)
+        else:
+            load_adapter_state_dict(model, global_tensors, "global")
+            self.load_local(round_index)
         stats = {}
         for phase in self.algorithm.phases(round_index):
+            if phase.init_from_global:
+                load_adapter_state_dict(model, global_tensors, "local")
             seed = derive_seed(self.seed, round_index, self.name, phase.name)
-            stats[f"loss_{phase.name}"] = train_phase(self.task, self.train, phase,
-                                                      self.settings, seed)
+            stats[f"loss_{phase.name}"] = train_phase(self.task, self.fit, phase, self.settings,
+                                                      seed, hyper=self.hyper)
         if any(p.train == "local" for p in self.algorithm.phases(round_index)):
             self.save_local(round_index)
         if not self.algorithm.uploads:
             return None, stats
-        reply = wire.encode(adapter_state_dict(model, "global"), {
-            "round": round_index, "client": self.name, "num_examples": len(self.train)})
+        which = self.algorithm.upload_adapter(round_index)
+        tensors = (self.hyper.state() if which == "hyper" else adapter_state_dict(model, which))
+        reply = wire.encode(tensors, {
+            "round": round_index, "client": self.name, "num_examples": len(self.fit)})
         return reply, stats
 
     def finetune_local(self, round_index: int, global_tensors) -> dict:
@@ -153,6 +181,6 @@ class Client:
         load_adapter_state_dict(model, global_tensors, "local")
         phase = Phase("finetune", "local", (0.0, 1.0))
         seed = derive_seed(self.seed, round_index, self.name, phase.name)
-        loss = train_phase(self.task, self.train, phase, self.settings, seed)
+        loss = train_phase(self.task, self.fit, phase, self.settings, seed)
         self.save_local(round_index)
         return {"loss_finetune": loss}

@@ -168,15 +168,19 @@ def run(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> dict:
     task = build_task(cfg)
     train, test = _load_data(cfg)
     settings = TrainSettings(cfg.local_epochs, cfg.lr, cfg.batch_size, cfg.max_steps or None)
+    hypers, initial = {}, None
+    if cfg.algo == "c2a":
+        hypers, initial = _make_c2a(task, cfg, train)
     clients = {name: Client(name, train[name], test[name], out / "clients" / name, task,
-                            algorithm, settings, cfg.seed) for name in train}
+                            algorithm, settings, cfg.seed, hyper=hypers.get(name))
+               for name in train}
     init_adapter(task.model, "global", derive_seed(cfg.seed, "global-init"))
-    server = Server(adapter_state_dict(task.model, "global"), list(clients),
+    server = Server(initial or adapter_state_dict(task.model, "global"), list(clients),
                     ServerSettings(fraction=cfg.fraction, per_round=cfg.clients_per_round,
                                    aggregation=cfg.aggregation,
                                    trim=cfg.trim, clip_norm=cfg.clip_norm,
                                    min_clients=cfg.min_clients), cfg.seed)
-    done, finetuned = 0, False
+    done, post_done = 0, False
     if resume:
         if not ckpt_path.exists():
             raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
@@ -185,16 +189,16 @@ def run(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> dict:
             raise CheckpointError(f"{ckpt_path} belongs to a run with another configuration; "
                                   "resume with the same flags")
         server.global_adapter = global_adapter
-        done, finetuned = state["rounds_done"], state.get("finetuned", False)
+        done, post_done = state["rounds_done"], state.get("post_done", False)
     for c in clients.values():
-        c.discard_uncommitted(done + (1 if finetuned else 0))
+        c.discard_uncommitted(done + (1 if post_done and algorithm.post == "finetune" else 0))
     metrics = _Metrics(out / "metrics.jsonl", done if resume else None)
     own_tests = {n: _limit(test[n], cfg.test_limit) for n in clients}
 
-    def checkpoint(rounds_done: int, finetune_done: bool) -> None:
+    def checkpoint(rounds_done: int, post_finished: bool) -> None:
         start = time.perf_counter()
         save_checkpoint(ckpt_path, server.global_adapter, {
-            "rounds_done": rounds_done, "finetuned": finetune_done, "seed": cfg.seed,
+            "rounds_done": rounds_done, "post_done": post_finished, "seed": cfg.seed,
             "config": cfg.identity()})
         server.server_seconds += time.perf_counter() - start
 
@@ -242,9 +246,13 @@ def run(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> dict:
         bar.set_postfix_str(f"loss {row.get('loss_global', row.get('loss_local', 0)):.3f}"
                             + (f" P {100 * row['P']:.1f}%" if "P" in row else ""))
         tqdm.write(_round_line(r, row, len(sampled)), file=sys.stderr)
-    if algorithm.finetune_local and not finetuned:
+    if algorithm.post == "finetune" and not post_done:
         for name in tqdm(clients, desc="finetune", leave=False, disable=not progress):
             clients[name].finetune_local(cfg.rounds, server.global_adapter)
+        checkpoint(cfg.rounds, True)
+    if algorithm.post == "search" and not post_done:
+        for name in tqdm(clients, desc="fusion search", leave=False, disable=not progress):
+            _fusion_search(task, clients[name], server, cfg)
         checkpoint(cfg.rounds, True)
     return _finish(cfg, task, clients, server, test, out, metrics, wall_start, progress)
 
@@ -258,17 +266,94 @@ def _round_line(r: int, row: dict, sampled: int) -> str:
             f" | {row['round_s']:.1f} s")
 
 
+def _factors_to_local(model, factors) -> None:
+    """Copies generated (A, B) factors into the model's local adapter (same rank)."""
+    from ..layers import dual_lora_layers
+
+    with torch.no_grad():
+        for name, layer in dual_lora_layers(model):
+            a, b = factors[name]
+            layer.lora_A["local"].weight.copy_(a)
+            layer.lora_B["local"].weight.copy_(b)
+
+
+def _make_c2a(task, cfg, train):
+    """The hypernetwork (seeded) and each client's conditioning."""
+    from ..layers import dual_lora_layers
+    from .c2a import AdapterHypernetwork, label_distribution, uniform_label_distribution
+    from .c2a_client import C2AClient, context_embedding
+
+    layers = [(n, m.in_features, m.out_features) for n, m in dual_lora_layers(task.model)]
+    if task.kind == "classify":
+        num_labels = max(len(e.choices) for examples in train.values() for e in examples)
+    else:
+        num_labels = 1  # no labels: a constant conditioning input
+    contexts = {name: context_embedding(task, examples) for name, examples in train.items()}
+    torch.manual_seed(derive_seed(cfg.seed, "hypernetwork-init"))
+    network = AdapterHypernetwork(layers, cfg.rank, num_labels, next(iter(contexts.values())).numel())
+    hypers = {}
+    for name, examples in train.items():
+        if task.kind == "classify":
+            dist = label_distribution(examples, num_labels)
+            uniform = uniform_label_distribution(len(examples[0].choices), num_labels)
+        else:
+            dist = uniform = torch.ones(1)
+        hypers[name] = C2AClient(network, task.model, dist, uniform, contexts[name],
+                                 cfg.alpha / cfg.rank)
+    state = {k: v.detach().clone() for k, v in network.state_dict().items()}
+    return hypers, state
+
+
+def _fusion_path(client) -> Path:
+    return client.state_dir / "fusion.json"
+
+
+def _fusion_search(task, client, server, cfg) -> None:
+    """FDLoRA: bounded Nelder-Mead over (w_global, w_personal) on the held-out slice."""
+    from ..atomic import atomic_write_bytes
+    from .fdlora import SearchConfig, fusion_search, holdout_loss
+
+    _load_client_adapters(task, client, server, cfg.rounds)
+    search = SearchConfig()
+    best, value, evaluations = fusion_search(
+        lambda g, p: holdout_loss(task, client.holdout, g, p), search)
+    record = {"weights": list(best), "holdout_loss": value, "budget": search.budget,
+              "evaluations": [{"weights": list(w), "loss": v} for w, v in evaluations]}
+    atomic_write_bytes(_fusion_path(client), (json.dumps(record, indent=1) + "\n").encode())
+
+
 def _load_client_adapters(task, client, server, before_round: int) -> None:
+    if client.hyper is not None:
+        client.hyper.network.load_state_dict(server.global_adapter)
+        return
     load_adapter_state_dict(task.model, server.global_adapter, "global")
     client.load_local(before_round)
 
 
+def _eval_mode(client, algorithm):
+    """(mode for evaluate_client, context manager) of a client's final model."""
+    import contextlib
+
+    if algorithm.evaluation == "fused":
+        record = json.loads(_fusion_path(client).read_text())
+        return tuple(record["weights"]), contextlib.nullcontext()
+    if algorithm.evaluation == "generated":
+        return "global", client.hyper.eval_factors()
+    return algorithm.evaluation, contextlib.nullcontext()
+
+
 def _mean_p(task, clients, mode, own_tests, cfg, server, before_round) -> float:
+    """Mean own-task score after a round (FDLoRA, before its search: both adapters at 1)."""
+    import contextlib
+
     scores = []
     for name, c in clients.items():
         _load_client_adapters(task, c, server, before_round)
-        result = evaluate_client(task, c, mode, {name: own_tests[name]}, own=name,
-                                 seed=cfg.seed, weighting=cfg.weighting, own_only=True)
+        context = c.hyper.eval_factors() if mode == "generated" else contextlib.nullcontext()
+        round_mode = {"fused": (1.0, 1.0), "generated": "global"}.get(mode, mode)
+        with context:
+            result = evaluate_client(task, c, round_mode, {name: own_tests[name]}, own=name,
+                                     seed=cfg.seed, weighting=cfg.weighting, own_only=True)
         scores.append(next(iter(result.values()))["P"])
     return sum(scores) / len(scores)
 
@@ -283,29 +368,41 @@ def _finish(cfg, task, clients, server, test, out, metrics, wall_start, progress
     after = cfg.rounds + 1  # every committed local adapter
     assignments = [cfg.weighting.assignment] + [
         a for a in ("authors", "opposite") if a != cfg.weighting.assignment]
-    trains_local = algorithm.finetune_local or any(
+    trains_local = algorithm.finetune_local or algorithm.name == "c2a" or any(
         p.train == "local" for r in range(cfg.rounds) for p in algorithm.phases(r))
     per_client, shared = {}, None
     for name, c in tqdm(clients.items(), desc="evaluate", leave=False, disable=not progress):
         _load_client_adapters(task, c, server, after)
+        mode, context = _eval_mode(c, algorithm)
         if algorithm.evaluation == "global" and shared is not None:
             # One global model for every client: its per-set scores are computed once.
             per_set = shared["fixed"]["per_set"]
             per_client[name] = {"fixed": {"P": per_set[name], "per_set": per_set,
                                           "TTP": shared["fixed"]["TTP"]}}
         else:
-            per_client[name] = evaluate_client(
-                task, c, algorithm.evaluation, test_sets, own=name, seed=cfg.seed,
-                weighting=cfg.weighting, assignments=assignments)
+            with context as factors:
+                per_client[name] = evaluate_client(
+                    task, c, mode, test_sets, own=name, seed=cfg.seed,
+                    weighting=cfg.weighting, assignments=assignments)
+                if factors is not None:  # C2A: the client's generated adapter, PEFT format
+                    _factors_to_local(task.model, factors)
             shared = per_client[name]
+        if algorithm.evaluation == "fused":
+            per_client[name]["fusion"] = json.loads(_fusion_path(c).read_text())
         if trains_local:
             save_adapter(task.model, out / "adapters" / name / "local", adapter="local")
-    load_adapter_state_dict(task.model, server.global_adapter, "global")
-    if algorithm.uploads:
+    if algorithm.name == "c2a":  # what travels is the hypernetwork
+        from ..atomic import atomic_write_bytes
+        from safetensors.torch import save as st_save
+
+        atomic_write_bytes(out / "adapters" / "hypernetwork.safetensors",
+                           st_save(server.global_adapter, metadata={"format": "pt"}))
+    elif algorithm.uploads:
+        load_adapter_state_dict(task.model, server.global_adapter, "global")
         save_adapter(task.model, out / "adapters" / "global", adapter="global")
     main_key = cfg.weighting.assignment if algorithm.evaluation == "dynamic" else "fixed"
     summary = {}
-    for key in per_client[next(iter(per_client))]:
+    for key in (k for k in per_client[next(iter(per_client))] if k != "fusion"):
         summary[key] = {m: sum(v[key][m] for v in per_client.values()) / len(per_client)
                         for m in ("P", "TTP")}
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -343,7 +440,7 @@ def evaluate_run(run_dir, *, progress: bool = True) -> dict:
     (rewrites results.json, the adapters and the plots)."""
     cfg, state = config_from_checkpoint(run_dir)
     algorithm = get_algorithm(cfg.algo)
-    if state["rounds_done"] < cfg.rounds or (algorithm.finetune_local and not state["finetuned"]):
+    if state["rounds_done"] < cfg.rounds or (algorithm.post and not state.get("post_done")):
         raise CheckpointError(f"{run_dir}: the run stopped after {state['rounds_done']} of "
                               f"{cfg.rounds} rounds; finish it with train --resume first")
     return run(cfg, resume=True, progress=progress)
