@@ -47,6 +47,8 @@ _FIELDS = {  # flag -> (type, help); names and meanings fixed by the issue
     "min-clients": (int, "a round with fewer valid updates is redone"),
     "eval-every": (int, "evaluate P every N rounds (0: never)"),
     "test-limit": (int, "at most N test examples per task"),
+    "hostile": (str, "robustness experiments: scale | signflip updates from --hostile-clients"),
+    "hostile-clients": (int, "how many clients (the first ones) are hostile"),
 }
 _WEIGHTING = {
     "k": (int, "local training instances compared with (dynamic weighting)"),

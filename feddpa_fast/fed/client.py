@@ -98,15 +98,24 @@ def train_phase(task, examples, phase: Phase, settings: TrainSettings, seed: int
     return sum(losses) / max(len(losses), 1)
 
 
+def _attacked(tensors, received, attack: str):
+    """A hostile client's upload: its update (upload - received) scaled by 1000 or negated."""
+    factor = 1000.0 if attack == "scale" else -1.0
+    return {k: (received[k].double() + factor * (v.double() - received[k].double())).to(v.dtype)
+            for k, v in tensors.items()}
+
+
 class Client:
     """One client of the in-process simulation (see the module docstring)."""
 
     def __init__(self, name: str, train, test, state_dir: str | Path, task,
-                 algorithm: Algorithm, settings: TrainSettings, seed: int, hyper=None):
+                 algorithm: Algorithm, settings: TrainSettings, seed: int, hyper=None,
+                 attack: str | None = None):
         self.name, self.train, self.test = name, list(train), list(test)
         self.state_dir = Path(state_dir)
         self.task, self.algorithm, self.settings, self.seed = task, algorithm, settings, seed
         self.hyper = hyper  # c2a.C2AClient for C2A, else None
+        self.attack = attack  # robustness experiments only: "scale" | "signflip" | None
         # FDLoRA keeps a seeded slice of the training data out of training, for its search.
         self.fit, self.holdout = self.train, []
         if algorithm.holdout > 0 and len(self.train) > 1:
@@ -170,6 +179,8 @@ class Client:
             return None, stats
         which = self.algorithm.upload_adapter(round_index)
         tensors = (self.hyper.state() if which == "hyper" else adapter_state_dict(model, which))
+        if self.attack is not None:
+            tensors = _attacked(tensors, global_tensors, self.attack)
         reply = wire.encode(tensors, {
             "round": round_index, "client": self.name, "num_examples": len(self.fit)})
         return reply, stats

@@ -69,6 +69,10 @@ class RunConfig:
     eval_every: int = 1
     test_limit: int | None = 50
     weighting: WeightingConfig = WeightingConfig()
+    # Robustness experiments (bench/robustness.py): the first ``hostile_clients`` clients send
+    # a corrupted update: "scale" (global + 1000 x their update) or "signflip" (global - update).
+    hostile: str | None = None
+    hostile_clients: int = 1
 
     def identity(self) -> dict:
         """The fields a resumed run must share with the checkpointed one."""
@@ -171,8 +175,12 @@ def run(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> dict:
     hypers, initial = {}, None
     if cfg.algo == "c2a":
         hypers, initial = _make_c2a(task, cfg, train)
+    if cfg.hostile not in (None, "scale", "signflip"):
+        raise ValueError(f"hostile must be scale or signflip, got {cfg.hostile!r}")
+    hostile = set(list(train)[: cfg.hostile_clients]) if cfg.hostile else set()
     clients = {name: Client(name, train[name], test[name], out / "clients" / name, task,
-                            algorithm, settings, cfg.seed, hyper=hypers.get(name))
+                            algorithm, settings, cfg.seed, hyper=hypers.get(name),
+                            attack=cfg.hostile if name in hostile else None)
                for name in train}
     init_adapter(task.model, "global", derive_seed(cfg.seed, "global-init"))
     server = Server(initial or adapter_state_dict(task.model, "global"), list(clients),
