@@ -197,6 +197,8 @@ def run(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> dict:
             raise CheckpointError(f"{ckpt_path} belongs to a run with another configuration; "
                                   "resume with the same flags")
         server.global_adapter = global_adapter
+        for stale in out.glob(".checkpoint.safetensors.*.tmp"):  # a write killed mid-way
+            stale.unlink()
         done, post_done = state["rounds_done"], state.get("post_done", False)
     for c in clients.values():
         c.discard_uncommitted(done + (1 if post_done and algorithm.post == "finetune" else 0))
