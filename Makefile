@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP := .make/installed
 NATIVE_SOURCES := setup.py CMakeLists.txt $(wildcard kernels/cpu/*.cpp kernels/cpu/*.h)
 
-.PHONY: install test demo demo-all bench-cpu bench-model bench-gpu clean
+.PHONY: install test demo demo-all bench-cpu bench-model bench-gpu bench-robustness fuzz clean
 
 $(STAMP): $(NATIVE_SOURCES)
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_SPEC)"
@@ -19,6 +19,14 @@ install: $(STAMP)
 
 test: install
 	$(PYTHON) -m pytest tests -q
+
+# The wire-format fuzz test at full length (tests/test_wire_fuzz.py): FUZZ_EXAMPLES examples
+# (>= 10,000 blobs into wire.decode, plus server rounds), randomized, unlike the seeded ~2,000
+# that `make test` runs; a few minutes on 2 cores. Prints hypothesis' per-test statistics.
+FUZZ_EXAMPLES ?= 20000
+fuzz: install
+	FEDDPA_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PYTHON) -m pytest tests/test_wire_fuzz.py -q \
+		--hypothesis-show-statistics
 
 # The main job: the four algorithms on the embedded default (MiniLM + the built-in suite).
 demo: install
@@ -39,6 +47,11 @@ bench-model: install
 # Needs a CUDA GPU (exits with status 2 and a message without one).
 bench-gpu: install
 	$(PYTHON) bench/op_gpu.py
+
+# 1 of 8 clients hostile (x1000-scaled or sign-flipped updates) against FedAvg, median,
+# trimmed mean and norm clipping on the embedded default (FedIT, 12 runs, ~6-10 min on 2 cores).
+bench-robustness: install
+	$(PYTHON) bench/robustness.py
 
 clean:
 	rm -rf build .make kernels/_feddpa_cpu*.so *.egg-info

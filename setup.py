@@ -83,6 +83,7 @@ setup(
     extras_require={
         "dev": [
             "pytest",
+            "hypothesis",  # property/fuzz tests of the wire format (tests/test_wire_fuzz.py)
             "peft",
             "accelerate",  # transformers' Trainer needs it (tests/test_training.py)
             "matplotlib",
