@@ -49,7 +49,7 @@ bench-gpu: install
 	$(PYTHON) bench/op_gpu.py
 
 # 1 of 8 clients hostile (x1000-scaled or sign-flipped updates) against FedAvg, median,
-# trimmed mean and norm clipping on the embedded default (FedIT, 12 runs, ~6-10 min on 2 cores).
+# trimmed mean and norm clipping on the embedded default (FedIT, 12 runs, ~5.5 min on 2 idle cores).
 bench-robustness: install
 	$(PYTHON) bench/robustness.py
 
