@@ -59,7 +59,9 @@ def test_each_algorithm_runs_two_clients_two_rounds(bert_dir, tmp_path, algo):
     assert (out / "plots" / "rounds.png").stat().st_size > 1000
 
 
-def test_uploads_hold_only_the_global_adapter(bert_dir, tmp_path, monkeypatch):
+@pytest.fixture
+def uploads_seen(monkeypatch):
+    """Every blob a client encodes, as (metadata, tensors), in order."""
     from feddpa_fast.fed import client as client_mod
     from feddpa_fast.fed import wire
 
@@ -67,12 +69,17 @@ def test_uploads_hold_only_the_global_adapter(bert_dir, tmp_path, monkeypatch):
     original = wire.encode
 
     def spy(tensors, meta):
-        sent.append((dict(meta), {k: v.clone() for k, v in tensors.items()}))
+        if meta["client"] != "server":
+            sent.append((dict(meta), {k: v.clone() for k, v in tensors.items()}))
         return original(tensors, meta)
 
     monkeypatch.setattr(client_mod.wire, "encode", spy)
+    return sent
+
+
+def test_uploads_hold_only_the_global_adapter(bert_dir, tmp_path, uploads_seen):
     run(_cfg(bert_dir, tmp_path / "t", algo="feddpa-t"), progress=False)
-    uploads = [(m, t) for m, t in sent if m["client"] != "server"]
+    uploads = uploads_seen
     assert len(uploads) == 4  # 2 clients x 2 rounds
     for meta, tensors in uploads:
         assert tensors and all(".lora_" in k and "local" not in k for k in tensors)
@@ -84,21 +91,10 @@ def test_uploads_hold_only_the_global_adapter(bert_dir, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("algo", ["fdlora", "c2a"])
-def test_what_fdlora_and_c2a_upload(bert_dir, tmp_path, monkeypatch, algo):
-    from feddpa_fast.fed import client as client_mod
-    from feddpa_fast.fed import wire
-
-    sent = []
-    original = wire.encode
-
-    def spy(tensors, meta):
-        sent.append((dict(meta), {k: v.clone() for k, v in tensors.items()}))
-        return original(tensors, meta)
-
-    monkeypatch.setattr(client_mod.wire, "encode", spy)
+def test_what_fdlora_and_c2a_upload(bert_dir, tmp_path, uploads_seen, algo):
     out = tmp_path / algo
     run(_cfg(bert_dir, out, algo=algo, rounds=3), progress=False)
-    uploads = [(m, t) for m, t in sent if m["client"] != "server"]
+    uploads = uploads_seen
     assert len(uploads) == 6  # 2 clients x 3 rounds
     for meta, tensors in uploads:
         if algo == "c2a":  # only the hypernetwork: no adapter tensor leaves a client
