@@ -52,3 +52,32 @@ def test_too_few_valid_updates_leave_the_global_adapter_unchanged():
     blob = s.round_broadcast(5)
     tensors, meta = wire.decode(blob, s.global_adapter, round=5, sender="server")
     assert meta["num_examples"] == 0 and torch.equal(tensors[KEY], torch.zeros(2, 3))
+
+
+def test_run_round_completes_without_a_hung_client_and_redoes_short_rounds():
+    s = _server(per_round=3, min_clients=2)
+    calls = []
+
+    def exchange(r, sampled, broadcast):
+        # The Flower transport turns a node that did not answer within round-timeout (a hung
+        # or dropped client) into a TimeoutError entry, exactly like this.
+        calls.append(sampled)
+        replies = {n: _reply(n, 2.0, round_index=r) for n in sampled[1:]}
+        replies[sampled[0]] = TimeoutError("no reply within round-timeout")
+        return replies, [{"loss_global": 0.5}] * 2
+
+    sampled, _, replies, stats, accepted = s.run_round(0, exchange)
+    assert accepted == sampled[1:] and len(calls) == 1
+    assert torch.equal(s.global_adapter[KEY], torch.full((2, 3), 2.0))
+
+    def mostly_silent(r, sampled, broadcast):
+        calls.append(sampled)
+        ok = len(calls) >= 3  # the first attempt of this round: everyone times out
+        return ({n: _reply(n, 1.0, round_index=r) if ok else TimeoutError("hung")
+                 for n in sampled}, [])
+
+    s.run_round(1, mostly_silent)
+    assert len(calls) == 3  # the round was redone once (attempt 1 draws a new sample)
+    assert torch.equal(s.global_adapter[KEY], torch.full((2, 3), 1.0))
+    with pytest.raises(RuntimeError, match="too few valid updates"):
+        s.run_round(2, lambda r, sampled, b: ({n: TimeoutError("hung") for n in sampled}, []))
