@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP := .make/installed
 NATIVE_SOURCES := setup.py CMakeLists.txt $(wildcard kernels/cpu/*.cpp kernels/cpu/*.h)
 
-.PHONY: install test demo demo-all bench-cpu bench-model bench-gpu bench-robustness fuzz clean
+.PHONY: install test demo demo-all bench bench-cpu bench-model bench-gpu bench-robustness fuzz clean
 
 $(STAMP): $(NATIVE_SOURCES)
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_SPEC)"
@@ -35,6 +35,10 @@ demo: install
 # All six methods (adds FDLoRA and C2A) on the embedded default, one table.
 demo-all: install
 	$(PYTHON) -m feddpa_fast.cli compare --algos fedit,local,feddpa-f,feddpa-t,fdlora,c2a --out runs/demo-all
+
+# The benchmarks this machine can run: the CPU op benchmark and the model benchmark (which
+# takes the GPU config when CUDA is present); `make bench-gpu` adds the Triton op benchmark.
+bench: bench-cpu bench-model
 
 bench-cpu: install
 	$(PYTHON) bench/op_cpu.py
