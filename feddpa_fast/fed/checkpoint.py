@@ -25,7 +25,7 @@ from safetensors.torch import save as st_save
 from ..atomic import atomic_write_bytes
 
 __all__ = ["CheckpointError", "atomic_write_bytes", "derive_seed", "load_checkpoint",
-           "save_checkpoint"]
+           "resume_state", "save_checkpoint", "save_run_checkpoint", "truncate_metrics"]
 
 
 class CheckpointError(RuntimeError):
@@ -60,3 +60,36 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     except (SafetensorError, ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{path}: unreadable checkpoint ({exc})") from None
     return tensors, state
+
+
+def save_run_checkpoint(path, global_adapter, config: dict, seed: int, rounds_done: int,
+                        post_done: bool) -> None:
+    """The checkpoint both transports write after every round (and after the post step)."""
+    save_checkpoint(path, global_adapter, {"rounds_done": rounds_done, "post_done": post_done,
+                                           "seed": seed, "config": config})
+
+
+def resume_state(path: str | os.PathLike, config: dict):
+    """(global adapter, rounds done, post step done) of the run checkpointed at ``path``;
+    refuses a checkpoint of another configuration and removes checkpoint temp files left by a
+    write that was killed mid-way."""
+    path = Path(path)
+    global_adapter, state = load_checkpoint(path)
+    if state.get("config") != config:
+        raise CheckpointError(f"{path} belongs to a run with another configuration; "
+                              "resume with the same flags")
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        stale.unlink()
+    return global_adapter, state["rounds_done"], state.get("post_done", False)
+
+
+def truncate_metrics(path: str | os.PathLike, rounds_done: int | None) -> None:
+    """Starts a run's metrics.jsonl afresh (``rounds_done`` None), or keeps only the lines of
+    rounds a resumed checkpoint covers."""
+    path = Path(path)
+    if rounds_done is None or not path.exists():
+        path.write_text("")
+        return
+    kept = [line for line in path.read_text().splitlines()
+            if line and json.loads(line).get("round", 1 << 30) < rounds_done]
+    path.write_text("".join(line + "\n" for line in kept))

@@ -36,7 +36,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from ..adapters import adapter_state_dict, load_adapter_state_dict, save_adapter
 from .algorithms import get_algorithm
-from .checkpoint import CheckpointError, derive_seed, load_checkpoint, save_checkpoint
+from .checkpoint import derive_seed, resume_state, save_run_checkpoint, truncate_metrics
 from .client import Client, TrainSettings, init_adapter
 from .runner import RunConfig, _load_data, build_task
 from .server import Server, ServerSettings, round_row
@@ -230,25 +230,15 @@ def run_server(grid: Grid, run_config: dict) -> dict[str, torch.Tensor]:
                     cfg.seed)
     done, post_done = 0, False
     if ckpt_path.exists():  # a restarted ServerApp: carry the round offset
-        global_adapter, state = load_checkpoint(ckpt_path)
-        if state.get("config") != cfg.identity():
-            raise CheckpointError(f"{ckpt_path} belongs to a run with another configuration")
-        server.global_adapter = global_adapter
-        for stale in out.glob(".checkpoint.safetensors.*.tmp"):
-            stale.unlink()
-        done, post_done = state["rounds_done"], state.get("post_done", False)
+        server.global_adapter, done, post_done = resume_state(ckpt_path, cfg.identity())
         log.info("resuming at round %d", done)
     metrics_path = out / "metrics.jsonl"
-    kept = [line for line in (metrics_path.read_text().splitlines()
-                              if metrics_path.exists() else [])
-            if line and json.loads(line).get("round", 1 << 30) < done]
-    metrics_path.write_text("".join(line + "\n" for line in kept))
+    truncate_metrics(metrics_path, done)
     nodes = _discover(grid, names, _extra(run_config, "node-wait"))
 
     def checkpoint(rounds_done: int, post_finished: bool) -> None:
-        save_checkpoint(ckpt_path, server.global_adapter, {
-            "rounds_done": rounds_done, "post_done": post_finished, "seed": cfg.seed,
-            "config": cfg.identity()})
+        save_run_checkpoint(ckpt_path, server.global_adapter, cfg.identity(), cfg.seed,
+                            rounds_done, post_finished)
 
     def exchange(step: str, r: int, sampled: list[str], blob: bytes):
         msgs = [grid.create_message(encode_request(step, r, blob), "train", nodes[n], str(r))

@@ -28,7 +28,8 @@ from ..evaluate import evaluate_client, plot_rounds
 from ..mixing import set_trainable
 from ..patch import patch
 from .algorithms import WeightingConfig, get_algorithm
-from .checkpoint import CheckpointError, derive_seed, load_checkpoint, save_checkpoint
+from .checkpoint import (CheckpointError, derive_seed, load_checkpoint, resume_state,
+                         save_run_checkpoint, truncate_metrics)
 from .client import Client, TrainSettings, init_adapter
 from .server import Server, ServerSettings, round_row
 
@@ -145,12 +146,7 @@ def _limit(examples, n):
 class _Metrics:
     def __init__(self, path: Path, keep_rounds_below: int | None):
         self.path = path
-        if keep_rounds_below is None:
-            path.write_text("")
-        elif path.exists():  # resume: drop lines of rounds the checkpoint does not cover
-            kept = [line for line in path.read_text().splitlines()
-                    if line and json.loads(line).get("round", 1 << 30) < keep_rounds_below]
-            path.write_text("".join(line + "\n" for line in kept))
+        truncate_metrics(path, keep_rounds_below)
 
     def write(self, row: dict) -> None:
         with self.path.open("a") as f:
@@ -192,14 +188,7 @@ def run(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> dict:
     if resume:
         if not ckpt_path.exists():
             raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
-        global_adapter, state = load_checkpoint(ckpt_path)
-        if state.get("config") != cfg.identity():
-            raise CheckpointError(f"{ckpt_path} belongs to a run with another configuration; "
-                                  "resume with the same flags")
-        server.global_adapter = global_adapter
-        for stale in out.glob(".checkpoint.safetensors.*.tmp"):  # a write killed mid-way
-            stale.unlink()
-        done, post_done = state["rounds_done"], state.get("post_done", False)
+        server.global_adapter, done, post_done = resume_state(ckpt_path, cfg.identity())
     for c in clients.values():
         c.discard_uncommitted(done + (1 if post_done and algorithm.post == "finetune" else 0))
     metrics = _Metrics(out / "metrics.jsonl", done if resume else None)
@@ -207,9 +196,8 @@ def run(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> dict:
 
     def checkpoint(rounds_done: int, post_finished: bool) -> None:
         start = time.perf_counter()
-        save_checkpoint(ckpt_path, server.global_adapter, {
-            "rounds_done": rounds_done, "post_done": post_finished, "seed": cfg.seed,
-            "config": cfg.identity()})
+        save_run_checkpoint(ckpt_path, server.global_adapter, cfg.identity(), cfg.seed,
+                            rounds_done, post_finished)
         server.server_seconds += time.perf_counter() - start
 
     bar = tqdm(range(done, cfg.rounds), desc=cfg.algo, unit="round", disable=not progress,
