@@ -14,8 +14,9 @@ from .adapters import AdapterError, load_adapter, save_adapter
 from .config import ADAPTERS, DualLoRAConfig
 from .layers import DualLoRALinear
 from .mixing import mix, print_trainable, set_trainable
+from .packing import packed_weights
 from .patch import merge, patch, unmerge, unpatch
 
 __all__ = ["ADAPTERS", "AdapterError", "DualLoRAConfig", "DualLoRALinear", "load_adapter",
-           "merge", "mix", "patch", "print_trainable", "save_adapter", "set_trainable",
+           "merge", "mix", "packed_weights", "patch", "print_trainable", "save_adapter", "set_trainable",
            "unmerge", "unpatch"]

@@ -27,10 +27,14 @@ import math
 import torch
 from torch import nn
 
+from . import rows
 from .config import ADAPTERS
 from .kernels import lora_linear, reference
 
-__all__ = ["DualLoRALinear", "is_supported_base", "dual_lora_layers"]
+__all__ = ["DualLoRALinear", "is_supported_base", "dual_lora_layers", "WEIGHT_NAMES"]
+
+# The argument names of ``mix`` for the two branches' weights (error messages name them).
+WEIGHT_NAMES = ("global_w", "local_w")
 
 
 def _conv1d_class():
@@ -92,9 +96,15 @@ class _StackedBranches(torch.autograd.Function):
 class DualLoRALinear(nn.Module):
     """``base_layer(x)`` plus ``w_g * s * B_g A_g x + w_l * s * B_l A_l x`` in one fused op.
 
-    ``w_g`` / ``w_l`` are the current mix weights (``feddpa_fast.mix``): floats, or tensors of
-    shape (batch,) giving each sequence of the batch its own weights. Outside any ``mix`` both
-    are 1.0 (both adapters fully on, as PEFT with two active adapters).
+    ``w_g`` / ``w_l`` are the current mix weights (``feddpa_fast.mix``): floats, tensors of
+    shape (batch,) giving each sequence of the batch its own weights, or (batch, seq_len) giving
+    each token its own; rows of the input map to sequences by the rule of ``feddpa_fast.rows``
+    (beams, samples and flattened inputs included). Outside any ``mix`` both are 1.0 (both
+    adapters fully on, as PEFT with two active adapters).
+
+    A drop-in for the wrapped module where model code reads its attributes: ``weight`` and
+    ``bias`` are the base layer's own tensors (so ``layer.weight.dtype`` checks, as T5's feed
+    forward does, see the frozen weight), ``in_features`` / ``out_features`` its sizes.
     """
 
     def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float):
@@ -127,6 +137,9 @@ class DualLoRALinear(nn.Module):
         # backward) instead of building M x R floats each (7 MB over 28 layers in the model
         # benchmark).
         self._scale_cache: dict | None = None
+        # Set by ``mix`` to one dict shared by all layers: {"positions": P} of the current model
+        # call when per-token weights are active (how a flattened 2-D input maps to tokens).
+        self._mix_call: dict | None = None
         # (A (r, K), B (N, r), scaling) from a hypernetwork, used instead of both adapters
         # while set (feddpa_fast.fed.c2a.generated_adapters).
         self.generated: tuple | None = None
@@ -186,6 +199,17 @@ class DualLoRALinear(nn.Module):
         return (_StackedBranches.apply(stack_a, 0, *a_params),
                 _StackedBranches.apply(stack_b, 1, *b_params))
 
+    # ---- drop-in attributes ----------------------------------------------------------------
+    @property
+    def weight(self) -> torch.Tensor:
+        """The wrapped layer's frozen weight, as stored there ((in, out) for GPT-2's Conv1D)."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        """The wrapped layer's bias (None when it has none)."""
+        return self.base_layer.bias
+
     # ---- forward ---------------------------------------------------------------------------
     def base_weight(self) -> torch.Tensor:
         """The frozen weight as the op wants it, (out, in); a transposed view for Conv1D."""
@@ -200,7 +224,8 @@ class DualLoRALinear(nn.Module):
             # Not reused: a scale with a graph (across forwards), or an inference tensor
             # (autograd could not save it in a later training forward).
             return self._build_scale(x)
-        key = (tuple(x.shape[:-1]), x.device, x.dtype,
+        call = self._mix_call.get("positions") if self._mix_call else None
+        key = (tuple(x.shape[:-1]), x.device, x.dtype, call,
                tuple((self.r[n], self.scaling[n]) for n in ADAPTERS))
         if key not in cache:
             if len(cache) >= 16:  # e.g. generate() without KV cache: one length per step
@@ -211,8 +236,7 @@ class DualLoRALinear(nn.Module):
     def _build_scale(self, x: torch.Tensor) -> torch.Tensor:
         acc = reference.accum_dtype(x.dtype)
         weights = self.mix_weights
-        per_row = [w for w in weights if isinstance(w, torch.Tensor) and w.dim() == 1]
-        if not per_row:
+        if not any(isinstance(w, torch.Tensor) and w.dim() for w in weights):
             if not any(isinstance(w, torch.Tensor) for w in weights):
                 # torch.full per branch: static sizes, so torch.compile sees no data-dependent
                 # shape (repeat_interleave with tensor repeats would be one).
@@ -223,19 +247,15 @@ class DualLoRALinear(nn.Module):
             parts = [(torch.as_tensor(w, dtype=acc, device=x.device) * self.scaling[n])
                      .reshape(1).expand(self.r[n]) for w, n in zip(weights, ADAPTERS)]
             return torch.cat(parts).unsqueeze(0)
-        batch = per_row[0].shape[0]
-        if x.dim() < 2 or x.shape[0] != batch:
-            raise ValueError(f"mix weights are given for a batch of {batch} sequences, but this "
-                             f"layer's input has shape {tuple(x.shape)} (batch {x.shape[0]})")
-        columns = []
-        for w, name in zip(weights, ADAPTERS):
-            w = w.to(device=x.device, dtype=acc) if isinstance(w, torch.Tensor) else \
-                torch.full((batch,), float(w), dtype=acc, device=x.device)
-            w = w.expand(batch)  # a 0-d tensor weight next to a per-sequence one
-            columns.append((w * self.scaling[name]).unsqueeze(1).expand(batch, self.r[name]))
-        rows = torch.cat(columns, dim=1)  # (batch, R)
-        tokens = x.numel() // (x.shape[-1] * batch)
-        return rows.unsqueeze(1).expand(batch, tokens, rows.shape[1]).reshape(-1, rows.shape[1])
+        # Per-sequence or per-token weights: one weight per row by the rule of rows.py.
+        table = rows.weight_table(weights, WEIGHT_NAMES, acc, x.device)
+        token_names = [n for w, n in zip(weights, WEIGHT_NAMES)
+                       if isinstance(w, torch.Tensor) and w.dim() == 2]
+        call = self._mix_call.get("positions") if self._mix_call else None
+        per_row = rows.expand(table, x, WEIGHT_NAMES, token_names, call)  # (M, branches)
+        m = per_row.shape[0]
+        return torch.cat([(per_row[:, i:i + 1] * self.scaling[n]).expand(m, self.r[n])
+                          for i, n in enumerate(ADAPTERS)], dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:

@@ -78,7 +78,7 @@ def test_a_batch_that_does_not_match_the_weights_raises():
 
 
 @pytest.mark.parametrize("g, l, error", [
-    (torch.ones(2, 2), 1.0, ValueError), (torch.tensor([1.0, float("nan")]), 1.0, ValueError),
+    (torch.ones(2, 2, 2), 1.0, ValueError), (torch.tensor([1.0, float("nan")]), 1.0, ValueError),
     (float("inf"), 1.0, ValueError), (torch.ones(2), torch.ones(3), ValueError),
     ("0.5", 1.0, TypeError), (torch.ones(2, dtype=torch.int64), 1.0, TypeError),
     (True, 1.0, TypeError),

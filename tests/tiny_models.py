@@ -38,13 +38,36 @@ def gpt2():
     return tf.GPT2LMHeadModel(cfg), ("c_attn", "attn.c_proj")
 
 
+def opt():
+    # OPT's decoder layer flattens (batch, seq, hidden) to (batch * seq, hidden) before fc1/fc2:
+    # the flattened-rows case of the mix rule (feddpa_fast/rows.py).
+    cfg = tf.OPTConfig(vocab_size=VOCAB, hidden_size=32, ffn_dim=48, num_hidden_layers=2,
+                       num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=32,
+                       pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    return tf.OPTForCausalLM(cfg), ("q_proj", "v_proj")
+
+
 def bert():
     cfg = tf.BertConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48,
                         num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64)
     return tf.BertForSequenceClassification(cfg), ("query", "value")
 
 
-BUILDERS = {"llama": llama, "qwen2": qwen2, "mistral": mistral, "gpt2": gpt2, "bert": bert}
+BUILDERS = {"llama": llama, "qwen2": qwen2, "mistral": mistral, "gpt2": gpt2, "opt": opt,
+            "bert": bert}
+# The ones that generate text (BERT here is a sequence classifier).
+DECODERS = ("llama", "qwen2", "mistral", "gpt2", "opt")
+
+
+def t5():
+    """A tiny T5 (encoder-decoder); its feed forward reads ``self.wo.weight.dtype``, so a
+    patched ``wo`` must expose the wrapped weight (the drop-in test). Not in BUILDERS: its
+    forward needs decoder inputs."""
+    torch.manual_seed(0)
+    cfg = tf.T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=48, num_layers=2,
+                      num_decoder_layers=2, num_heads=4, decoder_start_token_id=0,
+                      pad_token_id=0, eos_token_id=1)
+    return tf.T5ForConditionalGeneration(cfg).eval()
 
 
 def build(kind: str, seed: int = 0):
