@@ -1,7 +1,7 @@
 """Triton backward of lora_linear (weight frozen).
 
     g  = dy B                 (M, R)  fp32        } one pass over dy: _dy_kernel
-    dB = dy^T (u * S)         (N, R)              }   (dB accumulated with fp32 atomics)
+    dB = dy^T (u * S)         (N, R)              }
     gs = (g * S).to(dtype)
     dx = dy W + gs A          (M, K)              the forward kernel, W and A read transposed
     dA = gs^T x               (R, K)              _da_kernel
@@ -9,10 +9,15 @@
 
 u is the fp32 x A^T saved by the forward (M x R), so nothing is recomputed.
 
+Filling the GPU (kernels/triton_schedule.py): the dy pass runs row blocks x slices of N, g
+summed over the slices with fp32 atomics into a zeroed buffer, dB receiving one atomic add
+per row block (M / BLOCK_M adds per element); the dA kernel runs column tiles of K x slices
+of M, summed with fp32 atomics. Without the slices the dA grid had K / BLOCK_K programs (32 at
+K = 4096, a quarter of an H100) while it streams all of x.
+
 With lora_input (xl, e.g. dropout(x)): u = xl A^T, dA = gs^T xl (the same _da_kernel reading
 xl), dx = dy W (the forward kernel with its expand switched off), and d lora_input = gs A as
-a torch mm: an (M, R) x (R, K) product (2MRK flops) bound by the write of its (M, K) output,
-which folding it into the dx kernel as a second store would not save.
+a torch mm: an (M, R) x (R, K) product bound by the write of its (M, K) output.
 """
 from __future__ import annotations
 
@@ -20,20 +25,33 @@ import torch
 import triton
 import triton.language as tl
 
-from . import triton_forward
-from .triton_config import bwd_da_config, bwd_dy_config, input_precision, interpreting
+from . import triton_forward, triton_schedule
+from .triton_config import (BwdConfig, arch_of, da_default, dy_default, input_precision,
+                            interpreter_bwd_config, interpreting, sm_count)
+from .triton_forward import Launch
 
 
 @triton.jit
 def _dy_kernel(
+    # pointers
     dy_ptr, b_ptr, us_ptr, g_ptr, db_ptr,
+    # sizes
     M, N, R,
+    # strides
     stride_dym, stride_dyn, stride_bn, stride_br, stride_usm, stride_usr,
     stride_gm, stride_gr, stride_dbn, stride_dbr,
-    NEED_DB: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    # modes
+    NEED_DB: tl.constexpr, G_ATOMIC: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+    # tiles
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    slices = tl.num_programs(1)
+    col_tiles = tl.cdiv(N, BLOCK_N)
+    tile_first = pid_n * col_tiles // slices
+    tile_end = (pid_n + 1) * col_tiles // slices
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_r = tl.arange(0, BLOCK_R)
     mask_m = offs_m < M
@@ -43,8 +61,8 @@ def _dy_kernel(
     if UPCAST:
         us = us.to(tl.float32)
     g = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for n0 in range(0, N, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
+    for tile in range(tile_first, tile_end):
+        offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
         dy = tl.load(dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
                      mask=mask_m[:, None] & mask_n[None, :], other=0.0)
@@ -58,26 +76,39 @@ def _dy_kernel(
             db = tl.dot(tl.trans(dy), us, input_precision=PRECISION)  # (BLOCK_N, BLOCK_R)
             tl.atomic_add(db_ptr + offs_n[:, None] * stride_dbn + offs_r[None, :] * stride_dbr,
                           db, mask=mask_n[:, None] & mask_r[None, :])
-    tl.store(g_ptr + offs_m[:, None] * stride_gm + offs_r[None, :] * stride_gr, g,
-             mask=mask_m[:, None] & mask_r[None, :])
+    g_ptrs = g_ptr + offs_m[:, None] * stride_gm + offs_r[None, :] * stride_gr
+    if G_ATOMIC:  # slices of N add their part of g into the zeroed buffer
+        tl.atomic_add(g_ptrs, g, mask=mask_m[:, None] & mask_r[None, :])
+    else:
+        tl.store(g_ptrs, g, mask=mask_m[:, None] & mask_r[None, :])
 
 
 @triton.jit
 def _da_kernel(
+    # pointers
     gs_ptr, x_ptr, da_ptr,
+    # sizes
     M, K, R,
+    # strides
     stride_gsm, stride_gsr, stride_xm, stride_xk, stride_dar, stride_dak,
+    # modes
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    # tiles
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     pid_k = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    slices = tl.num_programs(1)
+    row_blocks = tl.cdiv(M, BLOCK_M)
+    block_first = pid_m * row_blocks // slices
+    block_end = (pid_m + 1) * row_blocks // slices
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     offs_r = tl.arange(0, BLOCK_R)
     mask_k = offs_k < K
     mask_r = offs_r < R
     acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
-    for m0 in range(0, M, BLOCK_M):
-        offs_m = m0 + tl.arange(0, BLOCK_M)
+    for block in range(block_first, block_end):
+        offs_m = block * BLOCK_M + tl.arange(0, BLOCK_M)
         mask_m = offs_m < M
         gs_t = tl.load(gs_ptr + offs_r[:, None] * stride_gsr + offs_m[None, :] * stride_gsm,
                        mask=mask_r[:, None] & mask_m[None, :], other=0.0)
@@ -87,8 +118,55 @@ def _da_kernel(
             gs_t = gs_t.to(tl.float32)
             x = x.to(tl.float32)
         acc = tl.dot(gs_t, x, acc, input_precision=PRECISION)
-    tl.store(da_ptr + offs_r[:, None] * stride_dar + offs_k[None, :] * stride_dak,
-             acc.to(da_ptr.dtype.element_ty), mask=mask_r[:, None] & mask_k[None, :])
+    tl.atomic_add(da_ptr + offs_r[:, None] * stride_dar + offs_k[None, :] * stride_dak, acc,
+                  mask=mask_r[:, None] & mask_k[None, :])
+
+
+def _facts(device: torch.device, r: int) -> tuple[BwdConfig, BwdConfig, int]:
+    if device.type != "cuda" or interpreting():
+        cfg = interpreter_bwd_config(r)
+        return cfg, cfg, 4
+    arch = arch_of(device)
+    return dy_default(arch, r), da_default(arch, r), sm_count(device)
+
+
+def dy_plan(dy2, lora_b, us, g, db32, *, need_db: bool, cfg: BwdConfig, sms: int) -> Launch:
+    """The Launch of the dy pass; g (and db32) must be zeroed when the plan slices N."""
+    m, n = dy2.shape
+    r = lora_b.shape[1]
+    sched = triton_schedule.dy_schedule(m, n, cfg.block_m, cfg.block_n, sms)
+    args = dict(
+        dy_ptr=dy2, b_ptr=lora_b, us_ptr=us, g_ptr=g, db_ptr=db32, M=m, N=n, R=r,
+        stride_dym=dy2.stride(0), stride_dyn=dy2.stride(1),
+        stride_bn=lora_b.stride(0), stride_br=lora_b.stride(1),
+        stride_usm=us.stride(0), stride_usr=us.stride(1),
+        stride_gm=g.stride(0), stride_gr=g.stride(1),
+        stride_dbn=db32.stride(0), stride_dbr=db32.stride(1),
+        NEED_DB=need_db, G_ATOMIC=sched.chunks > 1,
+        UPCAST=interpreting() and dy2.dtype != torch.float32,
+        PRECISION=input_precision(dy2.dtype),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_R=cfg.block_r,
+    )
+    return Launch(_dy_kernel, (sched.row_blocks, sched.chunks), args, cfg.num_warps,
+                  cfg.num_stages)
+
+
+def da_plan(gs, x2, da32, *, cfg: BwdConfig, sms: int) -> Launch:
+    """The Launch of the dA kernel into the zeroed fp32 da32 (R x K)."""
+    m, k = x2.shape
+    r = gs.shape[1]
+    sched = triton_schedule.da_schedule(m, k, cfg.block_m, cfg.block_n, sms)
+    args = dict(
+        gs_ptr=gs, x_ptr=x2, da_ptr=da32, M=m, K=k, R=r,
+        stride_gsm=gs.stride(0), stride_gsr=gs.stride(1),
+        stride_xm=x2.stride(0), stride_xk=x2.stride(1),
+        stride_dar=da32.stride(0), stride_dak=da32.stride(1),
+        UPCAST=interpreting() and x2.dtype != torch.float32,
+        PRECISION=input_precision(x2.dtype),
+        BLOCK_R=cfg.block_r, BLOCK_K=cfg.block_n, BLOCK_M=cfg.block_m,
+    )
+    return Launch(_da_kernel, (sched.col_tiles, sched.chunks), args, cfg.num_warps,
+                  cfg.num_stages)
 
 
 def backward(dy, x, weight, lora_a, lora_b, scale, u, lora_input, output_mask):
@@ -103,21 +181,13 @@ def backward(dy, x, weight, lora_a, lora_b, scale, u, lora_input, output_mask):
     if dy2.stride(-1) != 1:
         dy2 = dy2.contiguous()
     m = dy2.shape[0]
-    upcast = interpreting() and dtype != torch.float32
-    precision = input_precision(dtype)
+    dy_cfg, da_cfg, sms = _facts(x.device, r)
 
-    g = torch.empty((m, r), device=x.device, dtype=torch.float32)
+    g = torch.zeros((m, r), device=x.device, dtype=torch.float32)
     # us = u * S only feeds dB; without it the kernel gets placeholder pointers it never reads.
     us = (u * scale).to(dtype) if need_db else g
     db32 = torch.zeros((n, r), device=x.device, dtype=torch.float32) if need_db else g
-    block_m, block_n, block_r, warps = bwd_dy_config(m, n, r, x.device)
-    _dy_kernel[(triton.cdiv(m, block_m),)](
-        dy2, lora_b, us, g, db32, m, n, r,
-        dy2.stride(0), dy2.stride(1), lora_b.stride(0), lora_b.stride(1),
-        us.stride(0), us.stride(1), g.stride(0), g.stride(1), db32.stride(0), db32.stride(1),
-        NEED_DB=need_db, UPCAST=upcast, PRECISION=precision,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, num_warps=warps,
-    )
+    dy_plan(dy2, lora_b, us, g, db32, need_db=need_db, cfg=dy_cfg, sms=sms).run()
     empty = x.new_empty(0)
     gs = (g * scale).to(dtype)
     dx = empty
@@ -127,14 +197,9 @@ def backward(dy, x, weight, lora_a, lora_b, scale, u, lora_input, output_mask):
     da = empty
     if need_da:
         x2 = (lora_input if split else x).reshape(-1, k)
-        da = torch.empty((r, k), device=x.device, dtype=dtype)
-        blk_r, blk_k, blk_m, warps = bwd_da_config(r, k, x.device)
-        _da_kernel[(triton.cdiv(k, blk_k),)](
-            gs, x2, da, m, k, r,
-            gs.stride(0), gs.stride(1), x2.stride(0), x2.stride(1), da.stride(0), da.stride(1),
-            UPCAST=upcast, PRECISION=precision,
-            BLOCK_R=blk_r, BLOCK_K=blk_k, BLOCK_M=blk_m, num_warps=warps,
-        )
+        da32 = torch.zeros((r, k), device=x.device, dtype=torch.float32)
+        da_plan(gs, x2, da32, cfg=da_cfg, sms=sms).run()
+        da = da32.to(dtype)
     db = db32.to(dtype) if need_db else empty
     ds = scale.new_empty(0)
     if need_ds:

@@ -1,10 +1,15 @@
 """Tile configurations of the Triton kernels, and the facts about the run (interpreter or GPU,
-tf32 allowed or not) that the launchers need.
+tf32 allowed or not, the device's architecture) that the launchers need.
 
-GPU tiles come from a small table keyed on (M, N, K, R) buckets. They are starting points
-written from the kernel's structure, NOT tuned on hardware: no GPU has been lent to this
-project yet (see README). Under TRITON_INTERPRET=1 one fixed config is used (autotuning and
-timing do not work without a GPU).
+Configs are declared here once, per architecture family:
+- ``fwd_candidates(arch)`` / ``decode_candidates(arch, m)``: what the CUDA autotuner
+  (kernels/triton_autotune.py) may choose from. bench/gpu_static.py compiles every one of them
+  for sm_80 and sm_90a and CI fails on spills or shared-memory overflow; at run time the
+  autotuner's prune drops any that the same static compile flags on the current GPU.
+- ``fwd_default(...)`` etc.: the one config per problem used when autotuning is off
+  (FEDDPA_FAST_AUTOTUNE=0), by the static report's "dispatched" rows, and (small tiles) by the
+  interpreter, where autotuning and timing cannot run.
+None of these were tuned on hardware: no GPU has been lent to this project yet (README).
 """
 from __future__ import annotations
 
@@ -16,24 +21,48 @@ import torch
 
 @dataclasses.dataclass(frozen=True)
 class FwdConfig:
-    """Tiles of the forward / dx kernel. block_r is R padded to a power of two >= 16."""
+    """Tiles of the forward / dx / decode kernels. block_r is R padded to a power of two
+    >= 16 (the smallest GPU dot dimension)."""
 
     block_m: int
     block_n: int
     block_k: int
     block_r: int
-    group_m: int = 8
     num_warps: int = 4
     num_stages: int = 3
-    split_k: int = 1
 
-    def with_split_k(self, split_k: int) -> "FwdConfig":
-        return dataclasses.replace(self, split_k=split_k)
+    def label(self) -> str:
+        return (f"{self.block_m}x{self.block_n}x{self.block_k} r{self.block_r} "
+                f"w{self.num_warps} s{self.num_stages}")
+
+
+@dataclasses.dataclass(frozen=True)
+class BwdConfig:
+    """Tiles of the backward's dy pass (rows x N slice) and dA kernel (M slice x K tile)."""
+
+    block_m: int
+    block_n: int
+    block_r: int
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def label(self) -> str:
+        return (f"{self.block_m}x{self.block_n} r{self.block_r} w{self.num_warps} "
+                f"s{self.num_stages}")
+
+
+# Decode-sized M (<= this) takes the split-K kernel (kernels/triton_decode.py).
+DECODE_MAX_M = 64
 
 
 def interpreting() -> bool:
     """True when Triton kernels run in the CPU interpreter (TRITON_INTERPRET=1)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0", "false", "False")
+
+
+def autotune_enabled() -> bool:
+    """CUDA launches autotune unless FEDDPA_FAST_AUTOTUNE=0 (then fwd_default & co. are used)."""
+    return os.environ.get("FEDDPA_FAST_AUTOTUNE", "1") not in ("0", "false", "False")
 
 
 def input_precision(dtype: torch.dtype) -> str:
@@ -51,46 +80,77 @@ def padded_rank(r: int) -> int:
     return max(16, 1 << max(r - 1, 0).bit_length())
 
 
-# Split-K is used for decode-sized M when the plain grid leaves most SMs idle.
-DECODE_MAX_M = 64
+def arch_of(device: torch.device) -> str:
+    """The static report's name of a CUDA device's architecture: sm_80, sm_90a, sm_100a."""
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"sm_{major}{minor}" + ("a" if major >= 9 else "")
 
 
-def _sm_count(device: torch.device) -> int:
+def sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def fwd_config(m: int, n: int, k: int, r: int, device: torch.device,
-               split_k: int | None = None) -> FwdConfig:
-    """Tiles for a (M, N, K, R) problem: prefill tiles, or small-M tiles plus split-K."""
-    block_r = padded_rank(r)
-    if device.type != "cuda" or interpreting():
-        return FwdConfig(32, 32, 32, block_r, group_m=4, num_warps=4, num_stages=1,
-                         split_k=split_k or 1)
-    if m > DECODE_MAX_M:
-        block_n = 256 if n >= 4096 and block_r <= 32 else 128
-        return FwdConfig(128, block_n, 64, block_r, group_m=8, num_warps=8, num_stages=3,
-                         split_k=split_k or 1)
-    block_m = 16 if m <= 16 else (32 if m <= 32 else 64)
-    block_n, block_k = 64, 128
-    if split_k is None:
-        tiles = -(-m // block_m) * -(-n // block_n)
-        k_blocks = -(-k // block_k)
-        split_k = max(1, min(k_blocks // 4, -(-2 * _sm_count(device) // tiles)))
-    return FwdConfig(block_m, block_n, block_k, block_r, group_m=1, num_warps=4,
-                     num_stages=4, split_k=split_k)
+def _family(arch: str) -> str:
+    """sm_90a and newer share the Hopper tables; anything older the Ampere ones (whose
+    register file does not hold a 128 x 256 fp32 accumulator plus u: 255 regs + spills)."""
+    return "hopper" if int(arch[3:].rstrip("a")) >= 90 else "ampere"
 
 
-def bwd_dy_config(m: int, n: int, r: int, device: torch.device) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_R, num_warps) of the kernel reading dy (g and dB)."""
-    block_r = padded_rank(r)
-    if device.type != "cuda" or interpreting():
-        return 32, 32, block_r, 4
-    return 64, 128, block_r, 4
+# (block_m, block_n, block_k, num_warps, num_stages); block_r comes from R.
+_FWD = {
+    "hopper": [(128, 256, 64, 8, 3), (128, 128, 64, 4, 4), (128, 128, 64, 8, 4),
+               (64, 256, 64, 4, 3), (64, 128, 64, 4, 4)],
+    "ampere": [(128, 128, 32, 4, 4), (128, 128, 64, 8, 3), (64, 128, 64, 4, 4),
+               (128, 64, 64, 4, 4)],
+}
+_DECODE = {  # (block_n, block_k, num_warps, num_stages); block_m from M
+    "hopper": [(64, 128, 4, 4), (128, 128, 4, 3), (64, 256, 4, 3)],
+    "ampere": [(64, 128, 4, 4), (128, 64, 4, 3)],
+}
 
 
-def bwd_da_config(r: int, k: int, device: torch.device) -> tuple[int, int, int, int]:
-    """(BLOCK_R, BLOCK_K, BLOCK_M, num_warps) of the d lora_a kernel."""
-    block_r = padded_rank(r)
-    if device.type != "cuda" or interpreting():
-        return block_r, 32, 32, 4
-    return block_r, 128, 64, 4
+def decode_block_m(m: int) -> int:
+    return 16 if m <= 16 else (32 if m <= 32 else 64)
+
+
+def fwd_candidates(arch: str, r: int) -> list[FwdConfig]:
+    """The prefill forward / dx configs the autotuner may pick on ``arch``."""
+    return [FwdConfig(bm, bn, bk, padded_rank(r), w, s) for bm, bn, bk, w, s in _FWD[_family(arch)]]
+
+
+def decode_candidates(arch: str, m: int, r: int) -> list[FwdConfig]:
+    """The split-K decode configs the autotuner may pick on ``arch`` for M rows."""
+    return [FwdConfig(decode_block_m(m), bn, bk, padded_rank(r), w, s)
+            for bn, bk, w, s in _DECODE[_family(arch)]]
+
+
+def fwd_default(arch: str, n: int, r: int) -> FwdConfig:
+    """The prefill config used without autotuning: the first candidate, with 128-wide
+    columns when N is small."""
+    first = fwd_candidates(arch, r)[0]
+    if n < 2048 and first.block_n > 128:
+        return dataclasses.replace(first, block_n=128)
+    return first
+
+
+def decode_default(arch: str, m: int, r: int) -> FwdConfig:
+    return decode_candidates(arch, m, r)[0]
+
+
+def dy_default(arch: str, r: int) -> BwdConfig:
+    """The dy pass (g, dB): 64 rows x 128 columns per step (not autotuned)."""
+    return BwdConfig(64, 128, padded_rank(r), num_warps=4, num_stages=2)
+
+
+def da_default(arch: str, r: int) -> BwdConfig:
+    """The dA kernel: block_m rows of the reduction x block_n columns of K (not autotuned)."""
+    return BwdConfig(64, 128, padded_rank(r), num_warps=4, num_stages=2)
+
+
+def interpreter_config(r: int) -> FwdConfig:
+    """The fixed small config of the interpreter (no autotuning without a GPU)."""
+    return FwdConfig(32, 32, 32, padded_rank(r), num_warps=4, num_stages=1)
+
+
+def interpreter_bwd_config(r: int) -> BwdConfig:
+    return BwdConfig(32, 32, padded_rank(r), num_warps=4, num_stages=1)

@@ -1,186 +1,323 @@
 """Triton forward of lora_linear: the frozen GEMM, both LoRA branches and the per-row mix in
-one kernel launch.
+one kernel launch, with u = x A^T computed once per program (kernels/triton_schedule.py).
 
     y[m, n] = sum_k x[m, k] W[n, k] + bias[n] + sum_r us[m, r] B[n, r]
-    us      = (u * S).to(x.dtype),    u[m, r] = sum_k x[m, k] A[r, k]   (fp32 accumulators)
+    us      = (u * S).to(x.dtype),    u[m, r] = sum_k xa[m, k] A[r, k]   (fp32 accumulators)
 
-Each program owns a (BLOCK_M, BLOCK_N) tile of y. Its K loop loads one x tile and feeds it to
-two dots: x @ W^T into the (BLOCK_M, BLOCK_N) accumulator and x @ A^T into a (BLOCK_M, BLOCK_R)
-accumulator (R padded to BLOCK_R >= 16, the smallest GPU dot). The epilogue scales u by S in
-fp32, casts once, adds us @ B^T and the bias, and stores. Every program of a row block
-recomputes u: R / BLOCK_N extra dot work (R = 32, BLOCK_N = 128: 25 %) in exchange for a
-single pass over x and no intermediate in memory.
+xa is x, or the A branch's own input xl (LORA_INPUT: LoRA dropout; the frozen GEMM reads x).
 
-LORA_INPUT (LoRA dropout: the A branch reads xl = dropout(x), the frozen GEMM x): the K loop
-loads the xl tile next to the x tile and feeds the A dot with it. A constexpr flag, so the
-kernel without lora_input is unchanged.
+Schedule: the grid is row_blocks x chunks programs. Program (row block, chunk) walks a run of
+consecutive column tiles of its row block. Its first tile's K loop feeds one x tile to two
+dots, x W^T (BLOCK_M x BLOCK_N accumulator) and xa A^T (BLOCK_M x BLOCK_R, R padded to a
+power of two >= 16); u * S is cast once and kept in registers, and every tile's epilogue adds
+us B^T and the bias. The chunk count keeps the recompute of u within 2 % of the base GEMM's
+tensor-core work (triton_schedule.forward_schedule; the per-tile schedule it replaces,
+kernels/triton_forward_pertile.py, spends BLOCK_R / BLOCK_N, 12.5 % at R = 32, BN = 256).
 
-The same kernel computes the backward's dx = dy W + gs A (US_GIVEN: the rank-R operand gs is
-loaded instead of computed; W and A are read through transposed strides), and the plain
-dx = dy W of the lora_input backward (EXPAND=False: no rank-R term).
+USE_TMA (sm_90+, 16-bit, 16-byte aligned rows): x, xl, W and A tiles come through tensor
+descriptors (TMA loads, out-of-bounds rows and columns zero-filled by the copy engine) instead
+of masked pointer loads.
 
-Decode path (small M): split-K. Each (row block, column block, K slice) program writes a
-partial y_k = x_k W_k^T + ((u_k * S) B^T in fp32) and a partial u_k to fp32 workspaces that
-are summed afterwards. Exact up to fp32 rounding because the expand is linear in u.
+The same kernel serves the backward's dx = dy W + gs A and the second launch of the split
+alternative (COMPUTE_U=False, EXPAND=True: the rank-R operand us is loaded, not computed; W and
+A are read through transposed strides for dx), and dx = dy W alone (EXPAND=False).
 """
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 import triton
 import triton.language as tl
 
-from .triton_config import FwdConfig, fwd_config, interpreting, input_precision
+from . import triton_schedule
+from .triton_config import (DECODE_MAX_M, FwdConfig, arch_of, autotune_enabled, fwd_default,
+                            input_precision, interpreter_config, interpreting, sm_count)
 
 
 @triton.jit
-def _lora_fwd_kernel(
-    x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, s_ptr, us_ptr, y_ptr, u_ptr, xl_ptr,
-    M, N, K, R,
-    stride_xm, stride_xk,
-    stride_xlm, stride_xlk,
-    stride_wn, stride_wk,
-    stride_ar, stride_ak,
-    stride_bn, stride_br,
-    stride_sm, stride_sr,
-    stride_usm, stride_usr,
-    stride_ys, stride_ym, stride_yn,
-    stride_us_split, stride_um, stride_ur,
-    HAS_BIAS: tl.constexpr, US_GIVEN: tl.constexpr, STORE_U: tl.constexpr,
-    LORA_INPUT: tl.constexpr, EXPAND: tl.constexpr,
-    SPLIT_K: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
-):
-    # Grouped ordering: GROUP_M row blocks walk the column blocks together, so the W tiles
-    # they share stay in L2.
-    pid = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+def _tile_k_loop(acc, u, x_src, xl_src, w_src, a_src, off_m, off_n,
+                 M, N, K, R,
+                 stride_xm, stride_xk, stride_xlm, stride_xlk, stride_wn, stride_wk,
+                 stride_ar, stride_ak,
+                 WITH_U: tl.constexpr, LORA_INPUT: tl.constexpr, USE_TMA: tl.constexpr,
+                 UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 BLOCK_R: tl.constexpr):
+    """acc += x W^T over the whole K for one output tile; with WITH_U also u += xa A^T."""
+    offs_m = off_m + tl.arange(0, BLOCK_M)
+    offs_n = off_n + tl.arange(0, BLOCK_N)
     offs_r = tl.arange(0, BLOCK_R)
-    offs_k = tl.arange(0, BLOCK_K)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
-    mask_r = offs_r < R
-
-    # This program's K slice (the whole K unless split-K).
-    k_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
-    k_start = pid_k * k_per_split
-    k_end = min(k_start + k_per_split, K)
-
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    u = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for k0 in range(k_start, k_end, BLOCK_K):
-        kk = k0 + offs_k
-        mask_k = kk < k_end
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :] * stride_xk,
-                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        w_t = tl.load(w_ptr + kk[:, None] * stride_wk + offs_n[None, :] * stride_wn,
-                      mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+    for k0 in range(0, K, BLOCK_K):
+        if USE_TMA:
+            x = x_src.load([off_m, k0])
+            w_t = w_src.load([off_n, k0]).T
+        else:
+            kk = k0 + tl.arange(0, BLOCK_K)
+            x = tl.load(x_src + offs_m[:, None] * stride_xm + kk[None, :] * stride_xk,
+                        mask=(offs_m[:, None] < M) & (kk[None, :] < K), other=0.0)
+            w_t = tl.load(w_src + kk[:, None] * stride_wk + offs_n[None, :] * stride_wn,
+                          mask=(kk[:, None] < K) & (offs_n[None, :] < N), other=0.0)
         if UPCAST:  # the interpreter's bf16 dot is wrong (DESIGN section 2): dot in fp32
             x = x.to(tl.float32)
             w_t = w_t.to(tl.float32)
         acc = tl.dot(x, w_t, acc, input_precision=PRECISION)
-        if not US_GIVEN:
-            a_t = tl.load(a_ptr + offs_r[None, :] * stride_ar + kk[:, None] * stride_ak,
-                          mask=mask_k[:, None] & mask_r[None, :], other=0.0)
+        if WITH_U:
+            if USE_TMA:
+                a_t = a_src.load([0, k0]).T
+                if LORA_INPUT:
+                    xa = xl_src.load([off_m, k0])
+                else:
+                    xa = x
+            else:
+                a_t = tl.load(a_src + offs_r[None, :] * stride_ar + kk[:, None] * stride_ak,
+                              mask=(kk[:, None] < K) & (offs_r[None, :] < R), other=0.0)
+                if LORA_INPUT:
+                    xa = tl.load(xl_src + offs_m[:, None] * stride_xlm
+                                 + kk[None, :] * stride_xlk,
+                                 mask=(offs_m[:, None] < M) & (kk[None, :] < K), other=0.0)
+                else:
+                    xa = x
             if UPCAST:
                 a_t = a_t.to(tl.float32)
-            if LORA_INPUT:  # same K tile of the A branch's own input (rows of xl like x)
-                xl = tl.load(xl_ptr + offs_m[:, None] * stride_xlm + kk[None, :] * stride_xlk,
-                             mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-                if UPCAST:
-                    xl = xl.to(tl.float32)
-                u = tl.dot(xl, a_t, u, input_precision=PRECISION)
-            else:
-                u = tl.dot(x, a_t, u, input_precision=PRECISION)
+                xa = xa.to(tl.float32)
+            u = tl.dot(xa, a_t, u, input_precision=PRECISION)
+    return acc, u
 
+
+@triton.jit
+def _tile_epilogue(acc, us, b_ptr, bias_ptr, y_ptr, off_m, off_n,
+                   M, N, R,
+                   stride_bn, stride_br, stride_ym, stride_yn,
+                   HAS_BIAS: tl.constexpr, EXPAND: tl.constexpr, UPCAST: tl.constexpr,
+                   PRECISION: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+    """y tile = acc + us B^T + bias, cast to y's dtype and stored."""
+    offs_m = off_m + tl.arange(0, BLOCK_M)
+    offs_n = off_n + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_n = offs_n < N
     if EXPAND:
         b_t = tl.load(b_ptr + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn,
-                      mask=mask_r[:, None] & mask_n[None, :], other=0.0)
-        if US_GIVEN:
-            us = tl.load(us_ptr + offs_m[:, None] * stride_usm + offs_r[None, :] * stride_usr,
-                         mask=mask_m[:, None] & mask_r[None, :], other=0.0)
-        else:
-            # stride_sm is 0 for a (1, R) scale: every row reads the same factors.
-            s = tl.load(s_ptr + offs_m[:, None] * stride_sm + offs_r[None, :] * stride_sr,
-                        mask=mask_m[:, None] & mask_r[None, :], other=0.0)
-            if STORE_U:
-                if pid_n == 0:  # one column block stores u (per K slice) for the backward
-                    tl.store(u_ptr + pid_k * stride_us_split + offs_m[:, None] * stride_um
-                             + offs_r[None, :] * stride_ur, u,
-                             mask=mask_m[:, None] & mask_r[None, :])
-            if SPLIT_K == 1:
-                us = (u * s).to(y_ptr.dtype.element_ty)  # scaled in fp32, cast once
-            else:
-                us = u * s  # partial u: keep fp32, the partial expands are summed in fp32
-                b_t = b_t.to(tl.float32)
+                      mask=(offs_r[:, None] < R) & mask_n[None, :], other=0.0)
         if UPCAST:
-            us = us.to(tl.float32)
             b_t = b_t.to(tl.float32)
         acc = tl.dot(us, b_t, acc, input_precision=PRECISION)
     if HAS_BIAS:
-        if pid_k == 0:
-            bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0)
-            acc += bias.to(tl.float32)[None, :]
-    y_ptrs = y_ptr + pid_k * stride_ys + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+        bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0)
+        acc += bias.to(tl.float32)[None, :]
+    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn,
+             acc.to(y_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & mask_n[None, :])
 
 
-def _launch(x2, w_strides, weight, bias, a_strides, lora_a, b_strides, lora_b, scale, us,
-            n_out, r, store_u, cfg: FwdConfig, xl2=None, expand=True):
-    """Shared launcher of the forward (us=None; xl2: the A branch's input if not x2) and of
-    dx (us given, or expand=False for dx = dy W alone). x2 is (M, K_red)."""
-    m, k = x2.shape
-    out_dtype = x2.dtype
-    split = cfg.split_k
-    if split == 1:
-        y = torch.empty((m, n_out), device=x2.device, dtype=out_dtype)
-        y_strides = (0, y.stride(0), y.stride(1))
+@triton.jit
+def _lora_fwd_kernel(
+    # pointers
+    x_ptr, xl_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, s_ptr, us_ptr, y_ptr, u_ptr,
+    # sizes (y is M x N, the reduction runs over K; R real rank columns)
+    M, N, K, R,
+    # strides
+    stride_xm, stride_xk, stride_xlm, stride_xlk, stride_wn, stride_wk,
+    stride_ar, stride_ak, stride_bn, stride_br, stride_sm, stride_sr,
+    stride_usm, stride_usr, stride_ym, stride_yn, stride_um, stride_ur,
+    # autotune key only: the M bucket (the body never reads it)
+    m_bucket,
+    # modes
+    HAS_BIAS: tl.constexpr,     # add bias[n]
+    COMPUTE_U: tl.constexpr,    # u = xa A^T here (the forward); else us is loaded if EXPAND
+    LORA_INPUT: tl.constexpr,   # xa = xl (LoRA dropout) instead of x
+    EXPAND: tl.constexpr,       # add the rank-R term us B^T
+    STORE_U: tl.constexpr,      # write the fp32 u (M x R) for the backward
+    USE_TMA: tl.constexpr,      # x, xl, W, A through tensor descriptors (forward layout)
+    UPCAST: tl.constexpr,       # interpreter only: 16-bit tiles to fp32 before each dot
+    PRECISION: tl.constexpr,    # tl.dot input precision (tf32 / ieee)
+    # tiles
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    row_blocks = tl.cdiv(M, BLOCK_M)
+    col_tiles = tl.cdiv(N, BLOCK_N)
+    chunks = tl.num_programs(0) // row_blocks
+    row_block = pid // chunks
+    chunk = pid % chunks
+    tile_first = chunk * col_tiles // chunks
+    tile_end = (chunk + 1) * col_tiles // chunks
+    off_m = row_block * BLOCK_M
+    offs_m = off_m + tl.arange(0, BLOCK_M)
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_mr = (offs_m[:, None] < M) & (offs_r[None, :] < R)
+
+    if USE_TMA:
+        x_src = tl.make_tensor_descriptor(x_ptr, shape=[M, K], strides=[stride_xm, 1],
+                                          block_shape=[BLOCK_M, BLOCK_K])
+        w_src = tl.make_tensor_descriptor(w_ptr, shape=[N, K], strides=[stride_wn, 1],
+                                          block_shape=[BLOCK_N, BLOCK_K])
+        a_src = tl.make_tensor_descriptor(a_ptr, shape=[R, K], strides=[stride_ar, 1],
+                                          block_shape=[BLOCK_R, BLOCK_K])
+        xl_src = x_src
+        if LORA_INPUT:
+            xl_src = tl.make_tensor_descriptor(xl_ptr, shape=[M, K], strides=[stride_xlm, 1],
+                                               block_shape=[BLOCK_M, BLOCK_K])
     else:
-        y = torch.empty((split, m, n_out), device=x2.device, dtype=torch.float32)
-        y_strides = y.stride()
-    u = None
-    if store_u:
-        u = torch.empty((split, m, r), device=x2.device, dtype=torch.float32)
-    u_strides = u.stride() if u is not None else (0, 0, 0)
-    s_strides = (0 if scale is None or scale.shape[0] == 1 else scale.stride(0),
-                 scale.stride(1) if scale is not None else 0)
-    us_strides = us.stride() if us is not None else (0, 0)
-    xl_strides = xl2.stride() if xl2 is not None else (0, 0)
-    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n_out, cfg.block_n), split)
-    _lora_fwd_kernel[grid](
-        x2, weight, bias if bias is not None else x2, lora_a if lora_a is not None else x2,
-        lora_b, scale if scale is not None else x2, us if us is not None else x2, y,
-        u if u is not None else x2, xl2 if xl2 is not None else x2,
-        m, n_out, k, r,
-        x2.stride(0), x2.stride(1), *xl_strides, *w_strides, *a_strides, *b_strides, *s_strides,
-        *us_strides, *y_strides, *u_strides,
-        # US_GIVEN means "u is not computed here": also true of the plain GEMM (no expand).
-        HAS_BIAS=bias is not None, US_GIVEN=us is not None or not expand, STORE_U=store_u,
-        LORA_INPUT=xl2 is not None, EXPAND=expand,
-        SPLIT_K=split, UPCAST=interpreting() and out_dtype != torch.float32,
-        PRECISION=input_precision(out_dtype),
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        BLOCK_R=cfg.block_r, GROUP_M=cfg.group_m,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        x_src, xl_src, w_src, a_src = x_ptr, xl_ptr, w_ptr, a_ptr
+
+    u = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    us = u
+    tile_next = tile_first
+    if COMPUTE_U:
+        # First tile of the run: the K loop also accumulates u, once for the whole run.
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc, u = _tile_k_loop(acc, u, x_src, xl_src, w_src, a_src, off_m,
+                              tile_first * BLOCK_N, M, N, K, R,
+                              stride_xm, stride_xk, stride_xlm, stride_xlk, stride_wn,
+                              stride_wk, stride_ar, stride_ak,
+                              True, LORA_INPUT, USE_TMA, UPCAST, PRECISION,
+                              BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R)
+        if STORE_U:
+            if chunk == 0:  # one program per row block writes u for the backward
+                tl.store(u_ptr + offs_m[:, None] * stride_um + offs_r[None, :] * stride_ur, u,
+                         mask=mask_mr)
+        # stride_sm is 0 for a (1, R) scale: every row reads the same factors.
+        s = tl.load(s_ptr + offs_m[:, None] * stride_sm + offs_r[None, :] * stride_sr,
+                    mask=mask_mr, other=0.0)
+        us = (u * s).to(y_ptr.dtype.element_ty)  # scaled in fp32, cast once
+        if UPCAST:
+            us = us.to(tl.float32)
+        _tile_epilogue(acc, us, b_ptr, bias_ptr, y_ptr, off_m, tile_first * BLOCK_N, M, N, R,
+                       stride_bn, stride_br, stride_ym, stride_yn,
+                       HAS_BIAS, EXPAND, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_R)
+        tile_next = tile_first + 1
+    elif EXPAND:
+        us = tl.load(us_ptr + offs_m[:, None] * stride_usm + offs_r[None, :] * stride_usr,
+                     mask=mask_mr, other=0.0)
+        if UPCAST:
+            us = us.to(tl.float32)
+
+    for tile in range(tile_next, tile_end):
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc, _ = _tile_k_loop(acc, u, x_src, xl_src, w_src, a_src, off_m, tile * BLOCK_N,
+                              M, N, K, R,
+                              stride_xm, stride_xk, stride_xlm, stride_xlk, stride_wn,
+                              stride_wk, stride_ar, stride_ak,
+                              False, LORA_INPUT, USE_TMA, UPCAST, PRECISION,
+                              BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R)
+        _tile_epilogue(acc, us, b_ptr, bias_ptr, y_ptr, off_m, tile * BLOCK_N, M, N, R,
+                       stride_bn, stride_br, stride_ym, stride_yn,
+                       HAS_BIAS, EXPAND, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_R)
+
+
+@dataclasses.dataclass
+class Launch:
+    """One kernel launch, every argument by name: what runs, and what the static report
+    (kernels/triton_static.py) compiles for a target without a GPU."""
+
+    kernel: object
+    grid: tuple
+    args: dict
+    num_warps: int
+    num_stages: int
+
+    def run(self):
+        self.kernel[self.grid](**self.args, num_warps=self.num_warps,
+                               num_stages=self.num_stages)
+
+
+def m_bucket(m: int) -> int:
+    """Autotune key of M: its power-of-two bucket (prefill configs hardly change within one)."""
+    return 1 << max(m - 1, 0).bit_length()
+
+
+def tma_allowed(device: torch.device, *tensors) -> bool:
+    """Tensor descriptors need sm_90+, a 16-bit dtype (one 128-byte swizzle row per 64 K
+    columns), unit inner strides and 16-byte aligned rows and bases."""
+    if interpreting() or device.type != "cuda" or torch.cuda.get_device_capability(device)[0] < 9:
+        return False
+    for t in tensors:
+        if t is None:
+            continue
+        if t.dtype not in (torch.float16, torch.bfloat16) or t.stride(-1) != 1:
+            return False
+        if (t.stride(0) * t.element_size()) % 16 or t.data_ptr() % 16:
+            return False
+    return True
+
+
+def _set_tma_allocator() -> None:
+    """In-kernel tensor descriptors need a small global scratch per launch (Triton asks the
+    allocator of the calling context); only a missing allocator is replaced."""
+    from triton.runtime import _allocation
+    current = _allocation._allocator.get()
+    if isinstance(current, _allocation.NullAllocator):
+        triton.set_allocator(lambda size, align, stream: torch.empty(
+            size, dtype=torch.int8, device="cuda"))
+
+
+def _placeholder(t, fallback):
+    return t if t is not None else fallback
+
+
+def plan(x2, w, w_strides, bias, a, a_strides, b, b_strides, scale, us, y, u, xl2, *, r: int,
+         compute_u: bool, expand: bool, use_tma: bool, cfg: FwdConfig, sms: int,
+         chunks: int | None = None) -> Launch:
+    """The Launch of one forward-family call (tensors already allocated).
+
+    x2: (M, K) rows; w: the GEMM's weight read through ``w_strides`` = (stride over output
+    columns, stride over K); a / b: the rank operands through their strides; us: the given
+    rank-R operand (when not compute_u); y: (M, N) output; u: fp32 (M, R) output or None;
+    r: the real rank (columns of us / rows of A); chunks: force the runs per row block
+    (tests of the multi-run path; 1..column tiles), else triton_schedule chooses.
+    """
+    m, k = x2.shape
+    n = y.shape[1]
+    sched = triton_schedule.forward_schedule(m, n, cfg.block_m, cfg.block_n, cfg.block_r,
+                                             sms, computes_u=compute_u)
+    programs = sched.programs if chunks is None else sched.row_blocks * chunks
+    s_strides = (0, 0) if scale is None else (
+        0 if scale.shape[0] == 1 else scale.stride(0), scale.stride(1))
+    args = dict(
+        x_ptr=x2, xl_ptr=_placeholder(xl2, x2), w_ptr=w, bias_ptr=_placeholder(bias, x2),
+        a_ptr=_placeholder(a, x2), b_ptr=_placeholder(b, x2), s_ptr=_placeholder(scale, x2),
+        us_ptr=_placeholder(us, x2), y_ptr=y, u_ptr=_placeholder(u, x2),
+        M=m, N=n, K=k, R=r,
+        stride_xm=x2.stride(0), stride_xk=x2.stride(1),
+        stride_xlm=xl2.stride(0) if xl2 is not None else 0,
+        stride_xlk=xl2.stride(1) if xl2 is not None else 0,
+        stride_wn=w_strides[0], stride_wk=w_strides[1],
+        stride_ar=a_strides[0], stride_ak=a_strides[1],
+        stride_bn=b_strides[0], stride_br=b_strides[1],
+        stride_sm=s_strides[0], stride_sr=s_strides[1],
+        stride_usm=us.stride(0) if us is not None else 0,
+        stride_usr=us.stride(1) if us is not None else 0,
+        stride_ym=y.stride(0), stride_yn=y.stride(1),
+        stride_um=u.stride(0) if u is not None else 0,
+        stride_ur=u.stride(1) if u is not None else 0,
+        m_bucket=m_bucket(m),
+        HAS_BIAS=bias is not None, COMPUTE_U=compute_u, LORA_INPUT=xl2 is not None,
+        EXPAND=expand, STORE_U=u is not None, USE_TMA=use_tma,
+        UPCAST=interpreting() and x2.dtype != torch.float32,
+        PRECISION=input_precision(x2.dtype),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=cfg.block_r,
     )
-    if split > 1:  # sum the fp32 partials (bias was added by slice 0 only)
-        y = y.sum(0).to(out_dtype)
-        if u is not None:
-            u = u.sum(0)
-    elif u is not None:
-        u = u[0]
-    return y, u
+    return Launch(_lora_fwd_kernel, (programs,), args, cfg.num_warps, cfg.num_stages)
+
+
+def _run(launch: Launch, device: torch.device, fixed_cfg: FwdConfig | None):
+    """Runs a Launch: with its own tiles, or through the CUDA autotuner (tiles from META)."""
+    if launch.args["USE_TMA"]:
+        _set_tma_allocator()
+    if fixed_cfg is not None or device.type != "cuda" or not autotune_enabled():
+        launch.run()
+        return
+    from . import triton_autotune
+    triton_autotune.run_forward(launch, device)
+
+
+def _device_facts(device: torch.device, n: int, r: int, cfg: FwdConfig | None):
+    """(config, SM count) for a launch: the given or default tiles."""
+    if device.type != "cuda" or interpreting():
+        return cfg or interpreter_config(r), 4
+    return cfg or fwd_default(arch_of(device), n, r), sm_count(device)
 
 
 def _rows(t, k):
@@ -191,17 +328,43 @@ def _rows(t, k):
 
 def forward(x, weight, bias, lora_a, lora_b, scale, lora_input=None,
             cfg: FwdConfig | None = None):
-    """y and u (fp32, M x R) of lora_linear on Triton; inputs already validated."""
+    """y and u (fp32, M x R) of lora_linear on Triton; inputs already validated.
+
+    Decode-sized M (<= DECODE_MAX_M) on CUDA takes the split-K kernel (triton_decode.py);
+    a given ``cfg`` fixes the tiles (tests, the static report) and skips autotuning.
+    """
     k = x.shape[-1]
     n, r = weight.shape[0], lora_a.shape[0]
     x2 = _rows(x, k)
     xl2 = _rows(lora_input, k) if lora_input is not None else None
-    cfg = cfg or fwd_config(x2.shape[0], n, k, r, x.device)
-    y, u = _launch(x2, (weight.stride(0), weight.stride(1)), weight, bias,
-                   (lora_a.stride(0), lora_a.stride(1)), lora_a,
-                   (lora_b.stride(0), lora_b.stride(1)), lora_b, scale, None,
-                   n, r, True, cfg, xl2=xl2)
+    m = x2.shape[0]
+    if m <= DECODE_MAX_M and x.device.type == "cuda" and cfg is None:
+        from . import triton_decode
+        y, u = triton_decode.forward(x2, weight, bias, lora_a, lora_b, scale, xl2)
+        return y.view(*x.shape[:-1], n), u
+    tiles, sms = _device_facts(x.device, n, r, cfg)
+    y = torch.empty((m, n), device=x.device, dtype=x.dtype)
+    u = torch.empty((m, r), device=x.device, dtype=torch.float32)
+    use_tma = tma_allowed(x.device, x2, xl2, weight, lora_a)
+    launch = plan(x2, weight, weight.stride(), bias, lora_a, lora_a.stride(), lora_b,
+                  lora_b.stride(), scale, None, y, u, xl2, r=r, compute_u=True, expand=True,
+                  use_tma=use_tma, cfg=tiles, sms=sms)
+    _run(launch, x.device, cfg)
     return y.view(*x.shape[:-1], n), u
+
+
+def expand_into_gemm(x2, weight, bias, lora_b, us, cfg: FwdConfig | None = None):
+    """y = x W^T + bias + us B^T with a given rank-R operand us (M x R): the second launch of
+    the split alternative (kernels/triton_split.py)."""
+    m, k = x2.shape
+    n = weight.shape[0]
+    tiles, sms = _device_facts(x2.device, n, us.shape[1], cfg)
+    y = torch.empty((m, n), device=x2.device, dtype=x2.dtype)
+    launch = plan(x2, weight, weight.stride(), bias, None, (0, 0), lora_b, lora_b.stride(),
+                  None, us, y, None, None, r=us.shape[1], compute_u=False, expand=True,
+                  use_tma=False, cfg=tiles, sms=sms)
+    _run(launch, x2.device, cfg)
+    return y
 
 
 def input_grad(dy2, weight, lora_a, gs, cfg: FwdConfig | None = None):
@@ -209,9 +372,12 @@ def input_grad(dy2, weight, lora_a, gs, cfg: FwdConfig | None = None):
     gs=None gives dx = dy W alone (the lora_input backward) from the same kernel."""
     m, n = dy2.shape
     k, r = weight.shape[1], lora_a.shape[0]
-    cfg = (cfg or fwd_config(m, k, n, r, dy2.device, split_k=1)).with_split_k(1)
-    # "weight" of this GEMM is W^T (K_out = K, reduction over N); "lora_b" is A^T (K, R).
-    dx, _ = _launch(dy2, (weight.stride(1), weight.stride(0)), weight, None, (0, 0), None,
-                    (lora_a.stride(1), lora_a.stride(0)), lora_a, None, gs, k, r, False, cfg,
-                    expand=gs is not None)
+    tiles, sms = _device_facts(dy2.device, k, r, cfg)
+    dx = torch.empty((m, k), device=dy2.device, dtype=dy2.dtype)
+    # This GEMM's "weight" is W^T (output columns = K, reduction over N); "lora_b" is A^T.
+    launch = plan(dy2, weight, (weight.stride(1), weight.stride(0)), None, None, (0, 0),
+                  lora_a, (lora_a.stride(1), lora_a.stride(0)), None, gs, dx, None, None,
+                  r=r, compute_u=False, expand=gs is not None, use_tma=False, cfg=tiles,
+                  sms=sms)
+    _run(launch, dy2.device, cfg)
     return dx

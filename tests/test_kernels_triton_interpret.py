@@ -12,7 +12,7 @@ import torch
 pytest.importorskip("triton")
 
 from feddpa_fast.kernels import lora_linear  # noqa: E402
-from feddpa_fast.kernels.triton_config import fwd_config, interpreting, padded_rank  # noqa: E402
+from feddpa_fast.kernels.triton_config import interpreting, padded_rank  # noqa: E402
 from op_cases import assert_close_scaled, assert_close_to_reference, make_inputs  # noqa: E402
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter tests: CPU only")
@@ -81,19 +81,91 @@ def test_only_requested_gradients(wanted):
     assert_close_to_reference(triton_backend, inputs, wanted=wanted)
 
 
-@pytest.mark.parametrize("split_k,lora_input", [(2, False), (3, False), (2, True)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_split_k_decode_forward(split_k, dtype, lora_input):
-    from feddpa_fast.kernels import reference, triton_forward
-    inputs = make_inputs((3,), 80, 96, 16, dtype, row_scale=False, lora_input=lora_input)
-    cfg = fwd_config(3, 96, 80, 16, torch.device("cpu"), split_k=split_k)
-    cfg = cfg.__class__(16, 32, 16, cfg.block_r, split_k=split_k)  # 5 K blocks over the slices
-    y, u = triton_forward.forward(**inputs, cfg=cfg)
-    y_ref, u_ref = reference.lora_linear_forward(
+def _reference(inputs):
+    from feddpa_fast.kernels import reference
+    return reference.lora_linear_forward(
         **{k: (v.double() if v is not None else None) for k, v in inputs.items()})
+
+
+@pytest.mark.parametrize("split,lora_input", [(2, False), (3, False), (4, True), (1, False)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("row_scale,bias", [(False, True), (True, False)])
+def test_split_k_decode_forward_one_launch(split, dtype, lora_input, row_scale, bias):
+    """The decode kernel reduces its K slices inside the launch (last program to arrive); 5 K
+    blocks over the slices, so slices differ in length (one is empty at split 4)."""
+    from feddpa_fast.kernels import triton_decode
+    from feddpa_fast.kernels.triton_config import FwdConfig
+    inputs = make_inputs((3,), 80, 96, 16, dtype, row_scale=row_scale, bias=bias,
+                         lora_input=lora_input)
+    cfg = FwdConfig(16, 32, 16, 16, num_warps=4, num_stages=1)
+    y, u = triton_decode.forward(inputs["x"], inputs["weight"], inputs["bias"],
+                                 inputs["lora_a"], inputs["lora_b"], inputs["scale"],
+                                 inputs.get("lora_input"), cfg=cfg, split=split)
+    y_ref, u_ref = _reference(inputs)
     assert y.dtype == dtype and u.dtype == torch.float32
     assert_close_scaled(y, y_ref, dtype, "split-K output")
     assert_close_scaled(u, u_ref, dtype, "split-K u")
+    # The arrival counters are left zeroed for the next launch.
+    assert int(triton_decode._counters(y.device, 1).abs().sum()) == 0
+
+
+@pytest.mark.parametrize("chunks", [1, 2, 3, 5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("lora_input", [False, True])
+def test_forward_runs_of_column_tiles(chunks, dtype, lora_input):
+    """Each program computes u once for a run of column tiles: 5 column tiles split into
+    1, 2, 3 or 5 runs give the same y and u as the reference."""
+    from feddpa_fast.kernels import triton_forward
+    from feddpa_fast.kernels.triton_config import FwdConfig
+    inputs = make_inputs((67,), 48, 80, 16, dtype, lora_input=lora_input)
+    x2, w, a, b = inputs["x"], inputs["weight"], inputs["lora_a"], inputs["lora_b"]
+    xl2 = inputs.get("lora_input")
+    y = torch.full((67, 80), float("nan"), dtype=dtype)  # poisoned: every element must be written
+    u = torch.full((67, 16), float("nan"))
+    cfg = FwdConfig(32, 16, 16, 16, num_warps=4, num_stages=1)
+    launch = triton_forward.plan(x2, w, w.stride(), inputs["bias"], a, a.stride(), b,
+                                 b.stride(), inputs["scale"], None, y, u, xl2, r=16,
+                                 compute_u=True, expand=True, use_tma=False, cfg=cfg, sms=4,
+                                 chunks=chunks)
+    assert launch.grid == (3 * chunks,)
+    launch.run()
+    y_ref, u_ref = _reference(inputs)
+    assert_close_scaled(y, y_ref, dtype, "chunked output")
+    assert_close_scaled(u, u_ref, dtype, "chunked u")
+
+
+@pytest.mark.parametrize("lora_input", [False, True])
+def test_forward_tensor_descriptor_path(lora_input):
+    """USE_TMA (tensor descriptors; on GPU: sm_90+, 16-bit) in the interpreter, fp16, with
+    M, N, K and R not multiples of the tiles: the descriptors zero-fill out of bounds."""
+    import triton
+    from feddpa_fast.kernels import triton_forward
+    from feddpa_fast.kernels.triton_config import FwdConfig
+    triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8))
+    inputs = make_inputs((37,), 72, 50, 8, torch.float16, lora_input=lora_input)
+    x2, w, a, b = inputs["x"], inputs["weight"], inputs["lora_a"], inputs["lora_b"]
+    y = torch.full((37, 50), float("nan"), dtype=torch.float16)
+    u = torch.full((37, 8), float("nan"))
+    cfg = FwdConfig(32, 16, 16, 16, num_warps=4, num_stages=1)
+    triton_forward.plan(x2, w, w.stride(), inputs["bias"], a, a.stride(), b, b.stride(),
+                        inputs["scale"], None, y, u, inputs.get("lora_input"), r=8,
+                        compute_u=True, expand=True, use_tma=True, cfg=cfg, sms=4,
+                        chunks=2).run()
+    y_ref, u_ref = _reference(inputs)
+    assert_close_scaled(y, y_ref, torch.float16, "TMA output")
+    assert_close_scaled(u, u_ref, torch.float16, "TMA u")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_measured_alternatives_match_reference(dtype):
+    """The per-tile schedule and the two-launch split (bench/op_gpu.py) compute the op too."""
+    from feddpa_fast.kernels import triton_forward_pertile, triton_split
+    inputs = make_inputs((67,), 80, 96, 16, dtype)
+    y_ref, u_ref = _reference(inputs)
+    assert_close_scaled(triton_forward_pertile.forward(**inputs), y_ref, dtype, "per-tile")
+    y, u = triton_split.forward(**inputs)
+    assert_close_scaled(y, y_ref, dtype, "split y")
+    assert_close_scaled(u, u_ref, dtype, "split u")
 
 
 def test_rank_padding():

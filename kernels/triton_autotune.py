@@ -1,0 +1,138 @@
+"""Autotuning of the forward-family kernels on CUDA (never in the interpreter or the static
+report, which use fixed configs: kernels/triton_config.py).
+
+- Configs: ``fwd_candidates(arch)`` / ``decode_candidates(arch, m)``, pruned per problem by
+  ``prune``: a config is dropped when the static compile of that very launch for the current
+  GPU's architecture (kernels/triton_static.py) spills registers or needs more shared memory
+  than the device gives one program. At least one config always survives (the one using the
+  least shared memory).
+- Key: (M bucket, N, K, R) and the mode flags; Triton's autotuner caches the winner per key
+  (and on disk, with TRITON_CACHE_AUTOTUNING=1).
+- The grid follows the chosen tiles (triton_schedule), so each config is timed with the
+  schedule it would really run.
+Only the forward / dx and decode kernels are tuned; the backward's dy and dA kernels keep
+their fixed tiles (kernels/triton_config.py).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import triton
+
+from . import triton_schedule, triton_static
+from .triton_config import (FwdConfig, arch_of, decode_candidates, fwd_candidates,
+                            padded_rank, sm_count)
+
+_MODE_KEYS = ["HAS_BIAS", "COMPUTE_U", "LORA_INPUT", "EXPAND", "STORE_U", "USE_TMA"]
+_DECODE_MODE_KEYS = ["HAS_BIAS", "LORA_INPUT", "STORE_U"]
+_STATIC_CACHE: dict = {}
+
+
+def _smem_limit(device: torch.device) -> int:
+    props = torch.cuda.get_device_properties(device)
+    return getattr(props, "shared_memory_per_block_optin", 0) or \
+        triton_schedule.SMEM_LIMIT.get(arch_of(device), 166912)
+
+
+def _to_triton(cfg: FwdConfig) -> triton.Config:
+    return triton.Config({"BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n,
+                          "BLOCK_K": cfg.block_k}, num_warps=cfg.num_warps,
+                         num_stages=cfg.num_stages)
+
+
+def prune(configs, named_args, kernel, device: torch.device, **kwargs):
+    """Configs whose static compile on this GPU neither spills nor overflows shared memory."""
+    from .triton_forward import Launch
+
+    arch = arch_of(device)
+    target = arch if arch in triton_static.TARGETS else None
+    args = {**named_args, **kwargs}
+    limit = _smem_limit(device)
+    kept, reports = [], []
+    for config in configs:
+        launch = Launch(kernel, (1,), {**args, **config.kwargs}, config.num_warps,
+                        config.num_stages)
+        key = (kernel.fn.__name__ if hasattr(kernel, "fn") else str(kernel), arch,
+               tuple(sorted((k, _key_value(v)) for k, v in launch.args.items())),
+               config.num_warps, config.num_stages)
+        if key not in _STATIC_CACHE:
+            _STATIC_CACHE[key] = triton_static.compile_report(launch, target) if target else None
+        report = _STATIC_CACHE[key]
+        reports.append((report.smem_bytes if report else 0, config))
+        if report is None or (not report.spills and report.smem_bytes <= limit):
+            kept.append(config)
+    return kept or [min(reports, key=lambda item: item[0])[1]]
+
+
+def _key_value(v):
+    """What of an argument decides its compile: dtype and alignment of tensors, values of
+    ints (as in Triton's specialisation: == 1, % 16), constexpr values."""
+    if isinstance(v, torch.Tensor):
+        return (str(v.dtype), v.data_ptr() % 16 == 0)
+    if isinstance(v, int) and not isinstance(v, bool):
+        return ("int", v == 1, v % 16 == 0)
+    return v
+
+
+_TUNERS: dict = {}
+
+
+def _tuner(kind: str, kernel, configs, keys, device):
+    """One triton.autotune wrapper per (kind, arch, config list)."""
+    ident = (kind, arch_of(device), tuple(dataclasses.astuple(c) for c in configs))
+    if ident not in _TUNERS:
+        _TUNERS[ident] = triton.autotune(
+            configs=[_to_triton(c) for c in configs], key=keys,
+            prune_configs_by={"early_config_prune":
+                              lambda cs, nargs, **kw: prune(cs, nargs, kernel, device, **kw)},
+        )(kernel)
+    return _TUNERS[ident]
+
+
+def run_forward(launch, device: torch.device) -> None:
+    """Runs a forward-family Launch through the autotuner (tiles chosen per key)."""
+    args = dict(launch.args)
+    r = args["R"]
+    for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K"):
+        args.pop(name)
+    sms = sm_count(device)
+    computes_u = args["COMPUTE_U"]
+    m, n = args["M"], args["N"]
+
+    def grid(meta):
+        return (triton_schedule.forward_schedule(m, n, meta["BLOCK_M"], meta["BLOCK_N"],
+                                                 meta["BLOCK_R"], sms, computes_u).programs,)
+
+    configs = fwd_candidates(arch_of(device), max(r, 1))
+    tuner = _tuner("fwd", launch.kernel, configs, ["m_bucket", "N", "K", "R"] + _MODE_KEYS,
+                   device)
+    tuner[grid](**args)
+
+
+def run_decode(launch, device: torch.device) -> None:
+    """Runs a decode Launch through the autotuner; partials sized for the largest split."""
+    from . import triton_decode
+
+    a = launch.args
+    m, n, k, r = a["M"], a["N"], a["K"], a["R"]
+    sms = sm_count(device)
+    configs = decode_candidates(arch_of(device), m, r)
+    schedules = [triton_schedule.decode_schedule(m, n, k, c.block_m, c.block_n, c.block_k,
+                                                 c.block_r, sms) for c in configs]
+    capacity = max(s.chunks for s in schedules)
+    a["count_ptr"] = triton_decode._counters(device, max(s.col_tiles for s in schedules))
+    if a["y_part_ptr"].shape[0] < capacity:
+        a["y_part_ptr"] = torch.empty((capacity, m, n), device=device, dtype=torch.float32)
+        a["u_part_ptr"] = torch.empty((capacity, m, r), device=device, dtype=torch.float32)
+    args = {key: v for key, v in a.items() if key not in ("BLOCK_M", "BLOCK_N", "BLOCK_K")}
+    block_r = padded_rank(r)
+
+    def grid(meta):
+        s = triton_schedule.decode_schedule(m, n, k, meta["BLOCK_M"], meta["BLOCK_N"],
+                                            meta["BLOCK_K"], block_r, sms)
+        return (s.col_tiles, s.chunks)
+
+    tuner = _tuner("decode", triton_decode._lora_decode_kernel, configs,
+                   ["m_bucket", "N", "K", "R"] + _DECODE_MODE_KEYS, device)
+    tuner[grid](**args)

@@ -1,0 +1,203 @@
+"""Triton forward of lora_linear for decode-sized M (<= DECODE_MAX_M rows): split-K in one
+launch.
+
+    y = x W^T + bias + ((xa A^T) * S) B^T          (xa = xl with lora_input, else x)
+
+A (column tile, K slice) grid: with few rows, the plain grid has too few programs to stream W
+at the memory's rate, so each column tile's K range is cut into ``split`` slices
+(kernels/triton_schedule.decode_schedule). Program (n, s) computes the partial
+y_s = x_s W_s^T + ((u_s * S) B^T in fp32) and the partial u_s over its slice (exact up to
+fp32 rounding: the expand is linear in u). The partials of one column tile are reduced inside
+the launch by the last of its programs to arrive:
+
+    store partial -> barrier -> counter[n] += 1 (acq_rel) -> if it was split - 1:
+        barrier; y = own partial + the other partials (read past L1) + bias; store y in x's
+        dtype (and u, summed the same way, by column tile 0); reset counter[n] to 0
+
+The counters live in a zeroed int32 buffer per (device, stream) that every launch leaves
+zeroed again, so no memset runs per call.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import triton_schedule
+from .triton_config import (FwdConfig, arch_of, autotune_enabled, decode_default,
+                            input_precision, interpreter_config, interpreting, sm_count)
+from .triton_forward import Launch, m_bucket
+
+
+@triton.jit
+def _lora_decode_kernel(
+    # pointers
+    x_ptr, xl_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, s_ptr, y_ptr, u_ptr,
+    y_part_ptr, u_part_ptr, count_ptr,
+    # sizes
+    M, N, K, R,
+    # strides (the partials are contiguous: (split, M, N) and (split, M, R))
+    stride_xm, stride_xk, stride_xlm, stride_xlk, stride_wn, stride_wk,
+    stride_ar, stride_ak, stride_bn, stride_br, stride_sm, stride_sr,
+    stride_ym, stride_yn, stride_um, stride_ur,
+    # autotune key only
+    m_bucket,
+    # modes
+    HAS_BIAS: tl.constexpr, LORA_INPUT: tl.constexpr, STORE_U: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    # tiles (BLOCK_M >= M: one row block)
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    split = tl.num_programs(1)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, BLOCK_R)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    mask_r = offs_r < R
+    k_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), split) * BLOCK_K
+    k_start = pid_k * k_per_split
+    k_end = min(k_start + k_per_split, K)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    u = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        kk = k0 + offs_k
+        mask_k = kk < k_end
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :] * stride_xk,
+                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        w_t = tl.load(w_ptr + kk[:, None] * stride_wk + offs_n[None, :] * stride_wn,
+                      mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        a_t = tl.load(a_ptr + offs_r[None, :] * stride_ar + kk[:, None] * stride_ak,
+                      mask=mask_k[:, None] & mask_r[None, :], other=0.0)
+        if LORA_INPUT:
+            xa = tl.load(xl_ptr + offs_m[:, None] * stride_xlm + kk[None, :] * stride_xlk,
+                         mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        else:
+            xa = x
+        if UPCAST:  # the interpreter's bf16 dot is wrong (DESIGN section 2)
+            x = x.to(tl.float32)
+            w_t = w_t.to(tl.float32)
+            a_t = a_t.to(tl.float32)
+            xa = xa.to(tl.float32)
+        acc = tl.dot(x, w_t, acc, input_precision=PRECISION)
+        u = tl.dot(xa, a_t, u, input_precision=PRECISION)
+
+    # The partial expand, in fp32 (u_s is only a partial sum: it is not cast to x's dtype).
+    mask_mr = mask_m[:, None] & mask_r[None, :]
+    s = tl.load(s_ptr + offs_m[:, None] * stride_sm + offs_r[None, :] * stride_sr,
+                mask=mask_mr, other=0.0)
+    b_t = tl.load(b_ptr + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn,
+                  mask=mask_r[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
+    acc = tl.dot(u * s, b_t, acc, input_precision=PRECISION)
+
+    mask_mn = mask_m[:, None] & mask_n[None, :]
+    part_mn = offs_m[:, None] * N + offs_n[None, :]
+    part_mr = offs_m[:, None] * R + offs_r[None, :]
+    tl.store(y_part_ptr + pid_k * M * N + part_mn, acc, mask=mask_mn)
+    if STORE_U:
+        if pid_n == 0:
+            tl.store(u_part_ptr + pid_k * M * R + part_mr, u, mask=mask_mr)
+    tl.debug_barrier()  # every thread's partial is written before the release below
+    arrived = tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel")
+    if arrived == split - 1:  # the last program of this column tile reduces
+        tl.debug_barrier()
+        for other in range(0, split):
+            if other != pid_k:
+                acc += tl.load(y_part_ptr + other * M * N + part_mn, mask=mask_mn, other=0.0,
+                               cache_modifier=".cg")
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0)
+            acc += bias.to(tl.float32)[None, :]
+        tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn,
+                 acc.to(y_ptr.dtype.element_ty), mask=mask_mn)
+        if STORE_U:
+            if pid_n == 0:
+                for other in range(0, split):
+                    if other != pid_k:
+                        u += tl.load(u_part_ptr + other * M * R + part_mr, mask=mask_mr,
+                                     other=0.0, cache_modifier=".cg")
+                tl.store(u_ptr + offs_m[:, None] * stride_um + offs_r[None, :] * stride_ur, u,
+                         mask=mask_mr)
+        tl.atomic_xchg(count_ptr + pid_n, 0)  # zeroed again for the next launch
+
+
+_COUNTERS: dict = {}
+
+
+def _counters(device: torch.device, tiles: int) -> torch.Tensor:
+    """The zeroed arrival counters of (device, current stream), grown to ``tiles``."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (str(device), stream)
+    buf = _COUNTERS.get(key)
+    if buf is None or buf.numel() < tiles:
+        buf = torch.zeros(max(tiles, 256), device=device, dtype=torch.int32)
+        _COUNTERS[key] = buf
+    return buf
+
+
+def plan(x2, weight, bias, lora_a, lora_b, scale, xl2, y, u, *, cfg: FwdConfig, sms: int,
+         split_capacity: int = 0, split: int | None = None) -> Launch:
+    """The Launch of one decode call (y, u allocated; partials and counters taken here).
+    ``split_capacity``: room for that many K slices of partials (the autotuner's largest);
+    ``split``: force the number of K slices (tests), else triton_schedule chooses."""
+    m, k = x2.shape
+    n, r = weight.shape[0], lora_a.shape[0]
+    if m > cfg.block_m:
+        raise ValueError(f"decode kernel: M = {m} rows exceed BLOCK_M = {cfg.block_m}")
+    sched = triton_schedule.decode_schedule(m, n, k, cfg.block_m, cfg.block_n, cfg.block_k,
+                                            cfg.block_r, sms)
+    split = split or sched.chunks
+    room = max(split, split_capacity)
+    y_part = torch.empty((room, m, n), device=x2.device, dtype=torch.float32)
+    u_part = torch.empty((room, m, r), device=x2.device, dtype=torch.float32)
+    args = dict(
+        x_ptr=x2, xl_ptr=xl2 if xl2 is not None else x2, w_ptr=weight,
+        bias_ptr=bias if bias is not None else x2, a_ptr=lora_a, b_ptr=lora_b, s_ptr=scale,
+        y_ptr=y, u_ptr=u, y_part_ptr=y_part, u_part_ptr=u_part,
+        count_ptr=_counters(x2.device, sched.col_tiles),
+        M=m, N=n, K=k, R=r,
+        stride_xm=x2.stride(0), stride_xk=x2.stride(1),
+        stride_xlm=xl2.stride(0) if xl2 is not None else 0,
+        stride_xlk=xl2.stride(1) if xl2 is not None else 0,
+        stride_wn=weight.stride(0), stride_wk=weight.stride(1),
+        stride_ar=lora_a.stride(0), stride_ak=lora_a.stride(1),
+        stride_bn=lora_b.stride(0), stride_br=lora_b.stride(1),
+        stride_sm=0 if scale.shape[0] == 1 else scale.stride(0), stride_sr=scale.stride(1),
+        stride_ym=y.stride(0), stride_yn=y.stride(1),
+        stride_um=u.stride(0), stride_ur=u.stride(1),
+        m_bucket=m_bucket(m),
+        HAS_BIAS=bias is not None, LORA_INPUT=xl2 is not None, STORE_U=True,
+        UPCAST=interpreting() and x2.dtype != torch.float32,
+        PRECISION=input_precision(x2.dtype),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=cfg.block_r,
+    )
+    return Launch(_lora_decode_kernel, (sched.col_tiles, split), args, cfg.num_warps,
+                  cfg.num_stages)
+
+
+def forward(x2, weight, bias, lora_a, lora_b, scale, xl2=None, cfg: FwdConfig | None = None,
+            split: int | None = None):
+    """(y, u) for x2 (M x K, M <= DECODE_MAX_M) in one launch; ``cfg`` fixes the tiles and
+    ``split`` the K slices (tests; both skip autotuning)."""
+    m = x2.shape[0]
+    n, r = weight.shape[0], lora_a.shape[0]
+    y = torch.empty((m, n), device=x2.device, dtype=x2.dtype)
+    u = torch.empty((m, r), device=x2.device, dtype=torch.float32)
+    on_gpu = x2.device.type == "cuda" and not interpreting()
+    if on_gpu:
+        tiles, sms = cfg or decode_default(arch_of(x2.device), m, r), sm_count(x2.device)
+    else:
+        tiles, sms = cfg or interpreter_config(r), 4
+    launch = plan(x2, weight, bias, lora_a, lora_b, scale, xl2, y, u, cfg=tiles, sms=sms,
+                  split=split)
+    if on_gpu and cfg is None and split is None and autotune_enabled():
+        from . import triton_autotune
+        triton_autotune.run_decode(launch, x2.device)
+    else:
+        launch.run()
+    return y, u

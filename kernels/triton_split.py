@@ -1,0 +1,88 @@
+"""The split alternative of the Triton forward (LoRAFusion's two kernels), kept as a measured
+alternative in bench/op_gpu.py (provider two_gemm); the dispatcher uses the single launch of
+kernels/triton_forward.py unless a GPU measurement says otherwise (none yet).
+
+    launch 1 (_shrink_kernel):  u = xa A^T (fp32, M x R), us = (u * S).to(x.dtype)
+    launch 2 (the forward kernel with COMPUTE_U=False, EXPAND=True):
+                                y = x W^T + bias + us B^T
+
+u is computed exactly once per row, at the price of a second pass over x (the shrink reads x,
+the GEMM reads it again) and an (M, R) round trip through memory.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import triton_forward
+from .triton_config import input_precision, interpreting, padded_rank
+
+
+@triton.jit
+def _shrink_kernel(
+    # pointers
+    x_ptr, a_ptr, s_ptr, u_ptr, us_ptr,
+    # sizes
+    M, K, R,
+    # strides
+    stride_xm, stride_xk, stride_ar, stride_ak, stride_sm, stride_sr,
+    stride_um, stride_ur, stride_usm, stride_usr,
+    # modes
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    # tiles
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_mr = (offs_m[:, None] < M) & (offs_r[None, :] < R)
+    u = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :] * stride_xk,
+                    mask=(offs_m[:, None] < M) & (kk[None, :] < K), other=0.0)
+        a_t = tl.load(a_ptr + offs_r[None, :] * stride_ar + kk[:, None] * stride_ak,
+                      mask=(kk[:, None] < K) & (offs_r[None, :] < R), other=0.0)
+        if UPCAST:  # the interpreter's bf16 dot is wrong (DESIGN section 2)
+            x = x.to(tl.float32)
+            a_t = a_t.to(tl.float32)
+        u = tl.dot(x, a_t, u, input_precision=PRECISION)
+    s = tl.load(s_ptr + offs_m[:, None] * stride_sm + offs_r[None, :] * stride_sr,
+                mask=mask_mr, other=0.0)
+    tl.store(u_ptr + offs_m[:, None] * stride_um + offs_r[None, :] * stride_ur, u, mask=mask_mr)
+    tl.store(us_ptr + offs_m[:, None] * stride_usm + offs_r[None, :] * stride_usr,
+             (u * s).to(us_ptr.dtype.element_ty), mask=mask_mr)
+
+
+def shrink_plan(x2, lora_a, scale, u, us, block_m: int = 64, block_k: int = 128):
+    """The Launch of the shrink kernel (u, us allocated)."""
+    m, k = x2.shape
+    r = lora_a.shape[0]
+    if interpreting():
+        block_m, block_k = 32, 32
+    args = dict(
+        x_ptr=x2, a_ptr=lora_a, s_ptr=scale, u_ptr=u, us_ptr=us, M=m, K=k, R=r,
+        stride_xm=x2.stride(0), stride_xk=x2.stride(1),
+        stride_ar=lora_a.stride(0), stride_ak=lora_a.stride(1),
+        stride_sm=0 if scale.shape[0] == 1 else scale.stride(0), stride_sr=scale.stride(1),
+        stride_um=u.stride(0), stride_ur=u.stride(1),
+        stride_usm=us.stride(0), stride_usr=us.stride(1),
+        UPCAST=interpreting() and x2.dtype != torch.float32,
+        PRECISION=input_precision(x2.dtype),
+        BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=padded_rank(r),
+    )
+    return triton_forward.Launch(_shrink_kernel, (triton.cdiv(m, block_m),), args,
+                                 num_warps=4, num_stages=3)
+
+
+def forward(x, weight, bias, lora_a, lora_b, scale):
+    """(y, u) of lora_linear through the two launches (no lora_input; benchmark only)."""
+    k = x.shape[-1]
+    x2 = x.reshape(-1, k)
+    m, r = x2.shape[0], lora_a.shape[0]
+    u = torch.empty((m, r), device=x.device, dtype=torch.float32)
+    us = torch.empty((m, r), device=x.device, dtype=x.dtype)
+    shrink_plan(x2, lora_a, scale, u, us).run()
+    y = triton_forward.expand_into_gemm(x2, weight, bias, lora_b, us)
+    return y.view(*x.shape[:-1], weight.shape[0]), u
