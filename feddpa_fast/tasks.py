@@ -9,7 +9,8 @@ space does not depend on which adapter mix is evaluating it.
 
 ``CausalLMTask``: an instruction-tuned causal LM; the prompt is the Alpaca template, the loss
 covers the response tokens only (EOS appended), prompts are truncated to ``cutoff`` tokens;
-evaluation generates greedily and scores ROUGE-L against the reference output.
+evaluation generates (greedy, or beam search with ``num_beams`` > 1: each sequence's beams keep
+its own mix weights, feddpa_fast/rows.py) and scores ROUGE-L against the reference output.
 
 Both expose the same methods, all taking per-sequence mix weights where it matters:
 ``loss(examples)``, ``predict(examples, global_w, local_w) -> list[str]``,
@@ -115,9 +116,13 @@ class CausalLMTask:
 
     kind = "causal-lm"
 
-    def __init__(self, model, tokenizer, *, cutoff: int = 256, max_new_tokens: int = 32):
+    def __init__(self, model, tokenizer, *, cutoff: int = 256, max_new_tokens: int = 32,
+                 num_beams: int = 1):
+        for name, value in (("max_new_tokens", max_new_tokens), ("num_beams", num_beams)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"CausalLMTask: {name} must be a positive int, got {value!r}")
         self.model, self.tokenizer = model, tokenizer
-        self.cutoff, self.max_new_tokens = cutoff, max_new_tokens
+        self.cutoff, self.max_new_tokens, self.num_beams = cutoff, max_new_tokens, num_beams
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         self._scorer = None
@@ -158,9 +163,12 @@ class CausalLMTask:
 
     @torch.no_grad()
     def predict(self, examples, global_w, local_w) -> list[str]:
+        """Generations for ``examples`` under the mix (floats or one weight per example);
+        one batched ``generate`` call, greedy or with ``num_beams`` beams."""
         ids, mask = self._left_padded_prompts(examples)
         with mix(self.model, global_w, local_w):
             out = self.model.generate(input_ids=ids, attention_mask=mask, do_sample=False,
+                                      num_beams=self.num_beams,
                                       max_new_tokens=self.max_new_tokens,
                                       pad_token_id=self.tokenizer.pad_token_id)
         return self.tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)

