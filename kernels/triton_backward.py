@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from . import triton_forward, triton_schedule
-from .triton_config import (BwdConfig, arch_of, da_default, dy_default, input_precision,
+from .triton_config import (BwdConfig, aligned, arch_of, da_default, dy_default, input_precision,
                             interpreter_bwd_config, interpreting, sm_count)
 from .triton_forward import Launch
 
@@ -106,28 +106,30 @@ def _da_kernel(
     offs_r = tl.arange(0, BLOCK_R)
     mask_k = offs_k < K
     mask_r = offs_r < R
-    acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+    # dA^T tile = x^T gs: the K tile is the dot's M side (>= 64, so Hopper's wgmma applies;
+    # with gs^T x the rank, 16..64, would be M and the dot would fall back to mma.sync).
+    acc = tl.zeros((BLOCK_K, BLOCK_R), dtype=tl.float32)
     for block in range(block_first, block_end):
         offs_m = block * BLOCK_M + tl.arange(0, BLOCK_M)
         mask_m = offs_m < M
-        gs_t = tl.load(gs_ptr + offs_r[:, None] * stride_gsr + offs_m[None, :] * stride_gsm,
-                       mask=mask_r[:, None] & mask_m[None, :], other=0.0)
+        gs = tl.load(gs_ptr + offs_m[:, None] * stride_gsm + offs_r[None, :] * stride_gsr,
+                     mask=mask_m[:, None] & mask_r[None, :], other=0.0)
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         if UPCAST:
-            gs_t = gs_t.to(tl.float32)
+            gs = gs.to(tl.float32)
             x = x.to(tl.float32)
-        acc = tl.dot(gs_t, x, acc, input_precision=PRECISION)
-    tl.atomic_add(da_ptr + offs_r[:, None] * stride_dar + offs_k[None, :] * stride_dak, acc,
-                  mask=mask_r[:, None] & mask_k[None, :])
+        acc = tl.dot(tl.trans(x), gs, acc, input_precision=PRECISION)
+    tl.atomic_add(da_ptr + offs_k[:, None] * stride_dak + offs_r[None, :] * stride_dar, acc,
+                  mask=mask_k[:, None] & mask_r[None, :])
 
 
-def _facts(device: torch.device, r: int) -> tuple[BwdConfig, BwdConfig, int]:
+def _facts(device: torch.device, r: int, is_aligned: bool) -> tuple[BwdConfig, BwdConfig, int]:
     if device.type != "cuda" or interpreting():
         cfg = interpreter_bwd_config(r)
         return cfg, cfg, 4
     arch = arch_of(device)
-    return dy_default(arch, r), da_default(arch, r), sm_count(device)
+    return dy_default(arch, r, is_aligned), da_default(arch, r), sm_count(device)
 
 
 def dy_plan(dy2, lora_b, us, g, db32, *, need_db: bool, cfg: BwdConfig, sms: int) -> Launch:
@@ -181,7 +183,7 @@ def backward(dy, x, weight, lora_a, lora_b, scale, u, lora_input, output_mask):
     if dy2.stride(-1) != 1:
         dy2 = dy2.contiguous()
     m = dy2.shape[0]
-    dy_cfg, da_cfg, sms = _facts(x.device, r)
+    dy_cfg, da_cfg, sms = _facts(x.device, r, aligned(n, dy2.stride(0)))
 
     g = torch.zeros((m, r), device=x.device, dtype=torch.float32)
     # us = u * S only feeds dB; without it the kernel gets placeholder pointers it never reads.

@@ -97,12 +97,20 @@ def _family(arch: str) -> str:
 
 
 # (block_m, block_n, block_k, num_warps, num_stages); block_r comes from R.
+# Each list is clean (no spills, shared memory within the limit) in the static report at the
+# benchmark's aligned shapes; the sm_80 persistent kernel spills at 4 warps (pointer loads:
+# 255 registers), so its tiles run 8 warps.
 _FWD = {
     "hopper": [(128, 256, 64, 8, 3), (128, 128, 64, 4, 4), (128, 128, 64, 8, 4),
                (64, 256, 64, 4, 3), (64, 128, 64, 4, 4)],
-    "ampere": [(128, 128, 32, 4, 4), (128, 128, 64, 8, 3), (64, 128, 64, 4, 4),
-               (128, 64, 64, 4, 4)],
+    "ampere": [(128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (64, 128, 64, 8, 3),
+               (128, 64, 64, 8, 3), (64, 64, 64, 4, 4)],
 }
+# Sizes or row strides that are not multiples of 16 elements lose Triton's divisibility hint:
+# loads go element by element with a pointer and a mask each, and the big tiles spill (255
+# registers + 64-560 B of stack at 64 x 64 x 64 on sm_80, 416 B at 128 x 128 on sm_90a).
+# These small tiles compile clean there (HGMMA still on sm_90a).
+_FWD_UNALIGNED = {"hopper": (64, 64, 32, 4, 3), "ampere": (32, 64, 32, 4, 3)}
 _DECODE = {  # (block_n, block_k, num_warps, num_stages); block_m from M
     "hopper": [(64, 128, 4, 4), (128, 128, 4, 3), (64, 256, 4, 3)],
     "ampere": [(64, 128, 4, 4), (128, 64, 4, 3)],
@@ -113,9 +121,17 @@ def decode_block_m(m: int) -> int:
     return 16 if m <= 16 else (32 if m <= 32 else 64)
 
 
+def aligned(*sizes: int) -> bool:
+    """Whether every size / row stride is a multiple of 16 elements (Triton's hint)."""
+    return all(v % 16 == 0 for v in sizes)
+
+
 def fwd_candidates(arch: str, r: int) -> list[FwdConfig]:
-    """The prefill forward / dx configs the autotuner may pick on ``arch``."""
-    return [FwdConfig(bm, bn, bk, padded_rank(r), w, s) for bm, bn, bk, w, s in _FWD[_family(arch)]]
+    """The prefill forward / dx configs the autotuner may pick on ``arch`` (the small
+    unaligned-shape config last, so that one clean config survives any prune)."""
+    family = _family(arch)
+    return [FwdConfig(bm, bn, bk, padded_rank(r), w, s)
+            for bm, bn, bk, w, s in _FWD[family] + [_FWD_UNALIGNED[family]]]
 
 
 def decode_candidates(arch: str, m: int, r: int) -> list[FwdConfig]:
@@ -124,21 +140,29 @@ def decode_candidates(arch: str, m: int, r: int) -> list[FwdConfig]:
             for bn, bk, w, s in _DECODE[_family(arch)]]
 
 
-def fwd_default(arch: str, n: int, r: int) -> FwdConfig:
+def fwd_default(arch: str, n: int, r: int, is_aligned: bool = True) -> FwdConfig:
     """The prefill config used without autotuning: the first candidate, with 128-wide
-    columns when N is small."""
+    columns when N is small; the small tiles for unaligned shapes."""
+    if not is_aligned:
+        return fwd_candidates(arch, r)[-1]
     first = fwd_candidates(arch, r)[0]
     if n < 2048 and first.block_n > 128:
         return dataclasses.replace(first, block_n=128)
     return first
 
 
-def decode_default(arch: str, m: int, r: int) -> FwdConfig:
-    return decode_candidates(arch, m, r)[0]
+def decode_default(arch: str, m: int, r: int, is_aligned: bool = True) -> FwdConfig:
+    """The decode config without autotuning; 64-deep K steps for unaligned shapes (128 spill
+    at R = 48 on both archs)."""
+    first = decode_candidates(arch, m, r)[0]
+    return first if is_aligned else dataclasses.replace(first, block_k=64)
 
 
-def dy_default(arch: str, r: int) -> BwdConfig:
-    """The dy pass (g, dB): 64 rows x 128 columns per step (not autotuned)."""
+def dy_default(arch: str, r: int, is_aligned: bool = True) -> BwdConfig:
+    """The dy pass (g, dB): 64 rows x 128 columns per step (not autotuned); 32 x 64 for
+    unaligned N (64 x 128 spills there)."""
+    if not is_aligned:
+        return BwdConfig(32, 64, padded_rank(r), num_warps=4, num_stages=2)
     return BwdConfig(64, 128, padded_rank(r), num_warps=4, num_stages=2)
 
 

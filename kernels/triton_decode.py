@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from . import triton_schedule
-from .triton_config import (FwdConfig, arch_of, autotune_enabled, decode_default,
+from .triton_config import (FwdConfig, aligned, arch_of, autotune_enabled, decode_default,
                             input_precision, interpreter_config, interpreting, sm_count)
 from .triton_forward import Launch, m_bucket
 
@@ -190,7 +190,9 @@ def forward(x2, weight, bias, lora_a, lora_b, scale, xl2=None, cfg: FwdConfig | 
     u = torch.empty((m, r), device=x2.device, dtype=torch.float32)
     on_gpu = x2.device.type == "cuda" and not interpreting()
     if on_gpu:
-        tiles, sms = cfg or decode_default(arch_of(x2.device), m, r), sm_count(x2.device)
+        is_aligned = aligned(x2.shape[1], n, x2.stride(0), weight.stride(0))
+        tiles = cfg or decode_default(arch_of(x2.device), m, r, is_aligned)
+        sms = sm_count(x2.device)
     else:
         tiles, sms = cfg or interpreter_config(r), 4
     launch = plan(x2, weight, bias, lora_a, lora_b, scale, xl2, y, u, cfg=tiles, sms=sms,

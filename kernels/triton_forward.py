@@ -31,8 +31,9 @@ import triton
 import triton.language as tl
 
 from . import triton_schedule
-from .triton_config import (DECODE_MAX_M, FwdConfig, arch_of, autotune_enabled, fwd_default,
-                            input_precision, interpreter_config, interpreting, sm_count)
+from .triton_config import (DECODE_MAX_M, FwdConfig, aligned, arch_of, autotune_enabled,
+                            fwd_default, input_precision, interpreter_config, interpreting,
+                            sm_count)
 
 
 @triton.jit
@@ -41,7 +42,7 @@ def _tile_k_loop(acc, u, x_src, xl_src, w_src, a_src, off_m, off_n,
                  stride_xm, stride_xk, stride_xlm, stride_xlk, stride_wn, stride_wk,
                  stride_ar, stride_ak,
                  WITH_U: tl.constexpr, LORA_INPUT: tl.constexpr, USE_TMA: tl.constexpr,
-                 UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                 W_T: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  BLOCK_R: tl.constexpr):
     """acc += x W^T over the whole K for one output tile; with WITH_U also u += xa A^T."""
@@ -51,7 +52,10 @@ def _tile_k_loop(acc, u, x_src, xl_src, w_src, a_src, off_m, off_n,
     for k0 in range(0, K, BLOCK_K):
         if USE_TMA:
             x = x_src.load([off_m, k0])
-            w_t = w_src.load([off_n, k0]).T
+            if W_T:
+                w_t = w_src.load([k0, off_n])
+            else:
+                w_t = w_src.load([off_n, k0]).T
         else:
             kk = k0 + tl.arange(0, BLOCK_K)
             x = tl.load(x_src + offs_m[:, None] * stride_xm + kk[None, :] * stride_xk,
@@ -128,7 +132,9 @@ def _lora_fwd_kernel(
     LORA_INPUT: tl.constexpr,   # xa = xl (LoRA dropout) instead of x
     EXPAND: tl.constexpr,       # add the rank-R term us B^T
     STORE_U: tl.constexpr,      # write the fp32 u (M x R) for the backward
-    USE_TMA: tl.constexpr,      # x, xl, W, A through tensor descriptors (forward layout)
+    USE_TMA: tl.constexpr,      # x, xl, W, A through tensor descriptors
+    W_T: tl.constexpr,          # the GEMM's weight is stored reduction-major (K x N): dx
+                                # reads the op's W (N_op x K_op) that way
     UPCAST: tl.constexpr,       # interpreter only: 16-bit tiles to fp32 before each dot
     PRECISION: tl.constexpr,    # tl.dot input precision (tf32 / ieee)
     # tiles
@@ -151,14 +157,20 @@ def _lora_fwd_kernel(
     if USE_TMA:
         x_src = tl.make_tensor_descriptor(x_ptr, shape=[M, K], strides=[stride_xm, 1],
                                           block_shape=[BLOCK_M, BLOCK_K])
-        w_src = tl.make_tensor_descriptor(w_ptr, shape=[N, K], strides=[stride_wn, 1],
-                                          block_shape=[BLOCK_N, BLOCK_K])
-        a_src = tl.make_tensor_descriptor(a_ptr, shape=[R, K], strides=[stride_ar, 1],
-                                          block_shape=[BLOCK_R, BLOCK_K])
-        xl_src = x_src
-        if LORA_INPUT:
-            xl_src = tl.make_tensor_descriptor(xl_ptr, shape=[M, K], strides=[stride_xlm, 1],
-                                               block_shape=[BLOCK_M, BLOCK_K])
+        if W_T:
+            w_src = tl.make_tensor_descriptor(w_ptr, shape=[K, N], strides=[stride_wk, 1],
+                                              block_shape=[BLOCK_K, BLOCK_N])
+        else:
+            w_src = tl.make_tensor_descriptor(w_ptr, shape=[N, K], strides=[stride_wn, 1],
+                                              block_shape=[BLOCK_N, BLOCK_K])
+        a_src, xl_src = a_ptr, x_src
+        if COMPUTE_U:  # only then are A (and xl) real tensors
+            a_src = tl.make_tensor_descriptor(a_ptr, shape=[R, K], strides=[stride_ar, 1],
+                                              block_shape=[BLOCK_R, BLOCK_K])
+            if LORA_INPUT:
+                xl_src = tl.make_tensor_descriptor(xl_ptr, shape=[M, K],
+                                                   strides=[stride_xlm, 1],
+                                                   block_shape=[BLOCK_M, BLOCK_K])
     else:
         x_src, xl_src, w_src, a_src = x_ptr, xl_ptr, w_ptr, a_ptr
 
@@ -172,7 +184,7 @@ def _lora_fwd_kernel(
                               tile_first * BLOCK_N, M, N, K, R,
                               stride_xm, stride_xk, stride_xlm, stride_xlk, stride_wn,
                               stride_wk, stride_ar, stride_ak,
-                              True, LORA_INPUT, USE_TMA, UPCAST, PRECISION,
+                              True, LORA_INPUT, USE_TMA, W_T, UPCAST, PRECISION,
                               BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R)
         if STORE_U:
             if chunk == 0:  # one program per row block writes u for the backward
@@ -200,7 +212,7 @@ def _lora_fwd_kernel(
                               M, N, K, R,
                               stride_xm, stride_xk, stride_xlm, stride_xlk, stride_wn,
                               stride_wk, stride_ar, stride_ak,
-                              False, LORA_INPUT, USE_TMA, UPCAST, PRECISION,
+                              False, LORA_INPUT, USE_TMA, W_T, UPCAST, PRECISION,
                               BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R)
         _tile_epilogue(acc, us, b_ptr, bias_ptr, y_ptr, off_m, tile * BLOCK_N, M, N, R,
                        stride_bn, stride_br, stride_ym, stride_yn,
@@ -295,6 +307,7 @@ def plan(x2, w, w_strides, bias, a, a_strides, b, b_strides, scale, us, y, u, xl
         m_bucket=m_bucket(m),
         HAS_BIAS=bias is not None, COMPUTE_U=compute_u, LORA_INPUT=xl2 is not None,
         EXPAND=expand, STORE_U=u is not None, USE_TMA=use_tma,
+        W_T=w_strides[1] != 1 and w_strides[0] == 1,
         UPCAST=interpreting() and x2.dtype != torch.float32,
         PRECISION=input_precision(x2.dtype),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=cfg.block_r,
@@ -313,11 +326,12 @@ def _run(launch: Launch, device: torch.device, fixed_cfg: FwdConfig | None):
     triton_autotune.run_forward(launch, device)
 
 
-def _device_facts(device: torch.device, n: int, r: int, cfg: FwdConfig | None):
+def _device_facts(device: torch.device, n: int, r: int, cfg: FwdConfig | None,
+                  is_aligned: bool = True):
     """(config, SM count) for a launch: the given or default tiles."""
     if device.type != "cuda" or interpreting():
         return cfg or interpreter_config(r), 4
-    return cfg or fwd_default(arch_of(device), n, r), sm_count(device)
+    return cfg or fwd_default(arch_of(device), n, r, is_aligned), sm_count(device)
 
 
 def _rows(t, k):
@@ -342,7 +356,8 @@ def forward(x, weight, bias, lora_a, lora_b, scale, lora_input=None,
         from . import triton_decode
         y, u = triton_decode.forward(x2, weight, bias, lora_a, lora_b, scale, xl2)
         return y.view(*x.shape[:-1], n), u
-    tiles, sms = _device_facts(x.device, n, r, cfg)
+    tiles, sms = _device_facts(x.device, n, r, cfg, aligned(k, n, x2.stride(0),
+                                                           weight.stride(0)))
     y = torch.empty((m, n), device=x.device, dtype=x.dtype)
     u = torch.empty((m, r), device=x.device, dtype=torch.float32)
     use_tma = tma_allowed(x.device, x2, xl2, weight, lora_a)
@@ -358,7 +373,8 @@ def expand_into_gemm(x2, weight, bias, lora_b, us, cfg: FwdConfig | None = None)
     the split alternative (kernels/triton_split.py)."""
     m, k = x2.shape
     n = weight.shape[0]
-    tiles, sms = _device_facts(x2.device, n, us.shape[1], cfg)
+    tiles, sms = _device_facts(x2.device, n, us.shape[1], cfg,
+                               aligned(k, n, x2.stride(0), weight.stride(0)))
     y = torch.empty((m, n), device=x2.device, dtype=x2.dtype)
     launch = plan(x2, weight, weight.stride(), bias, None, (0, 0), lora_b, lora_b.stride(),
                   None, us, y, None, None, r=us.shape[1], compute_u=False, expand=True,
@@ -372,12 +388,12 @@ def input_grad(dy2, weight, lora_a, gs, cfg: FwdConfig | None = None):
     gs=None gives dx = dy W alone (the lora_input backward) from the same kernel."""
     m, n = dy2.shape
     k, r = weight.shape[1], lora_a.shape[0]
-    tiles, sms = _device_facts(dy2.device, k, r, cfg)
+    tiles, sms = _device_facts(dy2.device, k, r, cfg, aligned(k, n, dy2.stride(0)))
     dx = torch.empty((m, k), device=dy2.device, dtype=dy2.dtype)
     # This GEMM's "weight" is W^T (output columns = K, reduction over N); "lora_b" is A^T.
     launch = plan(dy2, weight, (weight.stride(1), weight.stride(0)), None, None, (0, 0),
                   lora_a, (lora_a.stride(1), lora_a.stride(0)), None, gs, dx, None, None,
-                  r=r, compute_u=False, expand=gs is not None, use_tma=False, cfg=tiles,
-                  sms=sms)
+                  r=r, compute_u=False, expand=gs is not None,
+                  use_tma=tma_allowed(dy2.device, dy2, weight), cfg=tiles, sms=sms)
     _run(launch, dy2.device, cfg)
     return dx

@@ -57,8 +57,12 @@ def forward_schedule(m: int, n: int, block_m: int, block_n: int, block_r: int, s
 
 
 def _best_chunks(row_blocks: int, col_tiles: int, max_chunks: int, sms: int) -> int:
-    return min(range(1, max(1, max_chunks) + 1),
-               key=lambda c: (cdiv(row_blocks * c, sms) * cdiv(col_tiles, c), c))
+    """Fewest runs per row block whose makespan (waves x tiles per program) is within 10 % of
+    the best: fewer programs mean fewer recomputes of u and fewer partial sums."""
+    options = range(1, max(1, max_chunks) + 1)
+    makespan = {c: cdiv(row_blocks * c, sms) * cdiv(col_tiles, c) for c in options}
+    best = min(makespan.values())
+    return min(c for c in options if makespan[c] <= 1.1 * best)
 
 
 def pertile_schedule(m: int, n: int, block_m: int, block_n: int, block_r: int) -> Schedule:

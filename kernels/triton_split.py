@@ -61,6 +61,8 @@ def shrink_plan(x2, lora_a, scale, u, us, block_m: int = 64, block_k: int = 128)
     r = lora_a.shape[0]
     if interpreting():
         block_m, block_k = 32, 32
+    elif k % 16 or x2.stride(0) % 16:  # unaligned rows: 64-row tiles spill at R = 48
+        block_m = 32
     args = dict(
         x_ptr=x2, a_ptr=lora_a, s_ptr=scale, u_ptr=u, us_ptr=us, M=m, K=k, R=r,
         stride_xm=x2.stride(0), stride_xk=x2.stride(1),
