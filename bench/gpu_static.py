@@ -110,7 +110,8 @@ def forward_cases(m, k, n, r, label, target, configs, sms, alternatives=True,
         return cases
     cfg, source = configs[0]
     pertile = triton_forward_pertile.plan(t["x"], t["w"], t["bias"], t["a"], t["b"],
-                                          t["scale"], meta(m, n), cfg)
+                                          t["scale"], meta(m, n),
+                                          meta(m, r, dtype=torch.float32), cfg)
     cases.append(Case("fwd_pertile", label, True, cfg.label(), "alternative", pertile,
                       triton_schedule.pertile_schedule(m, n, cfg.block_m, cfg.block_n,
                                                        cfg.block_r).extra_mma_frac, 0))

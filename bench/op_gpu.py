@@ -1,8 +1,16 @@
 """GPU benchmark of the lora_linear op (bf16): base (cuBLAS F.linear, the floor), unfused
-(PEFT-style), peft (the real library, two adapters), two_gemm (shrink + addmm_ into the base
-output) and fused (the Triton backend), in modes forward, backward and fwd+bwd.
+(PEFT-style), peft (the real library, two adapters), two_gemm (LoRAFusion's split: a shrink
+kernel, then a GEMM whose accumulator also takes (u*S) B^T), fused_pertile (the previous single
+launch, one program per output tile) and fused (the Triton backend, as dispatched), in modes
+forward, backward and fwd+bwd.
 
     python bench/op_gpu.py [--quick] [--no-plot]        (make bench-gpu)
+    python bench/op_gpu.py --shapes 8192x4096x4096 1x4096x4096 --modes forward fwd+bwd
+    python bench/op_gpu.py --dry-run                    CPU, Triton's interpreter, tiny shapes
+
+--dry-run (needs TRITON_INTERPRET=1 set before start) runs every provider and mode end to end
+on tiny shapes with wall-clock timing, so the script itself is tested without a GPU; its rows
+say device "cpu (dry run)" and are never GPU figures.
 
 Timings are triton.testing.do_bench medians (p20/p80 too); decode forward (M <= 64) is timed
 through CUDA graphs to take launch gaps out. Rows (with TFLOP/s, GB/s from the analytic byte
@@ -29,7 +37,8 @@ from feddpa_fast.kernels import reference  # noqa: E402
 PREFILL = [(m, k, n, 16) for m in (2048, 8192)
            for (k, n) in ((4096, 4096), (4096, 11008), (11008, 4096))]
 DECODE = [(m, k, n, 16) for m in (1, 16, 64) for (k, n) in ((4096, 4096), (4096, 11008))]
-PROVIDERS = ["base", "unfused", "peft", "two_gemm", "fused"]
+PROVIDERS = ["base", "unfused", "peft", "two_gemm", "fused_pertile", "fused"]
+DRY_RUN_SHAPES = [(64, 64, 96, 8), (3, 64, 96, 8)]
 MODES = ["forward", "backward", "fwd+bwd"]
 CSV_PATH = common.RESULTS_DIR / "op_gpu.csv"
 FIELDS = common.CSV_FIELDS + ["gbps", "max_abs_err"]
@@ -43,7 +52,7 @@ def bytes_moved(m, k, n, r, mode, provider) -> float:
     return {"forward": fwd, "backward": bwd, "fwd+bwd": fwd + bwd}[mode]
 
 
-def max_abs_errors(p: Problem) -> dict[str, float]:
+def max_abs_errors(p: Problem, providers: list[str]) -> dict[str, float]:
     """Forward max abs error of each provider against the fp32 reference of the same inputs."""
     r = p.a[0].shape[0]
     scale = torch.cat([(p.scaling * m).expand(-1, r) for m in p.mix], dim=1).contiguous()
@@ -58,13 +67,29 @@ def max_abs_errors(p: Problem) -> dict[str, float]:
     refs = {"base": base_ref, "peft": static_ref}
     out = {}
     with torch.no_grad():
-        for name, fn in build_providers(p, "forward", PROVIDERS, return_output=True).items():
+        for name, fn in build_providers(p, "forward", providers, return_output=True,
+                                        fused_backend=fused_backend(p.x)).items():
             out[name] = (fn().float() - refs.get(name, ref)).abs().max().item()
     return out
 
 
-def time_provider(fn, mode, m) -> list[float]:
-    """(median, p20, p80) in ms through do_bench; CUDA graphs for decode forward."""
+def fused_backend(x):
+    """The dry run (CPU tensors) runs the fused op on the Triton kernels in the interpreter."""
+    return "triton" if x.device.type == "cpu" else None
+
+
+def time_provider(fn, mode, m, dry_run=False) -> list[float]:
+    """(median, p20, p80) in ms through do_bench; CUDA graphs for decode forward. The dry run
+    times 3 calls with the wall clock (no GPU: the figures only prove the path runs)."""
+    if dry_run:
+        import time
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1e3)
+        times.sort()
+        return [times[1], times[0], times[2]]
     import triton.testing as tt
 
     if mode == "forward" and m <= 64:
@@ -78,27 +103,48 @@ def time_provider(fn, mode, m) -> list[float]:
 def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="one prefill and one decode shape")
+    ap.add_argument("--shapes", nargs="+", default=None, metavar="MxKxN",
+                    help="shapes to run (r = 16 per branch), default the full list")
+    ap.add_argument("--modes", nargs="+", choices=MODES, default=MODES)
+    ap.add_argument("--providers", nargs="+", choices=PROVIDERS, default=PROVIDERS)
     ap.add_argument("--csv", type=Path, default=CSV_PATH)
     ap.add_argument("--no-plot", action="store_true")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="CPU + TRITON_INTERPRET=1, tiny shapes: tests the script, no GPU figures")
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
+    providers = [p for p in PROVIDERS if p in args.providers]
+    if "base" not in providers:
+        providers.insert(0, "base")  # ratios are to base
+    if args.dry_run:
+        from feddpa_fast.kernels.triton_config import interpreting
+        if not interpreting():
+            raise SystemExit("--dry-run needs TRITON_INTERPRET=1 set before the script starts")
+        device, dtype = torch.device("cpu"), torch.float32
+    elif not torch.cuda.is_available():
         print("bench/op_gpu.py needs a CUDA GPU; none is visible.", file=sys.stderr)
         raise SystemExit(2)
-    device = torch.device("cuda")
-    shapes = [PREFILL[0], DECODE[1]] if args.quick else PREFILL + DECODE
+    else:
+        device, dtype = torch.device("cuda"), torch.bfloat16
+    if args.shapes:
+        shapes = [tuple(int(v) for v in s.split("x")) + (16,) for s in args.shapes]
+    elif args.dry_run:
+        shapes = DRY_RUN_SHAPES
+    else:
+        shapes = [PREFILL[0], DECODE[1]] if args.quick else PREFILL + DECODE
     meta = {
         "run_id": common.new_run_id(), "date": common.today(),
-        "device": common.device_name(device), "threads": "",
-        "torch": torch.__version__, "feddpa_fast": feddpa_fast.__version__,
-        "bench": "op_gpu", "dtype": "bfloat16",
+        "device": "cpu (dry run)" if args.dry_run else common.device_name(device),
+        "threads": "", "torch": torch.__version__, "feddpa_fast": feddpa_fast.__version__,
+        "bench": "op_gpu", "dtype": str(dtype).replace("torch.", ""),
     }
     rows = []
     for (m, k, n, r) in shapes:
-        problem = make_problem(m, k, n, r, dtype=torch.bfloat16, device=device)
-        errors = max_abs_errors(problem)
-        for mode in MODES:
-            fns = build_providers(problem, mode, PROVIDERS, backward_only=(mode == "backward"))
-            timed = {name: time_provider(fn, mode, m) for name, fn in fns.items()}
+        problem = make_problem(m, k, n, r, dtype=dtype, device=device)
+        errors = max_abs_errors(problem, providers)
+        for mode in args.modes:
+            fns = build_providers(problem, mode, providers, backward_only=(mode == "backward"),
+                                  fused_backend=fused_backend(problem.x))
+            timed = {name: time_provider(fn, mode, m, args.dry_run) for name, fn in fns.items()}
             base_median = timed["base"][0]
             for name, (med, p20, p80) in timed.items():
                 rows.append({**meta, "M": m, "K": k, "N": n, "r": r, "mode": mode,
@@ -110,12 +156,12 @@ def main(argv=None) -> list[dict]:
                              "max_abs_err": f"{errors[name]:.4g}" if mode == "forward" else ""})
             print(f"done {m},{k},{n},{r} {mode}", file=sys.stderr, flush=True)
     common.append_rows(args.csv, rows, FIELDS)
-    print(f"# {meta['device']}, torch {meta['torch']}, {meta['date']}, bf16")
-    print(common.markdown_table(rows, PROVIDERS))
+    print(f"# {meta['device']}, torch {meta['torch']}, {meta['date']}, {meta['dtype']}")
+    print(common.markdown_table(rows, providers))
     print("max abs error vs fp32 reference (forward): " + "; ".join(
         f"{r['M']},{r['K']},{r['N']} {r['provider']}={r['max_abs_err']}"
         for r in rows if r["mode"] == "forward"))
-    if not args.no_plot:
+    if not args.no_plot and not args.dry_run:
         print(f"plot: {plot.plot_latest_run(args.csv, args.csv.with_suffix('.png'))}")
     return rows
 

@@ -5,7 +5,11 @@
               added out of place (w: per-row mix weight, as FedDPA needs)
     peft      a real peft LoRA layer holding two adapters, both active (static weights: PEFT
               has no per-instance mix)
-    two_gemm  shrink x A^T, scale, then addmm_ of (u*S) B^T into the base output
+    two_gemm  LoRAFusion's split (Triton): a shrink kernel, then a GEMM whose accumulator
+              also takes (u*S) B^T (kernels/triton_split.py); on plain CPU, torch's
+              shrink + addmm_ into the base output
+    fused_pertile
+              the previous single launch, one program per output tile (Triton only)
     fused     feddpa_fast.kernels.lora_linear
 
 Modes: "forward", "fwd+bwd" and "backward" (backward: dx plus the adapter gradients; for base,
@@ -107,11 +111,12 @@ def _peft_layer(p: Problem):
 
 
 def build_providers(p: Problem, mode: str, names: list[str], *, backward_only: bool = False,
-                    return_output: bool = False) -> dict:
+                    return_output: bool = False, fused_backend: str | None = None) -> dict:
     """Callables running one call of each provider on problem p in ``mode``.
 
     ``backward_only``: run the forward once now and time only ``backward`` (graph retained).
-    ``return_output``: the callables return the forward output (for accuracy checks)."""
+    ``return_output``: the callables return the forward output (for accuracy checks).
+    ``fused_backend``: force the fused op's backend (the GPU script's CPU dry run: "triton")."""
     train = mode in ("fwd+bwd", "backward")
     x = p.x.detach().clone().requires_grad_(train)
     w, bias = p.weight, p.bias
@@ -147,7 +152,10 @@ def build_providers(p: Problem, mode: str, names: list[str], *, backward_only: b
                     + F.linear(F.linear(x, a[0]), b[0]) * row_w[0]
                     + F.linear(F.linear(x, a[1]), b[1]) * row_w[1], [x, *a, *b]),
         "two_gemm": (lambda: _two_gemm(x, w, bias, a_st, b_st, scale), [x, a_st, b_st]),
-        "fused": (lambda: lora_linear(x, w, bias, a_st, b_st, scale), [x, a_st, b_st]),
+        "fused_pertile": (lambda: _triton_alternative("pertile")(x, w, bias, a_st, b_st, scale),
+                          [x, a_st, b_st]),
+        "fused": (lambda: lora_linear(x, w, bias, a_st, b_st, scale, backend=fused_backend),
+                  [x, a_st, b_st]),
     }
     if "peft" in names:
         model = _peft_layer(p)
@@ -160,8 +168,21 @@ def build_providers(p: Problem, mode: str, names: list[str], *, backward_only: b
     return {n: (lambda f=impls[n][0], ps=impls[n][1]: run(f, ps)) for n in names}
 
 
+def _triton_kernels_run(x) -> bool:
+    from feddpa_fast.kernels.triton_config import interpreting
+    return x.device.type == "cuda" or interpreting()
+
+
+def _triton_alternative(name):
+    from feddpa_fast.kernels import triton_op
+    return triton_op.alternative(name)
+
+
 def _two_gemm(x, w, bias, a_st, b_st, scale):
-    """Shrink, scale in fp32, then addmm_ the expand into the base output (autograd-safe:
-    linear's backward does not need its output)."""
+    """The split: Triton's two launches where Triton runs, else shrink, scale in fp32, then
+    addmm_ the expand into the base output (autograd-safe: linear's backward does not need
+    its output)."""
+    if _triton_kernels_run(x):
+        return _triton_alternative("split")(x, w, bias, a_st, b_st, scale)
     us = (F.linear(x, a_st).float() * scale).to(x.dtype)
     return F.linear(x, w, bias).addmm_(us, b_st.T)

@@ -22,10 +22,10 @@ from .triton_forward import Launch
 @triton.jit
 def _lora_fwd_pertile_kernel(
     # pointers
-    x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, s_ptr, y_ptr,
+    x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, s_ptr, y_ptr, u_ptr,
     # sizes
     M, N, K, R,
-    # strides
+    # strides (u is contiguous, M x R)
     stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak,
     stride_bn, stride_br, stride_sm, stride_sr, stride_ym, stride_yn,
     # modes
@@ -66,6 +66,9 @@ def _lora_fwd_pertile_kernel(
         u = tl.dot(x, a_t, u, input_precision=PRECISION)
     s = tl.load(s_ptr + offs_m[:, None] * stride_sm + offs_r[None, :] * stride_sr,
                 mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+    if pid_n == 0:  # one column block stores u for the backward
+        tl.store(u_ptr + offs_m[:, None] * R + offs_r[None, :], u,
+                 mask=mask_m[:, None] & mask_r[None, :])
     us = (u * s).to(y_ptr.dtype.element_ty)
     b_t = tl.load(b_ptr + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn,
                   mask=mask_r[:, None] & mask_n[None, :], other=0.0)
@@ -79,13 +82,14 @@ def _lora_fwd_pertile_kernel(
              acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
-def plan(x2, weight, bias, lora_a, lora_b, scale, y, cfg: FwdConfig, group_m: int = 8) -> Launch:
-    """The Launch of one per-tile forward call (y allocated)."""
+def plan(x2, weight, bias, lora_a, lora_b, scale, y, u, cfg: FwdConfig,
+         group_m: int = 8) -> Launch:
+    """The Launch of one per-tile forward call (y and the contiguous fp32 u allocated)."""
     m, k = x2.shape
     n, r = weight.shape[0], lora_a.shape[0]
     args = dict(
         x_ptr=x2, w_ptr=weight, bias_ptr=bias if bias is not None else x2, a_ptr=lora_a,
-        b_ptr=lora_b, s_ptr=scale, y_ptr=y, M=m, N=n, K=k, R=r,
+        b_ptr=lora_b, s_ptr=scale, y_ptr=y, u_ptr=u, M=m, N=n, K=k, R=r,
         stride_xm=x2.stride(0), stride_xk=x2.stride(1),
         stride_wn=weight.stride(0), stride_wk=weight.stride(1),
         stride_ar=lora_a.stride(0), stride_ak=lora_a.stride(1),
@@ -102,7 +106,7 @@ def plan(x2, weight, bias, lora_a, lora_b, scale, y, cfg: FwdConfig, group_m: in
 
 
 def forward(x, weight, bias, lora_a, lora_b, scale, cfg: FwdConfig | None = None):
-    """y of lora_linear through the per-tile kernel (forward only; benchmark and tests)."""
+    """(y, u) of lora_linear through the per-tile kernel (no lora_input; benchmark, tests)."""
     k = x.shape[-1]
     x2 = x.reshape(-1, k)
     n = weight.shape[0]
@@ -111,5 +115,6 @@ def forward(x, weight, bias, lora_a, lora_b, scale, cfg: FwdConfig | None = None
         cfg = (interpreter_config(lora_a.shape[0]) if interpreting()
                else fwd_default(arch_of(x.device), n, lora_a.shape[0]))
     y = torch.empty((x2.shape[0], n), device=x.device, dtype=x.dtype)
-    plan(x2, weight, bias, lora_a, lora_b, scale, y, cfg).run()
-    return y.view(*x.shape[:-1], n)
+    u = torch.empty((x2.shape[0], lora_a.shape[0]), device=x.device, dtype=torch.float32)
+    plan(x2, weight, bias, lora_a, lora_b, scale, y, u, cfg).run()
+    return y.view(*x.shape[:-1], n), u

@@ -64,3 +64,35 @@ def lora_linear(x, weight, bias, lora_a, lora_b, scale, lora_input=None):
         raise ValueError("lora_linear: weight must be frozen (requires_grad=False); the op "
                          "never computes a gradient for it")
     return TritonLoraLinear.apply(x, weight, bias, lora_a, lora_b, scale, lora_input)
+
+
+class _AlternativeForward(torch.autograd.Function):
+    """A measured alternative forward (returning y and u) with the regular Triton backward."""
+
+    @staticmethod
+    def forward(ctx, forward_fn, x, weight, bias, lora_a, lora_b, scale):
+        y, u = forward_fn(x, weight, bias, lora_a, lora_b, scale)
+        ctx.save_for_backward(x, weight, lora_a, lora_b, scale, u)
+        ctx.has_bias = bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, lora_a, lora_b, scale, u = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        mask = [need[1], need[4], need[5], need[6], False]
+        dx, da, db, ds, _ = _bwd(dy, x, weight, lora_a, lora_b, scale, u, None, mask)
+        dbias = dy.reshape(-1, weight.shape[0]).sum(0) if ctx.has_bias and need[3] else None
+        return (None, dx if mask[0] else None, None, dbias, da if mask[1] else None,
+                db if mask[2] else None, ds if mask[3] else None)
+
+
+def alternative(name: str):
+    """lora_linear through a kept alternative forward (bench/op_gpu.py): "pertile" (one
+    program per output tile, u recomputed per tile) or "split" (shrink + GEMM, two launches)."""
+    from . import triton_forward_pertile, triton_split
+    forward_fn = {"pertile": triton_forward_pertile.forward, "split": triton_split.forward}[name]
+
+    def op(x, weight, bias, lora_a, lora_b, scale):
+        return _AlternativeForward.apply(forward_fn, x, weight, bias, lora_a, lora_b, scale)
+    return op

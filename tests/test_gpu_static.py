@@ -1,0 +1,125 @@
+"""The static GPU gate (bench/gpu_static.py --gate): the project's Triton kernels compiled
+ahead of time for sm_80 and sm_90a, without a GPU, must not spill, must fit in shared memory,
+and must use HGMMA in every sm_90a prefill kernel. Plus the schedule arithmetic the report's
+extra_mma_frac column comes from (kernels/triton_schedule.py)."""
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+
+from feddpa_fast.kernels import triton_schedule  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+from op_gpu import PREFILL  # noqa: E402
+
+
+def _compiler_env():
+    """The interpreter is on for the test session (conftest); compiling needs it off."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    return env
+
+
+def test_static_gate_passes(tmp_path):
+    out = tmp_path / "gate.csv"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_static.py"), "--gate",
+                           "--csv", str(out)], capture_output=True, text=True,
+                          env=_compiler_env(), timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    rows = list(csv.DictReader(open(out)))
+    targets = {r["target"] for r in rows}
+    assert targets == {"sm_80", "sm_90a"}
+    kernels = {r["kernel"] for r in rows}
+    assert {"fwd", "fwd_lora_input", "dx", "dy_pass", "dA", "decode", "fwd_pertile",
+            "split_shrink", "split_gemm"} <= kernels
+    for r in rows:
+        assert int(r["spill_bytes"]) == 0 and int(r["stl"]) == 0 and int(r["ldl"]) == 0, r
+        assert int(r["smem_bytes"]) <= int(r["smem_limit"]), r
+        if r["target"] == "sm_90a" and r["case"].startswith("prefill"):
+            assert r["mma"] == "HGMMA", r
+    # The dispatched sm_90a prefill forward loads through TMA and stays within the budget.
+    fwd = [r for r in rows if r["target"] == "sm_90a" and r["kernel"] == "fwd"
+           and r["source"] == "dispatched" and r["case"].startswith("prefill")]
+    assert fwd and all(r["tma"] == "yes" for r in fwd)
+    assert all(float(r["extra_mma_frac"]) <= triton_schedule.EXTRA_MMA_BUDGET for r in fwd)
+
+
+def test_static_report_sees_a_spill():
+    """The reader is not blind: a 128 x 256 x 32 tile on sm_80 (pointer loads) spills."""
+    code = (
+        "import sys, torch; sys.path.insert(0, 'bench')\n"
+        "import gpu_static as g\n"
+        "from feddpa_fast.kernels import triton_forward, triton_static\n"
+        "from feddpa_fast.kernels.triton_config import FwdConfig\n"
+        "t = g.op_tensors(8192, 4096, 4096, 32)\n"
+        "launch = triton_forward.plan(t['x'], t['w'], t['w'].stride(), t['bias'], t['a'],\n"
+        "    t['a'].stride(), t['b'], t['b'].stride(), t['scale'], None, g.meta(8192, 4096),\n"
+        "    g.meta(8192, 32, dtype=torch.float32), g.meta(8192, 4096), r=32, compute_u=True,\n"
+        "    expand=True, use_tma=False, cfg=FwdConfig(128, 256, 32, 32, 8, 3), sms=108)\n"
+        "rep = triton_static.compile_report(launch, 'sm_80')\n"
+        "print('SPILLS', rep.spills, rep.regs, rep.spill_bytes, rep.stl, rep.mma)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=_compiler_env(), timeout=300, cwd=ROOT)
+    assert "SPILLS True 255" in proc.stdout, proc.stdout + proc.stderr[-3000:]
+    assert proc.stdout.strip().endswith("HMMA")
+
+
+def _simulated_extra(m, n, block_m, block_n, block_r, programs):
+    """Recompute of u counted program by program, as the kernel partitions the tiles."""
+    row_blocks = -(-m // block_m)
+    col_tiles = -(-n // block_n)
+    chunks = programs // row_blocks
+    shrinks = 0
+    for pid in range(programs):
+        chunk = pid % chunks
+        first, end = chunk * col_tiles // chunks, (chunk + 1) * col_tiles // chunks
+        assert end > first, "a program without tiles"
+        shrinks += 1  # one u per program, whatever the run length
+    base = row_blocks * col_tiles * block_m * block_n  # per unit of K
+    return (shrinks - row_blocks) * block_m * block_r / base
+
+
+@pytest.mark.parametrize("m,k,n,r", PREFILL)
+@pytest.mark.parametrize("tiles", [(128, 256), (128, 128), (64, 256), (64, 128)])
+def test_forward_recompute_within_budget_at_benchmark_shapes(m, k, n, r, tiles):
+    block_m, block_n = tiles
+    block_r = 32  # two branches of rank 16
+    for sms in (108, 132):
+        s = triton_schedule.forward_schedule(m, n, block_m, block_n, block_r, sms, True)
+        assert s.extra_mma_frac <= triton_schedule.EXTRA_MMA_BUDGET
+        assert s.extra_mma_frac == pytest.approx(
+            _simulated_extra(m, n, block_m, block_n, block_r, s.programs))
+
+
+def test_schedule_figures():
+    s = triton_schedule.forward_schedule(8192, 4096, 128, 256, 32, 132, True)
+    assert (s.programs, s.chunks, s.extra_mma_frac) == (128, 2, 1 / 128)
+    s = triton_schedule.forward_schedule(2048, 4096, 128, 256, 32, 132, True)
+    assert (s.programs, s.chunks, s.extra_mma_frac) == (48, 3, 0.015625)
+    # The per-tile schedule it replaces: (16 - 1) * 32 / 4096 = 11.7 % at N = 4096.
+    old = triton_schedule.pertile_schedule(8192, 4096, 128, 256, 32)
+    assert old.extra_mma_frac == pytest.approx(15 * 32 / 4096)
+    # dx has no u: no budget, and no recompute.
+    assert triton_schedule.forward_schedule(8192, 4096, 128, 256, 32, 132, False).extra_mma_frac == 0
+    # Backward grids fill the SMs at M = 2048 (were 32 programs for dy and dA at K = 4096).
+    assert triton_schedule.dy_schedule(2048, 4096, 64, 128, 132).programs >= 0.9 * 132
+    assert triton_schedule.da_schedule(2048, 4096, 64, 128, 132).programs >= 0.9 * 132
+
+
+def test_schedule_never_exceeds_budget_on_random_shapes():
+    import random
+    rng = random.Random(0)
+    for _ in range(500):
+        m, n = rng.randint(65, 40000), rng.randint(16, 30000)
+        bm, bn = rng.choice([64, 128]), rng.choice([64, 128, 256])
+        br = rng.choice([16, 32, 64])
+        s = triton_schedule.forward_schedule(m, n, bm, bn, br, rng.choice([108, 132]), True)
+        assert 1 <= s.chunks <= s.col_tiles
+        assert s.extra_mma_frac <= triton_schedule.EXTRA_MMA_BUDGET + 1e-12
