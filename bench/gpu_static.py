@@ -202,21 +202,6 @@ def build_cases(target: str, gate: bool) -> list[Case]:
     return cases
 
 
-def _compile_key(c: Case, target: str):
-    """Cases that compile to the same binary (same kernel, constexprs, specialisation)."""
-    args = tuple(sorted((k, _spec(v)) for k, v in c.launch.args.items()))
-    return (target, c.launch.kernel.fn.__name__, args, c.launch.num_warps,
-            c.launch.num_stages)
-
-
-def _spec(v):
-    if isinstance(v, torch.Tensor):
-        return str(v.dtype)
-    if isinstance(v, int) and not isinstance(v, bool):
-        return ("int", v == 1, v % 16 == 0)
-    return v
-
-
 def judge(row: dict, prefill: bool) -> str:
     """'ok', or why the gate fails this row."""
     problems = []
@@ -247,7 +232,7 @@ def run_target(target: str, gate: bool) -> list[dict]:
     """Compiles every case of ``target`` (cases sharing a binary compile once)."""
     rows, reports = [], {}
     for c in build_cases(target, gate):
-        key = _compile_key(c, target)
+        key = triton_static.compile_key(c.launch, target)
         if key not in reports:
             reports[key] = triton_static.compile_report(c.launch, target)
         rep = reports[key]

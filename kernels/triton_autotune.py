@@ -41,38 +41,26 @@ def _to_triton(cfg: FwdConfig) -> triton.Config:
                          num_stages=cfg.num_stages)
 
 
-def prune(configs, named_args, kernel, device: torch.device, **kwargs):
-    """Configs whose static compile on this GPU neither spills nor overflows shared memory."""
+def prune(configs, named_args, kernel, arch: str, smem_limit: int, **kwargs):
+    """Configs whose static compile for ``arch`` (the current GPU's) neither spills nor needs
+    more than ``smem_limit`` bytes of shared memory. An architecture the static compiler does
+    not know keeps every config (Triton's own launch then reports what does not fit)."""
     from .triton_forward import Launch
 
-    arch = arch_of(device)
     target = arch if arch in triton_static.TARGETS else None
     args = {**named_args, **kwargs}
-    limit = _smem_limit(device)
     kept, reports = [], []
     for config in configs:
         launch = Launch(kernel, (1,), {**args, **config.kwargs}, config.num_warps,
                         config.num_stages)
-        key = (kernel.fn.__name__ if hasattr(kernel, "fn") else str(kernel), arch,
-               tuple(sorted((k, _key_value(v)) for k, v in launch.args.items())),
-               config.num_warps, config.num_stages)
+        key = triton_static.compile_key(launch, arch)
         if key not in _STATIC_CACHE:
             _STATIC_CACHE[key] = triton_static.compile_report(launch, target) if target else None
         report = _STATIC_CACHE[key]
         reports.append((report.smem_bytes if report else 0, config))
-        if report is None or (not report.spills and report.smem_bytes <= limit):
+        if report is None or (not report.spills and report.smem_bytes <= smem_limit):
             kept.append(config)
     return kept or [min(reports, key=lambda item: item[0])[1]]
-
-
-def _key_value(v):
-    """What of an argument decides its compile: dtype and alignment of tensors, values of
-    ints (as in Triton's specialisation: == 1, % 16), constexpr values."""
-    if isinstance(v, torch.Tensor):
-        return (str(v.dtype), v.data_ptr() % 16 == 0)
-    if isinstance(v, int) and not isinstance(v, bool):
-        return ("int", v == 1, v % 16 == 0)
-    return v
 
 
 _TUNERS: dict = {}
@@ -80,12 +68,14 @@ _TUNERS: dict = {}
 
 def _tuner(kind: str, kernel, configs, keys, device):
     """One triton.autotune wrapper per (kind, arch, config list)."""
-    ident = (kind, arch_of(device), tuple(dataclasses.astuple(c) for c in configs))
+    arch, limit = arch_of(device), _smem_limit(device)
+    ident = (kind, arch, tuple(dataclasses.astuple(c) for c in configs))
     if ident not in _TUNERS:
         _TUNERS[ident] = triton.autotune(
             configs=[_to_triton(c) for c in configs], key=keys,
             prune_configs_by={"early_config_prune":
-                              lambda cs, nargs, **kw: prune(cs, nargs, kernel, device, **kw)},
+                              lambda cs, nargs, **kw: prune(cs, nargs, kernel, arch, limit,
+                                                            **kw)},
         )(kernel)
     return _TUNERS[ident]
 

@@ -118,6 +118,24 @@ def read_cubin(cubin: bytes, shared: int) -> StaticReport:
                         tma=count("UTMALDG") > 0)
 
 
+def compile_key(launch, target: str) -> tuple:
+    """What decides the binary of ``launch`` on ``target``: constexprs by value; tensors by
+    dtype and 16-byte alignment; runtime ints as Triton specialises them (== 1, % 16)."""
+    constexprs = {p.name for p in launch.kernel.params if p.is_constexpr}
+
+    def spec(name, v):
+        if name in constexprs:
+            return v
+        if hasattr(v, "data_ptr"):
+            return (str(v.dtype), v.data_ptr() % 16 == 0)
+        if isinstance(v, int) and not isinstance(v, bool):
+            return ("int", v == 1, v % 16 == 0)
+        return v
+
+    args = tuple(sorted((k, spec(k, v)) for k, v in launch.args.items()))
+    return (target, launch.kernel.fn.__name__, args, launch.num_warps, launch.num_stages)
+
+
 def compile_report(launch, target: str) -> StaticReport:
     """Compile ``launch`` for ``target`` and read its resources (no GPU needed)."""
     compiled = compile_launch(launch, target)

@@ -123,3 +123,32 @@ def test_schedule_never_exceeds_budget_on_random_shapes():
         s = triton_schedule.forward_schedule(m, n, bm, bn, br, rng.choice([108, 132]), True)
         assert 1 <= s.chunks <= s.col_tiles
         assert s.extra_mma_frac <= triton_schedule.EXTRA_MMA_BUDGET + 1e-12
+
+
+def test_autotune_prune_drops_what_the_static_compile_rejects():
+    """The CUDA autotuner's prune, run here for sm_80 on a real launch's arguments (meta
+    tensors): the spilling 128 x 256 x 32 tile and an over-budget shared-memory limit drop
+    configs; the clean ones stay; nothing clean left keeps the smallest-memory one."""
+    code = (
+        "import sys, torch, triton; sys.path.insert(0, 'bench')\n"
+        "import gpu_static as g\n"
+        "from feddpa_fast.kernels import triton_autotune, triton_forward\n"
+        "from feddpa_fast.kernels.triton_config import FwdConfig\n"
+        "t = g.op_tensors(8192, 4096, 4096, 32)\n"
+        "launch = triton_forward.plan(t['x'], t['w'], t['w'].stride(), t['bias'], t['a'],\n"
+        "    t['a'].stride(), t['b'], t['b'].stride(), t['scale'], None, g.meta(8192, 4096),\n"
+        "    g.meta(8192, 32, dtype=torch.float32), None, r=32, compute_u=True,\n"
+        "    expand=True, use_tma=False, cfg=FwdConfig(128, 128, 64, 32, 8, 3), sms=108)\n"
+        "args = {k: v for k, v in launch.args.items() if k not in ('BLOCK_M','BLOCK_N','BLOCK_K')}\n"
+        "spilling = triton.Config({'BLOCK_M': 128, 'BLOCK_N': 256, 'BLOCK_K': 32}, num_warps=8, num_stages=3)\n"
+        "clean = triton.Config({'BLOCK_M': 64, 'BLOCK_N': 128, 'BLOCK_K': 64}, num_warps=8, num_stages=3)\n"
+        "kept = triton_autotune.prune([spilling, clean], {}, launch.kernel, 'sm_80', 166912, **args)\n"
+        "print('KEPT', [c.kwargs['BLOCK_N'] for c in kept])\n"
+        "kept = triton_autotune.prune([spilling, clean], {}, launch.kernel, 'sm_80', 1024, **args)\n"
+        "print('TIGHT', [c.kwargs['BLOCK_N'] for c in kept])\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=_compiler_env(), timeout=300, cwd=ROOT)
+    assert "KEPT [128]" in proc.stdout, proc.stdout + proc.stderr[-3000:]
+    # Nothing fits 1 KB: the config with the least shared memory survives.
+    assert "TIGHT [" in proc.stdout and "TIGHT []" not in proc.stdout
