@@ -11,8 +11,9 @@ fp32 rounding: the expand is linear in u). The partials of one column tile are r
 the launch by the last of its programs to arrive:
 
     store partial -> barrier -> counter[n] += 1 (acq_rel) -> if it was split - 1:
-        barrier; y = own partial + the other partials (read past L1) + bias; store y in x's
-        dtype (and u, summed the same way, by column tile 0); reset counter[n] to 0
+        barrier; y = the partials in slice order (its own from registers, the others read
+        past L1: deterministic whoever arrives last) + bias; store y in x's dtype (and u,
+        summed the same way, by column tile 0); reset counter[n] to 0
 
 The counters live in a zeroed int32 buffer per (device, stream) that every launch leaves
 zeroed again, so no memset runs per call.
@@ -106,23 +107,30 @@ def _lora_decode_kernel(
     arrived = tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel")
     if arrived == split - 1:  # the last program of this column tile reduces
         tl.debug_barrier()
+        # Summed in slice order whoever arrives last, so the result is deterministic.
+        total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for other in range(0, split):
-            if other != pid_k:
-                acc += tl.load(y_part_ptr + other * M * N + part_mn, mask=mask_mn, other=0.0,
-                               cache_modifier=".cg")
+            if other == pid_k:
+                total += acc
+            else:
+                total += tl.load(y_part_ptr + other * M * N + part_mn, mask=mask_mn,
+                                 other=0.0, cache_modifier=".cg")
         if HAS_BIAS:
             bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0)
-            acc += bias.to(tl.float32)[None, :]
+            total += bias.to(tl.float32)[None, :]
         tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn,
-                 acc.to(y_ptr.dtype.element_ty), mask=mask_mn)
+                 total.to(y_ptr.dtype.element_ty), mask=mask_mn)
         if STORE_U:
             if pid_n == 0:
+                u_total = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
                 for other in range(0, split):
-                    if other != pid_k:
-                        u += tl.load(u_part_ptr + other * M * R + part_mr, mask=mask_mr,
-                                     other=0.0, cache_modifier=".cg")
-                tl.store(u_ptr + offs_m[:, None] * stride_um + offs_r[None, :] * stride_ur, u,
-                         mask=mask_mr)
+                    if other == pid_k:
+                        u_total += u
+                    else:
+                        u_total += tl.load(u_part_ptr + other * M * R + part_mr, mask=mask_mr,
+                                           other=0.0, cache_modifier=".cg")
+                tl.store(u_ptr + offs_m[:, None] * stride_um + offs_r[None, :] * stride_ur,
+                         u_total, mask=mask_mr)
         tl.atomic_xchg(count_ptr + pid_n, 0)  # zeroed again for the next launch
 
 

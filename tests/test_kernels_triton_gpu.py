@@ -60,3 +60,90 @@ def test_torch_compile_fullgraph_on_gpu():
     torch.testing.assert_close(y_comp, y_eager)
     y_comp.sum().backward()
     assert a.grad is not None and torch.isfinite(a.grad).all()
+
+
+# The paths the schedule and the autotuner open, each against the float64 reference in bf16
+# (the GPU check runs these; on CPU the interpreter tests cover the same code in fp32/fp16).
+def _ref(inputs):
+    from feddpa_fast.kernels import reference
+    return reference.lora_linear_forward(
+        **{k: (v.double() if v is not None else None) for k, v in inputs.items()})
+
+
+@pytest.mark.parametrize("split", [2, 4, 7])
+@pytest.mark.parametrize("m", [1, 16, 64])
+def test_decode_one_launch_reduction_on_gpu(split, m):
+    """The last-arriving program reduces the K slices: right, identical on every run (the
+    slices are summed in order, whoever arrives last), and the counters are left zeroed."""
+    from feddpa_fast.kernels import triton_decode
+    from feddpa_fast.kernels.triton_config import decode_default
+    from op_cases import assert_close_scaled
+    inputs = make_inputs((m,), 4096, 4096, 32, torch.bfloat16, device="cuda")
+    cfg = decode_default("sm_90a", m, 32)
+    args = (inputs["x"], inputs["weight"], inputs["bias"], inputs["lora_a"], inputs["lora_b"],
+            inputs["scale"])
+    y, u = triton_decode.forward(*args, cfg=cfg, split=split)
+    y_ref, u_ref = _ref(inputs)
+    assert_close_scaled(y, y_ref, torch.bfloat16, "decode y")
+    assert_close_scaled(u, u_ref, torch.bfloat16, "decode u")
+    for _ in range(5):
+        y2, u2 = triton_decode.forward(*args, cfg=cfg, split=split)
+        assert torch.equal(y, y2) and torch.equal(u, u2)
+    torch.cuda.synchronize()
+    assert int(triton_decode._counters(y.device, 1).abs().sum()) == 0
+
+
+def test_decode_under_cuda_graph_replay():
+    """Self-resetting counters: a captured decode call replays correctly, again and again."""
+    inputs = make_inputs((1,), 4096, 11008, 32, torch.bfloat16, device="cuda")
+    args = [inputs[k] for k in ("x", "weight", "bias", "lora_a", "lora_b", "scale")]
+    eager = lora_linear(*args)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = lora_linear(*args)
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        torch.testing.assert_close(captured, eager, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("chunks", [1, 2, 3])
+@pytest.mark.parametrize("use_tma", [False, True])
+def test_forward_runs_and_tma_on_gpu(chunks, use_tma):
+    from feddpa_fast.kernels import triton_forward
+    from feddpa_fast.kernels.triton_config import arch_of, fwd_default
+    from op_cases import assert_close_scaled
+    if use_tma and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("tensor descriptors need sm_90+")
+    inputs = make_inputs((1000,), 4096, 4096, 32, torch.bfloat16, device="cuda")
+    x2, w, a, b = inputs["x"], inputs["weight"], inputs["lora_a"], inputs["lora_b"]
+    y = torch.full((1000, 4096), float("nan"), dtype=torch.bfloat16, device="cuda")
+    u = torch.full((1000, 32), float("nan"), device="cuda")
+    cfg = fwd_default(arch_of(x2.device), 4096, 32)
+    if use_tma:
+        triton_forward._set_tma_allocator()
+    triton_forward.plan(x2, w, w.stride(), inputs["bias"], a, a.stride(), b, b.stride(),
+                        inputs["scale"], None, y, u, None, r=32, compute_u=True, expand=True,
+                        use_tma=use_tma, cfg=cfg, sms=132, chunks=chunks).run()
+    y_ref, u_ref = _ref(inputs)
+    assert_close_scaled(y, y_ref, torch.bfloat16, "chunked y")
+    assert_close_scaled(u, u_ref, torch.bfloat16, "chunked u")
+
+
+def test_autotuned_and_fixed_configs_agree(monkeypatch):
+    inputs = make_inputs((2048,), 4096, 4096, 32, torch.bfloat16, device="cuda")
+    args = [inputs[k] for k in ("x", "weight", "bias", "lora_a", "lora_b", "scale")]
+    tuned = lora_linear(*args)
+    monkeypatch.setenv("FEDDPA_FAST_AUTOTUNE", "0")
+    fixed = lora_linear(*args)
+    torch.testing.assert_close(tuned.float(), fixed.float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("name", ["pertile", "split"])
+def test_measured_alternatives_on_gpu(name):
+    from feddpa_fast.kernels import triton_op
+    inputs = make_inputs((512,), 1024, 2048, 32, torch.bfloat16, device="cuda")
+    op = triton_op.alternative(name)
+    assert_close_to_reference(lambda **kw: op(kw["x"], kw["weight"], kw["bias"], kw["lora_a"],
+                                             kw["lora_b"], kw["scale"]), inputs,
+                              wanted=("x", "lora_a", "lora_b"))

@@ -207,3 +207,15 @@ def test_triton_on_cpu_without_interpreter_raises():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                          timeout=120)
     assert "ValueError: backend 'triton' cannot run on cpu" in out.stdout, out.stderr
+
+
+@pytest.mark.parametrize("name", ["pertile", "split"])
+def test_measured_alternatives_gradients(name):
+    """The alternatives run under autograd with the regular Triton backward (the benchmark's
+    fwd+bwd rows)."""
+    from feddpa_fast.kernels import triton_op
+    op = triton_op.alternative(name)
+    inputs = make_inputs((67,), 48, 40, 16, torch.float32)
+    assert_close_to_reference(lambda **kw: op(kw["x"], kw["weight"], kw["bias"], kw["lora_a"],
+                                             kw["lora_b"], kw["scale"]), inputs,
+                              wanted=("x", "lora_a", "lora_b", "scale", "bias"))
