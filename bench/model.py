@@ -1,5 +1,7 @@
-"""Model benchmark: a randomly initialised Llama-style causal LM (nothing downloaded), LoRA r 16,
-alpha 32 on q/k/v/o/gate/up/down of every block; each provider builds its own copy from one seed:
+"""Model benchmark: a randomly initialised Llama-style causal LM (nothing downloaded), or with
+``--model smollm2`` the real pretrained SmolLM2-135M-Instruct (feddpa_fast/smollm2.py: 30 blocks,
+hidden 576, vocab 49,152, tied embeddings), LoRA r 16, alpha 32 on q/k/v/o/gate/up/down of
+every block (``--rank r`` (alpha 2r) and ``--targets`` change that); each provider builds its own copy from one seed (or of the same pretrained weights):
 
     base      the model alone, all parameters frozen (the floor); its "train step" is the
               forward plus the backward for the input gradients only (no LoRA, no optimizer)
@@ -11,6 +13,7 @@ alpha 32 on q/k/v/o/gate/up/down of every block; each provider builds its own co
 
     python bench/model.py [--repeats N] [--layers L] [--hidden H] [--seq S] [--batch B]
                           [--providers base fused ...] [--dropout P] [--csv PATH] [--no-plot]
+    python bench/model.py --model smollm2 [--seq S] [--batch B] [--repeats N] ...
 
 Metrics: forward tokens/s (eval, no_grad); train-step tokens/s (train mode, loss from labels,
 backward, AdamW lr 1e-4 over the adapters); ``train_state_mb`` = ``saved_mb`` (tensors saved for
@@ -18,7 +21,8 @@ backward in one train step, unique storages, the model's own parameters excluded
 anyway) + trainable parameters, grads and AdamW state; on CUDA also ``peak_mb`` = the
 max_memory_allocated of one call minus what was allocated before it (all providers' models stay
 resident, so the absolute peak would not be per provider). Callables alternate after warm-up
-(bench/common.py). Rows go to bench/results/model_{cpu,gpu}.csv, the PNG is drawn from the CSV.
+(bench/common.py). Rows go to bench/results/model_{cpu,gpu}.csv (SmolLM2: model_smollm2_{cpu,gpu}.csv, its
+``bench`` column ``model_smollm2_cpu``), the PNG is drawn from the CSV.
 Dropout defaults to 0.0; with ``--dropout p`` the fused layer passes ``lora_input=dropout(x)``
 to the op (one mask for both adapters); PEFT draws one mask per adapter.
 """
@@ -56,7 +60,12 @@ CPU = dict(layers=4, hidden=1024, intermediate=2816, heads=16, kv_heads=16, voca
 # 80 GB H100 (not yet run on a GPU; --batch 8 should fit too).
 GPU = dict(layers=16, hidden=2048, intermediate=5632, heads=32, kv_heads=4, vocab=32000,
            seq=2048, batch=4, repeats=10)
+# SmolLM2 on the CPU: 4 x 128 tokens, 8 repeats (the sizes come from the model): about 5 minutes
+# on the quiet 2-core VM; 4 x 256 took over 10 minutes for 3 repeats while the VM was shared.
+SMOLLM2_CPU = dict(seq=128, batch=4, repeats=8)
+SMOLLM2_GPU = dict(seq=2048, batch=8, repeats=10)
 SHAPE = ("layers", "hidden", "intermediate", "heads", "kv_heads", "vocab", "seq", "batch")
+MODEL_SIZES = SHAPE[:6]  # fixed by a pretrained model
 FIELDS = ["run_id", "date", "device", "threads", "torch", "transformers", "peft", "feddpa_fast",
           "bench", "dtype", *SHAPE, "r", "alpha", "dropout", "mode", "provider", "median_ms",
           "p20_ms", "p80_ms", "tokens_per_s", "ratio_to_base", "speedup_vs_peft_two",
@@ -64,8 +73,12 @@ FIELDS = ["run_id", "date", "device", "threads", "torch", "transformers", "peft"
 MB = 2.0 ** 20
 
 
-def build(name: str, args, device: torch.device, dtype: torch.dtype) -> SimpleNamespace:
-    """The model of provider ``name`` with its inputs, optimizer and timed callables."""
+def base_model(args, device: torch.device, dtype: torch.dtype):
+    """A fresh copy of the benchmarked base model (the same weights for every provider)."""
+    if args.model == "smollm2":
+        from feddpa_fast.smollm2 import load_smollm2
+
+        return load_smollm2(dtype=dtype, device=device)[0]  # from the cache: ~1 s a copy
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden,
@@ -74,17 +87,30 @@ def build(name: str, args, device: torch.device, dtype: torch.dtype) -> SimpleNa
                          max_position_embeddings=max(args.seq, 2048), tie_word_embeddings=False)
     torch.manual_seed(SEED)  # same base weights for every provider
     with torch.device(device):
-        model = LlamaForCausalLM(config).to(dtype)
+        return LlamaForCausalLM(config).to(dtype)
+
+
+def model_sizes(config) -> dict:
+    """The SHAPE fields a pretrained model fixes, read from its config."""
+    return {"layers": config.num_hidden_layers, "hidden": config.hidden_size,
+            "intermediate": config.intermediate_size, "heads": config.num_attention_heads,
+            "kv_heads": config.num_key_value_heads, "vocab": config.vocab_size}
+
+
+def build(name: str, args, device: torch.device, dtype: torch.dtype) -> SimpleNamespace:
+    """The model of provider ``name`` with its inputs, optimizer and timed callables."""
+    model = base_model(args, device, dtype)
     torch.manual_seed(SEED + 1)  # the A matrices (Kaiming-uniform in both libraries)
     if name == "fused":
         feddpa_fast.patch(model, feddpa_fast.DualLoRAConfig(
-            r=R, alpha=ALPHA, dropout=args.dropout, target_modules=TARGETS))
+            r=args.rank, alpha=2 * args.rank, dropout=args.dropout,
+            target_modules=tuple(args.targets)))
         feddpa_fast.set_trainable(model, "both")
     elif name.startswith("peft"):
         from peft import LoraConfig, get_peft_model
 
-        cfg = LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=args.dropout,
-                         target_modules=list(TARGETS))
+        cfg = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=args.dropout,
+                         target_modules=list(args.targets))
         model = get_peft_model(model, cfg)
         if name == "peft_two":
             model.add_adapter("second", cfg)
@@ -232,11 +258,16 @@ def draw(csv_path: Path, out_path: Path, run_id: str | None = None) -> Path:
 def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    ap.add_argument("--model", choices=["synthetic", "smollm2"], default="synthetic",
+                    help="synthetic: the Llama config above; smollm2: SmolLM2-135M-Instruct")
     for opt in (*SHAPE, "repeats"):
         ap.add_argument("--" + opt.replace("_", "-"), type=int, default=None,
                         help="default: the CPU / GPU config above")
     ap.add_argument("--providers", nargs="+", choices=PROVIDERS, default=PROVIDERS)
     ap.add_argument("--dropout", type=float, default=0.0)
+    ap.add_argument("--rank", type=int, default=R, help="LoRA r of each adapter (alpha = 2r)")
+    ap.add_argument("--targets", nargs="+", default=list(TARGETS),
+                    help="target module suffixes (default: all seven block projections)")
     ap.add_argument("--csv", type=Path, default=None)
     ap.add_argument("--no-plot", action="store_true")
     args = ap.parse_args(argv)
@@ -245,13 +276,25 @@ def main(argv=None) -> list[dict]:
     dtype = torch.bfloat16 if cuda else torch.float32
     if args.intermediate is None and args.hidden is not None:
         args.intermediate = args.hidden * 11 // 4  # Llama's ratio (2816 = 2.75 x 1024)
-    defaults = GPU if cuda else CPU
+    if args.model == "smollm2":
+        given = [k for k in MODEL_SIZES if getattr(args, k) is not None]
+        if given:
+            ap.error(f"--model smollm2 fixes {', '.join(given)}; give only --seq / --batch")
+        from transformers import AutoConfig
+
+        from feddpa_fast.smollm2 import model_dir
+
+        defaults = {**model_sizes(AutoConfig.from_pretrained(model_dir())),
+                    **(SMOLLM2_GPU if cuda else SMOLLM2_CPU)}
+    else:
+        defaults = GPU if cuda else CPU
     if args.kv_heads is None and args.heads is not None:  # keep kv_heads a divisor of heads
         args.kv_heads = math.gcd(args.heads, defaults["kv_heads"])
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    csv_path = args.csv or common.RESULTS_DIR / f"model_{'gpu' if cuda else 'cpu'}.csv"
+    stem = "model_smollm2" if args.model == "smollm2" else "model"
+    csv_path = args.csv or common.RESULTS_DIR / f"{stem}_{'gpu' if cuda else 'cpu'}.csv"
 
     import peft
     import transformers
@@ -260,9 +303,9 @@ def main(argv=None) -> list[dict]:
             "device": common.device_name(device), "threads": torch.get_num_threads(),
             "torch": torch.__version__, "transformers": transformers.__version__,
             "peft": peft.__version__, "feddpa_fast": feddpa_fast.__version__,
-            "bench": f"model_{device.type}", "dtype": str(dtype).removeprefix("torch."),
-            **{k: getattr(args, k) for k in SHAPE}, "r": R, "alpha": ALPHA,
-            "dropout": args.dropout}
+            "bench": f"{stem}_{device.type}", "dtype": str(dtype).removeprefix("torch."),
+            **{k: getattr(args, k) for k in SHAPE}, "r": args.rank, "alpha": 2 * args.rank,
+            "dropout": args.dropout, "targets": ",".join(args.targets)}
     provs = {name: build(name, args, device, dtype) for name in args.providers}
     memory = {name: train_state(p) for name, p in provs.items() if p.opt}
     fns = {}
@@ -290,7 +333,10 @@ def main(argv=None) -> list[dict]:
                      if train and saved is not None else "",
                      "peak_mb": f"{peaks[(mode, name)] / MB:.1f}" if peaks else ""})
     rows.sort(key=lambda r: (PROVIDERS.index(r["provider"]), r["mode"]))
-    common.append_rows(csv_path, rows, FIELDS)
+    # The SmolLM2 CSV (new with it) also records the targets; the synthetic CSV keeps its
+    # original header (its rows all use the default seven targets).
+    fields = FIELDS + ["targets"] if args.model == "smollm2" else FIELDS
+    common.append_rows(csv_path, rows, fields)
     print("# " + ", ".join(f"{k} {v}" for k, v in meta.items() if k not in ("run_id", "bench"))
           + f", repeats {args.repeats}")
     print(markdown(rows))

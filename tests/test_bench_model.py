@@ -1,9 +1,12 @@
 """The model benchmark (bench/model.py) runs end to end on a tiny Llama, on the CPU: one row per
-provider and mode, positive finite numbers, and the plot drawn from the CSV."""
+provider and mode, positive finite numbers, and the plot drawn from the CSV; and on the real
+SmolLM2 (slow)."""
 import csv
 import importlib.util
 import math
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,3 +40,24 @@ def test_model_benchmark_tiny_config(tmp_path, capsys):
         assert all(math.isfinite(v) and v > 0 for v in numbers), row
     assert out_csv.with_suffix(".png").stat().st_size > 1000
     assert "| fused |" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_model_benchmark_on_smollm2(tmp_path, capsys):
+    """--model smollm2: the real pretrained model (sizes from its config), every provider."""
+    bench_model = _load_bench_model()
+    out_csv = tmp_path / "smollm2.csv"
+    bench_model.main(["--device", "cpu", "--model", "smollm2", "--seq", "8", "--batch", "2",
+                      "--repeats", "1", "--providers", "base", "fused", "peft_two",
+                      "--csv", str(out_csv), "--no-plot"])
+    rows = list(csv.DictReader(out_csv.open()))
+    assert {(r["mode"], r["provider"]) for r in rows} == {
+        (mode, p) for mode in ("forward", "train_step") for p in ("base", "fused", "peft_two")}
+    for row in rows:
+        assert row["bench"] == "model_smollm2_cpu"
+        assert (row["layers"], row["hidden"], row["vocab"], row["seq"]) == ("30", "576",
+                                                                          "49152", "8")
+        assert math.isfinite(float(row["median_ms"])) and float(row["median_ms"]) > 0
+    assert "| fused |" in capsys.readouterr().out
+    with pytest.raises(SystemExit):  # the sizes come from the model
+        bench_model.main(["--model", "smollm2", "--layers", "2", "--csv", str(out_csv)])
