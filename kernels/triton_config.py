@@ -98,22 +98,28 @@ def _family(arch: str) -> str:
 
 # (block_m, block_n, block_k, num_warps, num_stages); block_r comes from R.
 # Each list is clean (no spills, shared memory within the limit) in the static report at the
-# benchmark's aligned shapes; the sm_80 persistent kernel spills at 4 warps (pointer loads:
-# 255 registers), so its tiles run 8 warps.
+# benchmark's aligned shapes, under Triton 3.9 and 3.6. The sm_80 persistent kernel spills at
+# 4 warps with 128-row tiles (pointer loads: 255 registers), so those run 8 warps; 128 x 128 x
+# 64 spills under 3.6 there, and 64 x 128 x 64 with 4 warps on sm_100a under 3.6.
 _FWD = {
     "hopper": [(128, 256, 64, 8, 3), (128, 128, 64, 4, 4), (128, 128, 64, 8, 4),
-               (64, 256, 64, 4, 3), (64, 128, 64, 4, 4)],
-    "ampere": [(128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (64, 128, 64, 8, 3),
-               (128, 64, 64, 8, 3), (64, 64, 64, 4, 4)],
+               (64, 256, 64, 4, 3)],
+    "ampere": [(128, 128, 32, 8, 4), (64, 128, 64, 8, 3), (128, 64, 64, 8, 3),
+               (64, 64, 64, 4, 4)],
 }
 # Sizes or row strides that are not multiples of 16 elements lose Triton's divisibility hint:
 # loads go element by element with a pointer and a mask each, and the big tiles spill (255
 # registers + 64-560 B of stack at 64 x 64 x 64 on sm_80, 416 B at 128 x 128 on sm_90a).
 # These small tiles compile clean there (HGMMA still on sm_90a).
 _FWD_UNALIGNED = {"hopper": (64, 64, 32, 4, 3), "ampere": (32, 64, 32, 4, 3)}
-_DECODE = {  # (block_n, block_k, num_warps, num_stages); block_m from M
-    "hopper": [(64, 128, 4, 4), (128, 128, 4, 3), (64, 256, 4, 3)],
-    "ampere": [(64, 128, 4, 4), (128, 64, 4, 3)],
+# (block_n, block_k, num_warps, num_stages) per family and block_m (16 / 32 vs 64 rows); 64
+# rows hold 4x the accumulator: 128 x 128 spills there on sm_90a, 256-deep K overflows shared
+# memory, and sm_80 spills at 128 x 64 with 4 warps (the static report).
+_DECODE = {
+    ("hopper", "small"): [(64, 128, 4, 4), (128, 128, 4, 3), (64, 256, 4, 3)],
+    ("hopper", "wide"): [(64, 128, 4, 4), (128, 64, 8, 3), (64, 64, 4, 4)],
+    ("ampere", "small"): [(64, 128, 4, 4), (128, 64, 4, 3)],
+    ("ampere", "wide"): [(64, 128, 4, 4), (64, 64, 4, 4), (128, 64, 8, 3)],
 }
 
 
@@ -136,8 +142,10 @@ def fwd_candidates(arch: str, r: int) -> list[FwdConfig]:
 
 def decode_candidates(arch: str, m: int, r: int) -> list[FwdConfig]:
     """The split-K decode configs the autotuner may pick on ``arch`` for M rows."""
-    return [FwdConfig(decode_block_m(m), bn, bk, padded_rank(r), w, s)
-            for bn, bk, w, s in _DECODE[_family(arch)]]
+    block_m = decode_block_m(m)
+    rows = "wide" if block_m == 64 else "small"
+    return [FwdConfig(block_m, bn, bk, padded_rank(r), w, s)
+            for bn, bk, w, s in _DECODE[(_family(arch), rows)]]
 
 
 def fwd_default(arch: str, n: int, r: int, is_aligned: bool = True) -> FwdConfig:
