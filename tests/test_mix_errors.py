@@ -23,7 +23,7 @@ def _untouched(model, params, reference):
     for _, layer in dual_lora_layers(model):
         assert layer.mix_weights == (1.0, 1.0)
         assert layer._scale_cache is None and layer._mix_call is None
-    assert not model._forward_pre_hooks
+    assert not model._forward_pre_hooks and not model._forward_hooks
     assert all(torch.equal(p, params[n]) for n, p in model.named_parameters())
     with torch.no_grad():
         assert torch.equal(output_of(model, batch("llama")), reference)

@@ -41,6 +41,8 @@ def test_a_layer_applies_one_weight_per_token_3d_and_flattened():
         torch.testing.assert_close(
             layer(beams), _explicit(layer, beams, g.repeat_interleave(3, 0),
                                     l.repeat_interleave(3, 0)), rtol=1e-5, atol=1e-5)
+        model(**batch("llama", size=2, seq=5))  # a model call records, then forgets, positions
+        assert layer._mix_call == {"positions": None}
         step = torch.randn(2, 1, layer.in_features)  # a decoding step: the last column
         torch.testing.assert_close(layer(step), _explicit(layer, step, g[:, -1:], l[:, -1:]),
                                    rtol=1e-5, atol=1e-5)
@@ -168,7 +170,7 @@ def test_per_token_weights_with_a_different_seq_len_raise_naming_the_argument():
                            pad_token_id=0)
     assert all(layer.mix_weights == (1.0, 1.0) and layer._mix_call is None
                for _, layer in dual_lora_layers(model))
-    assert not model._forward_pre_hooks  # mix's positions hook is gone
+    assert not model._forward_pre_hooks and not model._forward_hooks  # mix's hooks are gone
 
 
 def test_packed_weights_checks_its_inputs():
