@@ -27,7 +27,21 @@ import triton.language as tl
 from . import triton_schedule
 from .triton_config import (FwdConfig, aligned, arch_of, autotune_enabled, decode_default,
                             input_precision, interpreter_config, interpreting, sm_count)
-from .triton_forward import Launch, m_bucket
+from .triton_forward import Launch, _tile_k_loop, m_bucket
+
+
+@triton.jit
+def _sum_slices(own, part_ptr, offs, mask, pid_k, split, slice_stride):
+    """Sum over the K slices of one tile's partials, in slice order: this program's own from
+    registers, the others read past L1 (.cg: written by other SMs)."""
+    total = tl.zeros(own.shape, dtype=tl.float32)
+    for other in range(0, split):
+        if other == pid_k:
+            total += own
+        else:
+            total += tl.load(part_ptr + other * slice_stride + offs, mask=mask, other=0.0,
+                             cache_modifier=".cg")
+    return total
 
 
 @triton.jit
@@ -56,7 +70,6 @@ def _lora_decode_kernel(
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_r = tl.arange(0, BLOCK_R)
-    offs_k = tl.arange(0, BLOCK_K)
     mask_m = offs_m < M
     mask_n = offs_n < N
     mask_r = offs_r < R
@@ -66,27 +79,12 @@ def _lora_decode_kernel(
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     u = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for k0 in range(k_start, k_end, BLOCK_K):
-        kk = k0 + offs_k
-        mask_k = kk < k_end
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :] * stride_xk,
-                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        w_t = tl.load(w_ptr + kk[:, None] * stride_wk + offs_n[None, :] * stride_wn,
-                      mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        a_t = tl.load(a_ptr + offs_r[None, :] * stride_ar + kk[:, None] * stride_ak,
-                      mask=mask_k[:, None] & mask_r[None, :], other=0.0)
-        if LORA_INPUT:
-            xa = tl.load(xl_ptr + offs_m[:, None] * stride_xlm + kk[None, :] * stride_xlk,
-                         mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        else:
-            xa = x
-        if UPCAST:  # the interpreter's bf16 dot is wrong (DESIGN section 2)
-            x = x.to(tl.float32)
-            w_t = w_t.to(tl.float32)
-            a_t = a_t.to(tl.float32)
-            xa = xa.to(tl.float32)
-        acc = tl.dot(x, w_t, acc, input_precision=PRECISION)
-        u = tl.dot(xa, a_t, u, input_precision=PRECISION)
+    acc, u = _tile_k_loop(acc, u, x_ptr, xl_ptr, w_ptr, a_ptr, 0, pid_n * BLOCK_N,
+                          k_start, k_end, M, N, R,
+                          stride_xm, stride_xk, stride_xlm, stride_xlk, stride_wn, stride_wk,
+                          stride_ar, stride_ak,
+                          True, LORA_INPUT, False, False, UPCAST, PRECISION,
+                          BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R)
 
     # The partial expand, in fp32 (u_s is only a partial sum: it is not cast to x's dtype).
     mask_mr = mask_m[:, None] & mask_r[None, :]
@@ -108,13 +106,7 @@ def _lora_decode_kernel(
     if arrived == split - 1:  # the last program of this column tile reduces
         tl.debug_barrier()
         # Summed in slice order whoever arrives last, so the result is deterministic.
-        total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for other in range(0, split):
-            if other == pid_k:
-                total += acc
-            else:
-                total += tl.load(y_part_ptr + other * M * N + part_mn, mask=mask_mn,
-                                 other=0.0, cache_modifier=".cg")
+        total = _sum_slices(acc, y_part_ptr, part_mn, mask_mn, pid_k, split, M * N)
         if HAS_BIAS:
             bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0)
             total += bias.to(tl.float32)[None, :]
@@ -122,13 +114,7 @@ def _lora_decode_kernel(
                  total.to(y_ptr.dtype.element_ty), mask=mask_mn)
         if STORE_U:
             if pid_n == 0:
-                u_total = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-                for other in range(0, split):
-                    if other == pid_k:
-                        u_total += u
-                    else:
-                        u_total += tl.load(u_part_ptr + other * M * R + part_mr, mask=mask_mr,
-                                           other=0.0, cache_modifier=".cg")
+                u_total = _sum_slices(u, u_part_ptr, part_mr, mask_mr, pid_k, split, M * R)
                 tl.store(u_ptr + offs_m[:, None] * stride_um + offs_r[None, :] * stride_ur,
                          u_total, mask=mask_mr)
         tl.atomic_xchg(count_ptr + pid_n, 0)  # zeroed again for the next launch

@@ -37,19 +37,20 @@ from .triton_config import (DECODE_MAX_M, FwdConfig, aligned, arch_of, autotune_
 
 
 @triton.jit
-def _tile_k_loop(acc, u, x_src, xl_src, w_src, a_src, off_m, off_n,
-                 M, N, K, R,
+def _tile_k_loop(acc, u, x_src, xl_src, w_src, a_src, off_m, off_n, k_lo, k_hi,
+                 M, N, R,
                  stride_xm, stride_xk, stride_xlm, stride_xlk, stride_wn, stride_wk,
                  stride_ar, stride_ak,
                  WITH_U: tl.constexpr, LORA_INPUT: tl.constexpr, USE_TMA: tl.constexpr,
                  W_T: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  BLOCK_R: tl.constexpr):
-    """acc += x W^T over the whole K for one output tile; with WITH_U also u += xa A^T."""
+    """acc += x W^T over K in [k_lo, k_hi) for one output tile; with WITH_U also
+    u += xa A^T. With USE_TMA k_hi must be the whole K (the descriptors bound the tiles)."""
     offs_m = off_m + tl.arange(0, BLOCK_M)
     offs_n = off_n + tl.arange(0, BLOCK_N)
     offs_r = tl.arange(0, BLOCK_R)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_lo, k_hi, BLOCK_K):
         if USE_TMA:
             x = x_src.load([off_m, k0])
             if W_T:
@@ -59,9 +60,9 @@ def _tile_k_loop(acc, u, x_src, xl_src, w_src, a_src, off_m, off_n,
         else:
             kk = k0 + tl.arange(0, BLOCK_K)
             x = tl.load(x_src + offs_m[:, None] * stride_xm + kk[None, :] * stride_xk,
-                        mask=(offs_m[:, None] < M) & (kk[None, :] < K), other=0.0)
+                        mask=(offs_m[:, None] < M) & (kk[None, :] < k_hi), other=0.0)
             w_t = tl.load(w_src + kk[:, None] * stride_wk + offs_n[None, :] * stride_wn,
-                          mask=(kk[:, None] < K) & (offs_n[None, :] < N), other=0.0)
+                          mask=(kk[:, None] < k_hi) & (offs_n[None, :] < N), other=0.0)
         if UPCAST:  # the interpreter's bf16 dot is wrong (DESIGN section 2): dot in fp32
             x = x.to(tl.float32)
             w_t = w_t.to(tl.float32)
@@ -75,11 +76,12 @@ def _tile_k_loop(acc, u, x_src, xl_src, w_src, a_src, off_m, off_n,
                     xa = x
             else:
                 a_t = tl.load(a_src + offs_r[None, :] * stride_ar + kk[:, None] * stride_ak,
-                              mask=(kk[:, None] < K) & (offs_r[None, :] < R), other=0.0)
+                              mask=(kk[:, None] < k_hi) & (offs_r[None, :] < R), other=0.0)
                 if LORA_INPUT:
                     xa = tl.load(xl_src + offs_m[:, None] * stride_xlm
                                  + kk[None, :] * stride_xlk,
-                                 mask=(offs_m[:, None] < M) & (kk[None, :] < K), other=0.0)
+                                 mask=(offs_m[:, None] < M) & (kk[None, :] < k_hi),
+                                 other=0.0)
                 else:
                     xa = x
             if UPCAST:
@@ -181,7 +183,7 @@ def _lora_fwd_kernel(
         # First tile of the run: the K loop also accumulates u, once for the whole run.
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         acc, u = _tile_k_loop(acc, u, x_src, xl_src, w_src, a_src, off_m,
-                              tile_first * BLOCK_N, M, N, K, R,
+                              tile_first * BLOCK_N, 0, K, M, N, R,
                               stride_xm, stride_xk, stride_xlm, stride_xlk, stride_wn,
                               stride_wk, stride_ar, stride_ak,
                               True, LORA_INPUT, USE_TMA, W_T, UPCAST, PRECISION,
@@ -209,7 +211,7 @@ def _lora_fwd_kernel(
     for tile in range(tile_next, tile_end):
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         acc, _ = _tile_k_loop(acc, u, x_src, xl_src, w_src, a_src, off_m, tile * BLOCK_N,
-                              M, N, K, R,
+                              0, K, M, N, R,
                               stride_xm, stride_xk, stride_xlm, stride_xlk, stride_wn,
                               stride_wk, stride_ar, stride_ak,
                               False, LORA_INPUT, USE_TMA, W_T, UPCAST, PRECISION,

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from .triton_config import FwdConfig, arch_of, fwd_default, input_precision, interpreting
-from .triton_forward import Launch
+from .triton_forward import Launch, _tile_k_loop
 
 
 @triton.jit
@@ -49,21 +49,11 @@ def _lora_fwd_pertile_kernel(
     mask_m, mask_n, mask_r = offs_m < M, offs_n < N, offs_r < R
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     u = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        kk = k0 + tl.arange(0, BLOCK_K)
-        mask_k = kk < K
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :] * stride_xk,
-                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        w_t = tl.load(w_ptr + kk[:, None] * stride_wk + offs_n[None, :] * stride_wn,
-                      mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        a_t = tl.load(a_ptr + offs_r[None, :] * stride_ar + kk[:, None] * stride_ak,
-                      mask=mask_k[:, None] & mask_r[None, :], other=0.0)
-        if UPCAST:  # the interpreter's bf16 dot is wrong (DESIGN section 2)
-            x = x.to(tl.float32)
-            w_t = w_t.to(tl.float32)
-            a_t = a_t.to(tl.float32)
-        acc = tl.dot(x, w_t, acc, input_precision=PRECISION)
-        u = tl.dot(x, a_t, u, input_precision=PRECISION)
+    acc, u = _tile_k_loop(acc, u, x_ptr, x_ptr, w_ptr, a_ptr, pid_m * BLOCK_M, pid_n * BLOCK_N,
+                          0, K, M, N, R,
+                          stride_xm, stride_xk, 0, 0, stride_wn, stride_wk, stride_ar, stride_ak,
+                          True, False, False, False, UPCAST, PRECISION,
+                          BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R)
     s = tl.load(s_ptr + offs_m[:, None] * stride_sm + offs_r[None, :] * stride_sr,
                 mask=mask_m[:, None] & mask_r[None, :], other=0.0)
     if pid_n == 0:  # one column block stores u for the backward

@@ -50,18 +50,23 @@ def test_static_gate_passes(tmp_path):
     assert all(float(r["extra_mma_frac"]) <= triton_schedule.EXTRA_MMA_BUDGET for r in fwd)
 
 
+# A subprocess prologue: the forward's launch plan at 8192 x 4096 -> 4096 (meta tensors).
+_LAUNCH = (
+    "import sys, torch, triton; sys.path.insert(0, 'bench')\n"
+    "import gpu_static as g\n"
+    "from feddpa_fast.kernels import triton_autotune, triton_forward, triton_static\n"
+    "from feddpa_fast.kernels.triton_config import FwdConfig\n"
+    "t = g.op_tensors(8192, 4096, 4096, 32)\n"
+    "launch = triton_forward.plan(t['x'], t['w'], t['w'].stride(), t['bias'], t['a'],\n"
+    "    t['a'].stride(), t['b'], t['b'].stride(), t['scale'], None, g.meta(8192, 4096),\n"
+    "    g.meta(8192, 32, dtype=torch.float32), {xl}, r=32, compute_u=True,\n"
+    "    expand=True, use_tma=False, cfg=FwdConfig({tiles}, 32, 8, 3), sms=108)\n"
+)
+
+
 def test_static_report_sees_a_spill():
     """The reader is not blind: a 128 x 256 x 32 tile on sm_80 (pointer loads) spills."""
-    code = (
-        "import sys, torch; sys.path.insert(0, 'bench')\n"
-        "import gpu_static as g\n"
-        "from feddpa_fast.kernels import triton_forward, triton_static\n"
-        "from feddpa_fast.kernels.triton_config import FwdConfig\n"
-        "t = g.op_tensors(8192, 4096, 4096, 32)\n"
-        "launch = triton_forward.plan(t['x'], t['w'], t['w'].stride(), t['bias'], t['a'],\n"
-        "    t['a'].stride(), t['b'], t['b'].stride(), t['scale'], None, g.meta(8192, 4096),\n"
-        "    g.meta(8192, 32, dtype=torch.float32), g.meta(8192, 4096), r=32, compute_u=True,\n"
-        "    expand=True, use_tma=False, cfg=FwdConfig(128, 256, 32, 32, 8, 3), sms=108)\n"
+    code = _LAUNCH.format(xl="g.meta(8192, 4096)", tiles="128, 256, 32") + (
         "rep = triton_static.compile_report(launch, 'sm_80')\n"
         "print('SPILLS', rep.spills, rep.regs, rep.spill_bytes, rep.stl, rep.mma)\n"
     )
@@ -129,16 +134,7 @@ def test_autotune_prune_drops_what_the_static_compile_rejects():
     """The CUDA autotuner's prune, run here for sm_80 on a real launch's arguments (meta
     tensors): the spilling 128 x 256 x 32 tile and an over-budget shared-memory limit drop
     configs; the clean ones stay; nothing clean left keeps the smallest-memory one."""
-    code = (
-        "import sys, torch, triton; sys.path.insert(0, 'bench')\n"
-        "import gpu_static as g\n"
-        "from feddpa_fast.kernels import triton_autotune, triton_forward\n"
-        "from feddpa_fast.kernels.triton_config import FwdConfig\n"
-        "t = g.op_tensors(8192, 4096, 4096, 32)\n"
-        "launch = triton_forward.plan(t['x'], t['w'], t['w'].stride(), t['bias'], t['a'],\n"
-        "    t['a'].stride(), t['b'], t['b'].stride(), t['scale'], None, g.meta(8192, 4096),\n"
-        "    g.meta(8192, 32, dtype=torch.float32), None, r=32, compute_u=True,\n"
-        "    expand=True, use_tma=False, cfg=FwdConfig(128, 128, 64, 32, 8, 3), sms=108)\n"
+    code = _LAUNCH.format(xl="None", tiles="128, 128, 64") + (
         "args = {k: v for k, v in launch.args.items() if k not in ('BLOCK_M','BLOCK_N','BLOCK_K')}\n"
         "spilling = triton.Config({'BLOCK_M': 128, 'BLOCK_N': 256, 'BLOCK_K': 32}, num_warps=8, num_stages=3)\n"
         "clean = triton.Config({'BLOCK_M': 64, 'BLOCK_N': 128, 'BLOCK_K': 64}, num_warps=8, num_stages=3)\n"
