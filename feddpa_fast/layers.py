@@ -192,9 +192,11 @@ class DualLoRALinear(nn.Module):
         self._restack()  # deepcopy / unpickling copied each parameter on its own
 
     def _stacked_adapters(self):
-        a_params, b_params = self._branch_params()
         stack_a, stack_b = self._stack_a, self._stack_b
-        if not any(p.requires_grad for p in a_params + b_params) or not torch.is_grad_enabled():
+        if not torch.is_grad_enabled():  # checked first: inference skips the parameter walk
+            return stack_a, stack_b
+        a_params, b_params = self._branch_params()
+        if not any(p.requires_grad for p in a_params + b_params):
             return stack_a, stack_b
         return (_StackedBranches.apply(stack_a, 0, *a_params),
                 _StackedBranches.apply(stack_b, 1, *b_params))

@@ -94,11 +94,12 @@ def test_one_adapter_at_weight_one_equals_peft_logits_and_gradients(smol, base):
         r=8, lora_alpha=16, lora_dropout=0.0, target_modules=list(TARGETS)))
     peft.set_peft_model_state_dict(theirs, fd.adapters.adapter_state_dict(ours, "global"))
     with fd.mix(ours, 1.0, 0.0):
-        loss = ours(input_ids=ids, labels=ids).loss
-        loss.backward()
-    ref = theirs(input_ids=ids, labels=ids).loss
-    ref.backward()
-    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
+        out = ours(input_ids=ids, labels=ids)
+        out.loss.backward()
+    ref = theirs(input_ids=ids, labels=ids)
+    ref.loss.backward()
+    torch.testing.assert_close(out.logits, ref.logits, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-5)
     peft_grads = {n.removeprefix("base_model.model.").replace(".default", ".global"): p.grad
                   for n, p in theirs.named_parameters() if p.requires_grad}
     checked = 0
@@ -106,8 +107,8 @@ def test_one_adapter_at_weight_one_equals_peft_logits_and_gradients(smol, base):
         if ".global." in n:
             torch.testing.assert_close(p.grad, peft_grads[n], rtol=1e-4, atol=1e-6, msg=n)
             checked += 1
-        elif ".local." in n:  # weight 0: no gradient reaches the local adapter's A
-            assert "lora_B" in n or p.grad is None or not p.grad.abs().any(), n
+        elif ".local." in n:  # weight 0: its scale is 0, so both its gradients are 0
+            assert p.grad is None or not p.grad.abs().any(), n
     assert checked == 2 * 2 * 30
 
 
