@@ -93,13 +93,13 @@ def _call_positions_hook(state: dict):
         ids = kwargs.get("input_ids")
         if ids is None and args and isinstance(args[0], torch.Tensor):
             ids = args[0]
+        embeds = kwargs.get("inputs_embeds")
         if isinstance(ids, torch.Tensor) and ids.dim() >= 1:
             state["positions"] = int(ids.shape[-1])
-            return None
-        embeds = kwargs.get("inputs_embeds")
-        state["positions"] = int(embeds.shape[1]) if isinstance(embeds, torch.Tensor) \
-            and embeds.dim() >= 3 else None
-        return None
+        elif isinstance(embeds, torch.Tensor) and embeds.dim() >= 3:
+            state["positions"] = int(embeds.shape[1])
+        else:
+            state["positions"] = None
     return hook
 
 

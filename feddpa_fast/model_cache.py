@@ -19,8 +19,8 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from .atomic import atomic_write_bytes
 

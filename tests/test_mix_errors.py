@@ -64,8 +64,8 @@ def test_bad_weights_raise_naming_the_argument_and_change_nothing(model, g, l, e
 
 
 @pytest.mark.parametrize("g, inputs, pattern", [
-    (torch.ones(2, 9), batch("llama", size=2, seq=7), "global_w gives one weight per token "
-                                                      "for seq_len 9"),
+    (torch.ones(2, 9), batch("llama", size=2, seq=7),
+     "global_w gives one weight per token for seq_len 9"),
     (torch.ones(2), batch("llama", size=3, seq=7), "first dim 3 is not a multiple of 2"),
     (torch.ones(2), batch("llama", size=0, seq=7), "input is empty"),
 ])

@@ -153,8 +153,9 @@ def test_generate_with_beams_under_a_per_sequence_mix_equals_each_prompt_alone(s
     model = _patched(base, std=0.05)
     ids = _chat(tokenizer, QUESTIONS)
     g, l = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
-    kw = dict(max_new_tokens=8, num_beams=2, do_sample=False, return_dict_in_generate=True,
-              output_logits=True, pad_token_id=tokenizer.pad_token_id)
+    kw = {"max_new_tokens": 8, "num_beams": 2, "do_sample": False,
+          "return_dict_in_generate": True, "output_logits": True,
+          "pad_token_id": tokenizer.pad_token_id}
     with torch.no_grad(), fd.mix(model, g, l):
         out = model.generate(input_ids=ids, **kw)
     for i in range(2):
