@@ -34,8 +34,9 @@ ROOT = Path(__file__).resolve().parent.parent
 OP_SHAPES = ["8192x4096x4096", "8192x4096x11008", "1x4096x4096", "16x4096x4096"]
 OP_PROVIDERS = ["base", "fused", "fused_pertile", "two_gemm", "peft"]
 OP_MODES = ["forward", "fwd+bwd"]
-# Seconds per step on the GPU: builds ~40 s, compiles dominate tests and benchmarks.
-LIMITS = {"build": 120, "tests": 150, "op": 170, "model": 60}
+# Seconds per step on the GPU, 450 s in all (7.5 min, inside the 8-minute call); Triton
+# compiles dominate the tests and benchmarks. None of these has been timed on a GPU yet.
+LIMITS = {"build": 90, "tests": 150, "op": 150, "model": 60}
 
 
 def steps(out: Path, dry_run: bool) -> list[tuple[str, list[str], dict]]:
@@ -53,7 +54,10 @@ def steps(out: Path, dry_run: bool) -> list[tuple[str, list[str], dict]]:
                "--kv-heads", "4", "--vocab", "256", "--seq", "32", "--batch", "2",
                "--repeats", "2"] if dry_run else
               ["--device", "cuda", "--layers", "4", "--repeats", "3"])
-    listed = [("tests", tests, {}), ("op", op, interp), ("model", model, {})]
+    # The correctness tests use the fixed configs (autotuning every parametrised shape would
+    # compile ~5 configs per key); one test turns autotuning on and compares.
+    listed = [("tests", tests, {"FEDDPA_FAST_AUTOTUNE": "0"}), ("op", op, interp),
+              ("model", model, {})]
     return listed if dry_run else [("build", build, {})] + listed
 
 

@@ -84,7 +84,9 @@ def forward_cases(m, k, n, r, label, target, configs, sms, alternatives=True,
     config; with ``alternatives`` also the per-tile schedule and the split's two launches
     (measured alternatives, never dispatched: only at the benchmark's shapes)."""
     t = op_tensors(m, k, n, r)
-    use_tma = target != "sm_80"
+    # As tma_allowed decides at a launch: sm_90+ and 16-byte aligned rows (bf16 here).
+    use_tma = target != "sm_80" and triton_forward.tma_rows_aligned(2, k)
+    dx_tma = target != "sm_80" and triton_forward.tma_rows_aligned(2, k, n)
     cases = []
     for cfg, source in configs:
         # lora_input adds a third tile stream; the gate compiles it at the dispatched config.
@@ -106,7 +108,7 @@ def forward_cases(m, k, n, r, label, target, configs, sms, alternatives=True,
         launch = triton_forward.plan(meta(m, n), w, (w.stride(1), w.stride(0)), None, None,
                                      (0, 0), t["a"], (t["a"].stride(1), t["a"].stride(0)),
                                      None, meta(m, r), dx, None, None, r=r, compute_u=False,
-                                     expand=True, use_tma=use_tma, cfg=cfg, sms=sms)
+                                     expand=True, use_tma=dx_tma, cfg=cfg, sms=sms)
         cases.append(Case("dx", label, True, cfg.label(), source, launch, 0.0, 0))
     if not alternatives:
         return cases
@@ -136,10 +138,10 @@ def backward_cases(m, k, n, r, label, target, sms) -> list[Case]:
     db32 = meta(n, r, dtype=torch.float32)
     dy = triton_backward.dy_plan(meta(m, n), meta(n, r), meta(m, r), g, db32, need_db=True,
                                  cfg=dy_cfg, sms=sms)
-    dy_sched = triton_schedule.dy_schedule(m, n, dy_cfg.block_m, dy_cfg.block_n, sms)
+    dy_sched = triton_schedule.dy_schedule(m, n, dy_cfg.block_m, dy_cfg.block_cols, sms)
     da = triton_backward.da_plan(meta(m, r), meta(m, k), meta(r, k, dtype=torch.float32),
                                  cfg=da_cfg, sms=sms)
-    da_sched = triton_schedule.da_schedule(m, k, da_cfg.block_m, da_cfg.block_n, sms)
+    da_sched = triton_schedule.da_schedule(m, k, da_cfg.block_m, da_cfg.block_cols, sms)
     return [
         # dB: one atomic add per row block; g: one per slice of N (when sliced).
         Case("dy_pass", label, True, dy_cfg.label(), "fixed", dy, 0.0,

@@ -24,8 +24,9 @@ from . import triton_schedule, triton_static
 from .triton_config import (FwdConfig, arch_of, decode_candidates, fwd_candidates,
                             padded_rank, sm_count)
 
-_MODE_KEYS = ["HAS_BIAS", "COMPUTE_U", "LORA_INPUT", "EXPAND", "STORE_U", "USE_TMA"]
-_DECODE_MODE_KEYS = ["HAS_BIAS", "LORA_INPUT", "STORE_U"]
+_MODE_KEYS = ["HAS_BIAS", "COMPUTE_U", "LORA_INPUT", "EXPAND", "STORE_U", "USE_TMA", "W_T",
+              "PRECISION"]
+_DECODE_MODE_KEYS = ["HAS_BIAS", "LORA_INPUT", "STORE_U", "PRECISION"]
 _STATIC_CACHE: dict = {}
 
 
@@ -48,7 +49,9 @@ def prune(configs, named_args, kernel, arch: str, smem_limit: int, **kwargs):
     from .triton_forward import Launch
 
     target = arch if arch in triton_static.TARGETS else None
-    args = {**named_args, **kwargs}
+    # Triton's Autotuner hands the prune every keyword of the call, launch options (grid,
+    # warmup) included: only the kernel's own arguments describe the compile.
+    args = {k: v for k, v in {**named_args, **kwargs}.items() if k in kernel.arg_names}
     kept, reports = [], []
     for config in configs:
         launch = Launch(kernel, (1,), {**args, **config.kwargs}, config.num_warps,
@@ -112,9 +115,8 @@ def run_decode(launch, device: torch.device) -> None:
                                                  c.block_r, sms) for c in configs]
     capacity = max(s.chunks for s in schedules)
     a["count_ptr"] = triton_decode._counters(device, max(s.col_tiles for s in schedules))
-    if a["y_part_ptr"].shape[0] < capacity:
-        a["y_part_ptr"] = torch.empty((capacity, m, n), device=device, dtype=torch.float32)
-        a["u_part_ptr"] = torch.empty((capacity, m, r), device=device, dtype=torch.float32)
+    if a["y_part_ptr"].shape[0] < capacity:  # plan() sized them for its own split only
+        a["y_part_ptr"], a["u_part_ptr"] = triton_decode.partials(capacity, m, n, r, device)
     args = {key: v for key, v in a.items() if key not in ("BLOCK_M", "BLOCK_N", "BLOCK_K")}
     block_r = padded_rank(r)
 

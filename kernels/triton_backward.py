@@ -54,6 +54,7 @@ def _dy_kernel(
     tile_end = (pid_n + 1) * col_tiles // slices
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_r = tl.arange(0, BLOCK_R)
+    rows = offs_m.to(tl.int64)[:, None]  # int64: M x N offsets can pass 2^31
     mask_m = offs_m < M
     mask_r = offs_r < R
     us = tl.load(us_ptr + offs_m[:, None] * stride_usm + offs_r[None, :] * stride_usr,
@@ -64,7 +65,7 @@ def _dy_kernel(
     for tile in range(tile_first, tile_end):
         offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
-        dy = tl.load(dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
+        dy = tl.load(dy_ptr + rows * stride_dym + offs_n[None, :] * stride_dyn,
                      mask=mask_m[:, None] & mask_n[None, :], other=0.0)
         b = tl.load(b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br,
                     mask=mask_n[:, None] & mask_r[None, :], other=0.0)
@@ -114,7 +115,8 @@ def _da_kernel(
         mask_m = offs_m < M
         gs = tl.load(gs_ptr + offs_m[:, None] * stride_gsm + offs_r[None, :] * stride_gsr,
                      mask=mask_m[:, None] & mask_r[None, :], other=0.0)
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+        x = tl.load(x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+                    + offs_k[None, :] * stride_xk,
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         if UPCAST:
             gs = gs.to(tl.float32)
@@ -136,7 +138,7 @@ def dy_plan(dy2, lora_b, us, g, db32, *, need_db: bool, cfg: BwdConfig, sms: int
     """The Launch of the dy pass; g (and db32) must be zeroed when the plan slices N."""
     m, n = dy2.shape
     r = lora_b.shape[1]
-    sched = triton_schedule.dy_schedule(m, n, cfg.block_m, cfg.block_n, sms)
+    sched = triton_schedule.dy_schedule(m, n, cfg.block_m, cfg.block_cols, sms)
     args = dict(
         dy_ptr=dy2, b_ptr=lora_b, us_ptr=us, g_ptr=g, db_ptr=db32, M=m, N=n, R=r,
         stride_dym=dy2.stride(0), stride_dyn=dy2.stride(1),
@@ -147,7 +149,7 @@ def dy_plan(dy2, lora_b, us, g, db32, *, need_db: bool, cfg: BwdConfig, sms: int
         NEED_DB=need_db, G_ATOMIC=sched.chunks > 1,
         UPCAST=interpreting() and dy2.dtype != torch.float32,
         PRECISION=input_precision(dy2.dtype),
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_R=cfg.block_r,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_cols, BLOCK_R=cfg.block_r,
     )
     return Launch(_dy_kernel, (sched.row_blocks, sched.chunks), args, cfg.num_warps,
                   cfg.num_stages)
@@ -157,7 +159,7 @@ def da_plan(gs, x2, da32, *, cfg: BwdConfig, sms: int) -> Launch:
     """The Launch of the dA kernel into the zeroed fp32 da32 (R x K)."""
     m, k = x2.shape
     r = gs.shape[1]
-    sched = triton_schedule.da_schedule(m, k, cfg.block_m, cfg.block_n, sms)
+    sched = triton_schedule.da_schedule(m, k, cfg.block_m, cfg.block_cols, sms)
     args = dict(
         gs_ptr=gs, x_ptr=x2, da_ptr=da32, M=m, K=k, R=r,
         stride_gsm=gs.stride(0), stride_gsr=gs.stride(1),
@@ -165,7 +167,7 @@ def da_plan(gs, x2, da32, *, cfg: BwdConfig, sms: int) -> Launch:
         stride_dar=da32.stride(0), stride_dak=da32.stride(1),
         UPCAST=interpreting() and x2.dtype != torch.float32,
         PRECISION=input_precision(x2.dtype),
-        BLOCK_R=cfg.block_r, BLOCK_K=cfg.block_n, BLOCK_M=cfg.block_m,
+        BLOCK_R=cfg.block_r, BLOCK_K=cfg.block_cols, BLOCK_M=cfg.block_m,
     )
     return Launch(_da_kernel, (sched.col_tiles, sched.chunks), args, cfg.num_warps,
                   cfg.num_stages)

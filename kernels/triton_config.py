@@ -3,9 +3,10 @@ tf32 allowed or not, the device's architecture) that the launchers need.
 
 Configs are declared here once, per architecture family:
 - ``fwd_candidates(arch)`` / ``decode_candidates(arch, m)``: what the CUDA autotuner
-  (kernels/triton_autotune.py) may choose from. bench/gpu_static.py compiles every one of them
-  for sm_80 and sm_90a and CI fails on spills or shared-memory overflow; at run time the
-  autotuner's prune drops any that the same static compile flags on the current GPU.
+  (kernels/triton_autotune.py) may choose from. The full static report (bench/gpu_static.py,
+  make gpu-static) compiles every one of them for sm_80, sm_90a and sm_100a; the CI gate
+  compiles the forward's candidates and the dispatched configs of every kernel; at run time
+  the autotuner's prune drops any that the same static compile flags on the current GPU.
 - ``fwd_default(...)`` etc.: the one config per problem used when autotuning is off
   (FEDDPA_FAST_AUTOTUNE=0), by the static report's "dispatched" rows, and (small tiles) by the
   interpreter, where autotuning and timing cannot run.
@@ -38,16 +39,17 @@ class FwdConfig:
 
 @dataclasses.dataclass(frozen=True)
 class BwdConfig:
-    """Tiles of the backward's dy pass (rows x N slice) and dA kernel (M slice x K tile)."""
+    """Tiles of a backward kernel: block_m rows of M by block_cols of the kernel's wide
+    dimension (N for the dy pass, K for the dA kernel)."""
 
     block_m: int
-    block_n: int
+    block_cols: int
     block_r: int
     num_warps: int = 4
     num_stages: int = 2
 
     def label(self) -> str:
-        return (f"{self.block_m}x{self.block_n} r{self.block_r} w{self.num_warps} "
+        return (f"{self.block_m}x{self.block_cols} r{self.block_r} w{self.num_warps} "
                 f"s{self.num_stages}")
 
 

@@ -44,7 +44,7 @@ def _sum_slices(own, part_ptr, offs, mask, pid_k, split, slice_stride):
     return total
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["m_bucket"])  # a key for the autotuner, not a compile input
 def _lora_decode_kernel(
     # pointers
     x_ptr, xl_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, s_ptr, y_ptr, u_ptr,
@@ -121,17 +121,28 @@ def _lora_decode_kernel(
 
 
 _COUNTERS: dict = {}
+# Column tiles one launch may have: N up to 4M columns at BLOCK_N = 64 (256 KB of int32). The
+# buffer is never replaced or freed, because a captured CUDA graph keeps its address.
+COUNTER_CAPACITY = 1 << 16
 
 
 def _counters(device: torch.device, tiles: int) -> torch.Tensor:
-    """The zeroed arrival counters of (device, current stream), grown to ``tiles``."""
+    """The zeroed arrival counters of (device, current stream); every launch leaves the ones
+    it used at zero again."""
+    if tiles > COUNTER_CAPACITY:
+        raise ValueError(f"decode kernel: {tiles} column tiles exceed the {COUNTER_CAPACITY} "
+                         "arrival counters (N too large for the decode path)")
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
     key = (str(device), stream)
-    buf = _COUNTERS.get(key)
-    if buf is None or buf.numel() < tiles:
-        buf = torch.zeros(max(tiles, 256), device=device, dtype=torch.int32)
-        _COUNTERS[key] = buf
-    return buf
+    if key not in _COUNTERS:
+        _COUNTERS[key] = torch.zeros(COUNTER_CAPACITY, device=device, dtype=torch.int32)
+    return _COUNTERS[key]
+
+
+def partials(slices: int, m: int, n: int, r: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fp32 workspaces of the partial y (slices, M, N) and u (slices, M, R)."""
+    return (torch.empty((slices, m, n), device=device, dtype=torch.float32),
+            torch.empty((slices, m, r), device=device, dtype=torch.float32))
 
 
 def plan(x2, weight, bias, lora_a, lora_b, scale, xl2, y, u, *, cfg: FwdConfig, sms: int,
@@ -146,9 +157,7 @@ def plan(x2, weight, bias, lora_a, lora_b, scale, xl2, y, u, *, cfg: FwdConfig, 
     sched = triton_schedule.decode_schedule(m, n, k, cfg.block_m, cfg.block_n, cfg.block_k,
                                             cfg.block_r, sms)
     split = split or sched.chunks
-    room = max(split, split_capacity)
-    y_part = torch.empty((room, m, n), device=x2.device, dtype=torch.float32)
-    u_part = torch.empty((room, m, r), device=x2.device, dtype=torch.float32)
+    y_part, u_part = partials(max(split, split_capacity), m, n, r, x2.device)
     args = dict(
         x_ptr=x2, xl_ptr=xl2 if xl2 is not None else x2, w_ptr=weight,
         bias_ptr=bias if bias is not None else x2, a_ptr=lora_a, b_ptr=lora_b, s_ptr=scale,

@@ -48,6 +48,7 @@ def _tile_k_loop(acc, u, x_src, xl_src, w_src, a_src, off_m, off_n, k_lo, k_hi,
     """acc += x W^T over K in [k_lo, k_hi) for one output tile; with WITH_U also
     u += xa A^T. With USE_TMA k_hi must be the whole K (the descriptors bound the tiles)."""
     offs_m = off_m + tl.arange(0, BLOCK_M)
+    rows = offs_m.to(tl.int64)[:, None]  # int64: M x K offsets pass 2^31 at 524k rows of 4096
     offs_n = off_n + tl.arange(0, BLOCK_N)
     offs_r = tl.arange(0, BLOCK_R)
     for k0 in range(k_lo, k_hi, BLOCK_K):
@@ -59,7 +60,7 @@ def _tile_k_loop(acc, u, x_src, xl_src, w_src, a_src, off_m, off_n, k_lo, k_hi,
                 w_t = w_src.load([off_n, k0]).T
         else:
             kk = k0 + tl.arange(0, BLOCK_K)
-            x = tl.load(x_src + offs_m[:, None] * stride_xm + kk[None, :] * stride_xk,
+            x = tl.load(x_src + rows * stride_xm + kk[None, :] * stride_xk,
                         mask=(offs_m[:, None] < M) & (kk[None, :] < k_hi), other=0.0)
             w_t = tl.load(w_src + kk[:, None] * stride_wk + offs_n[None, :] * stride_wn,
                           mask=(kk[:, None] < k_hi) & (offs_n[None, :] < N), other=0.0)
@@ -78,8 +79,7 @@ def _tile_k_loop(acc, u, x_src, xl_src, w_src, a_src, off_m, off_n, k_lo, k_hi,
                 a_t = tl.load(a_src + offs_r[None, :] * stride_ar + kk[:, None] * stride_ak,
                               mask=(kk[:, None] < k_hi) & (offs_r[None, :] < R), other=0.0)
                 if LORA_INPUT:
-                    xa = tl.load(xl_src + offs_m[:, None] * stride_xlm
-                                 + kk[None, :] * stride_xlk,
+                    xa = tl.load(xl_src + rows * stride_xlm + kk[None, :] * stride_xlk,
                                  mask=(offs_m[:, None] < M) & (kk[None, :] < k_hi),
                                  other=0.0)
                 else:
@@ -100,6 +100,7 @@ def _tile_epilogue(acc, us, b_ptr, bias_ptr, y_ptr, off_m, off_n,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
     """y tile = acc + us B^T + bias, cast to y's dtype and stored."""
     offs_m = off_m + tl.arange(0, BLOCK_M)
+    rows = offs_m.to(tl.int64)[:, None]  # int64: M x N offsets pass 2^31 (e.g. 195k x 11008)
     offs_n = off_n + tl.arange(0, BLOCK_N)
     offs_r = tl.arange(0, BLOCK_R)
     mask_n = offs_n < N
@@ -112,11 +113,11 @@ def _tile_epilogue(acc, us, b_ptr, bias_ptr, y_ptr, off_m, off_n,
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0)
         acc += bias.to(tl.float32)[None, :]
-    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn,
+    tl.store(y_ptr + rows * stride_ym + offs_n[None, :] * stride_yn,
              acc.to(y_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & mask_n[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["m_bucket"])  # a key for the autotuner, not a compile input
 def _lora_fwd_kernel(
     # pointers
     x_ptr, xl_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, s_ptr, us_ptr, y_ptr, u_ptr,
@@ -242,6 +243,11 @@ def m_bucket(m: int) -> int:
     return 1 << max(m - 1, 0).bit_length()
 
 
+def tma_rows_aligned(element_size: int, *row_strides: int) -> bool:
+    """A tensor descriptor's rows (strides in elements) must start 16-byte aligned."""
+    return all((stride * element_size) % 16 == 0 for stride in row_strides)
+
+
 def tma_allowed(device: torch.device, *tensors) -> bool:
     """Tensor descriptors need sm_90+, a 16-bit dtype (one 128-byte swizzle row per 64 K
     columns), unit inner strides and 16-byte aligned rows and bases."""
@@ -252,7 +258,7 @@ def tma_allowed(device: torch.device, *tensors) -> bool:
             continue
         if t.dtype not in (torch.float16, torch.bfloat16) or t.stride(-1) != 1:
             return False
-        if (t.stride(0) * t.element_size()) % 16 or t.data_ptr() % 16:
+        if not tma_rows_aligned(t.element_size(), t.stride(0)) or t.data_ptr() % 16:
             return False
     return True
 

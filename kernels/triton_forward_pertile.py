@@ -68,7 +68,8 @@ def _lora_fwd_pertile_kernel(
     acc = tl.dot(us, b_t, acc, input_precision=PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn,
+    tl.store(y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym
+             + offs_n[None, :] * stride_yn,
              acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 

@@ -7,19 +7,28 @@ Import this module only with triton installed; feddpa_fast.kernels imports it la
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from . import triton_backward, triton_forward
 
 
+def _on_device(t: torch.Tensor):
+    """Triton launches on the current CUDA device: make it the tensors' one."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
 def _fwd(x, weight, bias, lora_a, lora_b, scale, lora_input=None):
     torch.ops.feddpa.lora_linear_check(x, weight, bias, lora_a, lora_b, scale, lora_input)
-    return triton_forward.forward(x, weight, bias, lora_a, lora_b, scale, lora_input)
+    with _on_device(x):
+        return triton_forward.forward(x, weight, bias, lora_a, lora_b, scale, lora_input)
 
 
 def _bwd(dy, x, weight, lora_a, lora_b, scale, u, lora_input, output_mask):
-    return triton_backward.backward(dy, x, weight, lora_a, lora_b, scale, u, lora_input,
-                                    list(output_mask))
+    with _on_device(dy):
+        return triton_backward.backward(dy, x, weight, lora_a, lora_b, scale, u, lora_input,
+                                        list(output_mask))
 
 
 def register_cuda_kernels() -> None:
@@ -71,7 +80,8 @@ class _AlternativeForward(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, forward_fn, x, weight, bias, lora_a, lora_b, scale):
-        y, u = forward_fn(x, weight, bias, lora_a, lora_b, scale)
+        with _on_device(x):
+            y, u = forward_fn(x, weight, bias, lora_a, lora_b, scale)
         ctx.save_for_backward(x, weight, lora_a, lora_b, scale, u)
         ctx.has_bias = bias is not None
         return y

@@ -40,7 +40,8 @@ def _shrink_kernel(
     u = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :] * stride_xk,
+        x = tl.load(x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+                    + kk[None, :] * stride_xk,
                     mask=(offs_m[:, None] < M) & (kk[None, :] < K), other=0.0)
         a_t = tl.load(a_ptr + offs_r[None, :] * stride_ar + kk[:, None] * stride_ak,
                       mask=(kk[:, None] < K) & (offs_r[None, :] < R), other=0.0)

@@ -142,9 +142,17 @@ def test_autotune_prune_drops_what_the_static_compile_rejects():
         "print('KEPT', [c.kwargs['BLOCK_N'] for c in kept])\n"
         "kept = triton_autotune.prune([spilling, clean], {}, launch.kernel, 'sm_80', 1024, **args)\n"
         "print('TIGHT', [c.kwargs['BLOCK_N'] for c in kept])\n"
+        "# Through Triton's own Autotuner: it passes launch options (grid, warmup) along.\n"
+        "tuner = triton.autotune(configs=[spilling, clean], key=['m_bucket'],\n"
+        "    prune_configs_by={'early_config_prune': lambda cs, nargs, **kw:\n"
+        "        triton_autotune.prune(cs, nargs, launch.kernel, 'sm_80', 166912, **kw)})(launch.kernel)\n"
+        "tuner.nargs = {}\n"
+        "kept = tuner.prune_configs({**args, 'grid': (1,), 'warmup': False})\n"
+        "print('TRITON', [c.kwargs['BLOCK_N'] for c in kept])\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           env=_compiler_env(), timeout=300, cwd=ROOT)
     assert "KEPT [128]" in proc.stdout, proc.stdout + proc.stderr[-3000:]
     # Nothing fits 1 KB: the config with the least shared memory survives.
     assert "TIGHT [" in proc.stdout and "TIGHT []" not in proc.stdout
+    assert "TRITON [128]" in proc.stdout
