@@ -133,7 +133,7 @@ def forward_cases(m, k, n, r, label, target, configs, sms, alternatives=True,
 
 def backward_cases(m, k, n, r, label, target, sms) -> list[Case]:
     """The dy pass (g, dB) and the dA kernel at their fixed configs."""
-    dy_cfg, da_cfg = dy_default(target, r, aligned(n)), da_default(target, r)
+    dy_cfg, da_cfg = dy_default(target, r, aligned(n)), da_default(target, r, aligned(k))
     g = meta(m, r, dtype=torch.float32)
     db32 = meta(n, r, dtype=torch.float32)
     dy = triton_backward.dy_plan(meta(m, n), meta(n, r), meta(m, r), g, db32, need_db=True,

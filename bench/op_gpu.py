@@ -48,7 +48,8 @@ def bytes_moved(m, k, n, r, mode, provider) -> float:
     """Fewest bytes of one call in bf16: each input read once, each output written once."""
     e = 2
     fwd = e * (m * k + n * k + m * n) + (0 if provider == "base" else e * 2 * r * (k + n))
-    bwd = e * (m * n + n * k + m * k) + (0 if provider == "base" else e * (2 * 2 * r * (k + n) + m * k))
+    lora_bwd = 0 if provider == "base" else e * (2 * 2 * r * (k + n) + m * k)
+    bwd = e * (m * n + n * k + m * k) + lora_bwd
     return {"forward": fwd, "backward": bwd, "fwd+bwd": fwd + bwd}[mode]
 
 

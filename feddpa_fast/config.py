@@ -1,4 +1,4 @@
-"""``DualLoRAConfig``: what ``patch`` builds (DESIGN section 3)."""
+"""``DualLoRAConfig``: what ``patch`` builds (docs/DESIGN.md §3)."""
 from __future__ import annotations
 
 import dataclasses

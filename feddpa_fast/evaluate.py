@@ -1,4 +1,4 @@
-"""Evaluation of personalised federated runs: P, TTP, tables and plots (DESIGN section 4).
+"""Evaluation of personalised federated runs: P, TTP, tables and plots (docs/DESIGN.md §4).
 
 - **P**: a client's score on its own task's test set.
 - **TTP**: the mean of a client's scores over every task's test set, its own included.

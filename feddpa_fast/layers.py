@@ -1,5 +1,5 @@
 """``DualLoRALinear``: a frozen linear layer plus a ``global`` and a ``local`` LoRA adapter,
-run by the fused ``lora_linear`` op (DESIGN sections 2 and 3).
+run by the fused ``lora_linear`` op (docs/DESIGN.md §2, §3).
 
 Parameter names follow PEFT (``lora_A.global.weight`` (r, K), ``lora_B.local.weight`` (N, r)),
 with PEFT's initialisation (A Kaiming-uniform, B zeros) and ``scaling = alpha / r``.

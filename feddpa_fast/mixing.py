@@ -1,5 +1,5 @@
 """The mixing API: how much of each adapter every sequence (or token) of a batch gets, and which
-adapter trains (DESIGN section 3).
+adapter trains (docs/DESIGN.md §3).
 
     with feddpa_fast.mix(model, global_w, local_w):
         out = model(**batch)            # and loss.backward() here, see below

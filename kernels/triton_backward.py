@@ -69,7 +69,7 @@ def _dy_kernel(
                      mask=mask_m[:, None] & mask_n[None, :], other=0.0)
         b = tl.load(b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br,
                     mask=mask_n[:, None] & mask_r[None, :], other=0.0)
-        if UPCAST:  # the interpreter's bf16 dot is wrong (DESIGN section 2)
+        if UPCAST:  # the interpreter's bf16 dot is wrong (docs/DESIGN.md §2)
             dy = dy.to(tl.float32)
             b = b.to(tl.float32)
         g = tl.dot(dy, b, g, input_precision=PRECISION)
@@ -126,12 +126,13 @@ def _da_kernel(
                   mask=mask_k[:, None] & mask_r[None, :])
 
 
-def _facts(device: torch.device, r: int, is_aligned: bool) -> tuple[BwdConfig, BwdConfig, int]:
+def _facts(device: torch.device, r: int, n_aligned: bool,
+           k_aligned: bool) -> tuple[BwdConfig, BwdConfig, int]:
     if device.type != "cuda" or interpreting():
         cfg = interpreter_bwd_config(r)
         return cfg, cfg, 4
     arch = arch_of(device)
-    return dy_default(arch, r, is_aligned), da_default(arch, r), sm_count(device)
+    return dy_default(arch, r, n_aligned), da_default(arch, r, k_aligned), sm_count(device)
 
 
 def dy_plan(dy2, lora_b, us, g, db32, *, need_db: bool, cfg: BwdConfig, sms: int) -> Launch:
@@ -185,7 +186,9 @@ def backward(dy, x, weight, lora_a, lora_b, scale, u, lora_input, output_mask):
     if dy2.stride(-1) != 1:
         dy2 = dy2.contiguous()
     m = dy2.shape[0]
-    dy_cfg, da_cfg, sms = _facts(x.device, r, aligned(n, dy2.stride(0)))
+    x_rows = (lora_input if split else x).reshape(-1, k)
+    dy_cfg, da_cfg, sms = _facts(x.device, r, aligned(n, dy2.stride(0)),
+                                 aligned(k, x_rows.stride(0)))
 
     g = torch.zeros((m, r), device=x.device, dtype=torch.float32)
     # us = u * S only feeds dB; without it the kernel gets placeholder pointers it never reads.
@@ -200,9 +203,8 @@ def backward(dy, x, weight, lora_a, lora_b, scale, u, lora_input, output_mask):
     dl = torch.mm(gs, lora_a).view(x.shape) if split and need_dl else empty
     da = empty
     if need_da:
-        x2 = (lora_input if split else x).reshape(-1, k)
         da32 = torch.zeros((r, k), device=x.device, dtype=torch.float32)
-        da_plan(gs, x2, da32, cfg=da_cfg, sms=sms).run()
+        da_plan(gs, x_rows, da32, cfg=da_cfg, sms=sms).run()
         da = da32.to(dtype)
     db = db32.to(dtype) if need_db else empty
     ds = scale.new_empty(0)

@@ -102,12 +102,12 @@ def _family(arch: str) -> str:
 # Each list is clean (no spills, shared memory within the limit) in the static report at the
 # benchmark's aligned shapes, under Triton 3.9 and 3.6. The sm_80 persistent kernel spills at
 # 4 warps with 128-row tiles (pointer loads: 255 registers), so those run 8 warps; 128 x 128 x
-# 64 spills under 3.6 there, and 64 x 128 x 64 with 4 warps on sm_100a under 3.6.
+# 64 spills under 3.6 there, 64 x 64 x 64 with 4 warps (and lora_input) under 3.9 once the
+# row offsets are int64, and 64 x 128 x 64 with 4 warps on sm_100a under 3.6.
 _FWD = {
     "hopper": [(128, 256, 64, 8, 3), (128, 128, 64, 4, 4), (128, 128, 64, 8, 4),
                (64, 256, 64, 4, 3)],
-    "ampere": [(128, 128, 32, 8, 4), (64, 128, 64, 8, 3), (128, 64, 64, 8, 3),
-               (64, 64, 64, 4, 4)],
+    "ampere": [(128, 128, 32, 8, 4), (64, 128, 64, 8, 3), (128, 64, 64, 8, 3)],
 }
 # Sizes or row strides that are not multiples of 16 elements lose Triton's divisibility hint:
 # loads go element by element with a pointer and a mask each, and the big tiles spill (255
@@ -176,8 +176,11 @@ def dy_default(arch: str, r: int, is_aligned: bool = True) -> BwdConfig:
     return BwdConfig(64, 128, padded_rank(r), num_warps=4, num_stages=2)
 
 
-def da_default(arch: str, r: int) -> BwdConfig:
-    """The dA kernel: block_m rows of the reduction x block_n columns of K (not autotuned)."""
+def da_default(arch: str, r: int, is_aligned: bool = True) -> BwdConfig:
+    """The dA kernel: block_m rows of the reduction x block_cols columns of K (not
+    autotuned); 32 x 64 for unaligned K (64 x 128 spills there on sm_100a)."""
+    if not is_aligned:
+        return BwdConfig(32, 64, padded_rank(r), num_warps=4, num_stages=2)
     return BwdConfig(64, 128, padded_rank(r), num_warps=4, num_stages=2)
 
 

@@ -45,7 +45,7 @@ def _shrink_kernel(
                     mask=(offs_m[:, None] < M) & (kk[None, :] < K), other=0.0)
         a_t = tl.load(a_ptr + offs_r[None, :] * stride_ar + kk[:, None] * stride_ak,
                       mask=(kk[:, None] < K) & (offs_r[None, :] < R), other=0.0)
-        if UPCAST:  # the interpreter's bf16 dot is wrong (DESIGN section 2)
+        if UPCAST:  # the interpreter's bf16 dot is wrong (docs/DESIGN.md §2)
             x = x.to(tl.float32)
             a_t = a_t.to(tl.float32)
         u = tl.dot(x, a_t, u, input_precision=PRECISION)

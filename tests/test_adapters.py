@@ -1,4 +1,4 @@
-"""PEFT equivalence and PEFT-format adapter I/O (DESIGN section 3)."""
+"""PEFT equivalence and PEFT-format adapter I/O (docs/DESIGN.md §3)."""
 import copy
 import json
 

@@ -50,30 +50,18 @@ def test_static_gate_passes(tmp_path):
     assert all(float(r["extra_mma_frac"]) <= triton_schedule.EXTRA_MMA_BUDGET for r in fwd)
 
 
-# A subprocess prologue: the forward's launch plan at 8192 x 4096 -> 4096 (meta tensors).
-_LAUNCH = (
-    "import sys, torch, triton; sys.path.insert(0, 'bench')\n"
-    "import gpu_static as g\n"
-    "from feddpa_fast.kernels import triton_autotune, triton_forward, triton_static\n"
-    "from feddpa_fast.kernels.triton_config import FwdConfig\n"
-    "t = g.op_tensors(8192, 4096, 4096, 32)\n"
-    "launch = triton_forward.plan(t['x'], t['w'], t['w'].stride(), t['bias'], t['a'],\n"
-    "    t['a'].stride(), t['b'], t['b'].stride(), t['scale'], None, g.meta(8192, 4096),\n"
-    "    g.meta(8192, 32, dtype=torch.float32), {xl}, r=32, compute_u=True,\n"
-    "    expand=True, use_tma=False, cfg=FwdConfig({tiles}, 32, 8, 3), sms=108)\n"
-)
+def _probe(what: str) -> str:
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "static_probe.py"), what],
+                          capture_output=True, text=True, env=_compiler_env(), timeout=300,
+                          cwd=ROOT)
+    return proc.stdout + proc.stderr[-3000:]
 
 
 def test_static_report_sees_a_spill():
     """The reader is not blind: a 128 x 256 x 32 tile on sm_80 (pointer loads) spills."""
-    code = _LAUNCH.format(xl="g.meta(8192, 4096)", tiles="128, 256, 32") + (
-        "rep = triton_static.compile_report(launch, 'sm_80')\n"
-        "print('SPILLS', rep.spills, rep.regs, rep.spill_bytes, rep.stl, rep.mma)\n"
-    )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          env=_compiler_env(), timeout=300, cwd=ROOT)
-    assert "SPILLS True 255" in proc.stdout, proc.stdout + proc.stderr[-3000:]
-    assert proc.stdout.strip().endswith("HMMA")
+    out = _probe("spill")
+    assert "SPILLS True 255" in out, out
+    assert out.split("SPILLS")[1].splitlines()[0].strip().endswith("HMMA"), out
 
 
 def _simulated_extra(m, n, block_m, block_n, block_r, programs):
@@ -112,7 +100,8 @@ def test_schedule_figures():
     old = triton_schedule.pertile_schedule(8192, 4096, 128, 256, 32)
     assert old.extra_mma_frac == pytest.approx(15 * 32 / 4096)
     # dx has no u: no budget, and no recompute.
-    assert triton_schedule.forward_schedule(8192, 4096, 128, 256, 32, 132, False).extra_mma_frac == 0
+    dx = triton_schedule.forward_schedule(8192, 4096, 128, 256, 32, 132, False)
+    assert dx.extra_mma_frac == 0
     # Backward grids fill the SMs at M = 2048 (were 32 programs for dy and dA at K = 4096).
     assert triton_schedule.dy_schedule(2048, 4096, 64, 128, 132).programs >= 0.9 * 132
     assert triton_schedule.da_schedule(2048, 4096, 64, 128, 132).programs >= 0.9 * 132
@@ -132,27 +121,10 @@ def test_schedule_never_exceeds_budget_on_random_shapes():
 
 def test_autotune_prune_drops_what_the_static_compile_rejects():
     """The CUDA autotuner's prune, run here for sm_80 on a real launch's arguments (meta
-    tensors): the spilling 128 x 256 x 32 tile and an over-budget shared-memory limit drop
-    configs; the clean ones stay; nothing clean left keeps the smallest-memory one."""
-    code = _LAUNCH.format(xl="None", tiles="128, 128, 64") + (
-        "args = {k: v for k, v in launch.args.items() if k not in ('BLOCK_M','BLOCK_N','BLOCK_K')}\n"
-        "spilling = triton.Config({'BLOCK_M': 128, 'BLOCK_N': 256, 'BLOCK_K': 32}, num_warps=8, num_stages=3)\n"
-        "clean = triton.Config({'BLOCK_M': 64, 'BLOCK_N': 128, 'BLOCK_K': 64}, num_warps=8, num_stages=3)\n"
-        "kept = triton_autotune.prune([spilling, clean], {}, launch.kernel, 'sm_80', 166912, **args)\n"
-        "print('KEPT', [c.kwargs['BLOCK_N'] for c in kept])\n"
-        "kept = triton_autotune.prune([spilling, clean], {}, launch.kernel, 'sm_80', 1024, **args)\n"
-        "print('TIGHT', [c.kwargs['BLOCK_N'] for c in kept])\n"
-        "# Through Triton's own Autotuner: it passes launch options (grid, warmup) along.\n"
-        "tuner = triton.autotune(configs=[spilling, clean], key=['m_bucket'],\n"
-        "    prune_configs_by={'early_config_prune': lambda cs, nargs, **kw:\n"
-        "        triton_autotune.prune(cs, nargs, launch.kernel, 'sm_80', 166912, **kw)})(launch.kernel)\n"
-        "tuner.nargs = {}\n"
-        "kept = tuner.prune_configs({**args, 'grid': (1,), 'warmup': False})\n"
-        "print('TRITON', [c.kwargs['BLOCK_N'] for c in kept])\n"
-    )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          env=_compiler_env(), timeout=300, cwd=ROOT)
-    assert "KEPT [128]" in proc.stdout, proc.stdout + proc.stderr[-3000:]
-    # Nothing fits 1 KB: the config with the least shared memory survives.
-    assert "TIGHT [" in proc.stdout and "TIGHT []" not in proc.stdout
-    assert "TRITON [128]" in proc.stdout
+    tensors): the spilling 128 x 256 x 32 tile is dropped, the clean one stays; with nothing
+    clean (a 1 KB shared-memory limit) the smallest-memory config survives; and the same
+    through Triton's own Autotuner, which passes grid / warmup along."""
+    out = _probe("prune")
+    assert "KEPT [128]" in out, out
+    assert "TIGHT [" in out and "TIGHT []" not in out
+    assert "TRITON [128]" in out

@@ -1,4 +1,4 @@
-"""The algorithms of DESIGN section 4, as data: what each client trains in a round, what it
+"""The algorithms of docs/DESIGN.md §4, as data: what each client trains in a round, what it
 uploads, how it is evaluated; and FedDPA's instance-wise dynamic weighting.
 
     fedit     each round: train the global adapter alone (mix 1, 0) from the received global;

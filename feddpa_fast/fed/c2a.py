@@ -1,4 +1,5 @@
-"""C2A ("Client-customized adaptation", Kim et al. 2024) adapted to LoRA factors (DESIGN s. 4).
+"""C2A ("Client-customized adaptation", Kim et al. 2024) adapted to LoRA factors
+(docs/DESIGN.md §4).
 
 A small hypernetwork, shared by all clients and federated like an adapter, generates each
 client's LoRA factors from a client embedding: the client's label distribution, the mean

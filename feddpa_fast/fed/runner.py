@@ -1,4 +1,4 @@
-"""The in-process federated loop (DESIGN section 5): build, rounds, checkpoints, resume, final
+"""The in-process federated loop (docs/DESIGN.md §5): build, rounds, checkpoints, resume, final
 evaluation and adapters. ``run(RunConfig(...))`` is what ``feddpa-fast train`` calls.
 
 Output directory layout:

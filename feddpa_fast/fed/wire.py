@@ -1,4 +1,4 @@
-"""The wire format of the federated loop (DESIGN section 5): every message is a safetensors blob.
+"""The wire format of the federated loop (docs/DESIGN.md §5): every message is a safetensors blob.
 
 Layout (safetensors spec): an 8-byte little-endian u64 ``N``, then ``N`` bytes of UTF-8 JSON
 ``{"__metadata__": {str: str}, name: {"dtype": "F32", "shape": [..], "data_offsets": [b, e]}}``,

@@ -1,0 +1,60 @@
+"""Run by tests/test_gpu_static.py in a subprocess without TRITON_INTERPRET (the session's
+interpreter would turn the kernels into Python): static compiles of one forward launch plan
+(8192 x 4096 -> 4096, R = 32, meta tensors) for sm_80.
+
+    python tests/static_probe.py spill | prune
+"""
+import sys
+from pathlib import Path
+
+import torch
+import triton
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+import gpu_static as g  # noqa: E402
+
+from feddpa_fast.kernels import triton_autotune, triton_forward, triton_static  # noqa: E402
+from feddpa_fast.kernels.triton_config import FwdConfig  # noqa: E402
+
+
+def launch(tiles, lora_input):
+    t = g.op_tensors(8192, 4096, 4096, 32)
+    return triton_forward.plan(
+        t["x"], t["w"], t["w"].stride(), t["bias"], t["a"], t["a"].stride(), t["b"],
+        t["b"].stride(), t["scale"], None, g.meta(8192, 4096),
+        g.meta(8192, 32, dtype=torch.float32), g.meta(8192, 4096) if lora_input else None,
+        r=32, compute_u=True, expand=True, use_tma=False, cfg=FwdConfig(*tiles, 32, 8, 3),
+        sms=108)
+
+
+def spill():
+    rep = triton_static.compile_report(launch((128, 256, 32), lora_input=True), "sm_80")
+    print("SPILLS", rep.spills, rep.regs, rep.spill_bytes, rep.stl, rep.mma)
+
+
+def prune():
+    plan = launch((128, 128, 64), lora_input=False)
+    args = {k: v for k, v in plan.args.items() if k not in ("BLOCK_M", "BLOCK_N", "BLOCK_K")}
+    spilling = triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 32}, num_warps=8,
+                             num_stages=3)
+    clean = triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8,
+                          num_stages=3)
+
+    def widths(configs):
+        return [c.kwargs["BLOCK_N"] for c in configs]
+
+    kept = triton_autotune.prune([spilling, clean], {}, plan.kernel, "sm_80", 166912, **args)
+    print("KEPT", widths(kept))
+    kept = triton_autotune.prune([spilling, clean], {}, plan.kernel, "sm_80", 1024, **args)
+    print("TIGHT", widths(kept))
+    # Through Triton's own Autotuner, which passes launch options (grid, warmup) along.
+    tuner = triton.autotune(configs=[spilling, clean], key=["m_bucket"], prune_configs_by={
+        "early_config_prune": lambda cs, nargs, **kw: triton_autotune.prune(
+            cs, nargs, plan.kernel, "sm_80", 166912, **kw)})(plan.kernel)
+    tuner.nargs = {}
+    print("TRITON", widths(tuner.prune_configs({**args, "grid": (1,), "warmup": False})))
+
+
+if __name__ == "__main__":
+    {"spill": spill, "prune": prune}[sys.argv[1]]()
