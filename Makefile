@@ -67,7 +67,7 @@ gpu-static: install
 TRITON36 := .make/triton36
 gpu-static-36: install
 	@test -d $(TRITON36)/triton || $(PIP) install --no-deps --target $(TRITON36) triton==3.6.0
-	env -u TRITON_INTERPRET PYTHONPATH=$(TRITON36) $(PYTHON) bench/gpu_static.py --targets sm_80,sm_90a
+	env -u TRITON_INTERPRET PYTHONPATH=$(TRITON36) $(PYTHON) bench/gpu_static.py
 
 # Everything a lent GPU should run, in one call (no install step needs a registry there):
 # build, GPU tests, reduced op and model benchmarks; CSVs, logs and summary.md under OUT.
