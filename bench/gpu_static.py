@@ -92,10 +92,9 @@ def forward_cases(m, k, n, r, label, target, configs, sms, alternatives=True,
         # lora_input adds a third tile stream; the gate compiles it at the dispatched config.
         for lora_input in ((False, True) if source == "dispatched" or not gate else (False,)):
             y, u = meta(m, n), meta(m, r, dtype=torch.float32)
-            launch = triton_forward.plan(
-                t["x"], t["w"], t["w"].stride(), t["bias"], t["a"], t["a"].stride(), t["b"],
-                t["b"].stride(), t["scale"], None, y, u, meta(m, k) if lora_input else None,
-                r=r, compute_u=True, expand=True, use_tma=use_tma, cfg=cfg, sms=sms)
+            launch = triton_forward.forward_plan(
+                t["x"], t["w"], t["bias"], t["a"], t["b"], t["scale"], y, u,
+                meta(m, k) if lora_input else None, use_tma=use_tma, cfg=cfg, sms=sms)
             sched = triton_schedule.forward_schedule(m, n, cfg.block_m, cfg.block_n,
                                                      cfg.block_r, sms, computes_u=True)
             name = "fwd_lora_input" if lora_input else "fwd"
@@ -103,12 +102,8 @@ def forward_cases(m, k, n, r, label, target, configs, sms, alternatives=True,
                               sched.extra_mma_frac, 0))
         if gate and source != "dispatched":
             continue  # the gate sweeps the autotune configs of the forward only
-        dx = meta(m, k)
-        w = t["w"]
-        launch = triton_forward.plan(meta(m, n), w, (w.stride(1), w.stride(0)), None, None,
-                                     (0, 0), t["a"], (t["a"].stride(1), t["a"].stride(0)),
-                                     None, meta(m, r), dx, None, None, r=r, compute_u=False,
-                                     expand=True, use_tma=dx_tma, cfg=cfg, sms=sms)
+        launch = triton_forward.dx_plan(meta(m, n), t["w"], t["a"], meta(m, r), meta(m, k),
+                                        use_tma=dx_tma, cfg=cfg, sms=sms)
         cases.append(Case("dx", label, True, cfg.label(), source, launch, 0.0, 0))
     if not alternatives:
         return cases
@@ -123,10 +118,8 @@ def forward_cases(m, k, n, r, label, target, configs, sms, alternatives=True,
                                       meta(m, r, dtype=torch.float32), meta(m, r))
     cases.append(Case("split_shrink", label, True, "64x128 w4 s3", "alternative", shrink,
                       0.0, 0))
-    expand = triton_forward.plan(t["x"], t["w"], t["w"].stride(), t["bias"], None, (0, 0),
-                                 t["b"], t["b"].stride(), None, meta(m, r), meta(m, n), None,
-                                 None, r=r, compute_u=False, expand=True, use_tma=False,
-                                 cfg=cfg, sms=sms)
+    expand = triton_forward.gemm_plan(t["x"], t["w"], t["bias"], t["b"], meta(m, r),
+                                      meta(m, n), cfg=cfg, sms=sms)
     cases.append(Case("split_gemm", label, True, cfg.label(), "alternative", expand, 0.0, 0))
     return cases
 
@@ -195,12 +188,8 @@ def build_cases(target: str, gate: bool) -> list[Case]:
                               configs, sms)
         if kind == "odd":  # dx at M = 1 runs the prefill kernel
             dx_cfg = fwd_default(target, k, r, aligned(k, n))
-            w = meta(n, k)
-            a = meta(r, k)
-            dx = triton_forward.plan(meta(m, n), w, (w.stride(1), w.stride(0)), None, None,
-                                     (0, 0), a, (a.stride(1), a.stride(0)), None, meta(m, r),
-                                     meta(m, k), None, None, r=r, compute_u=False,
-                                     expand=True, use_tma=False, cfg=dx_cfg, sms=sms)
+            dx = triton_forward.dx_plan(meta(m, n), meta(n, k), meta(r, k), meta(m, r),
+                                        meta(m, k), use_tma=False, cfg=dx_cfg, sms=sms)
             cases.append(Case("dx", f"odd M={m} K={k} N={n} R={r}", False, dx_cfg.label(),
                               "dispatched", dx, 0.0, 0))
     return cases

@@ -103,20 +103,24 @@ def run_forward(launch, device: torch.device) -> None:
     tuner[grid](**args)
 
 
+def decode_schedules(m: int, n: int, k: int, r: int, device: torch.device):
+    """The decode schedule of every candidate: the launch's partials must hold the largest
+    split, and its counters the most column tiles."""
+    sms = sm_count(device)
+    return [triton_schedule.decode_schedule(m, n, k, c.block_m, c.block_n, c.block_k,
+                                            c.block_r, sms)
+            for c in decode_candidates(arch_of(device), m, r)]
+
+
 def run_decode(launch, device: torch.device) -> None:
-    """Runs a decode Launch through the autotuner; partials sized for the largest split."""
+    """Runs a decode Launch (planned with room for every candidate's split: triton_decode
+    forward) through the autotuner."""
     from . import triton_decode
 
     a = launch.args
     m, n, k, r = a["M"], a["N"], a["K"], a["R"]
     sms = sm_count(device)
     configs = decode_candidates(arch_of(device), m, r)
-    schedules = [triton_schedule.decode_schedule(m, n, k, c.block_m, c.block_n, c.block_k,
-                                                 c.block_r, sms) for c in configs]
-    capacity = max(s.chunks for s in schedules)
-    a["count_ptr"] = triton_decode._counters(device, max(s.col_tiles for s in schedules))
-    if a["y_part_ptr"].shape[0] < capacity:  # plan() sized them for its own split only
-        a["y_part_ptr"], a["u_part_ptr"] = triton_decode.partials(capacity, m, n, r, device)
     args = {key: v for key, v in a.items() if key not in ("BLOCK_M", "BLOCK_N", "BLOCK_K")}
     block_r = padded_rank(r)
 

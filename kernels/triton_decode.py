@@ -198,10 +198,16 @@ def forward(x2, weight, bias, lora_a, lora_b, scale, xl2=None, cfg: FwdConfig | 
         sms = sm_count(x2.device)
     else:
         tiles, sms = cfg or interpreter_config(r), 4
-    launch = plan(x2, weight, bias, lora_a, lora_b, scale, xl2, y, u, cfg=tiles, sms=sms,
-                  split=split)
-    if on_gpu and cfg is None and split is None and autotune_enabled():
+    tune = on_gpu and cfg is None and split is None and autotune_enabled()
+    capacity = 0
+    if tune:
         from . import triton_autotune
+        schedules = triton_autotune.decode_schedules(m, n, x2.shape[1], r, x2.device)
+        capacity = max(s.chunks for s in schedules)
+        _counters(x2.device, max(s.col_tiles for s in schedules))  # raises if N is too large
+    launch = plan(x2, weight, bias, lora_a, lora_b, scale, xl2, y, u, cfg=tiles, sms=sms,
+                  split=split, split_capacity=capacity)
+    if tune:
         triton_autotune.run_decode(launch, x2.device)
     else:
         launch.run()

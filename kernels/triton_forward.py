@@ -323,6 +323,30 @@ def plan(x2, w, w_strides, bias, a, a_strides, b, b_strides, scale, us, y, u, xl
     return Launch(_lora_fwd_kernel, (programs,), args, cfg.num_warps, cfg.num_stages)
 
 
+def forward_plan(x2, weight, bias, lora_a, lora_b, scale, y, u, xl2=None, *, use_tma: bool,
+                 cfg: FwdConfig, sms: int, chunks: int | None = None) -> Launch:
+    """The forward's Launch: y = x W^T + bias + ((xa A^T) S) B^T, u stored (xa = xl2 or x2)."""
+    return plan(x2, weight, weight.stride(), bias, lora_a, lora_a.stride(), lora_b,
+                lora_b.stride(), scale, None, y, u, xl2, r=lora_a.shape[0], compute_u=True,
+                expand=True, use_tma=use_tma, cfg=cfg, sms=sms, chunks=chunks)
+
+
+def gemm_plan(x2, weight, bias, lora_b, us, y, *, cfg: FwdConfig, sms: int) -> Launch:
+    """The split's second Launch: y = x W^T + bias + us B^T with us given (pointer loads)."""
+    return plan(x2, weight, weight.stride(), bias, None, (0, 0), lora_b, lora_b.stride(),
+                None, us, y, None, None, r=us.shape[1], compute_u=False, expand=True,
+                use_tma=False, cfg=cfg, sms=sms)
+
+
+def dx_plan(dy2, weight, lora_a, gs, dx, *, use_tma: bool, cfg: FwdConfig, sms: int) -> Launch:
+    """dx = dy W + gs A (gs None: dy W alone). This GEMM's "weight" is W read transposed
+    (output columns = K, reduction over N), its "lora_b" is A^T."""
+    return plan(dy2, weight, (weight.stride(1), weight.stride(0)), None, None, (0, 0),
+                lora_a, (lora_a.stride(1), lora_a.stride(0)), None, gs, dx, None, None,
+                r=lora_a.shape[0], compute_u=False, expand=gs is not None, use_tma=use_tma,
+                cfg=cfg, sms=sms)
+
+
 def _run(launch: Launch, device: torch.device, fixed_cfg: FwdConfig | None):
     """Runs a Launch: with its own tiles, or through the CUDA autotuner (tiles from META)."""
     if launch.args["USE_TMA"]:
@@ -369,9 +393,8 @@ def forward(x, weight, bias, lora_a, lora_b, scale, lora_input=None,
     y = torch.empty((m, n), device=x.device, dtype=x.dtype)
     u = torch.empty((m, r), device=x.device, dtype=torch.float32)
     use_tma = tma_allowed(x.device, x2, xl2, weight, lora_a)
-    launch = plan(x2, weight, weight.stride(), bias, lora_a, lora_a.stride(), lora_b,
-                  lora_b.stride(), scale, None, y, u, xl2, r=r, compute_u=True, expand=True,
-                  use_tma=use_tma, cfg=tiles, sms=sms)
+    launch = forward_plan(x2, weight, bias, lora_a, lora_b, scale, y, u, xl2, use_tma=use_tma,
+                          cfg=tiles, sms=sms)
     _run(launch, x.device, cfg)
     return y.view(*x.shape[:-1], n), u
 
@@ -384,10 +407,7 @@ def expand_into_gemm(x2, weight, bias, lora_b, us, cfg: FwdConfig | None = None)
     tiles, sms = _device_facts(x2.device, n, us.shape[1], cfg,
                                aligned(k, n, x2.stride(0), weight.stride(0)))
     y = torch.empty((m, n), device=x2.device, dtype=x2.dtype)
-    launch = plan(x2, weight, weight.stride(), bias, None, (0, 0), lora_b, lora_b.stride(),
-                  None, us, y, None, None, r=us.shape[1], compute_u=False, expand=True,
-                  use_tma=False, cfg=tiles, sms=sms)
-    _run(launch, x2.device, cfg)
+    _run(gemm_plan(x2, weight, bias, lora_b, us, y, cfg=tiles, sms=sms), x2.device, cfg)
     return y
 
 
@@ -398,10 +418,7 @@ def input_grad(dy2, weight, lora_a, gs, cfg: FwdConfig | None = None):
     k, r = weight.shape[1], lora_a.shape[0]
     tiles, sms = _device_facts(dy2.device, k, r, cfg, aligned(k, n, dy2.stride(0)))
     dx = torch.empty((m, k), device=dy2.device, dtype=dy2.dtype)
-    # This GEMM's "weight" is W^T (output columns = K, reduction over N); "lora_b" is A^T.
-    launch = plan(dy2, weight, (weight.stride(1), weight.stride(0)), None, None, (0, 0),
-                  lora_a, (lora_a.stride(1), lora_a.stride(0)), None, gs, dx, None, None,
-                  r=r, compute_u=False, expand=gs is not None,
-                  use_tma=tma_allowed(dy2.device, dy2, weight), cfg=tiles, sms=sms)
+    launch = dx_plan(dy2, weight, lora_a, gs, dx, use_tma=tma_allowed(dy2.device, dy2, weight),
+                     cfg=tiles, sms=sms)
     _run(launch, dy2.device, cfg)
     return dx

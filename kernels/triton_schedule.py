@@ -42,6 +42,12 @@ class Schedule:
     extra_mma_frac: float  # recomputed shrink work / base GEMM work, from the tiles
 
 
+def recompute_frac(shrinks_per_row_block: int, col_tiles: int, block_n: int,
+                   block_r: int) -> float:
+    """Tensor-core work of the u recomputes beyond one per row block, over the base GEMM's."""
+    return (shrinks_per_row_block - 1) * block_r / (col_tiles * block_n)
+
+
 def forward_schedule(m: int, n: int, block_m: int, block_n: int, block_r: int, sms: int,
                      computes_u: bool, budget: float = EXTRA_MMA_BUDGET) -> Schedule:
     """Grid of the chunked forward (also dx, which has no u and so no budget)."""
@@ -52,7 +58,7 @@ def forward_schedule(m: int, n: int, block_m: int, block_n: int, block_r: int, s
         # boundaries (e.g. 2 % exactly) on the allowed side of float rounding.
         max_chunks = min(col_tiles, 1 + int(budget * col_tiles * block_n / block_r + 1e-9))
     chunks = _best_chunks(row_blocks, col_tiles, max_chunks, sms)
-    extra = (chunks - 1) * block_r / (col_tiles * block_n) if computes_u else 0.0
+    extra = recompute_frac(chunks, col_tiles, block_n, block_r) if computes_u else 0.0
     return Schedule(row_blocks * chunks, chunks, row_blocks, col_tiles, extra)
 
 
@@ -69,7 +75,7 @@ def pertile_schedule(m: int, n: int, block_m: int, block_n: int, block_r: int) -
     """The previous forward (kept as a measured alternative): one program per output tile,
     each recomputing u for its row block."""
     row_blocks, col_tiles = cdiv(m, block_m), cdiv(n, block_n)
-    extra = (col_tiles - 1) * block_r / (col_tiles * block_n)
+    extra = recompute_frac(col_tiles, col_tiles, block_n, block_r)
     return Schedule(row_blocks * col_tiles, col_tiles, row_blocks, col_tiles, extra)
 
 
@@ -82,7 +88,7 @@ def decode_schedule(m: int, n: int, k: int, block_m: int, block_n: int, block_k:
     tiles = row_blocks * col_tiles
     # Enough slices to give every SM about two programs, keeping >= 4 K blocks per slice.
     split = max(1, min(k_blocks // 4, cdiv(2 * sms, tiles)))
-    extra = (col_tiles - 1) * block_r / (col_tiles * block_n)
+    extra = recompute_frac(col_tiles, col_tiles, block_n, block_r)
     return Schedule(tiles * split, split, row_blocks, col_tiles, extra)
 
 

@@ -20,12 +20,10 @@ from feddpa_fast.kernels.triton_config import FwdConfig  # noqa: E402
 
 def launch(tiles, lora_input):
     t = g.op_tensors(8192, 4096, 4096, 32)
-    return triton_forward.plan(
-        t["x"], t["w"], t["w"].stride(), t["bias"], t["a"], t["a"].stride(), t["b"],
-        t["b"].stride(), t["scale"], None, g.meta(8192, 4096),
+    return triton_forward.forward_plan(
+        t["x"], t["w"], t["bias"], t["a"], t["b"], t["scale"], g.meta(8192, 4096),
         g.meta(8192, 32, dtype=torch.float32), g.meta(8192, 4096) if lora_input else None,
-        r=32, compute_u=True, expand=True, use_tma=False, cfg=FwdConfig(*tiles, 32, 8, 3),
-        sms=108)
+        use_tma=False, cfg=FwdConfig(*tiles, 32, 8, 3), sms=108)
 
 
 def spill():

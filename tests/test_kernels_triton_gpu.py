@@ -122,9 +122,8 @@ def test_forward_runs_and_tma_on_gpu(chunks, use_tma):
     cfg = fwd_default(arch_of(x2.device), 4096, 32)
     if use_tma:
         triton_forward._set_tma_allocator()
-    triton_forward.plan(x2, w, w.stride(), inputs["bias"], a, a.stride(), b, b.stride(),
-                        inputs["scale"], None, y, u, None, r=32, compute_u=True, expand=True,
-                        use_tma=use_tma, cfg=cfg, sms=132, chunks=chunks).run()
+    triton_forward.forward_plan(x2, w, inputs["bias"], a, b, inputs["scale"], y, u,
+                                use_tma=use_tma, cfg=cfg, sms=132, chunks=chunks).run()
     y_ref, u_ref = _ref(inputs)
     assert_close_scaled(y, y_ref, torch.bfloat16, "chunked y")
     assert_close_scaled(u, u_ref, torch.bfloat16, "chunked u")

@@ -123,10 +123,8 @@ def test_forward_runs_of_column_tiles(chunks, dtype, lora_input):
     y = torch.full((67, 80), float("nan"), dtype=dtype)  # poisoned: every element must be written
     u = torch.full((67, 16), float("nan"))
     cfg = FwdConfig(32, 16, 16, 16, num_warps=4, num_stages=1)
-    launch = triton_forward.plan(x2, w, w.stride(), inputs["bias"], a, a.stride(), b,
-                                 b.stride(), inputs["scale"], None, y, u, xl2, r=16,
-                                 compute_u=True, expand=True, use_tma=False, cfg=cfg, sms=4,
-                                 chunks=chunks)
+    launch = triton_forward.forward_plan(x2, w, inputs["bias"], a, b, inputs["scale"], y, u,
+                                         xl2, use_tma=False, cfg=cfg, sms=4, chunks=chunks)
     assert launch.grid == (3 * chunks,)
     launch.run()
     y_ref, u_ref = _reference(inputs)
@@ -147,10 +145,9 @@ def test_forward_tensor_descriptor_path(lora_input):
     y = torch.full((37, 50), float("nan"), dtype=torch.float16)
     u = torch.full((37, 8), float("nan"))
     cfg = FwdConfig(32, 16, 16, 16, num_warps=4, num_stages=1)
-    triton_forward.plan(x2, w, w.stride(), inputs["bias"], a, a.stride(), b, b.stride(),
-                        inputs["scale"], None, y, u, inputs.get("lora_input"), r=8,
-                        compute_u=True, expand=True, use_tma=True, cfg=cfg, sms=4,
-                        chunks=2).run()
+    triton_forward.forward_plan(x2, w, inputs["bias"], a, b, inputs["scale"], y, u,
+                                inputs.get("lora_input"), use_tma=True, cfg=cfg, sms=4,
+                                chunks=2).run()
     y_ref, u_ref = _reference(inputs)
     assert_close_scaled(y, y_ref, torch.float16, "TMA output")
     assert_close_scaled(u, u_ref, torch.float16, "TMA u")
