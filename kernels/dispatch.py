@@ -57,18 +57,43 @@ def _forced_backend(backend: str | None) -> str | None:
     return choice
 
 
+def _seed_tensor(seed, device: torch.device):
+    """An int seed as the op's one-element int64 tensor on ``device`` (tensors pass as given)."""
+    if seed is None or isinstance(seed, torch.Tensor):
+        return seed
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"lora_linear: dropout_seed must be an int or an int64 tensor, "
+                        f"got {type(seed).__name__}")
+    return torch.tensor(seed, dtype=torch.int64, device=device)
+
+
 def lora_linear(x, weight, bias, lora_a, lora_b, scale, lora_input=None, *,
-                backend: str | None = None):
+                dropout_p: float = 0.0, dropout_seed=None, backend: str | None = None):
     """Fused ``y = x W^T + b + ((xl A^T) * scale) B^T``; see kernels/reference.py for the contract.
 
-    ``lora_input`` (xl; default x) is the input of the LoRA A branch when it differs from x,
-    e.g. ``dropout(x)`` for LoRA dropout as PEFT applies it (the frozen GEMM still reads x). It
-    must match x in shape, dtype and device, and receives its own gradient ``gs A`` while x gets
-    ``dy W``. ``backend`` (or the environment variable FEDDPA_FAST_BACKEND) forces a backend;
-    by default the device of ``x`` picks it (``backend_for``). Bad shapes, dtypes or devices
-    raise ValueError / TypeError naming the argument.
+    Args:
+        x: (..., K) input; float32, float16, bfloat16 or float64.
+        weight: (N, K) frozen weight (requires_grad must be False), dtype of x.
+        bias: (N,) or None.
+        lora_a: (R, K) the A matrices of all branches stacked by rows.
+        lora_b: (N, R) the B matrices stacked the same way (columns).
+        scale: (M, R) or (1, R) per-row branch factors, float32 (float64 for float64 x).
+        lora_input: the A branch's own input xl (shape, dtype, device of x) when it is not x;
+            x gets the gradient ``dy W`` and lora_input ``gs A``.
+        dropout_p: in-op LoRA dropout: the A branch reads ``x * keep / (1 - p)``, the keep mask
+            generated in the kernel from ``dropout_seed`` and regenerated in backward (nothing of
+            size (M, K) beyond x is saved). Not combinable with lora_input.
+        dropout_seed: int, or int64 one-element tensor on x's device; needed when dropout_p > 0.
+            The same (seed, shape) gives the same mask on CPU and on GPU.
+        backend: "native", "triton" or "reference" (or FEDDPA_FAST_BACKEND); by default the
+            device of ``x`` picks it (``backend_for``).
+    Returns:
+        y, (..., N) in the dtype of x.
+    Raises:
+        ValueError / TypeError naming the argument for bad shapes, dtypes, devices or values.
     """
-    args = (x, weight, bias, lora_a, lora_b, scale, lora_input)
+    dropout_seed = _seed_tensor(dropout_seed, x.device)
+    args = (x, weight, bias, lora_a, lora_b, scale, lora_input, float(dropout_p), dropout_seed)
     choice = _forced_backend(backend)
     if choice is None or choice == backend_for(x.device):
         return torch.ops.feddpa.lora_linear(*args)

@@ -6,11 +6,16 @@
     lora_a  (R, K)     the A matrices of all branches stacked (rows)
     lora_b  (N, R)     the B matrices stacked the same way (columns)
     scale   (M, R) or (1, R), float32 (float64 for float64 x); M = prod(x.shape[:-1])
-    lora_input  None, or the input of the A branch (shape, dtype, device of x), e.g. dropout(x)
+    lora_input  None, or the input of the A branch (shape, dtype, device of x)
+    dropout_p, dropout_seed   in-op LoRA dropout: p in [0, 1) and an int64 one-element tensor
 
-    xl = lora_input if given else x
+    xl = lora_input if given; x * keep / (1 - p) with in-op dropout; else x
     u = xl @ lora_a.T                     accumulated in float32 (float64 for float64 x)
     y = x @ weight.T + bias + (u * scale).to(x.dtype) @ lora_b.T          (..., N), dtype of x
+
+With in-op dropout, keep = ``dropout_keep(M, K, p, seed)`` (the Philox mask that every backend
+generates, docs/ARCHITECTURE.md "LoRA dropout"); the zeros are applied to x in the accumulation
+dtype and 1 / (1 - p) to u, so u = ((x * keep) A^T) / (1 - p).
 
 ``lora_linear`` is written with ordinary differentiable torch ops, so its gradients come from
 autograd, independently of the hand-written backward formulas of the fast backends.
@@ -22,7 +27,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["accum_dtype", "lora_linear", "lora_linear_forward", "lora_linear_backward"]
+__all__ = ["accum_dtype", "dropout_keep", "lora_linear", "lora_linear_forward",
+           "lora_linear_backward"]
 
 
 def accum_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -30,26 +36,57 @@ def accum_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def lora_linear(x, weight, bias, lora_a, lora_b, scale, lora_input=None):
+def dropout_keep(rows: int, cols: int, p: float, seed: torch.Tensor,
+                 device: torch.device | str = "cpu") -> torch.Tensor:
+    """The in-op dropout's keep mask of an (rows, cols) input, bool, on ``device``.
+
+    Args:
+        rows, cols: the input seen as a matrix (M = prod of x's leading dims, K).
+        p: the drop probability in [0, 1).
+        seed: the int64 one-element tensor the op was given (any device).
+        device: where the mask is returned.
+    Returns:
+        (rows, cols) bool tensor, True where x is kept; generated on the CPU (the Triton kernels
+        generate the same Philox stream, tests/test_dropout.py checks it under the interpreter).
+    """
+    keep = torch.ops.feddpa.dropout_keep_mask(rows, cols, float(p), seed.detach().cpu())
+    return keep.to(device)
+
+
+def lora_linear(x, weight, bias, lora_a, lora_b, scale, lora_input=None, dropout_p=0.0,
+                dropout_seed=None):
     """Reference ``y = x W^T + b + ((xl A^T) * scale) B^T`` with autograd for every input."""
-    return lora_linear_forward(x, weight, bias, lora_a, lora_b, scale, lora_input)[0]
+    return lora_linear_forward(x, weight, bias, lora_a, lora_b, scale, lora_input, dropout_p,
+                               dropout_seed)[0]
 
 
-def lora_linear_forward(x, weight, bias, lora_a, lora_b, scale, lora_input=None):
+def _masked_rows(x2, dropout_p, dropout_seed):
+    """x2 * keep in the accumulation dtype (differentiable in x2)."""
+    keep = dropout_keep(x2.shape[0], x2.shape[1], dropout_p, dropout_seed, x2.device)
+    return x2.to(accum_dtype(x2.dtype)) * keep
+
+
+def lora_linear_forward(x, weight, bias, lora_a, lora_b, scale, lora_input=None, dropout_p=0.0,
+                        dropout_seed=None):
     """Returns ``(y, u)`` with u = xl A^T in the accumulation dtype (differentiable ops only)."""
     acc = accum_dtype(x.dtype)
     x2 = x.reshape(-1, x.shape[-1])
-    xl2 = x2 if lora_input is None else lora_input.reshape(x2.shape)
-    u = xl2.to(acc) @ lora_a.to(acc).T
+    if dropout_p > 0:
+        u = (_masked_rows(x2, dropout_p, dropout_seed) @ lora_a.to(acc).T) / (1.0 - dropout_p)
+    else:
+        xl2 = x2 if lora_input is None else lora_input.reshape(x2.shape)
+        u = xl2.to(acc) @ lora_a.to(acc).T
     y = F.linear(x2, weight, bias) + (u * scale).to(x.dtype) @ lora_b.T
     return y.reshape(*x.shape[:-1], weight.shape[0]), u
 
 
-def lora_linear_backward(dy, x, weight, lora_a, lora_b, scale, u, lora_input, output_mask):
+def lora_linear_backward(dy, x, weight, lora_a, lora_b, scale, u, lora_input, output_mask,
+                         dropout_p=0.0, dropout_seed=None):
     """The backward formulas of docs/DESIGN.md §2; entries not in ``output_mask`` are empty.
 
     g = dy B ; gs = g * S ; dx = dy W + gs A ; dA = gs^T x ; dB = dy^T (u * S) ; dS = g * u
     With lora_input (xl): dx = dy W ; d lora_input = gs A ; dA = gs^T xl (x is not read).
+    With in-op dropout: gs = g * S / (1 - p) ; dx = dy W + (gs A) * keep ; dA = gs^T (x * keep).
     Returns (dx, dA, dB, dS, d lora_input); the last is empty without lora_input.
     """
     need_dx, need_da, need_db, need_ds, need_dl = output_mask
@@ -57,15 +94,21 @@ def lora_linear_backward(dy, x, weight, lora_a, lora_b, scale, u, lora_input, ou
     acc = accum_dtype(x.dtype)
     n, k = weight.shape
     dy2 = dy.reshape(-1, n)
+    x2 = x.reshape(-1, k)
     xl2 = (lora_input if split else x).reshape(-1, k)
     g = dy2.to(acc) @ lora_b.to(acc)
-    gs = (g * scale).to(x.dtype)
+    drop = dropout_p > 0
+    gs = (g * scale / (1.0 - dropout_p) if drop else g * scale).to(x.dtype)
+    keep = dropout_keep(*x2.shape, dropout_p, dropout_seed, x.device) if drop else None
     empty = x.new_empty(0)
     dx = empty
     if need_dx:
-        dx = (dy2 @ weight if split else dy2 @ weight + gs @ lora_a).reshape(x.shape)
+        lora_term = (gs @ lora_a) * keep if drop else gs @ lora_a
+        dx = (dy2 @ weight if split else dy2 @ weight + lora_term).reshape(x.shape)
     dl = (gs @ lora_a).reshape(x.shape) if need_dl and split else empty
-    da = gs.T @ xl2 if need_da else empty
+    da = empty
+    if need_da:
+        da = gs.T @ (x2 * keep) if drop else gs.T @ xl2
     db = dy2.T @ (u * scale).to(x.dtype) if need_db else empty
     if need_ds:
         ds = g * u

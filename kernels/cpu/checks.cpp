@@ -17,7 +17,8 @@ static bool is_supported_dtype(at::ScalarType t) {
 void check_lora_linear_inputs(
     const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& lora_a, const at::Tensor& lora_b, const at::Tensor& scale,
-    const std::optional<at::Tensor>& lora_input) {
+    const std::optional<at::Tensor>& lora_input, double dropout_p,
+    const std::optional<at::Tensor>& dropout_seed) {
   TORCH_CHECK_VALUE(x.dim() >= 1, "lora_linear: x must have shape (..., K), got a 0-d tensor");
   TORCH_CHECK_TYPE(is_supported_dtype(x.scalar_type()),
                    "lora_linear: x has dtype ", x.scalar_type(),
@@ -83,6 +84,27 @@ void check_lora_linear_inputs(
     TORCH_CHECK_VALUE(xl.device() == device, "lora_linear: lora_input is on ", xl.device(),
                       " but x is on ", device, " (all tensors must share one device)");
   }
+  check_dropout_args(dropout_p, dropout_seed, device);
+  TORCH_CHECK_VALUE(!(dropout_p > 0.0 && given(lora_input)),
+                    "lora_linear: give lora_input (your own A-branch input) or dropout_p "
+                    "(in-op dropout of x), not both");
+}
+
+void check_dropout_args(double dropout_p, const std::optional<at::Tensor>& dropout_seed,
+                        c10::Device device) {
+  TORCH_CHECK_VALUE(dropout_p >= 0.0 && dropout_p < 1.0,
+                    "lora_linear: dropout_p must be in [0, 1), got ", dropout_p);
+  if (dropout_p == 0.0) return;
+  TORCH_CHECK_VALUE(given(dropout_seed),
+                    "lora_linear: dropout_p = ", dropout_p, " needs dropout_seed (an int64 "
+                    "tensor of one element; the mask is regenerated from it in backward)");
+  const auto& seed = *dropout_seed;
+  TORCH_CHECK_TYPE(seed.scalar_type() == at::kLong, "lora_linear: dropout_seed must be int64, "
+                   "got ", seed.scalar_type());
+  TORCH_CHECK_VALUE(seed.sym_numel() == 1, "lora_linear: dropout_seed must hold one element, "
+                    "got shape ", seed.sym_sizes());
+  TORCH_CHECK_VALUE(seed.device() == device, "lora_linear: dropout_seed is on ", seed.device(),
+                    " but x is on ", device, " (all tensors must share one device)");
 }
 
 }  // namespace feddpa

@@ -7,7 +7,9 @@
 //   feddpa::lora_linear_check  the input validation alone, for the Python backends.
 //
 // Every op takes an optional lora_input (last, or before the mask): the input of the A branch
-// when it differs from x, as with LoRA dropout (PEFT applies dropout to the A branch only).
+// when it differs from x (the general form of an A-branch input), and in-op LoRA dropout as
+// (dropout_p, dropout_seed): the A branch reads x ⊙ keep / (1 - p), the keep mask regenerated
+// from the seed wherever it is needed (kernels/cpu/dropout.h), so only x is saved for backward.
 //
 // CUDA kernels (Triton), the fallback for other devices and the fake (meta) kernels that
 // torch.compile needs are registered from Python (feddpa_fast/kernels/_register.py).
@@ -15,6 +17,7 @@
 #include <torch/library.h>
 
 #include "checks.h"
+#include "dropout.h"
 #include "lora_linear_cpu.h"
 
 namespace feddpa {
@@ -26,21 +29,24 @@ using torch::autograd::variable_list;
 std::tuple<at::Tensor, at::Tensor> call_fwd(
     const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& lora_a, const at::Tensor& lora_b, const at::Tensor& scale,
-    const std::optional<at::Tensor>& lora_input) {
+    const std::optional<at::Tensor>& lora_input, double dropout_p,
+    const std::optional<at::Tensor>& dropout_seed) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("feddpa::lora_linear_fwd", "")
                        .typed<decltype(lora_linear_fwd_cpu)>();
-  return op.call(x, weight, bias, lora_a, lora_b, scale, lora_input);
+  return op.call(x, weight, bias, lora_a, lora_b, scale, lora_input, dropout_p, dropout_seed);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> call_bwd(
     const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight,
     const at::Tensor& lora_a, const at::Tensor& lora_b, const at::Tensor& scale,
-    const at::Tensor& u, const std::optional<at::Tensor>& lora_input, std::array<bool, 5> mask) {
+    const at::Tensor& u, const std::optional<at::Tensor>& lora_input, std::array<bool, 5> mask,
+    double dropout_p, const std::optional<at::Tensor>& dropout_seed) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("feddpa::lora_linear_bwd", "")
                        .typed<decltype(lora_linear_bwd_cpu)>();
-  return op.call(dy, x, weight, lora_a, lora_b, scale, u, lora_input, mask);
+  return op.call(dy, x, weight, lora_a, lora_b, scale, u, lora_input, mask, dropout_p,
+                 dropout_seed);
 }
 
 class LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction> {
@@ -48,16 +54,22 @@ class LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction> 
   static at::Tensor forward(
       AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
       const std::optional<at::Tensor>& bias, const at::Tensor& lora_a, const at::Tensor& lora_b,
-      const at::Tensor& scale, const std::optional<at::Tensor>& lora_input) {
+      const at::Tensor& scale, const std::optional<at::Tensor>& lora_input, double dropout_p,
+      const std::optional<at::Tensor>& dropout_seed) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [y, u] = call_fwd(x, weight, bias, lora_a, lora_b, scale, lora_input);
+    auto [y, u] = call_fwd(x, weight, bias, lora_a, lora_b, scale, lora_input, dropout_p,
+                           dropout_seed);
     const bool has_lora_input = given(lora_input);
+    const bool dropout = dropout_p > 0.0;
     // Slot 0 holds what dA = gs^T xl reads. With lora_input, x itself is needed by no gradient
     // (dx = dy W), so only lora_input is saved: one (M, K) activation, as for the unfused PEFT
     // layer (whose A branch saves dropout(x)), and x can be freed if nothing else holds it.
-    ctx->save_for_backward({has_lora_input ? *lora_input : x, weight, lora_a, lora_b, scale, u});
+    // With in-op dropout x is saved and the mask is regenerated from the one-element seed.
+    ctx->save_for_backward({has_lora_input ? *lora_input : x, weight, lora_a, lora_b, scale, u,
+                            dropout ? *dropout_seed : at::Tensor()});
     ctx->saved_data["has_bias"] = given(bias);
     ctx->saved_data["has_lora_input"] = has_lora_input;
+    ctx->saved_data["dropout_p"] = dropout ? dropout_p : 0.0;
     return y;
   }
 
@@ -77,51 +89,64 @@ class LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction> 
     const at::Tensor dy = grad_outputs[0];
     const std::optional<at::Tensor> lora_input =
         has_lora_input ? std::optional<at::Tensor>(xl) : std::nullopt;
-    auto [dx, da, db, ds, dl] =
-        call_bwd(dy, xl, weight, saved[2], saved[3], saved[4], saved[5], lora_input, mask);
+    const double dropout_p = ctx->saved_data["dropout_p"].toDouble();
+    const std::optional<at::Tensor> dropout_seed =
+        dropout_p > 0.0 ? std::optional<at::Tensor>(saved[6]) : std::nullopt;
+    auto [dx, da, db, ds, dl] = call_bwd(dy, xl, weight, saved[2], saved[3], saved[4], saved[5],
+                                         lora_input, mask, dropout_p, dropout_seed);
     at::Tensor dbias;
     if (has_bias && ctx->needs_input_grad(2)) dbias = dy.reshape({-1, weight.size(0)}).sum(0);
     const at::Tensor none;
-    // One entry per forward argument (absent optionals included).
-    return {mask[0] ? dx : none, none, dbias, mask[1] ? da : none,
-            mask[2] ? db : none, mask[3] ? ds : none, mask[4] ? dl : none};
+    // One entry per forward argument (absent optionals and the dropout pair included).
+    return {mask[0] ? dx : none, none, dbias, mask[1] ? da : none, mask[2] ? db : none,
+            mask[3] ? ds : none, mask[4] ? dl : none, none, none};
   }
 };
 
 at::Tensor lora_linear_autograd(
     const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& lora_a, const at::Tensor& lora_b, const at::Tensor& scale,
-    const std::optional<at::Tensor>& lora_input) {
-  check_lora_linear_inputs(x, weight, bias, lora_a, lora_b, scale, lora_input);
+    const std::optional<at::Tensor>& lora_input, double dropout_p,
+    const std::optional<at::Tensor>& dropout_seed) {
+  check_lora_linear_inputs(x, weight, bias, lora_a, lora_b, scale, lora_input, dropout_p,
+                           dropout_seed);
   // The base weight is frozen by contract: silently returning no gradient for it would be a
   // wrong answer, so refuse instead.
   TORCH_CHECK_VALUE(!(at::GradMode::is_enabled() && weight.requires_grad()),
                     "lora_linear: weight must be frozen (requires_grad=False); the op never "
                     "computes a gradient for it");
-  return LoraLinearFunction::apply(x, weight, bias, lora_a, lora_b, scale, lora_input);
+  return LoraLinearFunction::apply(x, weight, bias, lora_a, lora_b, scale, lora_input,
+                                   dropout_p, dropout_seed);
 }
 
 void lora_linear_check(
     const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& lora_a, const at::Tensor& lora_b, const at::Tensor& scale,
-    const std::optional<at::Tensor>& lora_input) {
-  check_lora_linear_inputs(x, weight, bias, lora_a, lora_b, scale, lora_input);
+    const std::optional<at::Tensor>& lora_input, double dropout_p,
+    const std::optional<at::Tensor>& dropout_seed) {
+  check_lora_linear_inputs(x, weight, bias, lora_a, lora_b, scale, lora_input, dropout_p,
+                           dropout_seed);
 }
 
 }  // namespace
 
 TORCH_LIBRARY(feddpa, m) {
   m.def("lora_linear(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, "
-        "Tensor scale, Tensor? lora_input=None) -> Tensor");
+        "Tensor scale, Tensor? lora_input=None, float dropout_p=0., "
+        "Tensor? dropout_seed=None) -> Tensor");
   m.def("lora_linear_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, "
-        "Tensor scale, Tensor? lora_input=None) -> (Tensor, Tensor)");
+        "Tensor scale, Tensor? lora_input=None, float dropout_p=0., "
+        "Tensor? dropout_seed=None) -> (Tensor, Tensor)");
   m.def("lora_linear_bwd(Tensor dy, Tensor x, Tensor weight, Tensor lora_a, Tensor lora_b, "
-        "Tensor scale, Tensor u, Tensor? lora_input, bool[5] output_mask) "
-        "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+        "Tensor scale, Tensor u, Tensor? lora_input, bool[5] output_mask, float dropout_p=0., "
+        "Tensor? dropout_seed=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("lora_linear_check(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, "
-        "Tensor lora_b, Tensor scale, Tensor? lora_input=None) -> ()");
+        "Tensor lora_b, Tensor scale, Tensor? lora_input=None, float dropout_p=0., "
+        "Tensor? dropout_seed=None) -> ()");
   m.impl("lora_linear_check", c10::DispatchKey::CompositeImplicitAutograd,
          TORCH_FN(lora_linear_check));
+  // The in-op dropout mask itself (bool, rows x cols), CPU: the reference and the tests use it.
+  m.def("dropout_keep_mask(int rows, int cols, float p, Tensor seed) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(feddpa, Autograd, m) {
@@ -132,6 +157,7 @@ TORCH_LIBRARY_IMPL(feddpa, CPU, m) {
   m.impl("lora_linear", &lora_linear_cpu);
   m.impl("lora_linear_fwd", &lora_linear_fwd_cpu);
   m.impl("lora_linear_bwd", &lora_linear_bwd_cpu);
+  m.impl("dropout_keep_mask", &dropout_keep_mask_cpu);
 }
 
 }  // namespace feddpa
