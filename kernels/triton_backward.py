@@ -15,9 +15,13 @@ per row block (M / BLOCK_M adds per element); the dA kernel runs column tiles of
 of M, summed with fp32 atomics. Without the slices the dA grid had K / BLOCK_K programs (32 at
 K = 4096, a quarter of an H100) while it streams all of x.
 
-With lora_input (xl, e.g. dropout(x)): u = xl A^T, dA = gs^T xl (the same _da_kernel reading
-xl), dx = dy W (the forward kernel with its expand switched off), and d lora_input = gs A as
-a torch mm: an (M, R) x (R, K) product bound by the write of its (M, K) output.
+With lora_input (xl, the A branch's own input): u = xl A^T, dA = gs^T xl (the same _da_kernel
+reading xl), dx = dy W (the forward kernel with its expand switched off), and d lora_input =
+gs A as a torch mm: an (M, R) x (R, K) product bound by the write of its (M, K) output.
+
+With in-op dropout (kernels/triton_dropout.py) the mask is regenerated, never loaded:
+gs = g * S / (1 - p), dx = dy W + (gs A) ⊙ keep (masked in the dx epilogue), dA = gs^T (x ⊙
+keep) (masked as _da_kernel loads x).
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ import triton
 import triton.language as tl
 
 from . import triton_forward, triton_schedule
+from .triton_dropout import InOpDropout, keep_mask
 from .triton_config import (BwdConfig, aligned, arch_of, da_default, dy_default, input_precision,
                             interpreter_bwd_config, interpreting, sm_count)
 from .triton_forward import Launch
@@ -87,12 +92,15 @@ def _dy_kernel(
 @triton.jit
 def _da_kernel(
     # pointers
-    gs_ptr, x_ptr, da_ptr,
+    gs_ptr, x_ptr, da_ptr, seed_ptr,
     # sizes
     M, K, R,
     # strides
     stride_gsm, stride_gsr, stride_xm, stride_xk, stride_dar, stride_dak,
+    # in-op dropout: keep when (random >> 1) >= drop_threshold
+    drop_threshold,
     # modes
+    MASK_X: tl.constexpr,  # x under the in-op dropout mask
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     # tiles
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -110,6 +118,9 @@ def _da_kernel(
     # dA^T tile = x^T gs: the K tile is the dot's M side (>= 64, so Hopper's wgmma applies;
     # with gs^T x the rank, 16..64, would be M and the dot would fall back to mma.sync).
     acc = tl.zeros((BLOCK_K, BLOCK_R), dtype=tl.float32)
+    seed = 0
+    if MASK_X:
+        seed = tl.load(seed_ptr)
     for block in range(block_first, block_end):
         offs_m = block * BLOCK_M + tl.arange(0, BLOCK_M)
         mask_m = offs_m < M
@@ -118,6 +129,8 @@ def _da_kernel(
         x = tl.load(x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
                     + offs_k[None, :] * stride_xk,
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        if MASK_X:
+            x = tl.where(keep_mask(seed, offs_m, offs_k, drop_threshold), x, 0.0)
         if UPCAST:
             gs = gs.to(tl.float32)
             x = x.to(tl.float32)
@@ -156,16 +169,21 @@ def dy_plan(dy2, lora_b, us, g, db32, *, need_db: bool, cfg: BwdConfig, sms: int
                   cfg.num_stages)
 
 
-def da_plan(gs, x2, da32, *, cfg: BwdConfig, sms: int) -> Launch:
-    """The Launch of the dA kernel into the zeroed fp32 da32 (R x K)."""
+def da_plan(gs, x2, da32, *, cfg: BwdConfig, sms: int,
+            dropout: InOpDropout | None = None) -> Launch:
+    """The Launch of the dA kernel into the zeroed fp32 da32 (R x K); dropout: x is read under
+    the in-op dropout mask."""
     m, k = x2.shape
     r = gs.shape[1]
     sched = triton_schedule.da_schedule(m, k, cfg.block_m, cfg.block_cols, sms)
     args = dict(
-        gs_ptr=gs, x_ptr=x2, da_ptr=da32, M=m, K=k, R=r,
+        gs_ptr=gs, x_ptr=x2, da_ptr=da32,
+        seed_ptr=dropout.seed if dropout is not None else x2, M=m, K=k, R=r,
         stride_gsm=gs.stride(0), stride_gsr=gs.stride(1),
         stride_xm=x2.stride(0), stride_xk=x2.stride(1),
         stride_dar=da32.stride(0), stride_dak=da32.stride(1),
+        drop_threshold=dropout.threshold if dropout is not None else 0,
+        MASK_X=dropout is not None,
         UPCAST=interpreting() and x2.dtype != torch.float32,
         PRECISION=input_precision(x2.dtype),
         BLOCK_R=cfg.block_r, BLOCK_K=cfg.block_cols, BLOCK_M=cfg.block_m,
@@ -174,9 +192,11 @@ def da_plan(gs, x2, da32, *, cfg: BwdConfig, sms: int) -> Launch:
                   cfg.num_stages)
 
 
-def backward(dy, x, weight, lora_a, lora_b, scale, u, lora_input, output_mask):
+def backward(dy, x, weight, lora_a, lora_b, scale, u, lora_input, output_mask,
+             dropout: InOpDropout | None = None):
     """(dx, d lora_a, d lora_b, d scale, d lora_input); entries not in output_mask (and d
-    lora_input without lora_input) are empty tensors. With lora_input, x is not read."""
+    lora_input without lora_input) are empty tensors. With lora_input, x is not read; with
+    dropout (in-op), the mask is regenerated for dx's and dA's rank-R terms."""
     need_dx, need_da, need_db, need_ds, need_dl = output_mask
     split = lora_input is not None
     dtype = x.dtype
@@ -196,15 +216,16 @@ def backward(dy, x, weight, lora_a, lora_b, scale, u, lora_input, output_mask):
     db32 = torch.zeros((n, r), device=x.device, dtype=torch.float32) if need_db else g
     dy_plan(dy2, lora_b, us, g, db32, need_db=need_db, cfg=dy_cfg, sms=sms).run()
     empty = x.new_empty(0)
-    gs = (g * scale).to(dtype)
+    gs = (g * scale if dropout is None else g * scale * dropout.scale).to(dtype)
     dx = empty
     if need_dx:
-        dx = triton_forward.input_grad(dy2, weight, lora_a, None if split else gs).view(x.shape)
+        dx = triton_forward.input_grad(dy2, weight, lora_a, None if split else gs,
+                                       dropout=dropout).view(x.shape)
     dl = torch.mm(gs, lora_a).view(x.shape) if split and need_dl else empty
     da = empty
     if need_da:
         da32 = torch.zeros((r, k), device=x.device, dtype=torch.float32)
-        da_plan(gs, x_rows, da32, cfg=da_cfg, sms=sms).run()
+        da_plan(gs, x_rows, da32, cfg=da_cfg, sms=sms, dropout=dropout).run()
         da = da32.to(dtype)
     db = db32.to(dtype) if need_db else empty
     ds = scale.new_empty(0)

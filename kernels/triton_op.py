@@ -11,7 +11,7 @@ import contextlib
 
 import torch
 
-from . import triton_backward, triton_forward
+from . import triton_backward, triton_dropout, triton_forward
 
 
 def _on_device(t: torch.Tensor):
@@ -19,16 +19,22 @@ def _on_device(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
-def _fwd(x, weight, bias, lora_a, lora_b, scale, lora_input=None):
-    torch.ops.feddpa.lora_linear_check(x, weight, bias, lora_a, lora_b, scale, lora_input)
+def _fwd(x, weight, bias, lora_a, lora_b, scale, lora_input=None, dropout_p=0.0,
+         dropout_seed=None):
+    torch.ops.feddpa.lora_linear_check(x, weight, bias, lora_a, lora_b, scale, lora_input,
+                                       dropout_p, dropout_seed)
+    dropout = triton_dropout.from_op_args(dropout_p, dropout_seed)
     with _on_device(x):
-        return triton_forward.forward(x, weight, bias, lora_a, lora_b, scale, lora_input)
+        return triton_forward.forward(x, weight, bias, lora_a, lora_b, scale, lora_input,
+                                      dropout=dropout)
 
 
-def _bwd(dy, x, weight, lora_a, lora_b, scale, u, lora_input, output_mask):
+def _bwd(dy, x, weight, lora_a, lora_b, scale, u, lora_input, output_mask, dropout_p=0.0,
+         dropout_seed=None):
+    dropout = triton_dropout.from_op_args(dropout_p, dropout_seed)
     with _on_device(dy):
         return triton_backward.backward(dy, x, weight, lora_a, lora_b, scale, u, lora_input,
-                                        list(output_mask))
+                                        list(output_mask), dropout=dropout)
 
 
 def register_cuda_kernels() -> None:
@@ -45,34 +51,41 @@ class TritonLoraLinear(torch.autograd.Function):
     """Autograd over the Triton launchers, for the forced backend on any device."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, scale, lora_input=None):
-        y, u = _fwd(x, weight, bias, lora_a, lora_b, scale, lora_input)
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scale, lora_input=None, dropout_p=0.0,
+                dropout_seed=None):
+        y, u = _fwd(x, weight, bias, lora_a, lora_b, scale, lora_input, dropout_p, dropout_seed)
         # As in the C++ autograd kernel: with lora_input only it is saved (dA reads it; x is
         # needed by no gradient). It stands in for x in the backward call (same shape, dtype).
+        # In-op dropout saves x and the one-element seed the mask is regenerated from.
         ctx.save_for_backward(x if lora_input is None else lora_input, weight, lora_a, lora_b,
-                              scale, u)
+                              scale, u, dropout_seed if dropout_p > 0 else None)
         ctx.has_bias = bias is not None
         ctx.has_lora_input = lora_input is not None
+        ctx.dropout_p = dropout_p
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        xl, weight, lora_a, lora_b, scale, u = ctx.saved_tensors
+        xl, weight, lora_a, lora_b, scale, u, seed = ctx.saved_tensors
         need = ctx.needs_input_grad  # one entry per forward argument, None ones included
         mask = [need[0], need[3], need[4], need[5], ctx.has_lora_input and need[6]]
         lora_input = xl if ctx.has_lora_input else None
-        dx, da, db, ds, dl = _bwd(dy, xl, weight, lora_a, lora_b, scale, u, lora_input, mask)
+        dx, da, db, ds, dl = _bwd(dy, xl, weight, lora_a, lora_b, scale, u, lora_input, mask,
+                                  ctx.dropout_p, seed)
         dbias = dy.reshape(-1, weight.shape[0]).sum(0) if ctx.has_bias and need[2] else None
         return (dx if mask[0] else None, None, dbias, da if mask[1] else None,
-                db if mask[2] else None, ds if mask[3] else None, dl if mask[4] else None)
+                db if mask[2] else None, ds if mask[3] else None, dl if mask[4] else None,
+                None, None)
 
 
-def lora_linear(x, weight, bias, lora_a, lora_b, scale, lora_input=None):
+def lora_linear(x, weight, bias, lora_a, lora_b, scale, lora_input=None, dropout_p=0.0,
+                dropout_seed=None):
     """The op on the Triton kernels, with autograd, on the device of x."""
     if torch.is_grad_enabled() and weight.requires_grad:
         raise ValueError("lora_linear: weight must be frozen (requires_grad=False); the op "
                          "never computes a gradient for it")
-    return TritonLoraLinear.apply(x, weight, bias, lora_a, lora_b, scale, lora_input)
+    return TritonLoraLinear.apply(x, weight, bias, lora_a, lora_b, scale, lora_input, dropout_p,
+                                  dropout_seed)
 
 
 class _AlternativeForward(torch.autograd.Function):

@@ -2,8 +2,8 @@
 // (M, K) mask or dropped copy of x is ever stored. See lora_linear_cpu.cpp for where it is used.
 //
 // The mask (identical in the Triton kernels, kernels/triton_dropout.py):
-//   (r0, r1, r2, r3) = Philox4x32-10(counter = (k / 4, m, 0, 0), key = seed)
-//   keep[m, k]       = (r_{k % 4} >> 1) >= floor(p * 2^31)
+//   (r0, r1, r2, r3) = Philox4x32-10(counter = (k, m / 4, 0, 0), key = seed)
+//   keep[m, k]       = (r_{m % 4} >> 1) >= floor(p * 2^31)
 // m is the row of x seen as an (M, K) matrix, k its column. Only zeros are applied to x; the
 // 1 / (1 - p) factor goes on the rank-R side (u, gs), which is exact in every dtype.
 #pragma once
@@ -29,12 +29,14 @@ LoraDropout make_dropout(double p, const std::optional<at::Tensor>& seed);
 at::Tensor dropout_skinny_product(const at::Tensor& x2, const at::Tensor& lora_a,
                                   const LoraDropout& drop);
 
-// The backward's two masked terms in one pass over the mask. gsd = g * S / (1 - p), (M, R).
-//   dx_init (when defined, (M, K), dtype of x): receives (gsd A) ⊙ keep;
+// The backward's input gradients in one pass over the mask. gsd = g * S / (1 - p), (M, R).
+//   dx (when defined, (M, K) contiguous, dtype of x): receives (gsd A) ⊙ keep + dy2 W, chunk by
+//   chunk, so that each chunk of dx is written once;
 //   returns gsd^T (x2 ⊙ keep), (R, K) in the accumulation dtype, when need_da (else empty).
 at::Tensor dropout_backward_terms(const at::Tensor& x2, const at::Tensor& gsd,
                                   const at::Tensor& lora_a, const LoraDropout& drop,
-                                  at::Tensor& dx_init, bool need_da);
+                                  const at::Tensor& dy2, const at::Tensor& weight,
+                                  at::Tensor& dx, bool need_da);
 
 // The keep mask itself, (rows, cols) bool: for the reference implementation and the tests.
 at::Tensor dropout_keep_mask_cpu(int64_t rows, int64_t cols, double p, const at::Tensor& seed);

@@ -20,6 +20,7 @@
 // With in-op dropout (dropout.h), xl = x ⊙ keep / (1 - p) is never stored: u is computed chunk
 // by chunk from masked rows, and the backward regenerates the mask for its two rank-R terms:
 //   gsd = g * S / (1 - p) ; dx = (gsd A) ⊙ keep + dy W ; dA = gsd^T (x ⊙ keep)
+// where each row chunk of dx gets its masked rank-R term and its frozen GEMM on one thread.
 #include "lora_linear_cpu.h"
 
 #include "checks.h"
@@ -108,8 +109,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_line
   if (drop.active() && (need_dx || need_da)) {
     const at::Tensor gsd = g * scale * drop.inv_keep;  // (M, R), fp32
     if (need_dx) dx = at::empty({dy2.size(0), K}, x.options());
-    const at::Tensor da_acc = dropout_backward_terms(xl2, gsd, lora_a, drop, dx, need_da);
-    if (need_dx) dx = dx.addmm_(dy2, weight).view(x.sizes());  // the frozen GEMM accumulates
+    const at::Tensor da_acc =
+        dropout_backward_terms(xl2, gsd, lora_a, drop, dy2, weight, dx, need_da);
+    if (need_dx) dx = dx.view(x.sizes());
     if (need_da) da = da_acc.to(dtype);
   }
   if (split && need_dx) dx = at::mm(dy2, weight).view(x.sizes());  // no rank-R term
