@@ -15,10 +15,14 @@ load-state-dict hook, ``__setstate__`` (deepcopy, unpickling) and the eager forw
 that and re-stack. ``state_dict()`` holds contiguous copies of the adapter tensors, so
 ``save_pretrained`` / safetensors see ordinary, unshared tensors.
 
-LoRA dropout (PEFT applies it to the input of the A branch only): when training with
-``dropout > 0`` the op receives ``lora_input = dropout(x)`` next to ``x`` and uses it for the A
-branch only, so the frozen GEMM still sees the clean ``x`` and the call stays one fused op. Both
-branches share one dropout mask (PEFT draws one per adapter; the expectation is the same).
+LoRA dropout (PEFT applies it to the input of the A branch only) runs inside the op: when
+training with ``dropout > 0`` each forward draws a seed from torch's generator (one int64 on
+x's device) and passes ``dropout_p`` and the seed; the kernel masks the A branch's operand and
+the backward regenerates the mask, so no dropped copy of x is materialised or saved. Drawing
+the seed from torch's generator makes ``torch.manual_seed`` (and the trainer's derived seeds)
+reproduce the masks, and makes gradient checkpointing's recomputation, which restores the RNG
+state, regenerate the same mask. Both adapters share one mask (PEFT draws one per adapter; the
+expectation is the same).
 """
 from __future__ import annotations
 
@@ -122,7 +126,6 @@ class DualLoRALinear(nn.Module):
         self.lora_alpha = {name: alpha for name in ADAPTERS}
         self.scaling = {name: alpha / r for name in ADAPTERS}
         self.dropout_p = float(dropout)
-        self.lora_dropout = nn.Dropout(p=dropout) if dropout > 0 else nn.Identity()
         factory = {"device": weight.device, "dtype": weight.dtype}
         self.lora_A = nn.ModuleDict(
             {n: nn.Linear(self.in_features, r, bias=False, **factory) for n in ADAPTERS})
@@ -273,17 +276,21 @@ class DualLoRALinear(nn.Module):
             lora_a, lora_b = self._stacked_adapters()
             scale = self._scale(x)
         weight, bias = self.base_weight(), self.base_layer.bias
-        lora_input = self.lora_dropout(x) if self.training and self.dropout_p > 0 else None
         if torch.is_autocast_enabled(x.device.type):
             # The op is not on autocast's lists: cast as autocast casts F.linear's operands
             # (gradients flow back through the casts to the fp32 adapters).
             dtype = torch.get_autocast_dtype(x.device.type)
             x, weight, lora_a, lora_b = (t.to(dtype) for t in (x, weight, lora_a, lora_b))
             bias = bias.to(dtype) if bias is not None else None
-            lora_input = lora_input.to(dtype) if lora_input is not None else None
-        if lora_input is not None:
-            return lora_linear(x, weight, bias, lora_a, lora_b, scale, lora_input=lora_input)
+        if self.training and self.dropout_p > 0:
+            return lora_linear(x, weight, bias, lora_a, lora_b, scale, dropout_p=self.dropout_p,
+                               dropout_seed=self._dropout_seed(x.device))
         return lora_linear(x, weight, bias, lora_a, lora_b, scale)
+
+    @staticmethod
+    def _dropout_seed(device: torch.device) -> torch.Tensor:
+        """One int64 from torch's generator of ``device``: the in-op dropout mask's seed."""
+        return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device)
 
     # ---- merging ---------------------------------------------------------------------------
     def delta_weight(self, global_w: float, local_w: float) -> torch.Tensor:

@@ -29,10 +29,11 @@ def assert_close_scaled(actual, expected, dtype, what):
 
 
 def make_inputs(m_shape, k, n, r, dtype, *, bias=True, row_scale=True, seed=0,
-                device="cpu", noncontig=False, lora_input=False):
+                device="cpu", noncontig=False, lora_input=False, dropout=0.0):
     """Random op inputs; m_shape is the leading shape of x (e.g. (67,) or (2, 5)).
     With ``noncontig`` x is a strided view (every other column of a wider tensor). With
-    ``lora_input`` the inputs gain a ``lora_input``: x under a fixed dropout mask (p = 0.25)."""
+    ``lora_input`` the inputs gain a ``lora_input``: x under a fixed dropout mask (p = 0.25).
+    With ``dropout`` they gain the in-op dropout pair (dropout_p, a seed tensor)."""
     gen = torch.Generator().manual_seed(seed)
     acc = reference.accum_dtype(dtype)
 
@@ -57,6 +58,10 @@ def make_inputs(m_shape, k, n, r, dtype, *, bias=True, row_scale=True, seed=0,
     if lora_input:
         keep = torch.rand(x.shape, generator=gen) >= 0.25
         inputs["lora_input"] = x * keep.to(device) / 0.75
+    if dropout:
+        inputs["dropout_p"] = dropout
+        inputs["dropout_seed"] = torch.tensor(1_000_003 * (seed + 1), dtype=torch.int64,
+                                              device=device)
     return inputs
 
 
@@ -68,7 +73,7 @@ def run_with_grads(fn, inputs, dy, wanted=GRAD_NAMES):
     leaves = {}
     call = {}
     for name, value in inputs.items():
-        if value is not None and name in wanted:
+        if isinstance(value, torch.Tensor) and name in wanted:
             value = value.detach().clone().requires_grad_(True)
             leaves[name] = value
         call[name] = value
@@ -78,7 +83,9 @@ def run_with_grads(fn, inputs, dy, wanted=GRAD_NAMES):
 
 
 def to_float64(inputs):
-    return {k: (v.to(torch.float64) if v is not None else None) for k, v in inputs.items()}
+    """Floating-point tensors as float64; everything else (None, p, the seed) as given."""
+    return {k: (v.to(torch.float64) if isinstance(v, torch.Tensor) and v.is_floating_point()
+                else v) for k, v in inputs.items()}
 
 
 def assert_close_to_reference(fn, inputs, wanted=GRAD_NAMES, seed=1):

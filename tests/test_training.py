@@ -1,5 +1,5 @@
 """A patched model inside the usual training machinery: Trainer, gradient checkpointing,
-torch.compile, and LoRA dropout."""
+torch.compile and autocast (LoRA dropout: tests/test_dropout.py)."""
 import pytest
 import torch
 
@@ -79,31 +79,6 @@ def test_torch_compile_fullgraph_on_a_patched_llama():
     for n, p in model.named_parameters():
         if p.requires_grad:
             torch.testing.assert_close(p.grad, eager_grads[n], rtol=1e-4, atol=1e-6, msg=n)
-
-
-def test_dropout_reaches_only_the_lora_branch_and_matches_peft_semantics():
-    model = _patched(dropout=0.5).train()
-    name, layer = dual_lora_layers(model)[0]
-    x = torch.randn(2, 5, layer.in_features, requires_grad=True)
-    torch.manual_seed(123)
-    with fd.mix(model, 0.6, 0.4):
-        y = layer(x)
-    torch.manual_seed(123)
-    x_drop = torch.nn.functional.dropout(x, 0.5, training=True)
-    expected = layer.base_layer(x)
-    for adapter, w in (("global", 0.6), ("local", 0.4)):
-        a, b = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
-        expected = expected + w * layer.scaling[adapter] * (x_drop @ a.T) @ b.T
-    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
-    g = torch.randn_like(y)
-    grads = torch.autograd.grad(y, [x, layer.lora_A["global"].weight], g)
-    refs = torch.autograd.grad(expected, [x, layer.lora_A["global"].weight], g)
-    for got, ref in zip(grads, refs):
-        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
-    # In eval mode dropout is off: the output is deterministic.
-    model.eval()
-    with torch.no_grad():
-        assert torch.equal(layer(x), layer(x))
 
 
 def test_autocast_bf16_runs_the_op_in_bf16_with_fp32_adapters():
