@@ -36,12 +36,13 @@ import triton  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-from feddpa_fast.kernels import (triton_backward, triton_decode, triton_forward,  # noqa: E402
-                                 triton_forward_pertile, triton_schedule, triton_split,
-                                 triton_static)
+from feddpa_fast.kernels import (triton_backward, triton_decode, triton_dropout,  # noqa: E402
+                                 triton_forward, triton_forward_pertile, triton_schedule,
+                                 triton_split, triton_static)
 from feddpa_fast.kernels.triton_config import (aligned, da_default, decode_candidates,  # noqa: E402
                                                decode_default, dy_default, fwd_candidates,
-                                               fwd_default)
+                                               fwd_default, gemm_default)
+from feddpa_fast.kernels.triton_dropout import InOpDropout  # noqa: E402
 
 CSV_PATH = common.RESULTS_DIR / "gpu_static.csv"
 FIELDS = ["date", "triton", "target", "kernel", "case", "config", "source", "regs",
@@ -78,11 +79,18 @@ def op_tensors(m, k, n, r):
                 scale=meta(m, r, dtype=torch.float32))
 
 
+# In-op LoRA dropout at the authors' p: the mask is generated in the kernels (Philox), so these
+# variants carry its register cost.
+DROPOUT = InOpDropout(0.05, torch.empty(1, device="meta", dtype=torch.int64))
+
+
 def forward_cases(m, k, n, r, label, target, configs, sms, alternatives=True,
                   gate=False) -> list[Case]:
     """The chunked forward (and with lora_input) and dx through the same kernel, at each
-    config; with ``alternatives`` also the per-tile schedule and the split's two launches
-    (measured alternatives, never dispatched: only at the benchmark's shapes)."""
+    config; the in-op dropout launches at the dispatched config (the split forward's masked
+    shrink and its GEMM, dx = dy W and the masked expand); with ``alternatives`` also the
+    per-tile schedule and the split's two launches (measured alternatives, never dispatched:
+    only at the benchmark's shapes)."""
     t = op_tensors(m, k, n, r)
     # As tma_allowed decides at a launch: sm_90+ and 16-byte aligned rows (bf16 here).
     use_tma = target != "sm_80" and triton_forward.tma_rows_aligned(2, k)
@@ -105,6 +113,8 @@ def forward_cases(m, k, n, r, label, target, configs, sms, alternatives=True,
         launch = triton_forward.dx_plan(meta(m, n), t["w"], t["a"], meta(m, r), meta(m, k),
                                         use_tma=dx_tma, cfg=cfg, sms=sms)
         cases.append(Case("dx", label, True, cfg.label(), source, launch, 0.0, 0))
+        if source == "dispatched":
+            cases += dropout_cases(m, k, n, r, label, target, cfg, dx_tma, sms)
     if not alternatives:
         return cases
     cfg, source = configs[0]
@@ -124,6 +134,27 @@ def forward_cases(m, k, n, r, label, target, configs, sms, alternatives=True,
     return cases
 
 
+def dropout_cases(m, k, n, r, label, target, cfg, dx_tma, sms) -> list[Case]:
+    """The in-op dropout path's own launches: the masked shrink and the GEMM taking its us
+    (the split forward), dx = dy W alone, and the masked expand dx += (gs A) ⊙ keep. The
+    shrink and the expand are (M x K) x (K x R) products bound by memory, so the gate does not
+    ask them for HGMMA (the shrink's 32-row tiles at unaligned shapes are below wgmma's 64)."""
+    t = op_tensors(m, k, n, r)
+    u, us = meta(m, r, dtype=torch.float32), meta(m, r)
+    shrink = triton_split.shrink_plan(t["x"], t["a"], t["scale"], u, us, dropout=DROPOUT)
+    gemm_cfg = gemm_default(target, n, r, aligned(k, n))
+    gemm = triton_forward.gemm_plan(t["x"], t["w"], t["bias"], t["b"], us, meta(m, n),
+                                    cfg=gemm_cfg, sms=sms)
+    dx = triton_forward.dx_plan(meta(m, n), t["w"], t["a"], None, meta(m, k), use_tma=dx_tma,
+                                cfg=cfg, sms=sms)
+    expand = triton_dropout.masked_expand_plan(meta(m, k), us, t["a"], DROPOUT)
+    shrink_tiles = f"{shrink.args['BLOCK_M']}x{shrink.args['BLOCK_K']} w4 s3"
+    return [Case("dropout_shrink", label, False, shrink_tiles, "dispatched", shrink, 0.0, 0),
+            Case("dropout_gemm", label, True, gemm_cfg.label(), "dispatched", gemm, 0.0, 0),
+            Case("dx_dy_only", label, True, cfg.label(), "dispatched", dx, 0.0, 0),
+            Case("dropout_expand", label, False, "64x64 w8 s2", "dispatched", expand, 0.0, 0)]
+
+
 def backward_cases(m, k, n, r, label, target, sms) -> list[Case]:
     """The dy pass (g, dB) and the dA kernel at their fixed configs."""
     dy_cfg, da_cfg = dy_default(target, r, aligned(n)), da_default(target, r, aligned(k))
@@ -132,14 +163,18 @@ def backward_cases(m, k, n, r, label, target, sms) -> list[Case]:
     dy = triton_backward.dy_plan(meta(m, n), meta(n, r), meta(m, r), g, db32, need_db=True,
                                  cfg=dy_cfg, sms=sms)
     dy_sched = triton_schedule.dy_schedule(m, n, dy_cfg.block_m, dy_cfg.block_cols, sms)
-    da = triton_backward.da_plan(meta(m, r), meta(m, k), meta(r, k, dtype=torch.float32),
-                                 cfg=da_cfg, sms=sms)
+    da, da_dropout = (triton_backward.da_plan(meta(m, r), meta(m, k),
+                                              meta(r, k, dtype=torch.float32), cfg=da_cfg,
+                                              sms=sms, dropout=dropout)
+                      for dropout in (None, DROPOUT))
     da_sched = triton_schedule.da_schedule(m, k, da_cfg.block_m, da_cfg.block_cols, sms)
     return [
         # dB: one atomic add per row block; g: one per slice of N (when sliced).
         Case("dy_pass", label, True, dy_cfg.label(), "fixed", dy, 0.0,
              max(dy_sched.row_blocks, dy_sched.chunks if dy_sched.chunks > 1 else 0)),
         Case("dA", label, True, da_cfg.label(), "fixed", da, 0.0, da_sched.chunks),
+        Case("dA_dropout", label, True, da_cfg.label(), "fixed", da_dropout, 0.0,
+             da_sched.chunks),
     ]
 
 

@@ -20,8 +20,8 @@ reading xl), dx = dy W (the forward kernel with its expand switched off), and d 
 gs A as a torch mm: an (M, R) x (R, K) product bound by the write of its (M, K) output.
 
 With in-op dropout (kernels/triton_dropout.py) the mask is regenerated, never loaded:
-gs = g * S / (1 - p), dx = dy W + (gs A) ⊙ keep (masked in the dx epilogue), dA = gs^T (x ⊙
-keep) (masked as _da_kernel loads x).
+gs = g * S / (1 - p), dx = dy W (the forward kernel) then dx += (gs A) ⊙ keep (one masked
+pass, triton_dropout.masked_expand_plan), dA = gs^T (x ⊙ keep) (masked as _da_kernel loads x).
 """
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from . import triton_forward, triton_schedule
+from . import triton_dropout
 from .triton_dropout import InOpDropout, keep_mask
 from .triton_config import (BwdConfig, aligned, arch_of, da_default, dy_default, input_precision,
                             interpreter_bwd_config, interpreting, sm_count)
@@ -219,8 +220,11 @@ def backward(dy, x, weight, lora_a, lora_b, scale, u, lora_input, output_mask,
     gs = (g * scale if dropout is None else g * scale * dropout.scale).to(dtype)
     dx = empty
     if need_dx:
-        dx = triton_forward.input_grad(dy2, weight, lora_a, None if split else gs,
-                                       dropout=dropout).view(x.shape)
+        fused_term = not split and dropout is None  # gs A inside the dx GEMM's epilogue
+        dx = triton_forward.input_grad(dy2, weight, lora_a, gs if fused_term else None)
+        if dropout is not None:
+            triton_dropout.masked_expand_plan(dx, gs, lora_a, dropout).run()
+        dx = dx.view(x.shape)
     dl = torch.mm(gs, lora_a).view(x.shape) if split and need_dl else empty
     da = empty
     if need_da:

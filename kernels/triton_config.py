@@ -161,6 +161,14 @@ def fwd_default(arch: str, n: int, r: int, is_aligned: bool = True) -> FwdConfig
     return first
 
 
+def gemm_default(arch: str, n: int, r: int, is_aligned: bool = True) -> FwdConfig:
+    """The split forward's GEMM (us given: the in-op dropout forward): fwd_default, with 8 warps
+    for unaligned shapes (at 64x64x32 w4 it spills on sm_90a, 255 registers + 24-32 B at
+    R = 8 and 48; w8 needs 130)."""
+    cfg = fwd_default(arch, n, r, is_aligned)
+    return cfg if is_aligned else dataclasses.replace(cfg, num_warps=8)
+
+
 def decode_default(arch: str, m: int, r: int, is_aligned: bool = True) -> FwdConfig:
     """The decode config without autotuning; 64-deep K steps for unaligned shapes (128 spill
     at R = 48 on both archs)."""

@@ -82,8 +82,8 @@ def _lora_decode_kernel(
     acc, u = _tile_k_loop(acc, u, x_ptr, xl_ptr, w_ptr, a_ptr, 0, pid_n * BLOCK_N,
                           k_start, k_end, M, N, R,
                           stride_xm, stride_xk, stride_xlm, stride_xlk, stride_wn, stride_wk,
-                          stride_ar, stride_ak, 0, 0,
-                          True, LORA_INPUT, False, False, False, UPCAST, PRECISION,
+                          stride_ar, stride_ak,
+                          True, LORA_INPUT, False, False, UPCAST, PRECISION,
                           BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R)
 
     # The partial expand, in fp32 (u_s is only a partial sum: it is not cast to x's dtype).

@@ -4,9 +4,8 @@ one kernel launch, with u = x A^T computed once per program (kernels/triton_sche
     y[m, n] = sum_k x[m, k] W[n, k] + bias[n] + sum_r us[m, r] B[n, r]
     us      = (u * S).to(x.dtype),    u[m, r] = sum_k xa[m, k] A[r, k]   (fp32 accumulators)
 
-xa is x, the A branch's own input xl (LORA_INPUT; the frozen GEMM reads x), or x with the
-in-op dropout mask applied to the A dot's operand (MASK_XA; kernels/triton_dropout.py), u then
-scaled by 1 / (1 - p).
+xa is x, or the A branch's own input xl (LORA_INPUT; the frozen GEMM reads x). In-op dropout
+takes the split forward (kernels/triton_split.py), whose shrink applies the mask.
 
 Schedule: the grid is row_blocks x chunks programs. Program (row block, chunk) walks a run of
 consecutive column tiles of its row block. Its first tile's K loop feeds one x tile to two
@@ -22,8 +21,7 @@ of masked pointer loads.
 
 The same kernel serves the backward's dx = dy W + gs A and the second launch of the split
 alternative (COMPUTE_U=False, EXPAND=True: the rank-R operand us is loaded, not computed; W and
-A are read through transposed strides for dx), and dx = dy W alone (EXPAND=False). With in-op
-dropout the dx launch masks its rank-R term in the epilogue (MASK_EXPAND).
+A are read through transposed strides for dx), and dx = dy W alone (EXPAND=False).
 """
 from __future__ import annotations
 
@@ -34,25 +32,22 @@ import triton
 import triton.language as tl
 
 from . import triton_schedule
-from .triton_dropout import InOpDropout, keep_mask
 from .triton_config import (DECODE_MAX_M, FwdConfig, aligned, arch_of, autotune_enabled,
-                            fwd_default, input_precision, interpreter_config, interpreting,
-                            sm_count)
+                            fwd_default, gemm_default, input_precision, interpreter_config,
+                            interpreting, sm_count)
 
 
 @triton.jit
 def _tile_k_loop(acc, u, x_src, xl_src, w_src, a_src, off_m, off_n, k_lo, k_hi,
                  M, N, R,
                  stride_xm, stride_xk, stride_xlm, stride_xlk, stride_wn, stride_wk,
-                 stride_ar, stride_ak, seed, drop_threshold,
-                 WITH_U: tl.constexpr, LORA_INPUT: tl.constexpr, MASK_XA: tl.constexpr,
-                 USE_TMA: tl.constexpr,
+                 stride_ar, stride_ak,
+                 WITH_U: tl.constexpr, LORA_INPUT: tl.constexpr, USE_TMA: tl.constexpr,
                  W_T: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  BLOCK_R: tl.constexpr):
     """acc += x W^T over K in [k_lo, k_hi) for one output tile; with WITH_U also
-    u += xa A^T (xa: x, xl, or x under the dropout mask). With USE_TMA k_hi must be the whole K
-    (the descriptors bound the tiles)."""
+    u += xa A^T. With USE_TMA k_hi must be the whole K (the descriptors bound the tiles)."""
     offs_m = off_m + tl.arange(0, BLOCK_M)
     rows = offs_m.to(tl.int64)[:, None]  # int64: M x K offsets pass 2^31 at 524k rows of 4096
     offs_n = off_n + tl.arange(0, BLOCK_N)
@@ -90,9 +85,6 @@ def _tile_k_loop(acc, u, x_src, xl_src, w_src, a_src, off_m, off_n, k_lo, k_hi,
                                  other=0.0)
                 else:
                     xa = x
-            if MASK_XA:
-                keep = keep_mask(seed, offs_m, k0 + tl.arange(0, BLOCK_K), drop_threshold)
-                xa = tl.where(keep, xa, 0.0)
             if UPCAST:
                 a_t = a_t.to(tl.float32)
                 xa = xa.to(tl.float32)
@@ -103,12 +95,11 @@ def _tile_k_loop(acc, u, x_src, xl_src, w_src, a_src, off_m, off_n, k_lo, k_hi,
 @triton.jit
 def _tile_epilogue(acc, us, b_ptr, bias_ptr, y_ptr, off_m, off_n,
                    M, N, R,
-                   stride_bn, stride_br, stride_ym, stride_yn, seed, drop_threshold,
-                   HAS_BIAS: tl.constexpr, EXPAND: tl.constexpr, MASK_EXPAND: tl.constexpr,
-                   UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                   stride_bn, stride_br, stride_ym, stride_yn,
+                   HAS_BIAS: tl.constexpr, EXPAND: tl.constexpr, UPCAST: tl.constexpr,
+                   PRECISION: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
-    """y tile = acc + us B^T + bias, cast to y's dtype and stored (MASK_EXPAND: the us B^T
-    term under the dropout mask of the (M, N) output, as dx's rank-R term)."""
+    """y tile = acc + us B^T + bias, cast to y's dtype and stored."""
     offs_m = off_m + tl.arange(0, BLOCK_M)
     rows = offs_m.to(tl.int64)[:, None]  # int64: M x N offsets pass 2^31 (e.g. 195k x 11008)
     offs_n = off_n + tl.arange(0, BLOCK_N)
@@ -119,11 +110,7 @@ def _tile_epilogue(acc, us, b_ptr, bias_ptr, y_ptr, off_m, off_n,
                       mask=(offs_r[:, None] < R) & mask_n[None, :], other=0.0)
         if UPCAST:
             b_t = b_t.to(tl.float32)
-        if MASK_EXPAND:
-            term = tl.dot(us, b_t, input_precision=PRECISION)
-            acc += tl.where(keep_mask(seed, offs_m, offs_n, drop_threshold), term, 0.0)
-        else:
-            acc = tl.dot(us, b_t, acc, input_precision=PRECISION)
+        acc = tl.dot(us, b_t, acc, input_precision=PRECISION)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0)
         acc += bias.to(tl.float32)[None, :]
@@ -134,24 +121,20 @@ def _tile_epilogue(acc, us, b_ptr, bias_ptr, y_ptr, off_m, off_n,
 @triton.jit(do_not_specialize=["m_bucket"])  # a key for the autotuner, not a compile input
 def _lora_fwd_kernel(
     # pointers
-    x_ptr, xl_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, s_ptr, us_ptr, y_ptr, u_ptr, seed_ptr,
+    x_ptr, xl_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, s_ptr, us_ptr, y_ptr, u_ptr,
     # sizes (y is M x N, the reduction runs over K; R real rank columns)
     M, N, K, R,
     # strides
     stride_xm, stride_xk, stride_xlm, stride_xlk, stride_wn, stride_wk,
     stride_ar, stride_ak, stride_bn, stride_br, stride_sm, stride_sr,
     stride_usm, stride_usr, stride_ym, stride_yn, stride_um, stride_ur,
-    # in-op dropout: keep when (random >> 1) >= drop_threshold; u scaled by drop_scale
-    drop_threshold, drop_scale,
     # autotune key only: the M bucket (the body never reads it)
     m_bucket,
     # modes
     HAS_BIAS: tl.constexpr,     # add bias[n]
     COMPUTE_U: tl.constexpr,    # u = xa A^T here (the forward); else us is loaded if EXPAND
     LORA_INPUT: tl.constexpr,   # xa = xl (the A branch's own input) instead of x
-    MASK_XA: tl.constexpr,      # xa = x under the in-op dropout mask (the forward)
     EXPAND: tl.constexpr,       # add the rank-R term us B^T
-    MASK_EXPAND: tl.constexpr,  # ... under the dropout mask of the output (dx)
     STORE_U: tl.constexpr,      # write the fp32 u (M x R) for the backward
     USE_TMA: tl.constexpr,      # x, xl, W, A through tensor descriptors
     W_T: tl.constexpr,          # the GEMM's weight is stored reduction-major (K x N): dx
@@ -174,9 +157,6 @@ def _lora_fwd_kernel(
     offs_m = off_m + tl.arange(0, BLOCK_M)
     offs_r = tl.arange(0, BLOCK_R)
     mask_mr = (offs_m[:, None] < M) & (offs_r[None, :] < R)
-    seed = 0
-    if MASK_XA or MASK_EXPAND:
-        seed = tl.load(seed_ptr)
 
     if USE_TMA:
         x_src = tl.make_tensor_descriptor(x_ptr, shape=[M, K], strides=[stride_xm, 1],
@@ -207,11 +187,9 @@ def _lora_fwd_kernel(
         acc, u = _tile_k_loop(acc, u, x_src, xl_src, w_src, a_src, off_m,
                               tile_first * BLOCK_N, 0, K, M, N, R,
                               stride_xm, stride_xk, stride_xlm, stride_xlk, stride_wn,
-                              stride_wk, stride_ar, stride_ak, seed, drop_threshold,
-                              True, LORA_INPUT, MASK_XA, USE_TMA, W_T, UPCAST, PRECISION,
+                              stride_wk, stride_ar, stride_ak,
+                              True, LORA_INPUT, USE_TMA, W_T, UPCAST, PRECISION,
                               BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R)
-        if MASK_XA:
-            u = u * drop_scale  # u = (x ⊙ keep) A^T / (1 - p)
         if STORE_U:
             if chunk == 0:  # one program per row block writes u for the backward
                 tl.store(u_ptr + offs_m[:, None] * stride_um + offs_r[None, :] * stride_ur, u,
@@ -223,9 +201,8 @@ def _lora_fwd_kernel(
         if UPCAST:
             us = us.to(tl.float32)
         _tile_epilogue(acc, us, b_ptr, bias_ptr, y_ptr, off_m, tile_first * BLOCK_N, M, N, R,
-                       stride_bn, stride_br, stride_ym, stride_yn, seed, drop_threshold,
-                       HAS_BIAS, EXPAND, MASK_EXPAND, UPCAST, PRECISION,
-                       BLOCK_M, BLOCK_N, BLOCK_R)
+                       stride_bn, stride_br, stride_ym, stride_yn,
+                       HAS_BIAS, EXPAND, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_R)
         tile_next = tile_first + 1
     elif EXPAND:
         us = tl.load(us_ptr + offs_m[:, None] * stride_usm + offs_r[None, :] * stride_usr,
@@ -238,13 +215,12 @@ def _lora_fwd_kernel(
         acc, _ = _tile_k_loop(acc, u, x_src, xl_src, w_src, a_src, off_m, tile * BLOCK_N,
                               0, K, M, N, R,
                               stride_xm, stride_xk, stride_xlm, stride_xlk, stride_wn,
-                              stride_wk, stride_ar, stride_ak, seed, drop_threshold,
-                              False, LORA_INPUT, MASK_XA, USE_TMA, W_T, UPCAST, PRECISION,
+                              stride_wk, stride_ar, stride_ak,
+                              False, LORA_INPUT, USE_TMA, W_T, UPCAST, PRECISION,
                               BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R)
         _tile_epilogue(acc, us, b_ptr, bias_ptr, y_ptr, off_m, tile * BLOCK_N, M, N, R,
-                       stride_bn, stride_br, stride_ym, stride_yn, seed, drop_threshold,
-                       HAS_BIAS, EXPAND, MASK_EXPAND, UPCAST, PRECISION,
-                       BLOCK_M, BLOCK_N, BLOCK_R)
+                       stride_bn, stride_br, stride_ym, stride_yn,
+                       HAS_BIAS, EXPAND, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_R)
 
 
 @dataclasses.dataclass
@@ -304,15 +280,14 @@ def _placeholder(t, fallback):
 
 def plan(x2, w, w_strides, bias, a, a_strides, b, b_strides, scale, us, y, u, xl2, *, r: int,
          compute_u: bool, expand: bool, use_tma: bool, cfg: FwdConfig, sms: int,
-         chunks: int | None = None, dropout: InOpDropout | None = None) -> Launch:
+         chunks: int | None = None) -> Launch:
     """The Launch of one forward-family call (tensors already allocated).
 
     x2: (M, K) rows; w: the GEMM's weight read through ``w_strides`` = (stride over output
     columns, stride over K); a / b: the rank operands through their strides; us: the given
     rank-R operand (when not compute_u); y: (M, N) output; u: fp32 (M, R) output or None;
     r: the real rank (columns of us / rows of A); chunks: force the runs per row block
-    (tests of the multi-run path; 1..column tiles), else triton_schedule chooses; dropout:
-    the in-op dropout mask, on the A dot's operand when compute_u, else on the expand term.
+    (tests of the multi-run path; 1..column tiles), else triton_schedule chooses.
     """
     m, k = x2.shape
     n = y.shape[1]
@@ -325,7 +300,6 @@ def plan(x2, w, w_strides, bias, a, a_strides, b, b_strides, scale, us, y, u, xl
         x_ptr=x2, xl_ptr=_placeholder(xl2, x2), w_ptr=w, bias_ptr=_placeholder(bias, x2),
         a_ptr=_placeholder(a, x2), b_ptr=_placeholder(b, x2), s_ptr=_placeholder(scale, x2),
         us_ptr=_placeholder(us, x2), y_ptr=y, u_ptr=_placeholder(u, x2),
-        seed_ptr=dropout.seed if dropout is not None else x2,
         M=m, N=n, K=k, R=r,
         stride_xm=x2.stride(0), stride_xk=x2.stride(1),
         stride_xlm=xl2.stride(0) if xl2 is not None else 0,
@@ -339,13 +313,9 @@ def plan(x2, w, w_strides, bias, a, a_strides, b, b_strides, scale, us, y, u, xl
         stride_ym=y.stride(0), stride_yn=y.stride(1),
         stride_um=u.stride(0) if u is not None else 0,
         stride_ur=u.stride(1) if u is not None else 0,
-        drop_threshold=dropout.threshold if dropout is not None else 0,
-        drop_scale=dropout.scale if dropout is not None else 1.0,
         m_bucket=m_bucket(m),
         HAS_BIAS=bias is not None, COMPUTE_U=compute_u, LORA_INPUT=xl2 is not None,
-        MASK_XA=dropout is not None and compute_u, EXPAND=expand,
-        MASK_EXPAND=dropout is not None and not compute_u and expand,
-        STORE_U=u is not None, USE_TMA=use_tma,
+        EXPAND=expand, STORE_U=u is not None, USE_TMA=use_tma,
         W_T=w_strides[1] != 1 and w_strides[0] == 1,
         UPCAST=interpreting() and x2.dtype != torch.float32,
         PRECISION=input_precision(x2.dtype),
@@ -355,13 +325,11 @@ def plan(x2, w, w_strides, bias, a, a_strides, b, b_strides, scale, us, y, u, xl
 
 
 def forward_plan(x2, weight, bias, lora_a, lora_b, scale, y, u, xl2=None, *, use_tma: bool,
-                 cfg: FwdConfig, sms: int, chunks: int | None = None,
-                 dropout: InOpDropout | None = None) -> Launch:
-    """The forward's Launch: y = x W^T + bias + ((xa A^T) S) B^T, u stored (xa = xl2, x2 under
-    the dropout mask, or x2)."""
+                 cfg: FwdConfig, sms: int, chunks: int | None = None) -> Launch:
+    """The forward's Launch: y = x W^T + bias + ((xa A^T) S) B^T, u stored (xa = xl2 or x2)."""
     return plan(x2, weight, weight.stride(), bias, lora_a, lora_a.stride(), lora_b,
                 lora_b.stride(), scale, None, y, u, xl2, r=lora_a.shape[0], compute_u=True,
-                expand=True, use_tma=use_tma, cfg=cfg, sms=sms, chunks=chunks, dropout=dropout)
+                expand=True, use_tma=use_tma, cfg=cfg, sms=sms, chunks=chunks)
 
 
 def gemm_plan(x2, weight, bias, lora_b, us, y, *, cfg: FwdConfig, sms: int) -> Launch:
@@ -371,14 +339,13 @@ def gemm_plan(x2, weight, bias, lora_b, us, y, *, cfg: FwdConfig, sms: int) -> L
                 use_tma=False, cfg=cfg, sms=sms)
 
 
-def dx_plan(dy2, weight, lora_a, gs, dx, *, use_tma: bool, cfg: FwdConfig, sms: int,
-            dropout: InOpDropout | None = None) -> Launch:
-    """dx = dy W + gs A (gs None: dy W alone; dropout: gs A under the mask). This GEMM's
-    "weight" is W read transposed (output columns = K, reduction over N), its "lora_b" A^T."""
+def dx_plan(dy2, weight, lora_a, gs, dx, *, use_tma: bool, cfg: FwdConfig, sms: int) -> Launch:
+    """dx = dy W + gs A (gs None: dy W alone). This GEMM's "weight" is W read transposed
+    (output columns = K, reduction over N), its "lora_b" is A^T."""
     return plan(dy2, weight, (weight.stride(1), weight.stride(0)), None, None, (0, 0),
                 lora_a, (lora_a.stride(1), lora_a.stride(0)), None, gs, dx, None, None,
                 r=lora_a.shape[0], compute_u=False, expand=gs is not None, use_tma=use_tma,
-                cfg=cfg, sms=sms, dropout=dropout)
+                cfg=cfg, sms=sms)
 
 
 def _run(launch: Launch, device: torch.device, fixed_cfg: FwdConfig | None):
@@ -407,19 +374,18 @@ def _rows(t, k):
 
 
 def forward(x, weight, bias, lora_a, lora_b, scale, lora_input=None,
-            cfg: FwdConfig | None = None, dropout: InOpDropout | None = None):
+            cfg: FwdConfig | None = None):
     """y and u (fp32, M x R) of lora_linear on Triton; inputs already validated.
 
-    Decode-sized M (<= DECODE_MAX_M) on CUDA takes the split-K kernel (triton_decode.py)
-    unless in-op dropout is on (a training forward); a given ``cfg`` fixes the tiles (tests,
-    the static report) and skips autotuning.
+    Decode-sized M (<= DECODE_MAX_M) on CUDA takes the split-K kernel (triton_decode.py);
+    a given ``cfg`` fixes the tiles (tests, the static report) and skips autotuning.
     """
     k = x.shape[-1]
     n, r = weight.shape[0], lora_a.shape[0]
     x2 = _rows(x, k)
     xl2 = _rows(lora_input, k) if lora_input is not None else None
     m = x2.shape[0]
-    if m <= DECODE_MAX_M and x.device.type == "cuda" and cfg is None and dropout is None:
+    if m <= DECODE_MAX_M and x.device.type == "cuda" and cfg is None:
         from . import triton_decode
         y, u = triton_decode.forward(x2, weight, bias, lora_a, lora_b, scale, xl2)
         return y.view(*x.shape[:-1], n), u
@@ -429,7 +395,7 @@ def forward(x, weight, bias, lora_a, lora_b, scale, lora_input=None,
     u = torch.empty((m, r), device=x.device, dtype=torch.float32)
     use_tma = tma_allowed(x.device, x2, xl2, weight, lora_a)
     launch = forward_plan(x2, weight, bias, lora_a, lora_b, scale, y, u, xl2, use_tma=use_tma,
-                          cfg=tiles, sms=sms, dropout=dropout)
+                          cfg=tiles, sms=sms)
     _run(launch, x.device, cfg)
     return y.view(*x.shape[:-1], n), u
 
@@ -439,23 +405,25 @@ def expand_into_gemm(x2, weight, bias, lora_b, us, cfg: FwdConfig | None = None)
     the split alternative (kernels/triton_split.py)."""
     m, k = x2.shape
     n = weight.shape[0]
-    tiles, sms = _device_facts(x2.device, n, us.shape[1], cfg,
-                               aligned(k, n, x2.stride(0), weight.stride(0)))
+    is_aligned = aligned(k, n, x2.stride(0), weight.stride(0))
+    if cfg is None and x2.device.type == "cuda" and not interpreting():
+        cfg_default = gemm_default(arch_of(x2.device), n, us.shape[1], is_aligned)
+        tiles, sms = cfg_default, sm_count(x2.device)
+    else:
+        tiles, sms = _device_facts(x2.device, n, us.shape[1], cfg, is_aligned)
     y = torch.empty((m, n), device=x2.device, dtype=x2.dtype)
     _run(gemm_plan(x2, weight, bias, lora_b, us, y, cfg=tiles, sms=sms), x2.device, cfg)
     return y
 
 
-def input_grad(dy2, weight, lora_a, gs, cfg: FwdConfig | None = None,
-               dropout: InOpDropout | None = None):
+def input_grad(dy2, weight, lora_a, gs, cfg: FwdConfig | None = None):
     """dx = dy W + gs A as one fused launch (the forward kernel with W^T and A^T strides);
-    gs=None gives dx = dy W alone (the lora_input backward) from the same kernel; dropout
-    masks the gs A term."""
+    gs=None gives dx = dy W alone (the lora_input backward) from the same kernel."""
     m, n = dy2.shape
     k, r = weight.shape[1], lora_a.shape[0]
     tiles, sms = _device_facts(dy2.device, k, r, cfg, aligned(k, n, dy2.stride(0)))
     dx = torch.empty((m, k), device=dy2.device, dtype=dy2.dtype)
     launch = dx_plan(dy2, weight, lora_a, gs, dx, use_tma=tma_allowed(dy2.device, dy2, weight),
-                     cfg=tiles, sms=sms, dropout=dropout)
+                     cfg=tiles, sms=sms)
     _run(launch, dy2.device, cfg)
     return dx

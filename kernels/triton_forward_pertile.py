@@ -52,7 +52,7 @@ def _lora_fwd_pertile_kernel(
     acc, u = _tile_k_loop(acc, u, x_ptr, x_ptr, w_ptr, a_ptr, pid_m * BLOCK_M, pid_n * BLOCK_N,
                           0, K, M, N, R,
                           stride_xm, stride_xk, 0, 0, stride_wn, stride_wk, stride_ar, stride_ak,
-                          0, 0, True, False, False, False, False, UPCAST, PRECISION,
+                          True, False, False, False, UPCAST, PRECISION,
                           BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R)
     s = tl.load(s_ptr + offs_m[:, None] * stride_sm + offs_r[None, :] * stride_sr,
                 mask=mask_m[:, None] & mask_r[None, :], other=0.0)

@@ -11,7 +11,7 @@ import contextlib
 
 import torch
 
-from . import triton_backward, triton_dropout, triton_forward
+from . import triton_backward, triton_dropout, triton_forward, triton_split
 
 
 def _on_device(t: torch.Tensor):
@@ -25,8 +25,9 @@ def _fwd(x, weight, bias, lora_a, lora_b, scale, lora_input=None, dropout_p=0.0,
                                        dropout_p, dropout_seed)
     dropout = triton_dropout.from_op_args(dropout_p, dropout_seed)
     with _on_device(x):
-        return triton_forward.forward(x, weight, bias, lora_a, lora_b, scale, lora_input,
-                                      dropout=dropout)
+        if dropout is not None:  # the shrink applies the mask (kernels/triton_split.py)
+            return triton_split.forward(x, weight, bias, lora_a, lora_b, scale, dropout)
+        return triton_forward.forward(x, weight, bias, lora_a, lora_b, scale, lora_input)
 
 
 def _bwd(dy, x, weight, lora_a, lora_b, scale, u, lora_input, output_mask, dropout_p=0.0,
