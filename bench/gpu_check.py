@@ -48,8 +48,11 @@ def steps(out: Path, dry_run: bool) -> list[tuple[str, list[str], dict]]:
              "-p", "no:cacheprovider"]
     op = [py, "bench/op_gpu.py", "--csv", str(out / "op_gpu.csv"), "--no-plot",
           "--modes", *OP_MODES, "--providers", *OP_PROVIDERS]
-    op += ["--dry-run"] if dry_run else ["--shapes", *OP_SHAPES]
-    model = [py, "bench/model.py", "--csv", str(out / "model_gpu.csv"), "--no-plot"]
+    op += ["--dry-run", "--dropout-shapes", "64x48x40"] if dry_run else [
+        "--shapes", *OP_SHAPES, "--dropout-shapes", OP_SHAPES[0]]
+    # The model step runs with the authors' LoRA dropout (0.05): in-op, materialised, PEFT.
+    model = [py, "bench/model.py", "--csv", str(out / "model_gpu.csv"), "--no-plot",
+             "--dropout", "0.05"]
     model += (["--device", "cpu", "--layers", "1", "--hidden", "128", "--heads", "4",
                "--kv-heads", "4", "--vocab", "256", "--seq", "32", "--batch", "2",
                "--repeats", "2"] if dry_run else

@@ -10,6 +10,9 @@ every block (``--rank r`` (alpha 2r) and ``--targets`` change that); each provid
     peft_one  peft.get_peft_model, one adapter
     peft_two  peft, two adapters both active and trainable (static weights: PEFT has no
               per-instance mix; the closest PEFT gets to FedDPA)
+    fused_lora_input  (with --dropout p > 0, added by default) fused, but each layer draws
+              F.dropout(x) itself and hands the op that materialised copy as lora_input: the
+              layer's path before in-op dropout
 
     python bench/model.py [--repeats N] [--layers L] [--hidden H] [--seq S] [--batch B]
                           [--providers base fused ...] [--dropout P] [--csv PATH] [--no-plot]
@@ -23,8 +26,8 @@ max_memory_allocated of one call minus what was allocated before it (all provide
 resident, so the absolute peak would not be per provider). Callables alternate after warm-up
 (bench/common.py). Rows go to bench/results/model_{cpu,gpu}.csv (SmolLM2: model_smollm2_{cpu,gpu}.csv, its
 ``bench`` column ``model_smollm2_cpu``), the PNG is drawn from the CSV.
-Dropout defaults to 0.0; with ``--dropout p`` the fused layer passes ``lora_input=dropout(x)``
-to the op (one mask for both adapters); PEFT draws one mask per adapter.
+Dropout defaults to 0.0; with ``--dropout p`` the fused layer runs the op's in-op dropout (the
+mask generated in the kernel, one for both adapters); PEFT draws one mask per adapter.
 """
 from __future__ import annotations
 
@@ -43,7 +46,7 @@ import plot  # noqa: E402
 
 import feddpa_fast  # noqa: E402
 
-PROVIDERS = ["base", "fused", "peft_one", "peft_two"]
+PROVIDERS = ["base", "fused", "fused_lora_input", "peft_one", "peft_two"]
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 R, ALPHA, SEED = 16, 32, 0
 # CPU: vocab 4096, not Llama's 32000. With 4 blocks of hidden 1024 a 32000-word head is 33 M
@@ -101,11 +104,13 @@ def build(name: str, args, device: torch.device, dtype: torch.dtype) -> SimpleNa
     """The model of provider ``name`` with its inputs, optimizer and timed callables."""
     model = base_model(args, device, dtype)
     torch.manual_seed(SEED + 1)  # the A matrices (Kaiming-uniform in both libraries)
-    if name == "fused":
+    if name.startswith("fused"):
         feddpa_fast.patch(model, feddpa_fast.DualLoRAConfig(
             r=args.rank, alpha=2 * args.rank, dropout=args.dropout,
             target_modules=tuple(args.targets)))
         feddpa_fast.set_trainable(model, "both")
+        if name == "fused_lora_input":
+            materialise_dropout(model, args.dropout)
     elif name.startswith("peft"):
         from peft import LoraConfig, get_peft_model
 
@@ -129,7 +134,7 @@ def build(name: str, args, device: torch.device, dtype: torch.dtype) -> SimpleNa
                 p.normal_(0.0, 0.01, generator=gen)
     ids = torch.randint(args.vocab, (args.batch, args.seq), device=device,
                         generator=torch.Generator(device).manual_seed(SEED + 3))
-    if name == "fused":  # per-sequence weights, as FedDPA's instance-wise mix
+    if name.startswith("fused"):  # per-sequence weights, as FedDPA's instance-wise mix
         global_w = torch.linspace(0.2, 0.8, args.batch, device=device)
         ctx = lambda: feddpa_fast.mix(model, global_w=global_w, local_w=1.0 - global_w)  # noqa: E731
     else:
@@ -158,6 +163,26 @@ def build(name: str, args, device: torch.device, dtype: torch.dtype) -> SimpleNa
 
     return SimpleNamespace(model=model, params=params, opt=opt, forward=forward,
                            loss_backward=loss_backward, train_step=train_step)
+
+
+def materialise_dropout(model, p: float) -> None:
+    """fused_lora_input: each DualLoRALinear draws F.dropout(x) and passes that copy to the op
+    as lora_input (the layer's path before in-op dropout, kept here for the comparison; it
+    reads the layer's stacked adapters and mix scale as its own forward does)."""
+    import types
+
+    import torch.nn.functional as F
+
+    from feddpa_fast.kernels import lora_linear
+    from feddpa_fast.layers import dual_lora_layers
+
+    def forward(layer, x):
+        lora_a, lora_b = layer._stacked_adapters()
+        lora_input = F.dropout(x, p, training=True) if layer.training and p > 0 else None
+        return lora_linear(x, layer.base_weight(), layer.base_layer.bias, lora_a, lora_b,
+                           layer._scale(x), lora_input=lora_input)
+    for _, layer in dual_lora_layers(model):
+        layer.forward = types.MethodType(forward, layer)
 
 
 def train_state(prov) -> tuple[float, float]:
@@ -263,7 +288,8 @@ def main(argv=None) -> list[dict]:
     for opt in (*SHAPE, "repeats"):
         ap.add_argument("--" + opt.replace("_", "-"), type=int, default=None,
                         help="default: the CPU / GPU config above")
-    ap.add_argument("--providers", nargs="+", choices=PROVIDERS, default=PROVIDERS)
+    ap.add_argument("--providers", nargs="+", choices=PROVIDERS, default=None,
+                    help="default: all (fused_lora_input only with --dropout > 0)")
     ap.add_argument("--dropout", type=float, default=0.0)
     ap.add_argument("--rank", type=int, default=R, help="LoRA r of each adapter (alpha = 2r)")
     ap.add_argument("--targets", nargs="+", default=list(TARGETS),
@@ -271,6 +297,8 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--csv", type=Path, default=None)
     ap.add_argument("--no-plot", action="store_true")
     args = ap.parse_args(argv)
+    if args.providers is None:
+        args.providers = [p for p in PROVIDERS if p != "fused_lora_input" or args.dropout > 0]
     cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     device = torch.device("cuda" if cuda else "cpu")
     dtype = torch.bfloat16 if cuda else torch.float32

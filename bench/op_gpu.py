@@ -7,6 +7,8 @@ forward, backward and fwd+bwd.
     python bench/op_gpu.py [--quick] [--no-plot]        (make bench-gpu)
     python bench/op_gpu.py --shapes 8192x4096x4096 1x4096x4096 --modes forward fwd+bwd
     python bench/op_gpu.py --dry-run                    CPU, Triton's interpreter, tiny shapes
+    python bench/op_gpu.py --dropout-shapes 8192x4096x4096 [--dropout 0.05]
+                           LoRA dropout rows (bench/op_dropout.py) -> op_gpu_dropout.csv
 
 --dry-run (needs TRITON_INTERPRET=1 set before start) runs every provider and mode end to end
 on tiny shapes with wall-clock timing, so the script itself is tested without a GPU; its rows
@@ -28,6 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
+import op_dropout  # noqa: E402
 import plot  # noqa: E402
 from providers import Problem, build_providers, flops, make_problem  # noqa: E402
 
@@ -108,6 +111,9 @@ def main(argv=None) -> list[dict]:
                     help="shapes to run (r = 16 per branch), default the full list")
     ap.add_argument("--modes", nargs="+", choices=MODES, default=MODES)
     ap.add_argument("--providers", nargs="+", choices=PROVIDERS, default=PROVIDERS)
+    ap.add_argument("--dropout-shapes", nargs="*", default=[], metavar="MxKxN",
+                    help="also the LoRA dropout rows at these shapes (fwd+bwd, with saved MB)")
+    ap.add_argument("--dropout", type=float, default=0.05, help="p of the dropout rows")
     ap.add_argument("--csv", type=Path, default=CSV_PATH)
     ap.add_argument("--no-plot", action="store_true")
     ap.add_argument("--dry-run", action="store_true",
@@ -159,6 +165,18 @@ def main(argv=None) -> list[dict]:
     common.append_rows(args.csv, rows, FIELDS)
     print(f"# {meta['device']}, torch {meta['torch']}, {meta['date']}, {meta['dtype']}")
     print(common.markdown_table(rows, providers))
+    if args.dropout_shapes:
+        drop_shapes = [tuple(int(v) for v in s.split("x")) + (16,) for s in args.dropout_shapes]
+        drop_rows = op_dropout.rows(
+            drop_shapes, args.dropout, meta,
+            lambda fns, m: {n: time_provider(f, "fwd+bwd", m, args.dry_run)
+                            for n, f in fns.items()},
+            problem_kwargs={"dtype": dtype, "device": device},
+            fused_backend=fused_backend(torch.empty(0, device=device)))
+        common.append_rows(args.csv.with_name("op_gpu_dropout.csv"), drop_rows,
+                           op_dropout.FIELDS)
+        print(f"# LoRA dropout p = {args.dropout}, fwd+bwd")
+        print(op_dropout.table(drop_rows))
     print("max abs error vs fp32 reference (forward): " + "; ".join(
         f"{r['M']},{r['K']},{r['N']} {r['provider']}={r['max_abs_err']}"
         for r in rows if r["mode"] == "forward"))

@@ -12,6 +12,11 @@
               the previous single launch, one program per output tile (Triton only)
     fused     feddpa_fast.kernels.lora_linear
 
+With LoRA dropout p (``build_providers(..., dropout=p)``; a fresh mask every call):
+    fused_dropout     the op's in-op dropout (dropout_p, a seed drawn per call, as the layer)
+    fused_lora_input  the op with lora_input = F.dropout(x, p): the dropped copy materialised
+    peft_dropout      the peft layer with lora_dropout = p (one mask per adapter)
+
 Modes: "forward", "fwd+bwd" and "backward" (backward: dx plus the adapter gradients; for base,
 dx only; in "backward" mode the forward runs once, outside the timing).
 """
@@ -77,7 +82,7 @@ def flops(m, k, n, r, mode, provider) -> float:
     return {"forward": fwd, "backward": bwd, "fwd+bwd": fwd + bwd}[mode]
 
 
-def _peft_layer(p: Problem):
+def _peft_layer(p: Problem, dropout: float = 0.0):
     """A real peft LoRA model around one nn.Linear, adapters 'global' and 'local' both active."""
     from peft import LoraConfig, get_peft_model
 
@@ -96,7 +101,8 @@ def _peft_layer(p: Problem):
     with torch.no_grad():
         holder.proj.weight.copy_(p.weight)
         holder.proj.bias.copy_(p.bias)
-    cfg = LoraConfig(r=r, lora_alpha=int(p.scaling * r), lora_dropout=0.0, target_modules=["proj"])
+    cfg = LoraConfig(r=r, lora_alpha=int(p.scaling * r), lora_dropout=dropout,
+                     target_modules=["proj"])
     model = get_peft_model(holder, cfg, adapter_name="global")
     model.add_adapter("local", cfg)
     model.base_model.set_adapter(["global", "local"])
@@ -111,12 +117,14 @@ def _peft_layer(p: Problem):
 
 
 def build_providers(p: Problem, mode: str, names: list[str], *, backward_only: bool = False,
-                    return_output: bool = False, fused_backend: str | None = None) -> dict:
+                    return_output: bool = False, fused_backend: str | None = None,
+                    dropout: float = 0.05) -> dict:
     """Callables running one call of each provider on problem p in ``mode``.
 
     ``backward_only``: run the forward once now and time only ``backward`` (graph retained).
     ``return_output``: the callables return the forward output (for accuracy checks).
-    ``fused_backend``: force the fused op's backend (the GPU script's CPU dry run: "triton")."""
+    ``fused_backend``: force the fused op's backend (the GPU script's CPU dry run: "triton").
+    ``dropout``: p of the three dropout providers (the others have none)."""
     train = mode in ("fwd+bwd", "backward")
     x = p.x.detach().clone().requires_grad_(train)
     w, bias = p.weight, p.bias
@@ -156,16 +164,29 @@ def build_providers(p: Problem, mode: str, names: list[str], *, backward_only: b
                           [x, a_st, b_st]),
         "fused": (lambda: lora_linear(x, w, bias, a_st, b_st, scale, backend=fused_backend),
                   [x, a_st, b_st]),
+        "fused_dropout": (lambda: lora_linear(
+            x, w, bias, a_st, b_st, scale, dropout_p=dropout, backend=fused_backend,
+            dropout_seed=torch.randint(0, 2**62, (1,), dtype=torch.int64, device=x.device)),
+            [x, a_st, b_st]),
+        "fused_lora_input": (lambda: lora_linear(
+            x, w, bias, a_st, b_st, scale, lora_input=F.dropout(x, dropout, training=True),
+            backend=fused_backend), [x, a_st, b_st]),
     }
-    if "peft" in names:
-        model = _peft_layer(p)
-        params = [t for t in model.parameters() if t.requires_grad] + [x]
-        impls["peft"] = (lambda: model(x), params)
+    owned = {n: [x, w, bias, *params] for n, (_, params) in impls.items()}
+    for name, p_drop in (("peft", 0.0), ("peft_dropout", dropout)):
+        if name in names:
+            model = _peft_layer(p, p_drop).train()
+            params = [t for t in model.parameters() if t.requires_grad] + [x]
+            impls[name] = (lambda m=model: m(x), params)
+            owned[name] = [x, *model.parameters()]
     if return_output:
         return {n: impls[n][0] for n in names}
     if backward_only:
         return {n: backward_of(*impls[n]) for n in names}
-    return {n: (lambda f=impls[n][0], ps=impls[n][1]: run(f, ps)) for n in names}
+    fns = {n: (lambda f=impls[n][0], ps=impls[n][1]: run(f, ps)) for n in names}
+    for n, fn in fns.items():
+        fn.owned = owned[n]  # the provider's inputs and parameters (saved_bytes skips them)
+    return fns
 
 
 def _triton_kernels_run(x) -> bool:
@@ -186,3 +207,19 @@ def _two_gemm(x, w, bias, a_st, b_st, scale):
         return _triton_alternative("split")(x, w, bias, a_st, b_st, scale)
     us = (F.linear(x, a_st).float() * scale).to(x.dtype)
     return F.linear(x, w, bias).addmm_(us, b_st.T)
+
+
+def saved_bytes(p: Problem, name: str, **kwargs) -> int:
+    """Bytes autograd saves for backward in one fwd+bwd call of provider ``name``: unique
+    storages, the provider's own inputs and parameters excluded (they exist anyway)."""
+    fn = build_providers(p, "fwd+bwd", [name], **kwargs)[name]
+    owned = {t.untyped_storage().data_ptr() for t in fn.owned}
+    saved = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in owned:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(saved.values())

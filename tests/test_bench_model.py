@@ -23,10 +23,14 @@ def test_model_benchmark_tiny_config(tmp_path, capsys):
     out_csv = tmp_path / "model.csv"
     bench_model.main(["--device", "cpu", "--layers", "1", "--hidden", "64", "--heads", "4",
                       "--kv-heads", "2", "--vocab", "128", "--seq", "16", "--batch", "2",
-                      "--repeats", "1", "--csv", str(out_csv)])
+                      "--repeats", "1", "--dropout", "0.1", "--csv", str(out_csv)])
     rows = list(csv.DictReader(out_csv.open()))
     assert {(r["mode"], r["provider"]) for r in rows} == {
         (mode, p) for mode in ("forward", "train_step") for p in bench_model.PROVIDERS}
+    saved = {r["provider"]: float(r["saved_mb"]) for r in rows
+             if r["mode"] == "train_step" and r["provider"] != "base"}
+    # In-op dropout saves no dropped copy of x: less than the materialised lora_input path.
+    assert saved["fused"] < saved["fused_lora_input"]
     for row in rows:
         assert row["device"] and row["date"] and row["torch"] and row["peft"]
         assert (row["layers"], row["hidden"], row["seq"], row["batch"]) == ("1", "64", "16", "2")

@@ -1,0 +1,45 @@
+"""The op benchmarks' LoRA dropout rows (bench/op_cpu.py, bench/op_gpu.py --dropout-shapes):
+fwd+bwd of base, fused without dropout, fused_dropout (in-op), fused_lora_input (the dropped
+copy materialised) and peft_dropout, each with the bytes it saves for backward."""
+from __future__ import annotations
+
+import sys
+
+from providers import build_providers, make_problem, saved_bytes
+
+PROVIDERS = ["base", "fused", "fused_dropout", "fused_lora_input", "peft_dropout"]
+FIELDS = ["run_id", "date", "device", "threads", "torch", "feddpa_fast", "bench", "dtype", "M",
+          "K", "N", "r", "dropout", "mode", "provider", "median_ms", "p20_ms", "p80_ms",
+          "ratio_to_base", "saved_mb"]
+
+
+def rows(shapes, p: float, meta: dict, time_all, problem_kwargs=None, fused_backend=None):
+    """One row per (shape, provider). ``time_all(fns, m)`` -> {name: (median, p20, p80)} ms."""
+    out = []
+    for (m, k, n, r) in shapes:
+        problem = make_problem(m, k, n, r, **(problem_kwargs or {}))
+        fns = build_providers(problem, "fwd+bwd", PROVIDERS, dropout=p,
+                              fused_backend=fused_backend)
+        timed = time_all(fns, m)
+        base_median = timed["base"][0]
+        for name in PROVIDERS:
+            med, p20, p80 = timed[name]
+            saved = saved_bytes(problem, name, dropout=p, fused_backend=fused_backend)
+            out.append({**meta, "M": m, "K": k, "N": n, "r": r, "dropout": p,
+                        "mode": "fwd+bwd", "provider": name, "median_ms": f"{med:.4f}",
+                        "p20_ms": f"{p20:.4f}", "p80_ms": f"{p80:.4f}",
+                        "ratio_to_base": f"{med / base_median:.4f}",
+                        "saved_mb": f"{saved / 2**20:.3f}"})
+        print(f"done dropout {m},{k},{n},{r}", file=sys.stderr, flush=True)
+    return out
+
+
+def table(rows: list[dict]) -> str:
+    """One line per (shape, provider): ms, ratio to base, MB saved for backward."""
+    out = ["| M, K, N, R | provider | fwd+bwd ms | x base | saved for backward (MB) |",
+           "|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {r['M']}, {r['K']}, {r['N']}, {2 * int(r['r'])} | {r['provider']} | "
+                   f"{float(r['median_ms']):.3f} | {float(r['ratio_to_base']):.3f} | "
+                   f"{float(r['saved_mb']):.2f} |")
+    return "\n".join(out)
