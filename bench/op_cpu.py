@@ -21,8 +21,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
-import plot  # noqa: E402
 import op_dropout  # noqa: E402
+import plot  # noqa: E402
 from providers import build_providers, flops, make_problem  # noqa: E402
 
 import feddpa_fast  # noqa: E402

@@ -153,7 +153,8 @@ class DualLoRALinear(nn.Module):
 
     # ---- stacked storage -------------------------------------------------------------------
     def _branch_params(self):
-        return ([self.lora_A[n].weight for n in ADAPTERS], [self.lora_B[n].weight for n in ADAPTERS])
+        return ([self.lora_A[n].weight for n in ADAPTERS],
+                [self.lora_B[n].weight for n in ADAPTERS])
 
     def _restack(self) -> None:
         """(Re)builds the stacked tensors from the current parameter values and makes every

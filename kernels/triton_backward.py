@@ -29,11 +29,19 @@ import torch
 import triton
 import triton.language as tl
 
-from . import triton_forward, triton_schedule
-from . import triton_dropout
+from . import triton_dropout, triton_forward, triton_schedule
+from .triton_config import (
+    BwdConfig,
+    aligned,
+    arch_of,
+    da_default,
+    dy_default,
+    input_precision,
+    interpreter_bwd_config,
+    interpreting,
+    sm_count,
+)
 from .triton_dropout import InOpDropout, keep_mask
-from .triton_config import (BwdConfig, aligned, arch_of, da_default, dy_default, input_precision,
-                            interpreter_bwd_config, interpreting, sm_count)
 from .triton_forward import Launch
 
 

@@ -12,13 +12,12 @@ import sys
 import numpy as np
 import pytest
 import torch
-
-import feddpa_fast as fd
 from feddpa_fast.kernels import lora_linear, reference
-from feddpa_fast.layers import dual_lora_layers
-
 from op_cases import assert_close_to_reference, make_inputs, run_with_grads
 from tiny_models import build, randomize_lora_b
+
+import feddpa_fast as fd
+from feddpa_fast.layers import dual_lora_layers
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -37,7 +36,8 @@ def numpy_philox(c0, c1, k0: int, k1: int):
     low = np.uint64(0xFFFFFFFF)
     for _ in range(10):
         p0, p1 = np.uint64(0xD2511F53) * c0, np.uint64(0xCD9E8D57) * c2
-        c0, c2 = (p1 >> np.uint64(32)) ^ c1 ^ np.uint64(k0), (p0 >> np.uint64(32)) ^ c3 ^ np.uint64(k1)
+        shift = np.uint64(32)
+        c0, c2 = (p1 >> shift) ^ c1 ^ np.uint64(k0), (p0 >> shift) ^ c3 ^ np.uint64(k1)
         c1, c3 = p1 & low, p0 & low
         k0, k1 = (k0 + 0x9E3779B9) & 0xFFFFFFFF, (k1 + 0xBB67AE85) & 0xFFFFFFFF
     return [c.astype(np.uint32) for c in (c0, c1, c2, c3)]

@@ -81,7 +81,8 @@ void philox_avx512(uint32_t col, uint32_t group, uint64_t seed, uint32_t* w0, ui
 __attribute__((target("avx2")))
 void store_low_words(uint32_t* dst, __m256i lanes) {
   // The low 32 bits of the four 64-bit lanes, in order.
-  const __m256i packed = _mm256_permutevar8x32_epi32(lanes, _mm256_setr_epi32(0, 2, 4, 6, 0, 0, 0, 0));
+  const __m256i even = _mm256_setr_epi32(0, 2, 4, 6, 0, 0, 0, 0);
+  const __m256i packed = _mm256_permutevar8x32_epi32(lanes, even);
   _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm256_castsi256_si128(packed));
 }
 
