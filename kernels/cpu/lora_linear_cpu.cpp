@@ -20,7 +20,7 @@
 // With in-op dropout (dropout.h), xl = x ⊙ keep / (1 - p) is never stored: u is computed chunk
 // by chunk from masked rows, and the backward regenerates the mask for its two rank-R terms:
 //   gsd = g * S / (1 - p) ; dx = (gsd A) ⊙ keep + dy W ; dA = gsd^T (x ⊙ keep)
-// where each row chunk of dx gets its masked rank-R term and its frozen GEMM on one thread.
+// (the masked term initialises dx chunk by chunk, then the frozen GEMM accumulates).
 #include "lora_linear_cpu.h"
 
 #include "checks.h"
