@@ -257,6 +257,26 @@ def test_gradient_checkpointing_recomputes_the_same_mask(use_reentrant):
         assert torch.equal(got, want)
 
 
+def test_a_patched_model_in_training_compiles_fullgraph_with_in_op_dropout():
+    from tiny_models import batch, output_of
+    model = _patched(dropout=0.2).train()
+    inputs = batch("llama", size=2)
+    results = []
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        run = torch.compile(model, fullgraph=True, backend="aot_eager") if compiled else model
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(9)  # the seeds are drawn inside the graph, from the same generator
+        with fd.mix(model, 0.4, 0.6):
+            out = output_of(run, inputs)
+            out.square().mean().backward()
+        grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+        results.append((out.detach(), grads))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-5)
+    for got, want in zip(results[1][1], results[0][1]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
 def test_the_fused_mean_over_seeds_approaches_peft_with_dropout():
     peft = pytest.importorskip("peft")
     torch.manual_seed(0)
