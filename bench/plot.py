@@ -42,7 +42,9 @@ def plot_latest_run(csv_path: Path, out_path: Path, run_id: str | None = None) -
                 base = [r for r in rows if r["mode"] == mode and r["provider"] == "base"
                         and (r["M"], r["K"], r["N"], r["r"]) == shape]
                 if not match or not base:
-                    ratios.append(float("nan")); lo.append(0); hi.append(0)
+                    ratios.append(float("nan"))
+                    lo.append(0)
+                    hi.append(0)
                     continue
                 b = float(base[0]["median_ms"])
                 med = float(match[0]["median_ms"])

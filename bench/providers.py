@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
 from feddpa_fast.kernels import lora_linear
 
 

@@ -18,5 +18,6 @@ from .packing import packed_weights
 from .patch import merge, patch, unmerge, unpatch
 
 __all__ = ["ADAPTERS", "AdapterError", "DualLoRAConfig", "DualLoRALinear", "load_adapter",
-           "merge", "mix", "packed_weights", "patch", "print_trainable", "save_adapter", "set_trainable",
+           "merge", "mix", "packed_weights", "patch", "print_trainable", "save_adapter",
+           "set_trainable",
            "unmerge", "unpatch"]

@@ -80,7 +80,8 @@ def load_adapter_state_dict(model: nn.Module, tensors: dict[str, torch.Tensor],
     for key, param in expected.items():
         t = tensors[key]
         if tuple(t.shape) != tuple(param.shape):
-            raise AdapterError(f"{key}: shape {tuple(t.shape)}, the model's is {tuple(param.shape)}")
+            raise AdapterError(f"{key}: shape {tuple(t.shape)}, "
+                               f"the model's is {tuple(param.shape)}")
         if not t.is_floating_point():
             raise AdapterError(f"{key}: dtype {t.dtype} is not floating point")
         if not torch.isfinite(t).all():

@@ -93,7 +93,8 @@ def _read_toml(path: Path) -> dict:
         try:
             import tomli as tomllib
         except ImportError:
-            raise ValueError("--config needs Python >= 3.11 (tomllib) or the tomli package") from None
+            raise ValueError("--config needs Python >= 3.11 (tomllib) or the tomli "
+                             "package") from None
 
     if not path.is_file():
         raise FileNotFoundError(f"--config {path} does not exist")

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence, Union
+from collections.abc import Sequence
 
 __all__ = ["ADAPTERS", "DualLoRAConfig"]
 
@@ -10,7 +10,7 @@ __all__ = ["ADAPTERS", "DualLoRAConfig"]
 # lora_a rows / lora_b columns: [0:r) global, [r:2r) local.
 ADAPTERS = ("global", "local")
 
-TargetSpec = Union[str, Sequence[str]]
+TargetSpec = str | Sequence[str]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +54,7 @@ class DualLoRAConfig:
         return self.alpha / self.r
 
     @classmethod
-    def coerce(cls, cfg) -> "DualLoRAConfig":
+    def coerce(cls, cfg) -> DualLoRAConfig:
         """``cfg`` itself, or a config built from a dict (unknown keys raise TypeError)."""
         if isinstance(cfg, cls):
             return cfg
@@ -62,6 +62,7 @@ class DualLoRAConfig:
             known = {f.name for f in dataclasses.fields(cls)}
             unknown = sorted(set(cfg) - known)
             if unknown:
-                raise TypeError(f"unknown DualLoRAConfig option(s) {unknown}; known: {sorted(known)}")
+                raise TypeError(f"unknown DualLoRAConfig option(s) {unknown}; "
+                                f"known: {sorted(known)}")
             return cls(**cfg)
         raise TypeError(f"expected a DualLoRAConfig or a dict, got {type(cfg).__name__}")

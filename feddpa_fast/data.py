@@ -22,7 +22,6 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
 
 import numpy as np
 
@@ -52,7 +51,7 @@ class LMExample:
     task: str
 
 
-Example = Union[ClassifyExample, LMExample]
+Example = ClassifyExample | LMExample
 
 
 @dataclass(frozen=True)

@@ -49,7 +49,8 @@ def score_set(task, examples, mode: str, *, anchors=None, weighting: WeightingCo
     if not examples:
         return {a: float("nan") for a in (assignments if mode == "dynamic" else ["fixed"])}
     if mode != "dynamic":  # a named mode, or (global_w, local_w) (FDLoRA's fusion weights)
-        fixed = mode if isinstance(mode, tuple) else {"global": (1.0, 0.0), "local": (0.0, 1.0)}[mode]
+        fixed = (mode if isinstance(mode, tuple)
+                 else {"global": (1.0, 0.0), "local": (0.0, 1.0)}[mode])
         return {"fixed": _predict(task, examples, fixed, batch_size)}
     global_w, local_w = instance_weights(task, examples, anchors, weighting, batch_size)
     # instance_weights used weighting.assignment; the other assignment swaps the two weights.

@@ -55,7 +55,7 @@ def is_supported_base(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or (conv1d is not None and isinstance(module, conv1d))
 
 
-def dual_lora_layers(model: nn.Module) -> list[tuple[str, "DualLoRALinear"]]:
+def dual_lora_layers(model: nn.Module) -> list[tuple[str, DualLoRALinear]]:
     """``(name, layer)`` for every ``DualLoRALinear`` inside ``model``, in module order."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, DualLoRALinear)]
 

@@ -179,7 +179,8 @@ def trainable_counts(model: nn.Module) -> tuple[int, int]:
 
 
 def print_trainable(model: nn.Module) -> str:
-    """Prints (and returns) PEFT's line: ``trainable params: … || all params: … || trainable%: …``."""
+    """Prints (and returns) PEFT's line:
+    ``trainable params: … || all params: … || trainable%: …``."""
     trainable, total = trainable_counts(model)
     line = (f"trainable params: {trainable:,d} || all params: {total:,d} || "
             f"trainable%: {100 * trainable / max(total, 1):.4f}")

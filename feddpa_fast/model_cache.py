@@ -32,7 +32,8 @@ log = logging.getLogger("feddpa_fast.cache")
 
 
 def cache_root() -> Path:
-    """``$FEDDPA_FAST_CACHE``, else ``$XDG_CACHE_HOME/feddpa_fast``, else ``~/.cache/feddpa_fast``."""
+    """``$FEDDPA_FAST_CACHE``, else ``$XDG_CACHE_HOME/feddpa_fast``, else
+    ``~/.cache/feddpa_fast``."""
     if os.environ.get(ENV_VAR):
         return Path(os.environ[ENV_VAR]).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"

@@ -21,8 +21,14 @@ import torch
 import triton
 
 from . import triton_schedule, triton_static
-from .triton_config import (FwdConfig, arch_of, decode_candidates, fwd_candidates,
-                            padded_rank, sm_count)
+from .triton_config import (
+    FwdConfig,
+    arch_of,
+    decode_candidates,
+    fwd_candidates,
+    padded_rank,
+    sm_count,
+)
 
 _MODE_KEYS = ["HAS_BIAS", "COMPUTE_U", "LORA_INPUT", "EXPAND", "STORE_U", "USE_TMA", "W_T",
               "PRECISION"]

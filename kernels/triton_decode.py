@@ -25,8 +25,17 @@ import triton
 import triton.language as tl
 
 from . import triton_schedule
-from .triton_config import (FwdConfig, aligned, arch_of, autotune_enabled, decode_default,
-                            input_precision, interpreter_config, interpreting, sm_count)
+from .triton_config import (
+    FwdConfig,
+    aligned,
+    arch_of,
+    autotune_enabled,
+    decode_default,
+    input_precision,
+    interpreter_config,
+    interpreting,
+    sm_count,
+)
 from .triton_forward import Launch, _tile_k_loop, m_bucket
 
 

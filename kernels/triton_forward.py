@@ -32,9 +32,19 @@ import triton
 import triton.language as tl
 
 from . import triton_schedule
-from .triton_config import (DECODE_MAX_M, FwdConfig, aligned, arch_of, autotune_enabled,
-                            fwd_default, gemm_default, input_precision, interpreter_config,
-                            interpreting, sm_count)
+from .triton_config import (
+    DECODE_MAX_M,
+    FwdConfig,
+    aligned,
+    arch_of,
+    autotune_enabled,
+    fwd_default,
+    gemm_default,
+    input_precision,
+    interpreter_config,
+    interpreting,
+    sm_count,
+)
 
 
 @triton.jit

@@ -62,7 +62,7 @@ def target_supported(target: str) -> bool:
     return (bin_dir / "ptxas-blackwell").exists() or _ptxas_knows("sm_100a")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _ptxas_knows(arch: str) -> bool:
     out = subprocess.run([triton_bin("ptxas"), "--help"], capture_output=True, text=True)
     return arch in out.stdout

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import torch
 import transformers
-
 from tiny_models import minilm_path
 
 

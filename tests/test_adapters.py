@@ -4,12 +4,11 @@ import json
 
 import pytest
 import torch
+from tiny_models import batch, build, output_of, randomize_lora_b
 
 import feddpa_fast as fd
 from feddpa_fast.adapters import AdapterError, adapter_state_dict
 from feddpa_fast.layers import dual_lora_layers
-
-from tiny_models import batch, build, output_of, randomize_lora_b
 
 peft = pytest.importorskip("peft")
 

@@ -1,15 +1,19 @@
 """Algorithms as phases, and FedDPA's instance-wise dynamic weighting."""
 import pytest
 import torch
+from fed_fixtures import tiny_bert_dir
+from tiny_models import randomize_lora_b
 
 from feddpa_fast.data import builtin_suite
 from feddpa_fast.evaluate import score_set
-from feddpa_fast.fed.algorithms import (ALGORITHMS, WeightingConfig, get_algorithm,
-                                        instance_weights, similarity_scores)
+from feddpa_fast.fed.algorithms import (
+    ALGORITHMS,
+    WeightingConfig,
+    get_algorithm,
+    instance_weights,
+    similarity_scores,
+)
 from feddpa_fast.fed.runner import RunConfig, build_task
-
-from fed_fixtures import tiny_bert_dir
-from tiny_models import randomize_lora_b
 
 
 def test_phases_follow_the_papers():
@@ -53,18 +57,18 @@ def test_batched_dynamic_weights_equal_those_computed_one_by_one(task, assignmen
     train, test = builtin_suite(0)
     examples, anchors = test["topic"][:12], train["topic"][:5]
     cfg = WeightingConfig(assignment=assignment)
-    g, l = instance_weights(task, examples, anchors, cfg, batch_size=5)
-    assert g.shape == l.shape == (12,)
-    assert torch.allclose(g + l, torch.ones(12)) and (g != g[0]).any()
-    capped = g if assignment == "authors" else l
+    g, lw = instance_weights(task, examples, anchors, cfg, batch_size=5)
+    assert g.shape == lw.shape == (12,)
+    assert torch.allclose(g + lw, torch.ones(12)) and (g != g[0]).any()
+    capped = g if assignment == "authors" else lw
     assert (capped >= 0).all() and (capped <= 0.5).all()
     for i, e in enumerate(examples):
         gi, li = instance_weights(task, [e], anchors, cfg)
         torch.testing.assert_close(gi[0], g[i], rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(li[0], l[i], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(li[0], lw[i], rtol=1e-5, atol=1e-6)
     # One batched forward with per-sequence weights predicts what per-example forwards do.
-    batched = [task.predict(examples[i:i + 4], g[i:i + 4], l[i:i + 4]) for i in range(0, 12, 4)]
-    alone = [task.predict([e], float(g[i]), float(l[i]))[0] for i, e in enumerate(examples)]
+    batched = [task.predict(examples[i:i + 4], g[i:i + 4], lw[i:i + 4]) for i in range(0, 12, 4)]
+    alone = [task.predict([e], float(g[i]), float(lw[i]))[0] for i, e in enumerate(examples)]
     assert sum(batched, []) == alone
 
 

@@ -8,8 +8,8 @@ import math
 from pathlib import Path
 
 import torch
-
 from fed_fixtures import tiny_bert_dir
+
 from feddpa_fast.fed.aggregate import aggregate
 
 ROOT = Path(__file__).resolve().parents[1]

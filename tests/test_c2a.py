@@ -6,8 +6,13 @@ from torch import nn
 
 import feddpa_fast
 from feddpa_fast.data import ClassifyExample
-from feddpa_fast.fed.c2a import (AdapterHypernetwork, generated_adapters, label_distribution,
-                                 lora_parameter_count, uniform_label_distribution)
+from feddpa_fast.fed.c2a import (
+    AdapterHypernetwork,
+    generated_adapters,
+    label_distribution,
+    lora_parameter_count,
+    uniform_label_distribution,
+)
 from feddpa_fast.layers import dual_lora_layers
 
 MIXED = [("q", 16, 16), ("v", 16, 16), ("up", 16, 24), ("down", 24, 16), ("out", 16, 8)]

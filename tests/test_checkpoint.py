@@ -5,8 +5,12 @@ import pytest
 import torch
 
 from feddpa_fast.atomic import atomic_write_bytes
-from feddpa_fast.fed.checkpoint import (CheckpointError, derive_seed, load_checkpoint,
-                                        save_checkpoint)
+from feddpa_fast.fed.checkpoint import (
+    CheckpointError,
+    derive_seed,
+    load_checkpoint,
+    save_checkpoint,
+)
 
 
 def test_atomic_write_replaces_and_leaves_no_temp_files(tmp_path):

@@ -1,5 +1,6 @@
 """feddpa_fast.data: JSONL loading, partitioning, and the built-in synthetic suite."""
 import collections
+import dataclasses
 import hashlib
 import json
 import math
@@ -7,9 +8,18 @@ import math
 import pytest
 
 from feddpa_fast import builtin_suite as suite_mod
-from feddpa_fast.data import (BUILTIN_PAIRS, BUILTIN_TASKS, ClassifyExample, DataError,
-                              LMExample, builtin_suite, load_data_dir, load_jsonl,
-                              partition_by_task, partition_dirichlet)
+from feddpa_fast.data import (
+    BUILTIN_PAIRS,
+    BUILTIN_TASKS,
+    ClassifyExample,
+    DataError,
+    LMExample,
+    builtin_suite,
+    load_data_dir,
+    load_jsonl,
+    partition_by_task,
+    partition_dirichlet,
+)
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +141,7 @@ def test_load_jsonl_classify_round_trip(tmp_path):
         ClassifyExample("sunny", "dry", ("dry", "wet"), "rain"),
         ClassifyExample("wet", "wet", ("dry", "wet"), "rain"),
     ]
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         got[0].label = "x"  # frozen
 
 

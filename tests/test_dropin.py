@@ -2,11 +2,10 @@
 (weight, bias, in_features, out_features, dtype checks), as PEFT's layers do."""
 import pytest
 import torch
+from tiny_models import batch, build, randomize_lora_b, t5
 
 import feddpa_fast as fd
 from feddpa_fast.layers import dual_lora_layers
-
-from tiny_models import batch, build, randomize_lora_b, t5
 
 
 def _cfg(targets):
@@ -58,11 +57,11 @@ def test_t5_feed_forward_reads_wo_weight_dtype_through_the_patched_layer(dtype):
         assert len(dual_lora_layers(model)) == 8  # (wi, wo) x (2 encoder + 2 decoder blocks)
         torch.testing.assert_close(model(**inputs).logits, ref, rtol=1e-5, atol=1e-5)
         randomize_lora_b(model)
-        g, l = torch.tensor([0.0, 1.0]), torch.tensor([1.0, 0.5])
-        with fd.mix(model, g, l):
+        g, lw = torch.tensor([0.0, 1.0]), torch.tensor([1.0, 0.5])
+        with fd.mix(model, g, lw):
             mixed = model(**inputs).logits
         for i in range(2):
-            with fd.mix(model, float(g[i]), float(l[i])):
+            with fd.mix(model, float(g[i]), float(lw[i])):
                 alone = model(**{k: v[i:i + 1] for k, v in inputs.items()}).logits
             tol = 1e-5 if dtype == torch.float32 else 2e-2
             torch.testing.assert_close(mixed[i:i + 1], alone, rtol=tol, atol=tol)

@@ -12,11 +12,11 @@ import sys
 import numpy as np
 import pytest
 import torch
-from feddpa_fast.kernels import lora_linear, reference
 from op_cases import assert_close_to_reference, make_inputs, run_with_grads
 from tiny_models import build, randomize_lora_b
 
 import feddpa_fast as fd
+from feddpa_fast.kernels import lora_linear, reference
 from feddpa_fast.layers import dual_lora_layers
 
 HERE = os.path.dirname(os.path.abspath(__file__))

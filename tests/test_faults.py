@@ -10,13 +10,12 @@ import time
 
 import pytest
 import torch
+from fed_fixtures import tiny_bert_dir
 
 from feddpa_fast.fed import checkpoint as checkpoint_mod
 from feddpa_fast.fed.checkpoint import load_checkpoint
 from feddpa_fast.fed.client import Client
 from feddpa_fast.fed.runner import RunConfig, run
-
-from fed_fixtures import tiny_bert_dir
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +137,8 @@ def test_a_client_that_crashes_mid_round_is_left_out(bert_dir, tmp_path, monkeyp
     monkeypatch.setattr(Client, "run_round", flaky)
     results = run(_cfg(bert_dir, tmp_path / "r"), progress=False)
     import json
-    rows = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    metrics = (tmp_path / "r" / "metrics.jsonl").read_text()
+    rows = [json.loads(line) for line in metrics.splitlines()]
     accepted = {r["round"]: r["accepted"] for r in rows if "round" in r}
     assert accepted[1] == ["sentiment"] and accepted[0] == accepted[2] == ["sentiment", "product"]
     assert 0 <= results["P"] <= 1

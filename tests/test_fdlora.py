@@ -36,16 +36,17 @@ def test_search_respects_its_budget_and_beats_both_adapters_alone(budget):
 
 
 def test_search_survives_non_finite_losses_and_rejects_bad_configs():
-    best, value, _ = fusion_search(lambda g, p: float("nan") if g > 0.5 else p, SearchConfig(budget=6))
+    best, value, _ = fusion_search(lambda g, p: float("nan") if g > 0.5 else p,
+                                   SearchConfig(budget=6))
     assert math.isfinite(value) and value <= 1.0 and best[0] <= 0.5  # NaN points never win
     with pytest.raises(ValueError):
         SearchConfig(budget=2)
 
 
 def test_fusion_weights_are_searched_on_the_holdout_and_recorded(tmp_path):
-    from feddpa_fast.fed.runner import RunConfig, run
-
     from fed_fixtures import tiny_bert_dir
+
+    from feddpa_fast.fed.runner import RunConfig, run
 
     model_dir = tiny_bert_dir(tmp_path)
     results = run(RunConfig(algo="fdlora", model=str(model_dir), clients=2, rounds=2,

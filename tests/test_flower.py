@@ -3,7 +3,6 @@ and a real deployment on 127.0.0.1 (flower-superlink, two flower-supernodes, `fl
 result must equal the built-in loop's, bit for bit, including across a restarted ServerApp."""
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -16,14 +15,15 @@ import torch
 
 pytest.importorskip("flwr")
 
+from fed_fixtures import tiny_bert_dir  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-from feddpa_fast.fed import wire  # noqa: E402
-from feddpa_fast.fed import flower  # noqa: E402
+from feddpa_fast.fed import (
+    flower,  # noqa: E402
+    wire,  # noqa: E402
+)
 from feddpa_fast.fed.checkpoint import load_checkpoint  # noqa: E402
 from feddpa_fast.fed.runner import RunConfig, run  # noqa: E402
-
-from fed_fixtures import tiny_bert_dir  # noqa: E402
 
 APP_DIR = Path(flower.__file__).resolve().parent / "flower_app"
 BIN = Path(sys.executable).parent

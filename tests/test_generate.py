@@ -4,10 +4,9 @@ flattened (batch * seq, hidden) input) included. Batched results equal each sequ
 """
 import pytest
 import torch
+from tiny_models import BUILDERS, DECODERS, batch, build, output_of, randomize_lora_b
 
 import feddpa_fast as fd
-
-from tiny_models import BUILDERS, DECODERS, batch, build, output_of, randomize_lora_b
 
 G = torch.tensor([0.0, 1.0, -0.5])
 L = torch.tensor([1.0, 0.25, 1.5])
@@ -86,11 +85,11 @@ def test_an_expanded_batch_gives_each_copy_its_sequence_weights(kind):
     model = _patched(kind, targets=None if kind == "bert" else "all-linear")
     inputs = batch(kind, size=2, seq=5)
     expanded = {k: v.repeat_interleave(3, dim=0) for k, v in inputs.items()}
-    g, l = G[:2], L[:2]
-    with torch.no_grad(), fd.mix(model, g, l):
+    g, lw = G[:2], L[:2]
+    with torch.no_grad(), fd.mix(model, g, lw):
         out = output_of(model, expanded)
     for i in range(2):
-        with torch.no_grad(), fd.mix(model, float(g[i]), float(l[i])):
+        with torch.no_grad(), fd.mix(model, float(g[i]), float(lw[i])):
             one = output_of(model, _row(inputs, i))
         for copy in range(3):
             torch.testing.assert_close(out[3 * i + copy], one[0], rtol=1e-5, atol=1e-5)

@@ -1,9 +1,9 @@
 """Dispatch, registration and tracing of the op: backend choice, fake kernels, torch.compile."""
 import pytest
 import torch
+from op_cases import make_inputs
 
 import feddpa_fast.kernels as K
-from op_cases import make_inputs
 
 
 def test_backend_for_each_device():

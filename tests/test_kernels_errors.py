@@ -2,9 +2,9 @@
 argument, on every backend that checks (native, reference)."""
 import pytest
 import torch
+from op_cases import make_inputs
 
 from feddpa_fast.kernels import lora_linear
-from op_cases import make_inputs
 
 BACKENDS = ["native", "reference"]
 
@@ -22,17 +22,23 @@ CASES = [
     ("scale rows", lambda d: d.update(scale=torch.rand(5, 4)), ValueError, "scale must have shape"),
     ("scale cols", lambda d: d.update(scale=torch.rand(6, 3)), ValueError, "scale must have shape"),
     ("scale 1-D", lambda d: d.update(scale=torch.rand(4)), ValueError, "scale must have shape"),
-    ("weight 1-D", lambda d: d.update(weight=torch.randn(12)), ValueError, "weight must have shape"),
-    ("lora_a 3-D", lambda d: d.update(lora_a=torch.randn(1, 4, 16)), ValueError, "lora_a must have"),
+    ("weight 1-D", lambda d: d.update(weight=torch.randn(12)), ValueError,
+     "weight must have shape"),
+    ("lora_a 3-D", lambda d: d.update(lora_a=torch.randn(1, 4, 16)), ValueError,
+     "lora_a must have"),
     ("x 0-d", lambda d: d.update(x=torch.tensor(1.0)), ValueError, "x must have shape"),
     ("bias shape", lambda d: d.update(bias=torch.randn(11)), ValueError, "bias must have shape"),
-    ("weight dtype", lambda d: d.update(weight=d["weight"].double()), TypeError, "weight has dtype"),
+    ("weight dtype", lambda d: d.update(weight=d["weight"].double()), TypeError,
+     "weight has dtype"),
     ("lora_a dtype", lambda d: d.update(lora_a=d["lora_a"].half()), TypeError, "lora_a has dtype"),
-    ("lora_b dtype", lambda d: d.update(lora_b=d["lora_b"].bfloat16()), TypeError, "lora_b has dtype"),
+    ("lora_b dtype", lambda d: d.update(lora_b=d["lora_b"].bfloat16()), TypeError,
+     "lora_b has dtype"),
     ("bias dtype", lambda d: d.update(bias=d["bias"].double()), TypeError, "bias has dtype"),
     ("scale dtype", lambda d: d.update(scale=d["scale"].half()), TypeError, "scale must be"),
-    ("x integer", lambda d: d.update(x=torch.ones(6, 16, dtype=torch.int32)), TypeError, "x has dtype"),
-    ("device mix", lambda d: d.update(lora_b=d["lora_b"].to("meta")), ValueError, "lora_b is on meta"),
+    ("x integer", lambda d: d.update(x=torch.ones(6, 16, dtype=torch.int32)), TypeError,
+     "x has dtype"),
+    ("device mix", lambda d: d.update(lora_b=d["lora_b"].to("meta")), ValueError,
+     "lora_b is on meta"),
     ("bias device", lambda d: d.update(bias=d["bias"].to("meta")), ValueError, "bias is on meta"),
     ("lora_input K", lambda d: d.update(lora_input=torch.randn(6, 15)), ValueError,
      "lora_input has shape"),

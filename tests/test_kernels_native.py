@@ -2,9 +2,9 @@
 gradient, over dtypes, odd shapes, both scale layouts, bias or none, 3-D and strided input."""
 import pytest
 import torch
-
-from feddpa_fast.kernels import lora_linear, backend_for
 from op_cases import assert_close_to_reference, make_inputs
+
+from feddpa_fast.kernels import backend_for, lora_linear
 
 SHAPES = [  # (leading shape of x, K, N, R)
     ((1,), 97, 130, 1),

@@ -6,8 +6,9 @@ import torch
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-from feddpa_fast.kernels import backend_for, lora_linear  # noqa: E402
 from op_cases import assert_close_to_reference, make_inputs  # noqa: E402
+
+from feddpa_fast.kernels import backend_for, lora_linear  # noqa: E402
 
 SHAPES = [((1,), 48, 40, 8), ((3,), 80, 96, 16), ((67,), 48, 96, 48), ((2, 5), 80, 40, 8),
           ((1,), 4096, 4096, 32), ((16,), 4096, 11008, 32), ((64,), 4096, 4096, 32),
@@ -85,9 +86,10 @@ def _ref(inputs):
 def test_decode_one_launch_reduction_on_gpu(split, m):
     """The last-arriving program reduces the K slices: right, identical on every run (the
     slices are summed in order, whoever arrives last), and the counters are left zeroed."""
+    from op_cases import assert_close_scaled
+
     from feddpa_fast.kernels import triton_decode
     from feddpa_fast.kernels.triton_config import decode_default
-    from op_cases import assert_close_scaled
     inputs = make_inputs((m,), 4096, 4096, 32, torch.bfloat16, device="cuda")
     cfg = decode_default("sm_90a", m, 32)
     args = (inputs["x"], inputs["weight"], inputs["bias"], inputs["lora_a"], inputs["lora_b"],
@@ -120,9 +122,10 @@ def test_decode_under_cuda_graph_replay():
 @pytest.mark.parametrize("chunks", [1, 2, 3])
 @pytest.mark.parametrize("use_tma", [False, True])
 def test_forward_runs_and_tma_on_gpu(chunks, use_tma):
+    from op_cases import assert_close_scaled
+
     from feddpa_fast.kernels import triton_forward
     from feddpa_fast.kernels.triton_config import arch_of, fwd_default
-    from op_cases import assert_close_scaled
     if use_tma and torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("tensor descriptors need sm_90+")
     inputs = make_inputs((1000,), 4096, 4096, 32, torch.bfloat16, device="cuda")

@@ -11,9 +11,10 @@ import torch
 
 pytest.importorskip("triton")
 
+from op_cases import assert_close_scaled, assert_close_to_reference, make_inputs  # noqa: E402
+
 from feddpa_fast.kernels import lora_linear  # noqa: E402
 from feddpa_fast.kernels.triton_config import interpreting, padded_rank  # noqa: E402
-from op_cases import assert_close_scaled, assert_close_to_reference, make_inputs  # noqa: E402
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter tests: CPU only")
 
@@ -137,6 +138,7 @@ def test_forward_tensor_descriptor_path(lora_input):
     """USE_TMA (tensor descriptors; on GPU: sm_90+, 16-bit) in the interpreter, fp16, with
     M, N, K and R not multiples of the tiles: the descriptors zero-fill out of bounds."""
     import triton
+
     from feddpa_fast.kernels import triton_forward
     from feddpa_fast.kernels.triton_config import FwdConfig
     triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8))

@@ -2,11 +2,10 @@
 model is left as it was (weights, caches, hooks, parameters, outputs)."""
 import pytest
 import torch
+from tiny_models import batch, build, output_of, randomize_lora_b
 
 import feddpa_fast as fd
 from feddpa_fast.layers import dual_lora_layers
-
-from tiny_models import batch, build, output_of, randomize_lora_b
 
 NAN, INF = float("nan"), float("inf")
 
@@ -52,13 +51,13 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("g, l, error, pattern", CASES)
-def test_bad_weights_raise_naming_the_argument_and_change_nothing(model, g, l, error, pattern):
+@pytest.mark.parametrize("g, lw, error, pattern", CASES)
+def test_bad_weights_raise_naming_the_argument_and_change_nothing(model, g, lw, error, pattern):
     params = {n: p.detach().clone() for n, p in model.named_parameters()}
     with torch.no_grad():
         reference = output_of(model, batch("llama"))
     with pytest.raises(error, match=pattern):
-        with fd.mix(model, g, l):
+        with fd.mix(model, g, lw):
             pytest.fail("the with block must not run")
     _untouched(model, params, reference)
 

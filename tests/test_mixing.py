@@ -1,11 +1,10 @@
 """The mixing API: per-instance weights, nesting, errors, set_trainable / print_trainable."""
 import pytest
 import torch
+from tiny_models import batch, build, output_of, randomize_lora_b
 
 import feddpa_fast as fd
 from feddpa_fast.layers import dual_lora_layers
-
-from tiny_models import batch, build, output_of, randomize_lora_b
 
 
 def _patched(kind, seed=0):
@@ -20,8 +19,8 @@ def test_per_instance_weights_equal_running_each_sequence_alone(kind):
     model = _patched(kind)
     inputs = batch(kind, size=4)
     g = torch.tensor([0.0, 1.0, 0.25, -0.5])
-    l = torch.tensor([1.0, 0.0, 0.75, 2.0])
-    with fd.mix(model, g, l):
+    lw = torch.tensor([1.0, 0.0, 0.75, 2.0])
+    with fd.mix(model, g, lw):
         out = output_of(model, inputs)
         out.square().sum().backward()
     batched_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -29,7 +28,7 @@ def test_per_instance_weights_equal_running_each_sequence_alone(kind):
     alone = []
     for i in range(4):
         one = {k: v[i:i + 1] for k, v in inputs.items()}
-        with fd.mix(model, float(g[i]), float(l[i])):
+        with fd.mix(model, float(g[i]), float(lw[i])):
             o = output_of(model, one)
             o.square().sum().backward()
         alone.append(o.detach())
@@ -77,16 +76,16 @@ def test_a_batch_that_does_not_match_the_weights_raises():
             output_of(model, batch("llama", size=3))
 
 
-@pytest.mark.parametrize("g, l, error", [
+@pytest.mark.parametrize("g, lw, error", [
     (torch.ones(2, 2, 2), 1.0, ValueError), (torch.tensor([1.0, float("nan")]), 1.0, ValueError),
     (float("inf"), 1.0, ValueError), (torch.ones(2), torch.ones(3), ValueError),
     ("0.5", 1.0, TypeError), (torch.ones(2, dtype=torch.int64), 1.0, TypeError),
     (True, 1.0, TypeError),
 ])
-def test_bad_weights_raise_before_anything_changes(g, l, error):
+def test_bad_weights_raise_before_anything_changes(g, lw, error):
     model = _patched("llama")
     with pytest.raises(error):
-        with fd.mix(model, g, l):
+        with fd.mix(model, g, lw):
             pass
     assert all(layer.mix_weights == (1.0, 1.0) for _, layer in dual_lora_layers(model))
 

@@ -3,12 +3,11 @@ import copy
 
 import pytest
 import torch
+from tiny_models import BUILDERS, batch, build, minilm_path, output_of, randomize_lora_b
 
 import feddpa_fast as fd
 from feddpa_fast.layers import DualLoRALinear, dual_lora_layers
 from feddpa_fast.patch import matched_module_names, patched_config
-
-from tiny_models import BUILDERS, batch, build, minilm_path, output_of, randomize_lora_b
 
 
 def _cfg(targets, **kw):
@@ -84,7 +83,8 @@ def test_patch_is_idempotent_and_refuses_a_different_config():
 
 def test_target_selection_by_suffix_regex_all_linear_and_exclude():
     model, _ = build("llama")
-    names = matched_module_names(model, _cfg(("q_proj", "v_proj"), exclude=("layers.1.self_attn.v_proj",)))
+    names = matched_module_names(
+        model, _cfg(("q_proj", "v_proj"), exclude=("layers.1.self_attn.v_proj",)))
     assert names == ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj",
                      "model.layers.1.self_attn.q_proj"]
     assert matched_module_names(model, _cfg(r"model\.layers\.1\.mlp\.(up|down)_proj")) == [

@@ -3,11 +3,10 @@ feddpa_fast.packed_weights, training through the weights, and incremental decodi
 column applies to every generated token)."""
 import pytest
 import torch
+from tiny_models import batch, build, output_of, randomize_lora_b
 
 import feddpa_fast as fd
 from feddpa_fast.layers import dual_lora_layers
-
-from tiny_models import batch, build, output_of, randomize_lora_b
 
 
 def _patched(kind="llama", targets="all-linear"):
@@ -30,32 +29,32 @@ def test_a_layer_applies_one_weight_per_token_3d_and_flattened():
     model = _patched()
     layer = dual_lora_layers(model)[0][1]
     g = torch.randn(2, 5)
-    l = torch.randn(2, 5)
+    lw = torch.randn(2, 5)
     x = torch.randn(2, 5, layer.in_features)
-    with torch.no_grad(), fd.mix(model, g, l):
-        torch.testing.assert_close(layer(x), _explicit(layer, x, g, l), rtol=1e-5, atol=1e-5)
+    with torch.no_grad(), fd.mix(model, g, lw):
+        torch.testing.assert_close(layer(x), _explicit(layer, x, g, lw), rtol=1e-5, atol=1e-5)
         flat = x.reshape(10, -1)  # batch-major (batch * seq, hidden), outside a model call
-        torch.testing.assert_close(layer(flat), _explicit(layer, flat, g, l),
+        torch.testing.assert_close(layer(flat), _explicit(layer, flat, g, lw),
                                    rtol=1e-5, atol=1e-5)
         beams = x.repeat_interleave(3, dim=0)  # 3 copies of each sequence, consecutive
         torch.testing.assert_close(
             layer(beams), _explicit(layer, beams, g.repeat_interleave(3, 0),
-                                    l.repeat_interleave(3, 0)), rtol=1e-5, atol=1e-5)
+                                    lw.repeat_interleave(3, 0)), rtol=1e-5, atol=1e-5)
         model(**batch("llama", size=2, seq=5))  # a model call records, then forgets, positions
         assert layer._mix_call == {"positions": None}
         step = torch.randn(2, 1, layer.in_features)  # a decoding step: the last column
-        torch.testing.assert_close(layer(step), _explicit(layer, step, g[:, -1:], l[:, -1:]),
+        torch.testing.assert_close(layer(step), _explicit(layer, step, g[:, -1:], lw[:, -1:]),
                                    rtol=1e-5, atol=1e-5)
 
 
 def test_constant_per_token_weights_equal_per_sequence_weights():
     model = _patched()
     inputs = batch("llama", size=3, seq=6)
-    g, l = torch.tensor([0.2, -1.0, 0.7]), torch.tensor([1.0, 0.5, 0.0])
+    g, lw = torch.tensor([0.2, -1.0, 0.7]), torch.tensor([1.0, 0.5, 0.0])
     with torch.no_grad():
-        with fd.mix(model, g, l):
+        with fd.mix(model, g, lw):
             per_seq = output_of(model, inputs)
-        with fd.mix(model, g[:, None].expand(3, 6), l[:, None].expand(3, 6).clone()):
+        with fd.mix(model, g[:, None].expand(3, 6), lw[:, None].expand(3, 6).clone()):
             per_tok = output_of(model, inputs)
         with fd.mix(model, g[:, None].expand(3, 6), 0.3):  # mixed kinds: a float, a (B, T)
             mixed = output_of(model, inputs)
@@ -67,7 +66,8 @@ def test_constant_per_token_weights_equal_per_sequence_weights():
 
 def _packed(kind, lengths, seed=5):
     """Three sequences alone and packed into one row (DataCollatorWithFlattening's layout)."""
-    seqs = [batch(kind, size=1, seq=n, seed=seed + i)["input_ids"][0] for i, n in enumerate(lengths)]
+    seqs = [batch(kind, size=1, seq=n, seed=seed + i)["input_ids"][0]
+            for i, n in enumerate(lengths)]
     ids = torch.cat(seqs).unsqueeze(0)
     pos = torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0)
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
@@ -79,8 +79,8 @@ def test_packed_sequences_with_per_token_weights_equal_each_sequence_alone(kind)
     model = _patched(kind)
     lengths = [4, 6, 3]
     seqs, ids, pos, cu = _packed(kind, lengths)
-    g, l = torch.tensor([0.0, 1.0, -0.5]), torch.tensor([1.0, 0.25, 1.5])
-    wg, wl = fd.packed_weights(g, position_ids=pos), fd.packed_weights(l, cu_seqlens=cu)
+    g, lw = torch.tensor([0.0, 1.0, -0.5]), torch.tensor([1.0, 0.25, 1.5])
+    wg, wl = fd.packed_weights(g, position_ids=pos), fd.packed_weights(lw, cu_seqlens=cu)
     assert wg.shape == (1, 13) and torch.equal(wg[0, 4:10], torch.ones(6))
     with torch.no_grad(), fd.mix(model, wg, wl):
         # use_cache=False: transformers builds the packed (block-diagonal) mask only without
@@ -88,7 +88,7 @@ def test_packed_sequences_with_per_token_weights_equal_each_sequence_alone(kind)
         packed = model(input_ids=ids, position_ids=pos, use_cache=False).logits[0]
     start = 0
     for i, seq in enumerate(seqs):
-        with torch.no_grad(), fd.mix(model, float(g[i]), float(l[i])):
+        with torch.no_grad(), fd.mix(model, float(g[i]), float(lw[i])):
             alone = model(input_ids=seq[None]).logits[0]
         torch.testing.assert_close(packed[start:start + len(seq)], alone, rtol=1e-4, atol=1e-4)
         start += len(seq)
@@ -132,28 +132,28 @@ def test_generate_with_per_token_weights_decodes_with_the_last_column(kind):
     model = _patched(kind)
     inputs = batch(kind, size=2, seq=5, seed=2)
     g = torch.tensor([[0.0, 1.0, 0.5, -1.0, 0.8], [1.0, 1.0, 0.0, 0.2, -0.6]])
-    l = 1.0 - g
-    with torch.no_grad(), fd.mix(model, g, l):
+    lw = 1.0 - g
+    with torch.no_grad(), fd.mix(model, g, lw):
         out = model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False,
                              pad_token_id=0)
     # By hand: prefill with per-token weights, then greedy steps under the last column.
     with torch.no_grad():
-        with fd.mix(model, g, l):
+        with fd.mix(model, g, lw):
             step = model(**inputs, use_cache=True)
         ids, mask, past = inputs["input_ids"], inputs["attention_mask"], step.past_key_values
         for _ in range(4):
             nxt = step.logits[:, -1].argmax(-1, keepdim=True)
             ids = torch.cat([ids, nxt], 1)
             mask = torch.cat([mask, torch.ones_like(nxt)], 1)
-            with fd.mix(model, g[:, -1], l[:, -1]):
+            with fd.mix(model, g[:, -1], lw[:, -1]):
                 step = model(input_ids=nxt, attention_mask=mask, past_key_values=past,
                              use_cache=True)
             past = step.past_key_values
     assert torch.equal(out, ids)
     # The prompt's per-token weights matter: the last column alone gives other prompt logits.
-    with torch.no_grad(), fd.mix(model, g[:, -1], l[:, -1]):
+    with torch.no_grad(), fd.mix(model, g[:, -1], lw[:, -1]):
         last_column_only = model(**inputs).logits[:, -1]
-    with torch.no_grad(), fd.mix(model, g, l):
+    with torch.no_grad(), fd.mix(model, g, lw):
         per_token = model(**inputs).logits[:, -1]
     assert not torch.allclose(last_column_only, per_token, atol=1e-3)
 

@@ -6,17 +6,15 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
+from fed_fixtures import causal_lm_data_dir, tiny_bert_dir, tiny_llama_dir
 from safetensors.torch import load_file
 
 from feddpa_fast.cli import main as cli_main
 from feddpa_fast.fed.checkpoint import load_checkpoint
 from feddpa_fast.fed.runner import RunConfig, run
-
-from fed_fixtures import causal_lm_data_dir, tiny_bert_dir, tiny_llama_dir
 
 ALGOS = ["fedit", "local", "feddpa-f", "feddpa-t", "fdlora", "c2a"]
 

@@ -116,24 +116,24 @@ def test_per_sequence_and_per_token_mixes_equal_one_by_one(smol, base):
     _, tokenizer = smol
     model = _patched(base, std=0.05)
     ids = _ids(tokenizer, TEXTS)
-    g, l = torch.tensor([0.0, 1.0, 0.4]), torch.tensor([1.0, 0.3, -0.5])
+    g, lw = torch.tensor([0.0, 1.0, 0.4]), torch.tensor([1.0, 0.3, -0.5])
     tok_g = torch.linspace(0.0, 1.0, 10).repeat(3, 1) * torch.tensor([[1.0], [0.5], [-1.0]])
     with torch.no_grad():
-        with fd.mix(model, g, l):
+        with fd.mix(model, g, lw):
             per_seq = model(input_ids=ids).logits
-        with fd.mix(model, tok_g, l):
+        with fd.mix(model, tok_g, lw):
             per_tok = model(input_ids=ids).logits
         for i in range(3):
-            with fd.mix(model, float(g[i]), float(l[i])):
+            with fd.mix(model, float(g[i]), float(lw[i])):
                 torch.testing.assert_close(per_seq[i], model(input_ids=ids[i:i + 1]).logits[0],
                                            rtol=1e-4, atol=1e-4)
-            with fd.mix(model, tok_g[i:i + 1], float(l[i])):
+            with fd.mix(model, tok_g[i:i + 1], float(lw[i])):
                 torch.testing.assert_close(per_tok[i], model(input_ids=ids[i:i + 1]).logits[0],
                                            rtol=1e-4, atol=1e-4)
         # Packed: the three sequences in one row, per-token weights from packed_weights.
         pos = torch.arange(10).repeat(3).unsqueeze(0)
         with fd.mix(model, fd.packed_weights(g, position_ids=pos),
-                    fd.packed_weights(l, position_ids=pos)):
+                    fd.packed_weights(lw, position_ids=pos)):
             packed = model(input_ids=ids.reshape(1, 30), position_ids=pos,
                            use_cache=False).logits[0]
     torch.testing.assert_close(packed.reshape(3, 10, -1), per_seq, rtol=1e-4, atol=1e-4)
@@ -152,14 +152,14 @@ def test_generate_with_beams_under_a_per_sequence_mix_equals_each_prompt_alone(s
     _, tokenizer = smol
     model = _patched(base, std=0.05)
     ids = _chat(tokenizer, QUESTIONS)
-    g, l = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    g, lw = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
     kw = {"max_new_tokens": 8, "num_beams": 2, "do_sample": False,
           "return_dict_in_generate": True, "output_logits": True,
           "pad_token_id": tokenizer.pad_token_id}
-    with torch.no_grad(), fd.mix(model, g, l):
+    with torch.no_grad(), fd.mix(model, g, lw):
         out = model.generate(input_ids=ids, **kw)
     for i in range(2):
-        with torch.no_grad(), fd.mix(model, float(g[i]), float(l[i])):
+        with torch.no_grad(), fd.mix(model, float(g[i]), float(lw[i])):
             one = model.generate(input_ids=ids[i:i + 1], **kw)
         n = one.sequences.shape[1]
         assert torch.equal(out.sequences[i, :n], one.sequences[0]), i

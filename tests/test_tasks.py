@@ -3,6 +3,8 @@ flags (--num-beams, --max-new-tokens) and --model smollm2's task check."""
 import pytest
 import torch
 import transformers
+from fed_fixtures import causal_lm_data_dir, tiny_llama_dir
+from tiny_models import randomize_lora_b
 
 import feddpa_fast as fd
 from feddpa_fast.cli import build_parser, config_from_args
@@ -11,9 +13,6 @@ from feddpa_fast.data import LMExample
 from feddpa_fast.fed.algorithms import WeightingConfig, instance_weights
 from feddpa_fast.fed.runner import RunConfig, run
 from feddpa_fast.tasks import CausalLMTask
-
-from fed_fixtures import causal_lm_data_dir, tiny_llama_dir
-from tiny_models import randomize_lora_b
 
 
 @pytest.fixture(scope="module")
@@ -40,11 +39,11 @@ def test_dynamic_weights_with_beam_search_equal_each_example_alone(llama_dir):
     task = _task(llama_dir, num_beams=2)
     examples = _examples()
     anchors = _examples()[:2]
-    g, l = instance_weights(task, examples, anchors, WeightingConfig(k=2))
+    g, lw = instance_weights(task, examples, anchors, WeightingConfig(k=2))
     assert g.shape == (4,) and not torch.allclose(g, g[0].expand(4))  # really per instance
-    batched = task.predict(examples, g, l)  # left-padded prompts of different lengths
+    batched = task.predict(examples, g, lw)  # left-padded prompts of different lengths
     for i, e in enumerate(examples):
-        assert task.predict([e], float(g[i]), float(l[i])) == [batched[i]], i
+        assert task.predict([e], float(g[i]), float(lw[i])) == [batched[i]], i
     # The mix reaches the generations: both adapters off decodes something else.
     assert task.predict(examples, 0.0, 0.0) != batched
 

@@ -2,11 +2,9 @@
 torch.compile and autocast (LoRA dropout: tests/test_dropout.py)."""
 import pytest
 import torch
+from tiny_models import batch, build, output_of, randomize_lora_b
 
 import feddpa_fast as fd
-from feddpa_fast.layers import dual_lora_layers
-
-from tiny_models import batch, build, output_of, randomize_lora_b
 
 
 def _patched(kind="llama", dropout=0.0, seed=0, targets=None):
@@ -93,4 +91,5 @@ def test_autocast_bf16_runs_the_op_in_bf16_with_fp32_adapters():
     # bf16 carries ~3 significant digits; the logits here are O(1).
     torch.testing.assert_close(out.float(), ref, rtol=0.02, atol=0.02)
     grads = [p.grad for n, p in model.named_parameters() if p.requires_grad]
-    assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+    assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all()
+               for g in grads)

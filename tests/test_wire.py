@@ -8,8 +8,17 @@ import pytest
 import torch
 
 from feddpa_fast.fed import wire
-from feddpa_fast.fed.wire import (SCHEMA, BlobFormatError, MetadataError, NonFiniteError,
-                                  SchemaError, SizeLimitError, WireError, decode, encode)
+from feddpa_fast.fed.wire import (
+    SCHEMA,
+    BlobFormatError,
+    MetadataError,
+    NonFiniteError,
+    SchemaError,
+    SizeLimitError,
+    WireError,
+    decode,
+    encode,
+)
 
 A = "base_model.model.layers.0.q_proj.lora_A.weight"
 B = "base_model.model.layers.0.q_proj.lora_B.weight"
@@ -146,7 +155,7 @@ def test_hand_made_blob_is_valid():
     (_join("[1, 2]"), BlobFormatError, "object"),
     (_join("7"), BlobFormatError, "object"),
     (_join("[" * 100_000 + "]" * 100_000), BlobFormatError, "JSON"),
-    (_join('{"x": %s, "x": %s}' % (json.dumps(X), json.dumps(X)), D8), BlobFormatError,
+    (_join(f'{{"x": {json.dumps(X)}, "x": {json.dumps(X)}}}', D8), BlobFormatError,
      "duplicate key 'x'"),
     (_join('{"__metadata__": {"round": "1", "round": "2"}}'), BlobFormatError, "duplicate"),
     (_entries_blob({"x": {"shape": [2], "data_offsets": [0, 8]}}, D8), BlobFormatError,

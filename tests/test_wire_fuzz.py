@@ -36,8 +36,8 @@ from hypothesis import strategies as st  # noqa: E402
 from hypothesis.configuration import set_hypothesis_home_dir  # noqa: E402
 
 from feddpa_fast.fed import wire  # noqa: E402
-from feddpa_fast.fed.server import Server, ServerSettings, TooFewUpdates  # noqa: E402
 from feddpa_fast.fed.aggregate import RULES  # noqa: E402
+from feddpa_fast.fed.server import Server, ServerSettings, TooFewUpdates  # noqa: E402
 from feddpa_fast.fed.wire import SCHEMA, WireError, decode, encode  # noqa: E402
 
 if not os.environ.get("HYPOTHESIS_STORAGE_DIRECTORY"):   # no .hypothesis/ in the repo

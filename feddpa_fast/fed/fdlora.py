@@ -10,7 +10,7 @@ on the held-out slice than either adapter alone.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch

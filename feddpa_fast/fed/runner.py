@@ -28,8 +28,14 @@ from ..evaluate import evaluate_client, plot_rounds
 from ..mixing import set_trainable
 from ..patch import patch
 from .algorithms import WeightingConfig, get_algorithm
-from .checkpoint import (CheckpointError, derive_seed, load_checkpoint, resume_state,
-                         save_run_checkpoint, truncate_metrics)
+from .checkpoint import (
+    CheckpointError,
+    derive_seed,
+    load_checkpoint,
+    resume_state,
+    save_run_checkpoint,
+    truncate_metrics,
+)
 from .client import Client, TrainSettings, init_adapter
 from .server import Server, ServerSettings, round_row
 
@@ -288,7 +294,8 @@ def _make_c2a(task, cfg, train):
         num_labels = 1  # no labels: a constant conditioning input
     contexts = {name: context_embedding(task, examples) for name, examples in train.items()}
     torch.manual_seed(derive_seed(cfg.seed, "hypernetwork-init"))
-    network = AdapterHypernetwork(layers, cfg.rank, num_labels, next(iter(contexts.values())).numel())
+    context_size = next(iter(contexts.values())).numel()
+    network = AdapterHypernetwork(layers, cfg.rank, num_labels, context_size)
     hypers = {}
     for name, examples in train.items():
         if task.kind == "classify":
@@ -390,8 +397,9 @@ def _finish(cfg, task, clients, server, test, out, metrics, wall_start, progress
         if trains_local:
             save_adapter(task.model, out / "adapters" / name / "local", adapter="local")
     if algorithm.name == "c2a":  # what travels is the hypernetwork
-        from ..atomic import atomic_write_bytes
         from safetensors.torch import save as st_save
+
+        from ..atomic import atomic_write_bytes
 
         atomic_write_bytes(out / "adapters" / "hypernetwork.safetensors",
                            st_save(server.global_adapter, metadata={"format": "pt"}))
