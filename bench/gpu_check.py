@@ -6,7 +6,7 @@ transformers 5.17, peft; no package registry).
 
 Steps, each a subprocess with its own time limit, its log under DIR:
   1. build:  pip install --no-build-isolation --no-deps -e .   (CMake, a compiler, torch there)
-  2. tests:  pytest tests/test_kernels_triton_gpu.py (bf16/fp16/fp32 against the float64
+  2. tests:  pytest tests/kernels/test_kernels_triton_gpu.py (bf16/fp16/fp32 against the float64
              reference, outputs and every gradient), with autotuning on
   3. op:     bench/op_gpu.py on prefill 8192x4096x4096 and 8192x4096x11008, decode M = 1 and
              16 (K = N = 4096), modes forward and fwd+bwd, providers base, fused,
@@ -15,7 +15,7 @@ Steps, each a subprocess with its own time limit, its log under DIR:
   5. DIR/summary.md: each step's status and time, the op table with the ratios the targets
              name (fused / base forward, fwd+bwd / base forward + dx, decode, peft / fused).
 
---dry-run runs the same steps on the CPU without CUDA (CI does: tests/test_gpu_check.py):
+--dry-run runs the same steps on the CPU without CUDA (CI does: tests/bench/test_gpu_check.py):
 no build (the package is installed), the GPU tests report their skips, op_gpu.py runs its
 --dry-run (Triton's interpreter, tiny shapes), the model benchmark a tiny CPU config. Its
 numbers are wall-clock times of the CPU, never GPU figures.
@@ -44,7 +44,7 @@ def steps(out: Path, dry_run: bool) -> list[tuple[str, list[str], dict]]:
     py = sys.executable
     interp = {"TRITON_INTERPRET": "1"} if dry_run else {}
     build = [py, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "-e", "."]
-    tests = [py, "-m", "pytest", "tests/test_kernels_triton_gpu.py", "-q", "-rs",
+    tests = [py, "-m", "pytest", "tests/kernels/test_kernels_triton_gpu.py", "-q", "-rs",
              "-p", "no:cacheprovider"]
     op = [py, "bench/op_gpu.py", "--csv", str(out / "op_gpu.csv"), "--no-plot",
           "--modes", *OP_MODES, "--providers", *OP_PROVIDERS]

@@ -47,7 +47,8 @@ def dropout_keep(rows: int, cols: int, p: float, seed: torch.Tensor,
         device: where the mask is returned.
     Returns:
         (rows, cols) bool tensor, True where x is kept; generated on the CPU (the Triton kernels
-        generate the same Philox stream, tests/test_dropout.py checks it under the interpreter).
+        generate the same Philox stream: tests/kernels/test_dropout.py checks it under the
+        interpreter).
     """
     keep = torch.ops.feddpa.dropout_keep_mask(rows, cols, float(p), seed.detach().cpu())
     return keep.to(device)

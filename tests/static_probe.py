@@ -1,4 +1,4 @@
-"""Run by tests/test_gpu_static.py in a subprocess without TRITON_INTERPRET (the session's
+"""Run by tests/kernels/test_gpu_static.py in a subprocess without TRITON_INTERPRET (the session's
 interpreter would turn the kernels into Python): static compiles of one forward launch plan
 (8192 x 4096 -> 4096, R = 32, meta tensors) for sm_80.
 

@@ -12,7 +12,7 @@ from fed_fixtures import tiny_bert_dir
 
 from feddpa_fast.fed.aggregate import aggregate
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _load_bench():

@@ -11,10 +11,11 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("triton")
+pytestmark = pytest.mark.slow  # compiles ~80 kernels (about 80 s)
 
 from feddpa_fast.kernels import triton_schedule  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "bench"))
 from op_gpu import PREFILL  # noqa: E402
 

@@ -18,13 +18,14 @@ pytest.importorskip("flwr")
 from fed_fixtures import tiny_bert_dir  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-from feddpa_fast.fed import (
+from feddpa_fast.fed import (  # noqa: E402
     flower,  # noqa: E402
     wire,  # noqa: E402
 )
 from feddpa_fast.fed.checkpoint import load_checkpoint  # noqa: E402
 from feddpa_fast.fed.runner import RunConfig, run  # noqa: E402
 
+pytestmark = pytest.mark.flower
 APP_DIR = Path(flower.__file__).resolve().parent / "flower_app"
 BIN = Path(sys.executable).parent
 DEADLINE_S = 300  # the whole deployment (two submissions, four rounds of training in all)

@@ -431,6 +431,7 @@ def _decodes(blob, expected, sender):
 
 # ---- properties ----------------------------------------------------------------------------
 
+@pytest.mark.slow
 @settings(max_examples=max(1, _TOTAL * 7 // 10), **_SETTINGS)
 @given(fuzz_cases(), st.sampled_from([bytes, bytearray, memoryview]))
 def test_mutated_blobs_decode_or_raise_wire_error(case_blob, form):
@@ -482,6 +483,7 @@ def _bits(adapter):
             for k, v in adapter.items()}
 
 
+@pytest.mark.slow
 @settings(max_examples=max(1, _TOTAL // 5), **_SETTINGS)
 @given(st.data())
 def test_server_state_unchanged_by_rejected_blobs(data):

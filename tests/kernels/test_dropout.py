@@ -19,7 +19,7 @@ import feddpa_fast as fd
 from feddpa_fast.kernels import lora_linear, reference
 from feddpa_fast.layers import dual_lora_layers
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # op_cases lives there
 
 
 def seed_of(value: int) -> torch.Tensor:
@@ -57,6 +57,7 @@ def test_the_mask_is_the_documented_philox_stream(rows, cols, p, seed):
     assert np.array_equal(keep.numpy(), expected)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", ["scalar", "avx2"])
 def test_every_cpu_philox_path_gives_the_same_mask(path):
     code = ("import torch, feddpa_fast.kernels as k\n"
@@ -336,10 +337,11 @@ print("ok")
 """
 
 
+@pytest.mark.slow
 def test_triton_kernels_under_the_interpreter_generate_the_cpu_mask():
     pytest.importorskip("triton")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    done = subprocess.run([sys.executable, "-c", INTERPRETER_SCRIPT, HERE], env=env,
+    done = subprocess.run([sys.executable, "-c", INTERPRETER_SCRIPT, TESTS], env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
 

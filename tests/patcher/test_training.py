@@ -1,5 +1,5 @@
 """A patched model inside the usual training machinery: Trainer, gradient checkpointing,
-torch.compile and autocast (LoRA dropout: tests/test_dropout.py)."""
+torch.compile and autocast (LoRA dropout: tests/kernels/test_dropout.py)."""
 import pytest
 import torch
 from tiny_models import batch, build, output_of, randomize_lora_b

@@ -4,7 +4,8 @@ upcast path and larger shapes, against the float64 reference. Skipped only when 
 import pytest
 import torch
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 from op_cases import assert_close_to_reference, make_inputs  # noqa: E402
 

@@ -61,6 +61,7 @@ def _argv(model_dir, out):
             "--lr", "0.01", "--rank", "4", "--seed", "5", "--out", str(out), "--quiet"]
 
 
+@pytest.mark.slow
 def test_kill_9_in_the_middle_of_a_checkpoint_then_resume(bert_dir, tmp_path):
     reference = tmp_path / "reference"
     run(_cfg(bert_dir, reference), progress=False)

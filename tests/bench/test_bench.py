@@ -5,9 +5,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow
 def test_op_cpu_benchmark_writes_csv_and_plot(tmp_path):
     out_csv = tmp_path / "op_cpu.csv"
     cmd = [sys.executable, str(ROOT / "bench" / "op_cpu.py"), "--shapes", "8,32,24,4",

@@ -138,7 +138,7 @@ def test_top_level_name_kernels_stays_inert():
     import subprocess
     import sys
     from pathlib import Path
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     code = ("import warnings; warnings.simplefilter('error')\n"
             "import feddpa_fast.kernels, kernels\n"
             "assert not hasattr(kernels, 'lora_linear') and not hasattr(kernels, '__version__')\n"

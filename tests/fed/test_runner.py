@@ -112,6 +112,7 @@ def _train_cmd(model_dir, out, rounds):
             "--lr", "0.01", "--rank", "4", "--seed", "3", "--out", str(out), "--quiet"]
 
 
+@pytest.mark.slow
 def test_resume_after_kill_equals_an_uninterrupted_run(bert_dir, tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     reference = tmp_path / "reference"
