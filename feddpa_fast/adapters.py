@@ -102,7 +102,21 @@ def _target_spec(model: nn.Module, names: list[str]):
 
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter: str = "global") -> Path:
-    """Writes one adapter of a patched model as a PEFT LoRA adapter directory; returns it."""
+    """Writes one adapter of a patched model as a PEFT LoRA adapter directory.
+
+    Each file (``adapter_model.safetensors``, then ``adapter_config.json``) is replaced
+    atomically; other files already in the directory are kept, as PEFT's save_pretrained does.
+
+    Args:
+        model: a patched model.
+        directory: where to write (created if missing).
+        adapter: ``"global"`` or ``"local"``.
+    Returns:
+        The directory, as a ``Path``.
+    Raises:
+        ValueError: an unknown adapter name, an unpatched model, or targets mixing
+            ``nn.Linear`` and ``Conv1D`` (PEFT's format has one fan_in_fan_out flag).
+    """
     _check_adapter_name(adapter)
     layers = _layers(model)
     first = layers[0][1]
@@ -156,6 +170,18 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter: str = 
     Checks the rank, the target modules, every key and shape before changing anything;
     ``lora_alpha`` of the file sets the adapter's scaling (``alpha / r``, or ``alpha / sqrt(r)``
     with ``use_rslora``).
+
+    Args:
+        model: a patched model.
+        directory: a PEFT LoRA directory (``adapter_config.json``, ``adapter_model.safetensors``).
+        adapter: ``"global"`` or ``"local"``.
+    Returns:
+        None; the adapter's weights and scaling are replaced.
+    Raises:
+        FileNotFoundError: the directory or one of its two files is missing.
+        AdapterError (a ValueError): a bad config (rank, targets, DoRA, rank patterns,
+            modules_to_save, lora_alpha), an unreadable weights file, or wrong keys, shapes or
+            non-finite values.
     """
     _check_adapter_name(adapter)
     directory = Path(directory)

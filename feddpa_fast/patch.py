@@ -84,8 +84,17 @@ def patched_config(model: nn.Module) -> DualLoRAConfig | None:
 def patch(model: nn.Module, cfg) -> nn.Module:
     """Wraps the targeted layers of ``model`` in ``DualLoRALinear`` (in place) and returns it.
 
-    Idempotent: patching again with the same config changes nothing; a different config on a
-    patched model raises ValueError (``unpatch`` first). Raises ValueError when nothing matches.
+    Idempotent: patching again with the same config changes nothing. Every parameter of the
+    model is frozen; the adapters are the only trainable tensors (``set_trainable`` picks them).
+
+    Args:
+        model: any ``nn.Module`` (a Hugging Face model, typically).
+        cfg: a ``DualLoRAConfig`` or a dict of its fields (rank, alpha, dropout, targets).
+    Returns:
+        ``model`` itself, patched.
+    Raises:
+        ValueError: nothing matches the targets, or the model is already patched with a
+            different config (``unpatch`` it first). TypeError: unknown config keys.
     """
     cfg = DualLoRAConfig.coerce(cfg)
     current = patched_config(model)
@@ -111,9 +120,16 @@ def patch(model: nn.Module, cfg) -> nn.Module:
 
 
 def unpatch(model: nn.Module) -> nn.Module:
-    """Puts the original modules back and restores ``requires_grad`` flags; returns ``model``.
+    """Puts the original modules back and restores ``requires_grad`` flags.
 
     A merged layer is unmerged first, so the base weights are exactly the original ones.
+
+    Args:
+        model: a model patched by ``patch``.
+    Returns:
+        ``model`` itself, with its original modules.
+    Raises:
+        ValueError: the model is not patched.
     """
     state = getattr(model, _STATE_ATTR, None)
     if state is None:
@@ -142,6 +158,15 @@ def merge(model: nn.Module, global_w: float, local_w: float) -> nn.Module:
 
     All layers are checked first (finite deltas, none merged yet), so a failure merges nothing.
     The merged model runs the plain base layers; ``unmerge`` restores the weights exactly.
+
+    Args:
+        model: a patched model.
+        global_w, local_w: finite floats (per-instance weights cannot be merged).
+    Returns:
+        ``model`` itself, merged.
+    Raises:
+        ValueError: not patched, already merged, a non-float or non-finite weight, or a
+            non-finite merged weight (nothing is merged then).
     """
     layers = _layers_or_raise(model)
     for w in (global_w, local_w):

@@ -91,7 +91,17 @@ def _check_finite(name: str, t: torch.Tensor) -> None:
 def encode(tensors: Mapping[str, torch.Tensor], meta: Mapping) -> bytes:
     """Serialises ``tensors`` (CPU contiguous copies) and ``meta`` into one safetensors blob.
     Refuses what ``decode`` would refuse (dtype, non-finite values, metadata), so a sender
-    learns of a bad update at once rather than from a silent drop at the server."""
+    learns of a bad update at once rather than from a silent drop at the server.
+
+    Args:
+        tensors: name -> floating-point tensor (the adapter's update).
+        meta: the message's metadata (round, sender, num_examples, ...; module docstring).
+    Returns:
+        The blob, as bytes.
+    Raises:
+        WireError (a ValueError): a dtype, a non-finite value or metadata that ``decode``
+            would reject.
+    """
     if not isinstance(tensors, Mapping) or not isinstance(meta, Mapping):
         raise TypeError("encode takes a mapping of tensors and a mapping of metadata")
     out = {}
@@ -221,9 +231,22 @@ def _check_meta(md, schema: str, round: int | None, sender: str | None) -> dict:
 def decode(blob, expected: Mapping[str, torch.Tensor], *, round: int | None = None,
            sender: str | None = None, schema: str = SCHEMA,
            max_bytes: int = 1 << 30) -> tuple[dict[str, torch.Tensor], dict]:
-    """Validates ``blob`` (module docstring, checks 1-8) and returns ``(tensors, meta)``:
-    CPU tensors matching ``expected`` in names, shapes and dtypes, and the metadata with
-    ``round`` and ``num_examples`` as ints, the other fields as strings."""
+    """Validates ``blob`` (module docstring, checks 1-8) and returns ``(tensors, meta)``.
+
+    Args:
+        blob: bytes, bytearray or memoryview (copied once: a buffer changed later voids
+            nothing).
+        expected: name -> tensor whose names, shapes and dtypes the blob must match.
+        round, sender: when given, the metadata must carry these values.
+        schema: the schema tag the metadata must carry.
+        max_bytes: larger blobs are refused before parsing.
+    Returns:
+        (tensors, meta): CPU tensors matching ``expected``, and the metadata with ``round``
+        and ``num_examples`` as ints, the other fields as strings.
+    Raises:
+        WireError (a ValueError; its subclasses name the failed check): anything malformed,
+            oversized, mismatched, non-finite or from the wrong round or sender.
+    """
     if not isinstance(expected, Mapping):
         raise TypeError("expected must be a mapping of name -> tensor")
     if not isinstance(blob, (bytes, bytearray, memoryview)):

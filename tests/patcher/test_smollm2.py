@@ -105,7 +105,10 @@ def test_one_adapter_at_weight_one_equals_peft_logits_and_gradients(smol, base):
     checked = 0
     for n, p in ours.named_parameters():
         if ".global." in n:
-            torch.testing.assert_close(p.grad, peft_grads[n], rtol=1e-4, atol=1e-6, msg=n)
+            # fp32 through 30 blocks: the summation order (which MKL kernel runs depends on
+            # buffer alignment, so on the tests run before) moved one element by 1.7e-6.
+            torch.testing.assert_close(p.grad, peft_grads[n], rtol=1e-4, atol=1e-5,
+                                       msg=lambda m, n=n: f"{n}: {m}")
             checked += 1
         elif ".local." in n:  # weight 0: its scale is 0, so both its gradients are 0
             assert p.grad is None or not p.grad.abs().any(), n
