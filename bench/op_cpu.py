@@ -86,8 +86,8 @@ def main(argv=None) -> list[dict]:
           f"{meta['date']} (fwd+bwd of base = forward + dx)")
     print(common.markdown_table(rows, PROVIDERS))
     if args.dropout_shapes:
-        def time_all(fns, m):
-            reps = args.reps or reps_for(m, *args.dropout_shapes[0][1:], "fwd+bwd")
+        def time_all(fns, shape):
+            reps = args.reps or reps_for(*shape, "fwd+bwd")
             samples = common.time_alternating(fns, reps)
             return {name: common.quantiles(s) for name, s in samples.items()}
         drop_rows = op_dropout.rows(args.dropout_shapes, args.dropout, meta, time_all)

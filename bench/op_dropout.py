@@ -14,13 +14,14 @@ FIELDS = ["run_id", "date", "device", "threads", "torch", "feddpa_fast", "bench"
 
 
 def rows(shapes, p: float, meta: dict, time_all, problem_kwargs=None, fused_backend=None):
-    """One row per (shape, provider). ``time_all(fns, m)`` -> {name: (median, p20, p80)} ms."""
+    """One row per (shape, provider). ``time_all(fns, shape)`` -> {name: (median, p20, p80)}
+    ms, shape = (M, K, N, r)."""
     out = []
     for (m, k, n, r) in shapes:
         problem = make_problem(m, k, n, r, **(problem_kwargs or {}))
         fns = build_providers(problem, "fwd+bwd", PROVIDERS, dropout=p,
                               fused_backend=fused_backend)
-        timed = time_all(fns, m)
+        timed = time_all(fns, (m, k, n, r))
         base_median = timed["base"][0]
         for name in PROVIDERS:
             med, p20, p80 = timed[name]

@@ -169,7 +169,7 @@ def main(argv=None) -> list[dict]:
         drop_shapes = [tuple(int(v) for v in s.split("x")) + (16,) for s in args.dropout_shapes]
         drop_rows = op_dropout.rows(
             drop_shapes, args.dropout, meta,
-            lambda fns, m: {n: time_provider(f, "fwd+bwd", m, args.dry_run)
+            lambda fns, shape: {n: time_provider(f, "fwd+bwd", shape[0], args.dry_run)
                             for n, f in fns.items()},
             problem_kwargs={"dtype": dtype, "device": device},
             fused_backend=fused_backend(torch.empty(0, device=device)))
