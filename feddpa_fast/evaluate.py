@@ -1,4 +1,4 @@
-"""Evaluation of personalised federated runs: P, TTP, tables and plots (docs/DESIGN.md §4).
+"""Evaluation of personalised federated runs: P, TTP, tables and plots (docs/ARCHITECTURE.md §4).
 
 - **P**: a client's score on its own task's test set.
 - **TTP**: the mean of a client's scores over every task's test set, its own included.
@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from .fed.algorithms import WeightingConfig, instance_weights
 from .fed.checkpoint import derive_seed
+from .fed.weighting import WeightingConfig, instance_weights
 
 __all__ = ["anchors_for", "score_set", "evaluate_client", "format_table", "plot_rounds",
            "plot_methods"]

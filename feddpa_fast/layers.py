@@ -1,5 +1,5 @@
 """``DualLoRALinear``: a frozen linear layer plus a ``global`` and a ``local`` LoRA adapter,
-run by the fused ``lora_linear`` op (docs/DESIGN.md §2, §3).
+run by the fused ``lora_linear`` op (docs/ARCHITECTURE.md §1, §2).
 
 Parameter names follow PEFT (``lora_A.global.weight`` (r, K), ``lora_B.local.weight`` (N, r)),
 with PEFT's initialisation (A Kaiming-uniform, B zeros) and ``scaling = alpha / r``.
@@ -143,9 +143,10 @@ class DualLoRALinear(nn.Module):
         # Set by ``mix`` to one dict shared by all layers: {"positions": P} of the current model
         # call when per-token weights are active (how a flattened 2-D input maps to tokens).
         self._mix_call: dict | None = None
-        # (A (r, K), B (N, r), scaling) from a hypernetwork, used instead of both adapters
-        # while set (feddpa_fast.fed.c2a.generated_adapters).
-        self.generated: tuple | None = None
+        # (source, layer name) while an adapter source is attached (``set_source``): the layer
+        # asks ``source.factors(name)`` for its (A, B, scaling) instead of using the stacks
+        # (C2A's generated adapters, feddpa_fast.fed.c2a.GeneratedAdapters).
+        self.source: tuple | None = None
         self.merged = False
         self._restack()
         self._register_state_dict_hook(_contiguous_adapter_state)
@@ -216,6 +217,20 @@ class DualLoRALinear(nn.Module):
         """The wrapped layer's bias (None when it has none)."""
         return self.base_layer.bias
 
+    # ---- state set from outside: the mix and the adapter source ----------------------------
+    def set_mix(self, weights: tuple, scale_cache: dict | None, call: dict | None) -> tuple:
+        """Sets the mix weights, the model-wide scale cache and call record (``mixing.mix``
+        calls this for every layer); returns the previous triple, to restore it."""
+        previous = (self.mix_weights, self._scale_cache, self._mix_call)
+        self.mix_weights, self._scale_cache, self._mix_call = weights, scale_cache, call
+        return previous
+
+    def set_source(self, source: tuple | None) -> tuple | None:
+        """Attaches ``(source, name)`` (an object with ``factors(name) -> (A, B, scaling)``)
+        or detaches (None); returns the previous one."""
+        previous, self.source = self.source, source
+        return previous
+
     # ---- forward ---------------------------------------------------------------------------
     def base_weight(self) -> torch.Tensor:
         """The frozen weight as the op wants it, (out, in); a transposed view for Conv1D."""
@@ -263,19 +278,37 @@ class DualLoRALinear(nn.Module):
         return torch.cat([(per_row[:, i:i + 1] * self.scaling[n]).expand(m, self.r[n])
                           for i, n in enumerate(ADAPTERS)], dim=1)
 
+    def _source_operands(self, x: torch.Tensor):
+        """(A, B, scale) of the attached source: one branch, weighted by the mix when both of
+        its weights are the same float (the default (1, 1) keeps it at full strength)."""
+        source, name = self.source
+        lora_a, lora_b, scaling = source.factors(name)
+        global_w, local_w = self.mix_weights
+        if isinstance(global_w, torch.Tensor) or isinstance(local_w, torch.Tensor) \
+                or global_w != local_w:
+            raise ValueError("an attached adapter source (a generated adapter) is one branch: "
+                             "a mix must give global_w and local_w the same float, got "
+                             f"{global_w!r} and {local_w!r}")
+        scale = torch.full((1, lora_a.shape[0]), float(global_w) * float(scaling),
+                           dtype=reference.accum_dtype(x.dtype), device=x.device)
+        return lora_a, lora_b, scale
+
+    def _stacked_operands(self, x: torch.Tensor):
+        """(stacked A, stacked B, scale) of the two adapters under the current mix."""
+        if not torch.compiler.is_compiling() and not self._stack_intact():
+            self._restack()  # a parameter got new storage (deepcopy, assign=True, ...)
+        lora_a, lora_b = self._stacked_adapters()
+        return lora_a, lora_b, self._scale(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Precedence: a merged layer is its base layer (the mix is folded in); an attached
+        # source replaces both adapters; otherwise the stacked adapters under the mix.
         if self.merged:
             return self.base_layer(x)
-        if self.generated is not None:
-            # Factors made by a hypernetwork (C2A): one branch, read in place like the stacks.
-            lora_a, lora_b, scaling = self.generated
-            scale = torch.full((1, lora_a.shape[0]), float(scaling),
-                               dtype=reference.accum_dtype(x.dtype), device=x.device)
+        if self.source is not None:
+            lora_a, lora_b, scale = self._source_operands(x)
         else:
-            if not torch.compiler.is_compiling() and not self._stack_intact():
-                self._restack()  # a parameter got new storage (deepcopy, assign=True, ...)
-            lora_a, lora_b = self._stacked_adapters()
-            scale = self._scale(x)
+            lora_a, lora_b, scale = self._stacked_operands(x)
         weight, bias = self.base_weight(), self.base_layer.bias
         if torch.is_autocast_enabled(x.device.type):
             # The op is not on autocast's lists: cast as autocast casts F.linear's operands

@@ -1,5 +1,5 @@
 """The mixing API: how much of each adapter every sequence (or token) of a batch gets, and which
-adapter trains (docs/DESIGN.md §3).
+adapter trains (docs/ARCHITECTURE.md §2).
 
     with feddpa_fast.mix(model, global_w, local_w):
         out = model(**batch)            # and loss.backward() here, see below
@@ -127,24 +127,20 @@ def mix(model: nn.Module, global_w, local_w):
     local_w = _check_weight("local_w", local_w, devices)
     _check_pair(global_w, local_w)
     per_token = any(isinstance(w, torch.Tensor) and w.dim() == 2 for w in (global_w, local_w))
-    previous = [(layer.mix_weights, layer._scale_cache, layer._mix_call) for layer in layers]
     shared_scales = {}  # one scale tensor per input shape for the whole model (layers.py)
     call = {"positions": None}
     handles = []
     if per_token:  # positions are known only during a model call: reset after each one
         handles = [model.register_forward_pre_hook(_call_positions_hook(call), with_kwargs=True),
                    model.register_forward_hook(lambda *_: call.update(positions=None))]
-    for layer in layers:
-        layer.mix_weights = (global_w, local_w)
-        layer._scale_cache = shared_scales
-        layer._mix_call = call
+    previous = [layer.set_mix((global_w, local_w), shared_scales, call) for layer in layers]
     try:
         yield model
     finally:
         for handle in handles:
             handle.remove()
-        for layer, (weights, cache, prev_call) in zip(layers, previous):
-            layer.mix_weights, layer._scale_cache, layer._mix_call = weights, cache, prev_call
+        for layer, state in zip(layers, previous):
+            layer.set_mix(*state)
 
 
 def set_trainable(model: nn.Module, which: str) -> nn.Module:

@@ -1,15 +1,14 @@
 """C2A ("Client-customized adaptation", Kim et al. 2024) adapted to LoRA factors
-(docs/DESIGN.md §4).
+(docs/ARCHITECTURE.md §4).
 
 A small hypernetwork, shared by all clients and federated like an adapter, generates each
 client's LoRA factors from a client embedding: the client's label distribution, the mean
 context embedding of its data, and a learned per-layer embedding. The generated (A, B) run
-through the same fused op as FedDPA's adapters (``DualLoRALinear.generated``), so autograd
+through the same fused op as FedDPA's adapters (``GeneratedAdapters``, an adapter source), so autograd
 flows from the task loss through the op into A and B and on into the hypernetwork.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
@@ -17,7 +16,7 @@ from torch import nn
 
 from ..layers import dual_lora_layers
 
-__all__ = ["AdapterHypernetwork", "generated_adapters", "label_distribution",
+__all__ = ["AdapterHypernetwork", "GeneratedAdapters", "label_distribution",
            "lora_parameter_count", "uniform_label_distribution"]
 
 
@@ -139,37 +138,52 @@ def uniform_label_distribution(num_choices: int, num_labels: int) -> torch.Tenso
     return dist
 
 
-@contextlib.contextmanager
-def generated_adapters(model: nn.Module, factors: dict, scaling: float):
-    """Runs every ``DualLoRALinear`` of ``model`` on ``factors[name] = (A (r, K), B (N, r))``
-    (its only LoRA branch, scaled by ``scaling``); restores the previous ``generated`` values on
-    exit. Factors are cast to the layer's weight dtype/device (autograd flows through the
-    cast), so an fp32 hypernetwork can drive a half-precision model."""
-    layers = dual_lora_layers(model)
-    names = {name for name, _ in layers}
-    if not layers or names != set(factors):
-        raise ValueError(f"factor names do not match the patched layers: missing "
-                         f"{sorted(names - set(factors))}, "
-                         f"unexpected {sorted(set(factors) - names)}")
-    scaling = float(scaling)
-    if not math.isfinite(scaling):
-        raise ValueError(f"scaling must be finite, got {scaling}")
-    new = {}
-    for name, layer in layers:
-        a, b = factors[name]
-        k, n = layer.in_features, layer.out_features
-        if a.dim() != 2 or b.dim() != 2 or a.shape[1] != k or b.shape[0] != n \
-                or b.shape[1] != a.shape[0]:
-            raise ValueError(f"layer {name!r}: expected A (r, {k}) and B ({n}, r), got "
-                             f"A {tuple(a.shape)} and B {tuple(b.shape)}")
-        weight = layer.base_layer.weight
-        new[name] = (a.to(device=weight.device, dtype=weight.dtype),
-                     b.to(device=weight.device, dtype=weight.dtype), scaling)
-    previous = {name: layer.generated for name, layer in layers}
-    try:
-        for name, layer in layers:
-            layer.generated = new[name]
-        yield model
-    finally:
-        for name, layer in layers:
-            layer.generated = previous[name]
+class GeneratedAdapters:
+    """An adapter source: generated factors ``{layer name: (A (r, K), B (N, r))}`` that every
+    ``DualLoRALinear`` of ``model`` asks for while the ``with`` block runs, in place of both
+    stacked adapters (the layer's precedence: merged > source > stacked, layers.py). Factors
+    are cast to the layer's weight dtype/device (autograd flows through the cast), so an fp32
+    hypernetwork can drive a half-precision model. Under a ``mix`` the generated branch gets
+    the mix's weight when both weights are the same float (``mix(model, 0, 0)`` turns it off);
+    any other mix raises at forward time, since one branch cannot take two weights.
+
+    Raises (at construction, before anything changes): ValueError when the names do not match
+    the patched layers, a factor's shape does not fit its layer, or ``scaling`` is not finite.
+    """
+
+    def __init__(self, model: nn.Module, factors: dict, scaling: float):
+        self.layers = dual_lora_layers(model)
+        names = {name for name, _ in self.layers}
+        if not self.layers or names != set(factors):
+            raise ValueError(f"factor names do not match the patched layers: missing "
+                             f"{sorted(names - set(factors))}, "
+                             f"unexpected {sorted(set(factors) - names)}")
+        self.scaling = float(scaling)
+        if not math.isfinite(self.scaling):
+            raise ValueError(f"scaling must be finite, got {scaling}")
+        self._factors = {}
+        for name, layer in self.layers:
+            a, b = factors[name]
+            k, n = layer.in_features, layer.out_features
+            if a.dim() != 2 or b.dim() != 2 or a.shape[1] != k or b.shape[0] != n \
+                    or b.shape[1] != a.shape[0]:
+                raise ValueError(f"layer {name!r}: expected A (r, {k}) and B ({n}, r), got "
+                                 f"A {tuple(a.shape)} and B {tuple(b.shape)}")
+            weight = layer.base_layer.weight
+            self._factors[name] = (a.to(device=weight.device, dtype=weight.dtype),
+                                   b.to(device=weight.device, dtype=weight.dtype))
+        self._previous: list = []
+
+    def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """(A, B, scaling) of the layer called ``name`` (what the layer asks for)."""
+        a, b = self._factors[name]
+        return a, b, self.scaling
+
+    def __enter__(self):
+        self._previous.append([layer.set_source((self, name)) for name, layer in self.layers])
+        return self
+
+    def __exit__(self, *exc):
+        for (_, layer), previous in zip(self.layers, self._previous.pop()):
+            layer.set_source(previous)
+        return False

