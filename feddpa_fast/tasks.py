@@ -1,4 +1,4 @@
-"""What a client trains and evaluates: the two task kinds of docs/DESIGN.md §6.
+"""What a client trains and evaluates: the two task kinds of docs/ARCHITECTURE.md §3.
 
 ``ClassifyTask`` (the embedded default): a sentence encoder (MiniLM) embeds the text (masked
 mean pooling, L2-normalised) and each candidate label name; the logits are the cosines over a

@@ -19,7 +19,7 @@ dtype and 1 / (1 - p) to u, so u = ((x * keep) A^T) / (1 - p).
 
 ``lora_linear`` is written with ordinary differentiable torch ops, so its gradients come from
 autograd, independently of the hand-written backward formulas of the fast backends.
-``lora_linear_forward`` / ``lora_linear_backward`` spell those formulas out (docs/DESIGN.md §2);
+``lora_linear_forward`` / ``lora_linear_backward`` spell those formulas out (docs/ARCHITECTURE.md §1);
 they serve as the op's kernels on devices with no fast backend.
 """
 from __future__ import annotations
@@ -83,7 +83,7 @@ def lora_linear_forward(x, weight, bias, lora_a, lora_b, scale, lora_input=None,
 
 def lora_linear_backward(dy, x, weight, lora_a, lora_b, scale, u, lora_input, output_mask,
                          dropout_p=0.0, dropout_seed=None):
-    """The backward formulas of docs/DESIGN.md §2; entries not in ``output_mask`` are empty.
+    """The backward formulas of docs/ARCHITECTURE.md §1; entries not in ``output_mask`` are empty.
 
     g = dy B ; gs = g * S ; dx = dy W + gs A ; dA = gs^T x ; dB = dy^T (u * S) ; dS = g * u
     With lora_input (xl): dx = dy W ; d lora_input = gs A ; dA = gs^T xl (x is not read).

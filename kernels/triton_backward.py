@@ -83,7 +83,7 @@ def _dy_kernel(
                      mask=mask_m[:, None] & mask_n[None, :], other=0.0)
         b = tl.load(b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br,
                     mask=mask_n[:, None] & mask_r[None, :], other=0.0)
-        if UPCAST:  # the interpreter's bf16 dot is wrong (docs/DESIGN.md §2)
+        if UPCAST:  # the interpreter's bf16 dot is wrong (docs/ARCHITECTURE.md §1)
             dy = dy.to(tl.float32)
             b = b.to(tl.float32)
         g = tl.dot(dy, b, g, input_precision=PRECISION)

@@ -86,7 +86,7 @@ def _masked_expand_add_kernel(
                  mask=mask_m[:, None] & mask_r[None, :], other=0.0)
     a = tl.load(a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
                 mask=mask_r[:, None] & mask_k[None, :], other=0.0)
-    if UPCAST:  # the interpreter's bf16 dot is wrong (docs/DESIGN.md §2)
+    if UPCAST:  # the interpreter's bf16 dot is wrong (docs/ARCHITECTURE.md §1)
         gs = gs.to(tl.float32)
         a = a.to(tl.float32)
     term = tl.dot(gs, a, input_precision=PRECISION)

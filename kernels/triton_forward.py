@@ -75,7 +75,7 @@ def _tile_k_loop(acc, u, x_src, xl_src, w_src, a_src, off_m, off_n, k_lo, k_hi,
                         mask=(offs_m[:, None] < M) & (kk[None, :] < k_hi), other=0.0)
             w_t = tl.load(w_src + kk[:, None] * stride_wk + offs_n[None, :] * stride_wn,
                           mask=(kk[:, None] < k_hi) & (offs_n[None, :] < N), other=0.0)
-        if UPCAST:  # the interpreter's bf16 dot is wrong (docs/DESIGN.md §2): dot in fp32
+        if UPCAST:  # the interpreter's bf16 dot is wrong (docs/ARCHITECTURE.md §1): dot in fp32
             x = x.to(tl.float32)
             w_t = w_t.to(tl.float32)
         acc = tl.dot(x, w_t, acc, input_precision=PRECISION)

@@ -60,7 +60,7 @@ def _shrink_kernel(
                       mask=(kk[:, None] < K) & (offs_r[None, :] < R), other=0.0)
         if MASK_X:
             x = tl.where(keep_mask(seed, offs_m, kk, drop_threshold), x, 0.0)
-        if UPCAST:  # the interpreter's bf16 dot is wrong (docs/DESIGN.md §2)
+        if UPCAST:  # the interpreter's bf16 dot is wrong (docs/ARCHITECTURE.md §1)
             x = x.to(tl.float32)
             a_t = a_t.to(tl.float32)
         u = tl.dot(x, a_t, u, input_precision=PRECISION)

@@ -1,4 +1,4 @@
-"""Server-side aggregation rules over client adapters (docs/DESIGN.md §5).
+"""Server-side aggregation rules over client adapters (docs/ARCHITECTURE.md §3).
 
 Each update is a dict name -> tensor with the keys and shapes of the global adapter (wire.decode
 has checked that). The rules work in float64 and return tensors in the global adapter's dtype:

@@ -4,8 +4,8 @@
 A small hypernetwork, shared by all clients and federated like an adapter, generates each
 client's LoRA factors from a client embedding: the client's label distribution, the mean
 context embedding of its data, and a learned per-layer embedding. The generated (A, B) run
-through the same fused op as FedDPA's adapters (``GeneratedAdapters``, an adapter source), so autograd
-flows from the task loss through the op into A and B and on into the hypernetwork.
+through the same fused op as FedDPA's adapters (``GeneratedAdapters``, an adapter source), so
+autograd flows from the task loss through the op into A and B and on into the hypernetwork.
 """
 from __future__ import annotations
 

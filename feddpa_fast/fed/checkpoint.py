@@ -1,4 +1,4 @@
-"""Atomic files and the server checkpoint (docs/DESIGN.md §5).
+"""Atomic files and the server checkpoint (docs/ARCHITECTURE.md §6).
 
 Every state file is written to a temporary file in the same directory, flushed and fsynced,
 then renamed over the old one (``os.replace`` is atomic on POSIX), and the directory is

@@ -1,4 +1,5 @@
-"""The wire format of the federated loop (docs/DESIGN.md §5): every message is a safetensors blob.
+"""The wire format of the federated loop (docs/ARCHITECTURE.md §5): each message is one
+safetensors blob.
 
 Layout (safetensors spec): an 8-byte little-endian u64 ``N``, then ``N`` bytes of UTF-8 JSON
 ``{"__metadata__": {str: str}, name: {"dtype": "F32", "shape": [..], "data_offsets": [b, e]}}``,
@@ -249,37 +250,13 @@ def decode(blob, expected: Mapping[str, torch.Tensor], *, round: int | None = No
     """
     if not isinstance(expected, Mapping):
         raise TypeError("expected must be a mapping of name -> tensor")
-    if not isinstance(blob, (bytes, bytearray, memoryview)):
-        raise BlobFormatError(f"blob must be bytes, got {type(blob).__name__}")
-    try:
-        size = blob.nbytes if isinstance(blob, memoryview) else len(blob)
-        if size > max_bytes:
-            raise SizeLimitError(f"blob of {size} bytes is over max_bytes={max_bytes}")
-        # An immutable copy: a bytearray changed under our feet would void every check.
-        blob = blob if isinstance(blob, bytes) else bytes(blob)
-    except ValueError as e:   # a released memoryview
-        raise e if isinstance(e, WireError) else BlobFormatError(f"blob unreadable: {e}") from None
+    blob = _immutable_copy(blob, max_bytes)
     header, start = _parse_header(blob)
     buf_len = len(blob) - start
     entries = {name: _parse_entry(name, e, buf_len) for name, e in header.items()
                if name != "__metadata__"}
-    covered = 0
-    for name, (_, _, begin, end) in sorted(entries.items(), key=lambda kv: kv[1][2:]):
-        if begin != covered:
-            raise BlobFormatError(f"entry {_short(name)} starts at {begin}, expected {covered} "
-                                  f"({'overlap' if begin < covered else 'gap'})")
-        covered = end
-    if covered != buf_len:
-        raise BlobFormatError(f"{buf_len - covered} trailing bytes after the last tensor")
-    missing, unexpected = sorted(set(expected) - set(entries)), sorted(set(entries) - set(expected))
-    if missing or unexpected:
-        raise SchemaError(f"key set differs from expected: missing {_short(missing)}, "
-                          f"unexpected {_short(unexpected)}")
-    for name, (dtype, shape, _, _) in entries.items():
-        want = expected[name]
-        if list(want.shape) != shape or want.dtype != dtype:
-            raise SchemaError(f"tensor {_short(name)} is {dtype} {_short(shape)}, expected "
-                              f"{want.dtype} {list(want.shape)}")
+    _check_tiling(entries, buf_len)
+    _check_schema(entries, expected)
     meta = _check_meta(header.get("__metadata__"), schema, round, sender)
     view, out = memoryview(blob), {}
     for name, (dtype, shape, begin, end) in entries.items():
@@ -293,3 +270,42 @@ def decode(blob, expected: Mapping[str, torch.Tensor], *, round: int | None = No
         _check_finite(name, t)
         out[name] = t
     return out, meta
+
+
+def _immutable_copy(blob, max_bytes: int) -> bytes:
+    """Check 1: the blob's type and size; an immutable copy (a bytearray changed under our
+    feet would void every check)."""
+    if not isinstance(blob, (bytes, bytearray, memoryview)):
+        raise BlobFormatError(f"blob must be bytes, got {type(blob).__name__}")
+    try:
+        size = blob.nbytes if isinstance(blob, memoryview) else len(blob)
+        if size > max_bytes:
+            raise SizeLimitError(f"blob of {size} bytes is over max_bytes={max_bytes}")
+        return blob if isinstance(blob, bytes) else bytes(blob)
+    except ValueError as e:   # a released memoryview
+        raise e if isinstance(e, WireError) else BlobFormatError(f"blob unreadable: {e}") from None
+
+
+def _check_tiling(entries: dict, buf_len: int) -> None:
+    """Check 5: the entries tile the buffer exactly."""
+    covered = 0
+    for name, (_, _, begin, end) in sorted(entries.items(), key=lambda kv: kv[1][2:]):
+        if begin != covered:
+            raise BlobFormatError(f"entry {_short(name)} starts at {begin}, expected {covered} "
+                                  f"({'overlap' if begin < covered else 'gap'})")
+        covered = end
+    if covered != buf_len:
+        raise BlobFormatError(f"{buf_len - covered} trailing bytes after the last tensor")
+
+
+def _check_schema(entries: dict, expected: Mapping[str, torch.Tensor]) -> None:
+    """Check 6: key set, shapes and dtypes equal to ``expected``."""
+    missing, unexpected = sorted(set(expected) - set(entries)), sorted(set(entries) - set(expected))
+    if missing or unexpected:
+        raise SchemaError(f"key set differs from expected: missing {_short(missing)}, "
+                          f"unexpected {_short(unexpected)}")
+    for name, (dtype, shape, _, _) in entries.items():
+        want = expected[name]
+        if list(want.shape) != shape or want.dtype != dtype:
+            raise SchemaError(f"tensor {_short(name)} is {dtype} {_short(shape)}, expected "
+                              f"{want.dtype} {list(want.shape)}")

@@ -6,28 +6,41 @@ from tiny_models import randomize_lora_b
 
 from feddpa_fast.data import builtin_suite
 from feddpa_fast.evaluate import score_set
-from feddpa_fast.fed.algorithms import (
-    ALGORITHMS,
-    WeightingConfig,
-    get_algorithm,
-    instance_weights,
-    similarity_scores,
-)
-from feddpa_fast.fed.runner import RunConfig, build_task
+from feddpa_fast.fed.algorithms import ALGORITHMS, Algorithm, get_algorithm
+from feddpa_fast.fed.config import ConfigError, RunConfig
+from feddpa_fast.fed.loading import build_task
+from feddpa_fast.fed.weighting import WeightingConfig, instance_weights, similarity_scores
+
+
+def _algo(name):
+    return get_algorithm(RunConfig(algo=name))
 
 
 def test_phases_follow_the_papers():
-    assert [p.name for p in get_algorithm("fedit").phases(3)] == ["global"]
-    assert [(p.train, p.weights) for p in get_algorithm("local").phases(0)] == [("local", (0, 1))]
-    t = get_algorithm("feddpa-t")
+    assert [p.name for p in _algo("fedit").phases(3)] == ["global"]
+    assert [(p.train, p.weights) for p in _algo("local").phases(0)] == [("local", (0, 1))]
+    t = _algo("feddpa-t")
     assert [p.train for p in t.phases(0)] == ["global"]  # round 0: global phase only
     local, glob = t.phases(1)
     assert (local.train, local.weights) == ("local", (0.5, 0.5))  # global mixed in, frozen
     assert (glob.train, glob.weights) == ("global", (1.0, 0.0))
-    assert get_algorithm("feddpa-f").finetune_local and not ALGORITHMS["fedit"].finetune_local
+    assert _algo("feddpa-f").post_step == "finetune" and ALGORITHMS["fedit"].post_step is None
     assert not ALGORITHMS["local"].uploads and ALGORITHMS["feddpa-t"].uploads
-    with pytest.raises(ValueError, match="unknown algorithm"):
-        get_algorithm("fedprox")
+    with pytest.raises(ConfigError, match="--algo"):
+        RunConfig(algo="fedprox")
+
+
+def test_every_method_is_one_registered_algorithm_class():
+    """The registry maps each name to its own Algorithm subclass; the protocol's hooks exist
+    on each, and no method needs another module to say what it does."""
+    assert set(ALGORITHMS) == {"fedit", "local", "feddpa-f", "feddpa-t", "fdlora", "c2a"}
+    for name, cls in ALGORITHMS.items():
+        assert issubclass(cls, Algorithm) and cls.name == name
+        algo = cls(RunConfig(algo=name))
+        assert algo.phases(0) and algo.phases(1)
+        assert callable(algo.final_evaluation) and callable(algo.upload)
+    assert [a for a, c in ALGORITHMS.items() if c.post_step] == ["feddpa-f", "fdlora"]
+    assert [a for a, c in ALGORITHMS.items() if c.needs_every_client_at_setup] == ["c2a"]
 
 
 def test_similarity_scores_and_options():

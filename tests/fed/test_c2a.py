@@ -1,5 +1,5 @@
 """C2A hypernetwork (feddpa_fast.fed.c2a): shapes, init, size, gradients through the fused op,
-the ``generated_adapters`` context manager, label distributions."""
+the ``GeneratedAdapters`` adapter source, label distributions."""
 import pytest
 import torch
 from torch import nn
@@ -8,7 +8,7 @@ import feddpa_fast
 from feddpa_fast.data import ClassifyExample
 from feddpa_fast.fed.c2a import (
     AdapterHypernetwork,
-    generated_adapters,
+    GeneratedAdapters,
     label_distribution,
     lora_parameter_count,
     uniform_label_distribution,
@@ -64,7 +64,7 @@ def test_patched_model_starts_as_base_model():
     x = torch.randn(3, 6, dtype=torch.float64)
     expected = model(x)  # the patched LoRA adapters have B = 0 as well
     hyper = AdapterHypernetwork(_layer_shapes(model), rank=2, num_labels=3, context_dim=4).double()
-    with generated_adapters(model, hyper(uniform_label_distribution(2, 3), torch.randn(4)), 1.0):
+    with GeneratedAdapters(model, hyper(uniform_label_distribution(2, 3), torch.randn(4)), 1.0):
         torch.testing.assert_close(model(x), expected, rtol=0, atol=1e-12)
 
 
@@ -95,13 +95,19 @@ def test_gradients_through_fused_op_match_finite_differences():
 
     def loss(*flat):
         factors = torch.func.functional_call(hyper, dict(zip(names, flat)), (dist, ctx))
-        with generated_adapters(model, factors, 1.5):
+        with GeneratedAdapters(model, factors, 1.5):
             return model(x).square().sum()
 
     grads = torch.autograd.grad(loss(*params), params)
     assert all(g.abs().sum() > 0 for g in grads)  # every parameter gets a gradient
     assert torch.autograd.gradcheck(loss, params, eps=1e-6, atol=1e-6, rtol=1e-4)
-    assert all(layer.generated is None for _, layer in dual_lora_layers(model))
+    assert all(layer.source is None for _, layer in dual_lora_layers(model))
+
+
+def _factors(layer):
+    """What an attached source gives the layer."""
+    source, name = layer.source
+    return source.factors(name)
 
 
 def test_generated_adapters_restores_and_validates():
@@ -110,28 +116,28 @@ def test_generated_adapters_restores_and_validates():
     f1 = hyper(torch.tensor([1.0, 0, 0]), torch.zeros(4))
     f2 = hyper(torch.tensor([0, 1.0, 0]), torch.ones(4))
     layers = dict(dual_lora_layers(model))
-    with generated_adapters(model, f1, 2.0):
-        assert layers["0"].generated[0] is f1["0"][0] and layers["0"].generated[2] == 2.0
-        with generated_adapters(model, f2, 3.0):
-            assert layers["2"].generated[1] is f2["2"][1] and layers["2"].generated[2] == 3.0
-        assert layers["2"].generated[1] is f1["2"][1]
+    with GeneratedAdapters(model, f1, 2.0):
+        assert _factors(layers["0"])[0] is f1["0"][0] and _factors(layers["0"])[2] == 2.0
+        with GeneratedAdapters(model, f2, 3.0):
+            assert _factors(layers["2"])[1] is f2["2"][1] and _factors(layers["2"])[2] == 3.0
+        assert _factors(layers["2"])[1] is f1["2"][1]
         with pytest.raises(RuntimeError, match="boom"):
-            with generated_adapters(model, f2, 3.0):
+            with GeneratedAdapters(model, f2, 3.0):
                 raise RuntimeError("boom")
-        assert layers["0"].generated[0] is f1["0"][0] and layers["0"].generated[2] == 2.0
-    assert all(layer.generated is None for layer in layers.values())
+        assert _factors(layers["0"])[0] is f1["0"][0] and _factors(layers["0"])[2] == 2.0
+    assert all(layer.source is None for layer in layers.values())
     with pytest.raises(ValueError, match="missing"):
-        with generated_adapters(model, {"0": f1["0"]}, 1.0):
+        with GeneratedAdapters(model, {"0": f1["0"]}, 1.0):
             pass
     with pytest.raises(ValueError, match="unexpected"):
-        with generated_adapters(model, {**f1, "extra": f1["0"]}, 1.0):
+        with GeneratedAdapters(model, {**f1, "extra": f1["0"]}, 1.0):
             pass
     for bad in ((f1["0"][0][:, :5], f1["0"][1]), (f1["0"][0], f1["0"][1][:4]),
                 (f1["0"][0], f1["0"][1][:, :1])):
         with pytest.raises(ValueError, match="layer '0'"):
-            with generated_adapters(model, {**f1, "0": bad}, 1.0):
+            with GeneratedAdapters(model, {**f1, "0": bad}, 1.0):
                 pass
-    assert all(layer.generated is None for layer in layers.values())
+    assert all(layer.source is None for layer in layers.values())
 
 
 def test_label_distributions():

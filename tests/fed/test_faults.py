@@ -15,7 +15,8 @@ from fed_fixtures import tiny_bert_dir
 from feddpa_fast.fed import checkpoint as checkpoint_mod
 from feddpa_fast.fed.checkpoint import load_checkpoint
 from feddpa_fast.fed.client import Client
-from feddpa_fast.fed.runner import RunConfig, run
+from feddpa_fast.fed.config import RunConfig
+from feddpa_fast.fed.runner import run
 
 
 @pytest.fixture(scope="module")

@@ -5,13 +5,13 @@ import math
 import pytest
 
 from feddpa_fast.fed.algorithms import get_algorithm
+from feddpa_fast.fed.config import RunConfig
 from feddpa_fast.fed.fdlora import SearchConfig, fusion_search
 
 
 def test_phases_personal_first_then_global_with_periodic_resync():
-    a = get_algorithm("fdlora")
+    a = get_algorithm(RunConfig(algo="fdlora"))
     assert [(p.name, p.train) for p in a.phases(0)] == [("personal", "local")]
-    assert a.upload_adapter(0) == "local" and a.upload_adapter(1) == "global"
     assert [p.name for p in a.phases(1)] == ["global"]
     resync = a.phases(a.sync_every)
     assert [p.name for p in resync] == ["resync", "global"] and resync[0].init_from_global
@@ -46,7 +46,8 @@ def test_search_survives_non_finite_losses_and_rejects_bad_configs():
 def test_fusion_weights_are_searched_on_the_holdout_and_recorded(tmp_path):
     from fed_fixtures import tiny_bert_dir
 
-    from feddpa_fast.fed.runner import RunConfig, run
+    from feddpa_fast.fed.config import RunConfig
+    from feddpa_fast.fed.runner import run
 
     model_dir = tiny_bert_dir(tmp_path)
     results = run(RunConfig(algo="fdlora", model=str(model_dir), clients=2, rounds=2,

@@ -1,4 +1,4 @@
-"""The Flower deployment engine (feddpa_fast/fed/flower.py): message encoding, the run config,
+"""The Flower deployment engine (feddpa_fast/fed/flower/): message encoding, the run config,
 and a real deployment on 127.0.0.1 (flower-superlink, two flower-supernodes, `flwr run`) whose
 result must equal the built-in loop's, bit for bit, including across a restarted ServerApp."""
 import json
@@ -18,15 +18,15 @@ pytest.importorskip("flwr")
 from fed_fixtures import tiny_bert_dir  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-from feddpa_fast.fed import (  # noqa: E402
-    flower,  # noqa: E402
-    wire,  # noqa: E402
-)
+from feddpa_fast.fed import wire  # noqa: E402
 from feddpa_fast.fed.checkpoint import load_checkpoint  # noqa: E402
-from feddpa_fast.fed.runner import RunConfig, run  # noqa: E402
+from feddpa_fast.fed.config import RunConfig  # noqa: E402
+from feddpa_fast.fed.flower import codec  # noqa: E402
+from feddpa_fast.fed.flower.run_config import from_flower  # noqa: E402
+from feddpa_fast.fed.runner import run  # noqa: E402
 
 pytestmark = pytest.mark.flower
-APP_DIR = Path(flower.__file__).resolve().parent / "flower_app"
+APP_DIR = Path(codec.__file__).resolve().parent / "app"
 BIN = Path(sys.executable).parent
 DEADLINE_S = 300  # the whole deployment (two submissions, four rounds of training in all)
 
@@ -34,33 +34,24 @@ DEADLINE_S = 300  # the whole deployment (two submissions, four rounds of traini
 def test_messages_carry_the_blob_unchanged():
     tensors = {"base_model.model.l.lora_A.weight": torch.randn(4, 8)}
     blob = wire.encode(tensors, {"round": 3, "client": "server", "num_examples": 0})
-    step, r, back = flower.decode_request(flower.encode_request("round", 3, blob))
+    step, r, back = codec.decode_request(codec.encode_request("round", 3, blob))
     assert (step, r, back) == ("round", 3, blob)
     decoded, meta = wire.decode(back, tensors, round=3, sender="server")
     assert torch.equal(decoded["base_model.model.l.lora_A.weight"],
                        tensors["base_model.model.l.lora_A.weight"])
-    reply = flower.encode_reply("sentiment", 3, blob, {"loss_global": 0.5, "loss_local": 1})
-    assert flower.decode_reply(reply) == ("sentiment", 3, blob,
+    reply = codec.encode_reply("sentiment", 3, blob, {"loss_global": 0.5, "loss_local": 1})
+    assert codec.decode_reply(reply) == ("sentiment", 3, blob,
                                           {"loss_global": 0.5, "loss_local": 1.0})
-    assert flower.decode_reply(flower.encode_reply("x", 0, None, {}))[2:] == (None, {})
-    assert flower.decode_request(flower.encode_request("post", 2))[2] is None
+    assert codec.decode_reply(codec.encode_reply("x", 0, None, {}))[2:] == (None, {})
+    assert codec.decode_request(codec.encode_request("post", 2))[2] is None
 
 
-def test_app_config_defaults_are_the_run_config_defaults():
-    try:
-        import tomllib
-    except ImportError:  # Python 3.10: flwr depends on tomli
-        import tomli as tomllib
-
-    config = tomllib.loads((APP_DIR / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
-    cfg = flower.run_config_from_flower(config["config"])
-    assert cfg.identity() == RunConfig().identity()
-    assert config["components"] == {"serverapp": "feddpa_fast.fed.flower:server_app",
-                                    "clientapp": "feddpa_fast.fed.flower:client_app"}
-    assert flower.run_config_from_flower({"max-steps": 0, "targets": "query, value"}) \
+def test_run_config_conversions():
+    """(The App file's table against RunConfig: tests/fed/test_config.py.)"""
+    assert from_flower({"max-steps": 0, "targets": "query, value"}) \
         == RunConfig(max_steps=None, targets=("query", "value"))
     with pytest.raises(ValueError, match="unknown"):
-        flower.run_config_from_flower({"epochs": 3})
+        from_flower({"epochs": 3})
 
 
 # ---- the deployment -----------------------------------------------------------------------

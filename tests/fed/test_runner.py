@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 
 from feddpa_fast.cli import main as cli_main
 from feddpa_fast.fed.checkpoint import load_checkpoint
-from feddpa_fast.fed.runner import RunConfig, run
+from feddpa_fast.fed.config import RunConfig
+from feddpa_fast.fed.runner import run
 
 ALGOS = ["fedit", "local", "feddpa-f", "feddpa-t", "fdlora", "c2a"]
 

@@ -1,4 +1,4 @@
-"""PEFT equivalence and PEFT-format adapter I/O (docs/DESIGN.md §3)."""
+"""PEFT equivalence and PEFT-format adapter I/O (docs/ARCHITECTURE.md §2)."""
 import copy
 import json
 

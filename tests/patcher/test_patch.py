@@ -1,4 +1,4 @@
-"""patch / unpatch / merge / unmerge on the model families of docs/DESIGN.md §3."""
+"""patch / unpatch / merge / unmerge on the model families of docs/ARCHITECTURE.md §2."""
 import copy
 
 import pytest

@@ -209,7 +209,8 @@ def test_torch_compile_of_the_patched_forward(smol, base):
 
 
 def test_the_cli_model_name_builds_a_patched_smollm2_task():
-    from feddpa_fast.fed.runner import RunConfig, build_task
+    from feddpa_fast.fed.config import RunConfig
+    from feddpa_fast.fed.loading import build_task
 
     task = build_task(RunConfig(model="smollm2", task="causal-lm", num_beams=2,
                                 max_new_tokens=3))

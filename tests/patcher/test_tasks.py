@@ -10,8 +10,9 @@ import feddpa_fast as fd
 from feddpa_fast.cli import build_parser, config_from_args
 from feddpa_fast.cli import main as cli_main
 from feddpa_fast.data import LMExample
-from feddpa_fast.fed.algorithms import WeightingConfig, instance_weights
-from feddpa_fast.fed.runner import RunConfig, run
+from feddpa_fast.fed.config import RunConfig
+from feddpa_fast.fed.runner import run
+from feddpa_fast.fed.weighting import WeightingConfig, instance_weights
 from feddpa_fast.tasks import CausalLMTask
 
 
@@ -57,7 +58,8 @@ def test_causal_lm_task_rejects_bad_decoding_options(llama_dir):
 
 def test_cli_decoding_flags_reach_the_run_config():
     args = build_parser().parse_args(["train", "--task", "causal-lm", "--num-beams", "3",
-                                      "--max-new-tokens", "12", "--model", "smollm2"])
+                                      "--max-new-tokens", "12", "--model", "smollm2",
+                                      "--data", "some/dir"])
     cfg = config_from_args(args)
     assert (cfg.num_beams, cfg.max_new_tokens, cfg.model) == (3, 12, "smollm2")
     assert cfg.identity()["num_beams"] == 3
