@@ -42,6 +42,7 @@ from feddpa_fast.kernels import (  # noqa: E402
     triton_dropout,
     triton_forward,
     triton_forward_pertile,
+    triton_launch,
     triton_schedule,
     triton_split,
     triton_static,
@@ -107,8 +108,8 @@ def forward_cases(m, k, n, r, label, target, configs, sms, alternatives=True,
     only at the benchmark's shapes)."""
     t = op_tensors(m, k, n, r)
     # As tma_allowed decides at a launch: sm_90+ and 16-byte aligned rows (bf16 here).
-    use_tma = target != "sm_80" and triton_forward.tma_rows_aligned(2, k)
-    dx_tma = target != "sm_80" and triton_forward.tma_rows_aligned(2, k, n)
+    use_tma = target != "sm_80" and triton_launch.tma_rows_aligned(2, k)
+    dx_tma = target != "sm_80" and triton_launch.tma_rows_aligned(2, k, n)
     cases = []
     for cfg, source in configs:
         # lora_input adds a third tile stream; the gate compiles it at the dispatched config.

@@ -104,36 +104,7 @@ def model_sizes(config) -> dict:
 
 def build(name: str, args, device: torch.device, dtype: torch.dtype) -> SimpleNamespace:
     """The model of provider ``name`` with its inputs, optimizer and timed callables."""
-    model = base_model(args, device, dtype)
-    torch.manual_seed(SEED + 1)  # the A matrices (Kaiming-uniform in both libraries)
-    if name.startswith("fused"):
-        feddpa_fast.patch(model, feddpa_fast.DualLoRAConfig(
-            r=args.rank, alpha=2 * args.rank, dropout=args.dropout,
-            target_modules=tuple(args.targets)))
-        feddpa_fast.set_trainable(model, "both")
-        if name == "fused_lora_input":
-            materialise_dropout(model, args.dropout)
-    elif name.startswith("peft"):
-        from peft import LoraConfig, get_peft_model
-
-        cfg = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=args.dropout,
-                         target_modules=list(args.targets))
-        model = get_peft_model(model, cfg)
-        if name == "peft_two":
-            model.add_adapter("second", cfg)
-            model.base_model.set_adapter(["default", "second"])
-        # set_adapter may leave an adapter frozen; train exactly the LoRA matrices, as fused.
-        for pname, p in model.named_parameters():
-            p.requires_grad_("lora_" in pname)
-    else:
-        model.requires_grad_(False)
-        model.enable_input_require_grads()  # the backward runs through every block, as with LoRA
-    # B starts at zero in both libraries; make it nonzero so no branch is trivially zero.
-    gen = torch.Generator(device).manual_seed(SEED + 2)
-    with torch.no_grad():
-        for pname, p in model.named_parameters():
-            if "lora_B" in pname:
-                p.normal_(0.0, 0.01, generator=gen)
+    model = _with_adapters(name, base_model(args, device, dtype), args)
     ids = torch.randint(args.vocab, (args.batch, args.seq), device=device,
                         generator=torch.Generator(device).manual_seed(SEED + 3))
     if name.startswith("fused"):  # per-sequence weights, as FedDPA's instance-wise mix
@@ -165,6 +136,41 @@ def build(name: str, args, device: torch.device, dtype: torch.dtype) -> SimpleNa
 
     return SimpleNamespace(model=model, params=params, opt=opt, forward=forward,
                            loss_backward=loss_backward, train_step=train_step)
+
+
+def _with_adapters(name: str, model, args):
+    """The provider's adapters on ``model`` (seeded; B made nonzero), or none for base."""
+    device = next(model.parameters()).device
+    torch.manual_seed(SEED + 1)  # the A matrices (Kaiming-uniform in both libraries)
+    if name.startswith("fused"):
+        feddpa_fast.patch(model, feddpa_fast.DualLoRAConfig(
+            r=args.rank, alpha=2 * args.rank, dropout=args.dropout,
+            target_modules=tuple(args.targets)))
+        feddpa_fast.set_trainable(model, "both")
+        if name == "fused_lora_input":
+            materialise_dropout(model, args.dropout)
+    elif name.startswith("peft"):
+        from peft import LoraConfig, get_peft_model
+
+        cfg = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=args.dropout,
+                         target_modules=list(args.targets))
+        model = get_peft_model(model, cfg)
+        if name == "peft_two":
+            model.add_adapter("second", cfg)
+            model.base_model.set_adapter(["default", "second"])
+        # set_adapter may leave an adapter frozen; train exactly the LoRA matrices, as fused.
+        for pname, p in model.named_parameters():
+            p.requires_grad_("lora_" in pname)
+    else:
+        model.requires_grad_(False)
+        model.enable_input_require_grads()  # the backward runs through every block, as with LoRA
+    # B starts at zero in both libraries; make it nonzero so no branch is trivially zero.
+    gen = torch.Generator(device).manual_seed(SEED + 2)
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if "lora_B" in pname:
+                p.normal_(0.0, 0.01, generator=gen)
+    return model
 
 
 def materialise_dropout(model, p: float) -> None:
@@ -282,7 +288,7 @@ def draw(csv_path: Path, out_path: Path, run_id: str | None = None) -> Path:
     return out_path
 
 
-def main(argv=None) -> list[dict]:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     ap.add_argument("--model", choices=["synthetic", "smollm2"], default="synthetic",
@@ -298,12 +304,13 @@ def main(argv=None) -> list[dict]:
                     help="target module suffixes (default: all seven block projections)")
     ap.add_argument("--csv", type=Path, default=None)
     ap.add_argument("--no-plot", action="store_true")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def _fill_defaults(ap, args, cuda: bool) -> None:
+    """The providers, and every shape option not given, from the device's config."""
     if args.providers is None:
         args.providers = [p for p in PROVIDERS if p != "fused_lora_input" or args.dropout > 0]
-    cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    device = torch.device("cuda" if cuda else "cpu")
-    dtype = torch.bfloat16 if cuda else torch.float32
     if args.intermediate is None and args.hidden is not None:
         args.intermediate = args.hidden * 11 // 4  # Llama's ratio (2816 = 2.75 x 1024)
     if args.model == "smollm2":
@@ -323,30 +330,25 @@ def main(argv=None) -> list[dict]:
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    stem = "model_smollm2" if args.model == "smollm2" else "model"
-    csv_path = args.csv or common.RESULTS_DIR / f"{stem}_{'gpu' if cuda else 'cpu'}.csv"
 
+
+def _meta(args, stem: str, device, dtype) -> dict:
+    """The columns every row of this run shares."""
     import peft
     import transformers
 
-    meta = {"run_id": common.new_run_id(), "date": common.today(),
+    return {"run_id": common.new_run_id(), "date": common.today(),
             "device": common.device_name(device), "threads": torch.get_num_threads(),
             "torch": torch.__version__, "transformers": transformers.__version__,
             "peft": peft.__version__, "feddpa_fast": feddpa_fast.__version__,
             "bench": f"{stem}_{device.type}", "dtype": str(dtype).removeprefix("torch."),
             **{k: getattr(args, k) for k in SHAPE}, "r": args.rank, "alpha": 2 * args.rank,
             "dropout": args.dropout, "targets": ",".join(args.targets)}
-    provs = {name: build(name, args, device, dtype) for name in args.providers}
-    memory = {name: train_state(p) for name, p in provs.items() if p.opt}
-    fns = {}
-    for name, p in provs.items():
-        fns[("forward", name)] = p.forward
-        fns[("train_step", name)] = p.train_step  # base: forward + input-grad backward
-    print(f"timing {len(fns)} callables x {args.repeats} repeats", file=sys.stderr, flush=True)
-    samples = common.time_alternating(fns, args.repeats, warmup=1)
-    peaks = {key: cuda_peak(fn) for key, fn in fns.items()} if cuda else {}
+
+
+def _rows(meta, samples, memory, peaks, tokens: int) -> list[dict]:
+    """One CSV row per (mode, provider), ratios to base and to PEFT in the same run."""
     med = {key: stats(s)[0] for key, s in samples.items()}
-    tokens = args.batch * args.seq
     rows = []
     for (mode, name), s in samples.items():
         m, p20, p80 = stats(s)
@@ -363,6 +365,29 @@ def main(argv=None) -> list[dict]:
                      if train and saved is not None else "",
                      "peak_mb": f"{peaks[(mode, name)] / MB:.1f}" if peaks else ""})
     rows.sort(key=lambda r: (PROVIDERS.index(r["provider"]), r["mode"]))
+    return rows
+
+
+def main(argv=None) -> list[dict]:
+    ap = _parser()
+    args = ap.parse_args(argv)
+    cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    device = torch.device("cuda" if cuda else "cpu")
+    dtype = torch.bfloat16 if cuda else torch.float32
+    _fill_defaults(ap, args, cuda)
+    stem = "model_smollm2" if args.model == "smollm2" else "model"
+    csv_path = args.csv or common.RESULTS_DIR / f"{stem}_{'gpu' if cuda else 'cpu'}.csv"
+    meta = _meta(args, stem, device, dtype)
+    provs = {name: build(name, args, device, dtype) for name in args.providers}
+    memory = {name: train_state(p) for name, p in provs.items() if p.opt}
+    fns = {}
+    for name, p in provs.items():
+        fns[("forward", name)] = p.forward
+        fns[("train_step", name)] = p.train_step  # base: forward + input-grad backward
+    print(f"timing {len(fns)} callables x {args.repeats} repeats", file=sys.stderr, flush=True)
+    samples = common.time_alternating(fns, args.repeats, warmup=1)
+    peaks = {key: cuda_peak(fn) for key, fn in fns.items()} if cuda else {}
+    rows = _rows(meta, samples, memory, peaks, args.batch * args.seq)
     # The SmolLM2 CSV (new with it) also records the targets; the synthetic CSV keeps its
     # original header (its rows all use the default seven targets).
     fields = FIELDS + ["targets"] if args.model == "smollm2" else FIELDS

@@ -104,7 +104,7 @@ def time_provider(fn, mode, m, dry_run=False) -> list[float]:
     return [med, p20, p80]
 
 
-def main(argv=None) -> list[dict]:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="one prefill and one decode shape")
     ap.add_argument("--shapes", nargs="+", default=None, metavar="MxKxN",
@@ -118,65 +118,85 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--no-plot", action="store_true")
     ap.add_argument("--dry-run", action="store_true",
                     help="CPU + TRITON_INTERPRET=1, tiny shapes: tests the script, no GPU figures")
-    args = ap.parse_args(argv)
-    providers = [p for p in PROVIDERS if p in args.providers]
-    if "base" not in providers:
-        providers.insert(0, "base")  # ratios are to base
-    if args.dry_run:
+    return ap
+
+
+def _device(dry_run: bool):
+    """(device, dtype): the GPU in bf16, or the CPU under the interpreter for a dry run."""
+    if dry_run:
         from feddpa_fast.kernels.triton_config import interpreting
         if not interpreting():
             raise SystemExit("--dry-run needs TRITON_INTERPRET=1 set before the script starts")
-        device, dtype = torch.device("cpu"), torch.float32
-    elif not torch.cuda.is_available():
+        return torch.device("cpu"), torch.float32
+    if not torch.cuda.is_available():
         print("bench/op_gpu.py needs a CUDA GPU; none is visible.", file=sys.stderr)
         raise SystemExit(2)
-    else:
-        device, dtype = torch.device("cuda"), torch.bfloat16
+    return torch.device("cuda"), torch.bfloat16
+
+
+def _shapes(args) -> list[tuple]:
     if args.shapes:
-        shapes = [tuple(int(v) for v in s.split("x")) + (16,) for s in args.shapes]
-    elif args.dry_run:
-        shapes = DRY_RUN_SHAPES
-    else:
-        shapes = [PREFILL[0], DECODE[1]] if args.quick else PREFILL + DECODE
+        return [tuple(int(v) for v in s.split("x")) + (16,) for s in args.shapes]
+    if args.dry_run:
+        return DRY_RUN_SHAPES
+    return [PREFILL[0], DECODE[1]] if args.quick else PREFILL + DECODE
+
+
+def _shape_rows(shape, args, providers, meta, dtype, device) -> list[dict]:
+    """Every mode's rows of one shape, timed side by side, ratios to base."""
+    m, k, n, r = shape
+    problem = make_problem(m, k, n, r, dtype=dtype, device=device)
+    errors = max_abs_errors(problem, providers)
+    rows = []
+    for mode in args.modes:
+        fns = build_providers(problem, mode, providers, backward_only=(mode == "backward"),
+                              fused_backend=fused_backend(problem.x))
+        timed = {name: time_provider(fn, mode, m, args.dry_run) for name, fn in fns.items()}
+        base_median = timed["base"][0]
+        for name, (med, p20, p80) in timed.items():
+            rows.append({**meta, "M": m, "K": k, "N": n, "r": r, "mode": mode,
+                         "provider": name, "median_ms": f"{med:.5f}",
+                         "p20_ms": f"{p20:.5f}", "p80_ms": f"{p80:.5f}",
+                         "tflops": f"{flops(m, k, n, r, mode, name) / med / 1e9:.2f}",
+                         "gbps": f"{bytes_moved(m, k, n, r, mode, name) / med / 1e6:.1f}",
+                         "ratio_to_base": f"{med / base_median:.4f}",
+                         "max_abs_err": f"{errors[name]:.4g}" if mode == "forward" else ""})
+        print(f"done {m},{k},{n},{r} {mode}", file=sys.stderr, flush=True)
+    return rows
+
+
+def _dropout_rows(args, meta, dtype, device) -> None:
+    drop_shapes = [tuple(int(v) for v in s.split("x")) + (16,) for s in args.dropout_shapes]
+    drop_rows = op_dropout.rows(
+        drop_shapes, args.dropout, meta,
+        lambda fns, shape: {n: time_provider(f, "fwd+bwd", shape[0], args.dry_run)
+                            for n, f in fns.items()},
+        problem_kwargs={"dtype": dtype, "device": device},
+        fused_backend=fused_backend(torch.empty(0, device=device)))
+    common.append_rows(args.csv.with_name("op_gpu_dropout.csv"), drop_rows, op_dropout.FIELDS)
+    print(f"# LoRA dropout p = {args.dropout}, fwd+bwd")
+    print(op_dropout.table(drop_rows))
+
+
+def main(argv=None) -> list[dict]:
+    args = _parser().parse_args(argv)
+    providers = [p for p in PROVIDERS if p in args.providers]
+    if "base" not in providers:
+        providers.insert(0, "base")  # ratios are to base
+    device, dtype = _device(args.dry_run)
     meta = {
         "run_id": common.new_run_id(), "date": common.today(),
         "device": "cpu (dry run)" if args.dry_run else common.device_name(device),
         "threads": "", "torch": torch.__version__, "feddpa_fast": feddpa_fast.__version__,
         "bench": "op_gpu", "dtype": str(dtype).replace("torch.", ""),
     }
-    rows = []
-    for (m, k, n, r) in shapes:
-        problem = make_problem(m, k, n, r, dtype=dtype, device=device)
-        errors = max_abs_errors(problem, providers)
-        for mode in args.modes:
-            fns = build_providers(problem, mode, providers, backward_only=(mode == "backward"),
-                                  fused_backend=fused_backend(problem.x))
-            timed = {name: time_provider(fn, mode, m, args.dry_run) for name, fn in fns.items()}
-            base_median = timed["base"][0]
-            for name, (med, p20, p80) in timed.items():
-                rows.append({**meta, "M": m, "K": k, "N": n, "r": r, "mode": mode,
-                             "provider": name, "median_ms": f"{med:.5f}",
-                             "p20_ms": f"{p20:.5f}", "p80_ms": f"{p80:.5f}",
-                             "tflops": f"{flops(m, k, n, r, mode, name) / med / 1e9:.2f}",
-                             "gbps": f"{bytes_moved(m, k, n, r, mode, name) / med / 1e6:.1f}",
-                             "ratio_to_base": f"{med / base_median:.4f}",
-                             "max_abs_err": f"{errors[name]:.4g}" if mode == "forward" else ""})
-            print(f"done {m},{k},{n},{r} {mode}", file=sys.stderr, flush=True)
+    rows = [row for shape in _shapes(args)
+            for row in _shape_rows(shape, args, providers, meta, dtype, device)]
     common.append_rows(args.csv, rows, FIELDS)
     print(f"# {meta['device']}, torch {meta['torch']}, {meta['date']}, {meta['dtype']}")
     print(common.markdown_table(rows, providers))
     if args.dropout_shapes:
-        drop_shapes = [tuple(int(v) for v in s.split("x")) + (16,) for s in args.dropout_shapes]
-        drop_rows = op_dropout.rows(
-            drop_shapes, args.dropout, meta,
-            lambda fns, shape: {n: time_provider(f, "fwd+bwd", shape[0], args.dry_run)
-                            for n, f in fns.items()},
-            problem_kwargs={"dtype": dtype, "device": device},
-            fused_backend=fused_backend(torch.empty(0, device=device)))
-        common.append_rows(args.csv.with_name("op_gpu_dropout.csv"), drop_rows,
-                           op_dropout.FIELDS)
-        print(f"# LoRA dropout p = {args.dropout}, fwd+bwd")
-        print(op_dropout.table(drop_rows))
+        _dropout_rows(args, meta, dtype, device)
     print("max abs error vs fp32 reference (forward): " + "; ".join(
         f"{r['M']},{r['K']},{r['N']} {r['provider']}={r['max_abs_err']}"
         for r in rows if r["mode"] == "forward"))

@@ -116,6 +116,27 @@ def _peft_layer(p: Problem, dropout: float = 0.0):
     return model
 
 
+def _run_once(forward, params, train: bool, dy):
+    """One call: the forward alone (no grad), or forward + backward with fresh gradients."""
+    if not train:
+        with torch.no_grad():
+            return forward()
+    for t in params:
+        t.grad = None
+    forward().backward(dy)
+
+
+def _backward_step(forward, params, dy):
+    """The forward run once now; the callable times its backward (graph retained)."""
+    y = forward()
+
+    def step():
+        for t in params:
+            t.grad = None
+        y.backward(dy, retain_graph=True)
+    return step
+
+
 def build_providers(p: Problem, mode: str, names: list[str], *, backward_only: bool = False,
                     return_output: bool = False, fused_backend: str | None = None,
                     dropout: float = 0.05) -> dict:
@@ -136,23 +157,6 @@ def build_providers(p: Problem, mode: str, names: list[str], *, backward_only: b
     r = p.a[0].shape[0]
     scale = torch.cat([(p.scaling * m).expand(-1, r) for m in p.mix], dim=1).contiguous()
     row_w = [(p.scaling * m).to(p.x.dtype) for m in p.mix]
-
-    def run(forward, params):
-        if not train:
-            with torch.no_grad():
-                return forward()
-        for t in params:
-            t.grad = None
-        forward().backward(p.dy)
-
-    def backward_of(forward, params):
-        y = forward()
-
-        def step():
-            for t in params:
-                t.grad = None
-            y.backward(p.dy, retain_graph=True)
-        return step
 
     impls = {
         "base": (lambda: F.linear(x, w, bias), [x]),
@@ -182,8 +186,9 @@ def build_providers(p: Problem, mode: str, names: list[str], *, backward_only: b
     if return_output:
         return {n: impls[n][0] for n in names}
     if backward_only:
-        return {n: backward_of(*impls[n]) for n in names}
-    fns = {n: (lambda f=impls[n][0], ps=impls[n][1]: run(f, ps)) for n in names}
+        return {n: _backward_step(*impls[n], p.dy) for n in names}
+    fns = {n: (lambda f=impls[n][0], ps=impls[n][1]: _run_once(f, ps, train, p.dy))
+           for n in names}
     for n, fn in fns.items():
         fn.owned = owned[n]  # the provider's inputs and parameters (saved_bytes skips them)
     return fns

@@ -19,8 +19,8 @@ dtype and 1 / (1 - p) to u, so u = ((x * keep) A^T) / (1 - p).
 
 ``lora_linear`` is written with ordinary differentiable torch ops, so its gradients come from
 autograd, independently of the hand-written backward formulas of the fast backends.
-``lora_linear_forward`` / ``lora_linear_backward`` spell those formulas out (docs/ARCHITECTURE.md §1);
-they serve as the op's kernels on devices with no fast backend.
+``lora_linear_forward`` / ``lora_linear_backward`` spell those formulas out
+(docs/ARCHITECTURE.md §1); they serve as the op's kernels on devices with no fast backend.
 """
 from __future__ import annotations
 

@@ -52,7 +52,7 @@ def prune(configs, named_args, kernel, arch: str, smem_limit: int, **kwargs):
     """Configs whose static compile for ``arch`` (the current GPU's) neither spills nor needs
     more than ``smem_limit`` bytes of shared memory. An architecture the static compiler does
     not know keeps every config (Triton's own launch then reports what does not fit)."""
-    from .triton_forward import Launch
+    from .triton_launch import Launch
 
     target = arch if arch in triton_static.TARGETS else None
     # Triton's Autotuner hands the prune every keyword of the call, launch options (grid,

@@ -42,7 +42,7 @@ from .triton_config import (
     sm_count,
 )
 from .triton_dropout import InOpDropout, keep_mask
-from .triton_forward import Launch
+from .triton_launch import Launch
 
 
 @triton.jit

@@ -36,7 +36,8 @@ from .triton_config import (
     interpreting,
     sm_count,
 )
-from .triton_forward import Launch, _tile_k_loop, m_bucket
+from .triton_forward import _tile_k_loop
+from .triton_launch import Launch, m_bucket
 
 
 @triton.jit

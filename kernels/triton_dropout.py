@@ -101,7 +101,7 @@ def masked_expand_plan(out, gs, lora_a, dropout: InOpDropout, block_m: int = 64,
                        block_k: int = 64):
     """The Launch of ``out += (gs A) ⊙ keep`` (dx's rank-R term under the dropout mask).
     8 warps: at 4 the 64 x 64 tile spills on sm_90a at R = 48 (255 registers; 97 with 8)."""
-    from .triton_forward import Launch
+    from .triton_launch import Launch
     m, k = out.shape
     r = lora_a.shape[0]
     if interpreting():

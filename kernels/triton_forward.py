@@ -25,8 +25,6 @@ A are read through transposed strides for dx), and dx = dy W alone (EXPAND=False
 """
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 import triton
 import triton.language as tl
@@ -45,6 +43,7 @@ from .triton_config import (
     interpreting,
     sm_count,
 )
+from .triton_launch import Launch, _set_tma_allocator, m_bucket, tma_allowed
 
 
 @triton.jit
@@ -231,57 +230,6 @@ def _lora_fwd_kernel(
         _tile_epilogue(acc, us, b_ptr, bias_ptr, y_ptr, off_m, tile * BLOCK_N, M, N, R,
                        stride_bn, stride_br, stride_ym, stride_yn,
                        HAS_BIAS, EXPAND, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_R)
-
-
-@dataclasses.dataclass
-class Launch:
-    """One kernel launch, every argument by name: what runs, and what the static report
-    (kernels/triton_static.py) compiles for a target without a GPU."""
-
-    kernel: object
-    grid: tuple
-    args: dict
-    num_warps: int
-    num_stages: int
-
-    def run(self):
-        self.kernel[self.grid](**self.args, num_warps=self.num_warps,
-                               num_stages=self.num_stages)
-
-
-def m_bucket(m: int) -> int:
-    """Autotune key of M: its power-of-two bucket (prefill configs hardly change within one)."""
-    return 1 << max(m - 1, 0).bit_length()
-
-
-def tma_rows_aligned(element_size: int, *row_strides: int) -> bool:
-    """A tensor descriptor's rows (strides in elements) must start 16-byte aligned."""
-    return all((stride * element_size) % 16 == 0 for stride in row_strides)
-
-
-def tma_allowed(device: torch.device, *tensors) -> bool:
-    """Tensor descriptors need sm_90+, a 16-bit dtype (one 128-byte swizzle row per 64 K
-    columns), unit inner strides and 16-byte aligned rows and bases."""
-    if interpreting() or device.type != "cuda" or torch.cuda.get_device_capability(device)[0] < 9:
-        return False
-    for t in tensors:
-        if t is None:
-            continue
-        if t.dtype not in (torch.float16, torch.bfloat16) or t.stride(-1) != 1:
-            return False
-        if not tma_rows_aligned(t.element_size(), t.stride(0)) or t.data_ptr() % 16:
-            return False
-    return True
-
-
-def _set_tma_allocator() -> None:
-    """In-kernel tensor descriptors need a small global scratch per launch (Triton asks the
-    allocator of the calling context); only a missing allocator is replaced."""
-    from triton.runtime import _allocation
-    current = _allocation._allocator.get()
-    if isinstance(current, _allocation.NullAllocator):
-        triton.set_allocator(lambda size, align, stream: torch.empty(
-            size, dtype=torch.int8, device="cuda"))
 
 
 def _placeholder(t, fallback):

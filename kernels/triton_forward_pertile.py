@@ -16,7 +16,8 @@ import triton
 import triton.language as tl
 
 from .triton_config import FwdConfig, arch_of, fwd_default, input_precision, interpreting
-from .triton_forward import Launch, _tile_k_loop
+from .triton_forward import _tile_k_loop
+from .triton_launch import Launch
 
 
 @triton.jit

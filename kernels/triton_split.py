@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import triton_forward
+from . import triton_forward, triton_launch
 from .triton_config import input_precision, interpreting, padded_rank
 from .triton_dropout import InOpDropout, keep_mask
 
@@ -99,7 +99,7 @@ def shrink_plan(x2, lora_a, scale, u, us, block_m: int = 64, block_k: int = 128,
         PRECISION=input_precision(x2.dtype),
         BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=padded_rank(r),
     )
-    return triton_forward.Launch(_shrink_kernel, (triton.cdiv(m, block_m),), args,
+    return triton_launch.Launch(_shrink_kernel, (triton.cdiv(m, block_m),), args,
                                  num_warps=4, num_stages=3)
 
 

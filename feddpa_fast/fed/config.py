@@ -95,6 +95,11 @@ class RunConfig:
         Raises:
             ConfigError: naming ``--model`` or ``--data``.
         """
+        self.check_model()
+        self.check_data()
+
+    def check_model(self) -> None:
+        """``--model``: 'builtin', 'smollm2' or a directory holding a config.json."""
         if self.model not in ("builtin", "smollm2"):
             path = Path(self.model)
             if not path.is_dir():
@@ -102,6 +107,9 @@ class RunConfig:
             if not (path / "config.json").is_file():
                 raise ConfigError(f"--model {path}: no config.json there, so it is not a "
                                   "Hugging Face model directory (save_pretrained writes one)")
+
+    def check_data(self) -> None:
+        """``--data``: 'builtin' or a directory holding train.jsonl and test.jsonl."""
         if self.data != "builtin":
             path = Path(self.data)
             if not path.is_dir():

@@ -47,7 +47,7 @@ def build_task(cfg):
 
     from ..tasks import CausalLMTask, ClassifyTask
 
-    cfg.check_sources()
+    cfg.check_model()
     path = _model_path(cfg)
     torch.manual_seed(derive_seed(cfg.seed, "model"))
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
@@ -73,7 +73,7 @@ def load_data(cfg) -> tuple[dict[str, list], dict[str, list]]:
         ConfigError: naming ``--data`` or ``--clients`` when the data cannot serve the run.
         data.DataError: a malformed line, naming ``file:line``.
     """
-    cfg.check_sources()
+    cfg.check_data()
     if cfg.data == "builtin":
         train, test = data_mod.builtin_suite(cfg.seed)
         if cfg.clients > len(train):

@@ -171,6 +171,7 @@ def build_run(cfg: RunConfig, *, clients: list[str] | None = None,
             loads when the data is at fault.
     """
     started = time.perf_counter()
+    cfg.check_sources()  # both, before the data is parsed and the model loaded
     train, test = load_data(cfg)
     task = build_task(cfg)
     algorithm = get_algorithm(cfg)

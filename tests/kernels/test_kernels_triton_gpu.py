@@ -125,7 +125,7 @@ def test_decode_under_cuda_graph_replay():
 def test_forward_runs_and_tma_on_gpu(chunks, use_tma):
     from op_cases import assert_close_scaled
 
-    from feddpa_fast.kernels import triton_forward
+    from feddpa_fast.kernels import triton_forward, triton_launch
     from feddpa_fast.kernels.triton_config import arch_of, fwd_default
     if use_tma and torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("tensor descriptors need sm_90+")
@@ -135,7 +135,7 @@ def test_forward_runs_and_tma_on_gpu(chunks, use_tma):
     u = torch.full((1000, 32), float("nan"), device="cuda")
     cfg = fwd_default(arch_of(x2.device), 4096, 32)
     if use_tma:
-        triton_forward._set_tma_allocator()
+        triton_launch._set_tma_allocator()
     triton_forward.forward_plan(x2, w, inputs["bias"], a, b, inputs["scale"], y, u,
                                 use_tma=use_tma, cfg=cfg, sms=132, chunks=chunks).run()
     y_ref, u_ref = _ref(inputs)

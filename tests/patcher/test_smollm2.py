@@ -212,8 +212,8 @@ def test_the_cli_model_name_builds_a_patched_smollm2_task():
     from feddpa_fast.fed.config import RunConfig
     from feddpa_fast.fed.loading import build_task
 
-    task = build_task(RunConfig(model="smollm2", task="causal-lm", num_beams=2,
-                                max_new_tokens=3))
+    task = build_task(RunConfig(model="smollm2", task="causal-lm", data="unused/by/build_task",
+                                num_beams=2, max_new_tokens=3))
     assert type(task.model).__name__ == "LlamaForCausalLM" and task.num_beams == 2
     assert len(dual_lora_layers(task.model)) == 2 * 30
 
