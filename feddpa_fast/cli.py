@@ -40,6 +40,8 @@ def _help(meta: dict, default) -> str:
     parts = [meta["help"]]
     if meta["choices"]:
         parts.append("choices: " + ", ".join(str(c) for c in meta["choices"]))
+    if meta["optional"]:
+        parts.append("0 unsets it")
     shown = "unset" if default is None else (",".join(default) if isinstance(default, tuple)
                                              else default)
     parts.append(f"default: {shown}")
@@ -106,6 +108,10 @@ def _read_toml(path: Path) -> dict:
 
 
 def _as_field(value, meta):
+    """A flag or TOML value as the field holds it; 0 or "" unsets an optional field (as in the
+    Flower run config), e.g. ``--max-steps 0``: no cap."""
+    if meta["optional"] and not isinstance(value, bool) and value in (0, ""):
+        return None
     if meta["type"] is tuple and isinstance(value, (str, list)):
         items = value.split(",") if isinstance(value, str) else value
         return tuple(str(t).strip() for t in items if str(t).strip())
@@ -179,8 +185,9 @@ def _compare(args) -> int:
     print(table)
     (root / "compare.md").write_text(table + "\n")
     (root / "compare.json").write_text(json.dumps(
-        [{k: r[k] for k in ("method", "P", "TTP", "bytes_per_client_round", "wall_s",
-                            "server_s", "rounds_s")} for r in rows], indent=2) + "\n")
+        [{k: r.get(k) for k in ("method", "P", "TTP", "bytes_per_client_round", "wall_s",
+                                "server_s", "rounds_s", "wire_dtype", "dp")} for r in rows],
+        indent=2) + "\n")
     plot_methods(rows, root / "compare.png")
     print(f"table, json and plot in {root}")
     return 0

@@ -81,14 +81,21 @@ def evaluate_client(task, client, mode: str, test_sets: dict, *, own: str, seed:
     return result
 
 
+def _epsilon_cell(dp: dict | None) -> str:
+    if not dp:
+        return "—"  # no DP
+    return "∞" if dp["epsilon"] is None else f"{dp['epsilon']:.2f}"  # None: no noise
+
+
 def format_table(rows: list[dict]) -> str:
     """Markdown table: method, P, TTP (means over clients, %), bytes up per client per round,
-    wall time."""
-    lines = ["| method | P (%) | TTP (%) | bytes up / client / round | wall time (s) |",
-             "|---|---|---|---|---|"]
+    wall time, the DP epsilon spent (— without DP)."""
+    lines = ["| method | P (%) | TTP (%) | bytes up / client / round | wall time (s) | DP ε |",
+             "|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['method']} | {100 * r['P']:.2f} | {100 * r['TTP']:.2f} | "
-                     f"{r.get('bytes_per_client_round', 0):,} | {r.get('wall_s', 0):.1f} |")
+                     f"{r.get('bytes_per_client_round', 0):,} | {r.get('wall_s', 0):.1f} | "
+                     f"{_epsilon_cell(r.get('dp'))} |")
     return "\n".join(lines)
 
 

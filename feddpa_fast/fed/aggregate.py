@@ -96,6 +96,9 @@ def aggregate(rule: str, global_adapter: Adapter, updates: list[Adapter],
     """Applies optional norm clipping, then ``rule`` (one of ``RULES``)."""
     if rule not in RULES:
         raise ValueError(f"unknown aggregation {rule!r}; choose one of {RULES}")
+    # Updates that travelled in bf16 / fp16 widen exactly to the global adapter's dtype, so the
+    # rules (fp64 inside) return that dtype; fp32 updates are left as they are.
+    updates = [{k: v.to(global_adapter[k].dtype) for k, v in u.items()} for u in updates]
     if clip_norm is not None:
         updates = clip_updates(global_adapter, updates, clip_norm)
     if rule == "fedavg":

@@ -63,14 +63,18 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
 
 
 def save_run_checkpoint(path, global_adapter, config: dict, seed: int, rounds_done: int,
-                        post_done: bool) -> None:
-    """The checkpoint both transports write after every round (and after the post step)."""
-    save_checkpoint(path, global_adapter, {"rounds_done": rounds_done, "post_done": post_done,
-                                           "seed": seed, "config": config})
+                        post_done: bool, sample_rates: list[float] | None = None) -> None:
+    """The checkpoint both transports write after every round (and after the post step);
+    ``sample_rates`` (one per attempt so far) lets a resumed run continue its DP account."""
+    state = {"rounds_done": rounds_done, "post_done": post_done, "seed": seed, "config": config}
+    if sample_rates:
+        state["sample_rates"] = list(sample_rates)
+    save_checkpoint(path, global_adapter, state)
 
 
 def resume_state(path: str | os.PathLike, config: dict):
-    """(global adapter, rounds done, post step done) of the run checkpointed at ``path``;
+    """(global adapter, rounds done, post step done, DP sample rates) of the run checkpointed
+    at ``path``;
     refuses a checkpoint of another configuration and removes checkpoint temp files left by a
     write that was killed mid-way."""
     path = Path(path)
@@ -80,7 +84,8 @@ def resume_state(path: str | os.PathLike, config: dict):
                               "resume with the same flags")
     for stale in path.parent.glob(f".{path.name}.*.tmp"):
         stale.unlink()
-    return global_adapter, state["rounds_done"], state.get("post_done", False)
+    return (global_adapter, state["rounds_done"], state.get("post_done", False),
+            state.get("sample_rates", []))
 
 
 def truncate_metrics(path: str | os.PathLike, rounds_done: int | None) -> None:

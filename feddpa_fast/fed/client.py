@@ -26,6 +26,7 @@ from ..mixing import set_trainable
 from . import wire
 from .algorithms import Algorithm, Phase
 from .checkpoint import atomic_write_bytes, derive_seed
+from .privacy import PrivacySettings, clip_and_noise
 
 __all__ = ["Client", "TrainSettings", "train_phase", "init_adapter"]
 
@@ -104,11 +105,13 @@ class Client:
 
     def __init__(self, name: str, train, test, state_dir: str | Path, task,
                  algorithm: Algorithm, settings: TrainSettings, seed: int,
-                 attack: str | None = None):
+                 attack: str | None = None, wire_dtype: str = "fp32",
+                 privacy: PrivacySettings | None = None):
         self.name, self.train, self.test = name, list(train), list(test)
         self.state_dir = Path(state_dir)
         self.task, self.algorithm, self.settings, self.seed = task, algorithm, settings, seed
         self.attack = attack  # robustness experiments only: "scale" | "signflip" | None
+        self.wire_dtype, self.privacy = wire_dtype, privacy or PrivacySettings()
         # A method with a holdout keeps a seeded slice of the training data out of training.
         self.fit, self.holdout = self.train, []
         if algorithm.holdout > 0 and len(self.train) > 1:
@@ -170,9 +173,12 @@ class Client:
         if not self.algorithm.uploads:
             return None, stats
         tensors = self.algorithm.upload(self, round_index)
+        if self.privacy.enabled:  # clipped and noised by the client itself (fed/privacy.py)
+            tensors = clip_and_noise(tensors, received, self.privacy,
+                                     derive_seed(self.seed, round_index, self.name, "dp-noise"))
         if self.attack is not None:
             tensors = _attacked(tensors, received, self.attack)
-        reply = wire.encode(tensors, {
+        reply = wire.encode(wire.cast(tensors, self.wire_dtype), {
             "round": round_index, "client": self.name, "num_examples": len(self.fit)})
         return reply, stats
 

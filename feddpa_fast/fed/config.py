@@ -16,11 +16,15 @@ from .aggregate import RULES
 from .algorithms import ALGORITHMS
 from .options import ConfigError, check_options, option
 from .weighting import WeightingConfig
+from .wire import WIRE_DTYPES
 
 __all__ = ["RunConfig", "ConfigError", "HOSTILE_ATTACKS"]
 
 HOSTILE_ATTACKS = ("scale", "signflip")
-_DECODING = {"num_beams": 1, "max_new_tokens": 32}  # recorded in checkpoints only when set
+# Fields added after checkpoints existed: recorded in a checkpoint's identity only when set,
+# so older checkpoints still resume.
+_LATER_FIELDS = {"num_beams": 1, "max_new_tokens": 32, "wire_dtype": "fp32", "dp_clip": None,
+                 "dp_noise_multiplier": 0.0, "dp_delta": 1e-5}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +80,17 @@ class RunConfig:
                             minimum=1)
     max_new_tokens: int = option(32, "causal-lm evaluation: tokens generated per test example",
                                  minimum=1)
+    # What travels (fed/wire.py) and client-level DP on it (fed/privacy.py).
+    wire_dtype: str = option("fp32", "dtype of the uploads and the broadcast (the server "
+                             "aggregates in fp64)", choices=tuple(WIRE_DTYPES))
+    dp_clip: float | None = option(None, "client-level DP: clip each client's update to this L2 "
+                                   "norm C before it is sent", type=float, above=0,
+                                   optional=True)
+    dp_noise_multiplier: float = option(0.0, "client-level DP: each client adds N(0, "
+                                        "(sigma C)^2) noise; sigma is this (needs --dp-clip)",
+                                        minimum=0)
+    dp_delta: float = option(1e-5, "client-level DP: the delta of the reported (epsilon, "
+                             "delta)", above=0, below=1)
 
     def __post_init__(self):
         check_options(self)
@@ -88,6 +103,8 @@ class RunConfig:
             raise ConfigError("--model smollm2 is a causal LM: use it with --task causal-lm")
         if self.data == "builtin" and self.task != "classify":
             raise ConfigError("--data builtin is a classification suite; use --task classify")
+        if self.dp_noise_multiplier > 0 and self.dp_clip is None:
+            raise ConfigError("--dp-noise-multiplier needs --dp-clip (the noise is sigma * C)")
 
     def check_sources(self) -> None:
         """Checks that the model and data directories exist and look right (before loading).
@@ -119,12 +136,19 @@ class RunConfig:
                     raise ConfigError(f"--data {path}: no {name} there (a data directory "
                                       "holds train.jsonl and test.jsonl)")
 
+    @property
+    def privacy(self):
+        """The client-level DP settings (fed/privacy.py)."""
+        from .privacy import PrivacySettings
+
+        return PrivacySettings(self.dp_clip, self.dp_noise_multiplier, self.dp_delta)
+
     def identity(self) -> dict:
         """The fields a resumed run must share with the checkpointed one."""
         d = dataclasses.asdict(self)
         d.pop("out")
-        for name in _DECODING:  # recorded only when set, so older checkpoints still resume
-            if d[name] == _DECODING[name]:
+        for name, default in _LATER_FIELDS.items():
+            if d[name] == default:
                 d.pop(name)
         d["targets"] = list(self.targets) if self.targets else None
         return d

@@ -33,7 +33,7 @@ def evaluate_clients(run, progress: bool = True) -> dict:
     per_client, shared = {}, None
     for name, client in tqdm(run.clients.items(), desc="evaluate", leave=False,
                              disable=not progress):
-        algorithm.receive(client, run.server.global_adapter, None)
+        algorithm.receive(client, run.server.expected(), None)  # as a client receives it
         evaluation = algorithm.final_evaluation(client)
         if evaluation.client_independent and shared is not None:
             per_set = shared["fixed"]["per_set"]  # one model for every client: scored once
@@ -73,6 +73,10 @@ def finish(run, wall_start: float, progress: bool = True) -> dict:
         "bytes_per_client_round": max((r.get("bytes_up_per_client", 0) for r in rows), default=0),
         "global_adapter_bytes": sum(t.numel() * t.element_size()
                                     for t in run.server.global_adapter.values()),
+        "wire_dtype": cfg.wire_dtype,
+        "dp": ({"clip": cfg.dp_clip, "noise_multiplier": cfg.dp_noise_multiplier,
+                "delta": cfg.dp_delta, "epsilon": run.epsilon()}
+               if cfg.privacy.enabled else None),
         "server_s": sum(r.get("server_s", 0) for r in rows),
         "rounds_s": sum(r.get("round_s", 0) for r in rows),
         "wall_s": time.perf_counter() - wall_start,

@@ -32,7 +32,7 @@ class InProcess:
     def exchange(self, r: int, sampled: list[str], broadcast: bytes):
         """Runs the round on each sampled client; a client that raises is left out."""
         replies, stats = {}, []
-        expected = self.run.server.global_adapter
+        expected = self.run.server.expected()
         for name in self._bar(sampled, f"round {r}"):
             try:
                 reply, s = self.run.clients[name].run_round(broadcast, r, expected)
@@ -46,7 +46,7 @@ class InProcess:
 
     def post_train(self, rounds: int, broadcast: bytes) -> None:
         """The method's post step on every client."""
-        expected = self.run.server.global_adapter
+        expected = self.run.server.expected()
         for client in self._bar(list(self.run.clients.values()), self.run.algorithm.post_step):
             client.post_train(broadcast, rounds, expected)
 
@@ -55,7 +55,7 @@ class InProcess:
         run = self.run
         scores = []
         for name, client in run.clients.items():
-            run.algorithm.receive(client, run.server.global_adapter, r + 1)
+            run.algorithm.receive(client, run.server.expected(), r + 1)
             evaluation = run.algorithm.round_evaluation(client)
             with final.entered(evaluation):
                 result = evaluate_client(

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import sys
 import time
 from pathlib import Path
@@ -33,6 +34,7 @@ from .checkpoint import (
 from .client import Client, TrainSettings
 from .config import RunConfig
 from .loading import build_task, load_data
+from .privacy import epsilon
 from .server import Server, ServerSettings, round_row
 
 __all__ = ["Run", "build_run", "run", "config_from_checkpoint", "evaluate_run"]
@@ -43,7 +45,7 @@ log = logging.getLogger("feddpa_fast.fed")
 def _server_settings(cfg: RunConfig) -> ServerSettings:
     return ServerSettings(fraction=cfg.fraction, per_round=cfg.clients_per_round,
                           aggregation=cfg.aggregation, trim=cfg.trim, clip_norm=cfg.clip_norm,
-                          min_clients=cfg.min_clients)
+                          min_clients=cfg.min_clients, wire_dtype=cfg.wire_dtype)
 
 
 def train_settings(cfg: RunConfig) -> TrainSettings:
@@ -73,6 +75,7 @@ class Run:
     clients: dict[str, Client]
     test: dict[str, list]
     started: float = dataclasses.field(default_factory=time.perf_counter)  # wall_s counts from
+    sample_rates: list[float] = dataclasses.field(default_factory=list)  # the DP account's steps
 
     @property
     def out(self) -> Path:
@@ -115,6 +118,13 @@ class Run:
             self._checkpoint(self.cfg.rounds, True)
         return transport.finish(self.started)
 
+    def epsilon(self) -> float | None:
+        """The DP epsilon spent so far (None: no DP, or no noise, i.e. unbounded)."""
+        if not self.cfg.privacy.enabled:
+            return None
+        spent = epsilon(self.cfg.privacy, self.sample_rates)
+        return spent if math.isfinite(spent) else None
+
     def _restore(self, resume: bool) -> tuple[int, bool]:
         """(rounds done, post step done) from the checkpoint when resuming; the clients drop
         local adapters the checkpoint does not cover."""
@@ -122,7 +132,7 @@ class Run:
         if resume:
             if not self.checkpoint_path.exists():
                 raise FileNotFoundError(f"--resume: no checkpoint at {self.checkpoint_path}")
-            self.server.global_adapter, done, post_done = resume_state(
+            self.server.global_adapter, done, post_done, self.sample_rates = resume_state(
                 self.checkpoint_path, self.cfg.identity())
         for client in self.clients.values():
             client.discard_uncommitted(done, post_done)
@@ -131,7 +141,8 @@ class Run:
     def _checkpoint(self, rounds_done: int, post_done: bool) -> None:
         start = time.perf_counter()
         save_run_checkpoint(self.checkpoint_path, self.server.global_adapter,
-                            self.cfg.identity(), self.cfg.seed, rounds_done, post_done)
+                            self.cfg.identity(), self.cfg.seed, rounds_done, post_done,
+                            self.sample_rates)
         self.server.server_seconds += time.perf_counter() - start
 
     def _round(self, r: int, transport) -> dict:
@@ -139,8 +150,12 @@ class Run:
         round_start, server_before = time.perf_counter(), self.server.server_seconds
         sampled, broadcast, replies, stats, accepted = self.server.run_round(
             r, transport.exchange, self.algorithm.uploads)
+        rate = len(sampled) / len(self.server.client_names)
+        self.sample_rates += [rate] * self.server.attempts  # every attempt's uploads count
         self._checkpoint(r + 1, False)
         row = round_row(r, sampled, accepted, replies, broadcast, stats)
+        if self.cfg.privacy.enabled:
+            row["epsilon"] = self.epsilon()
         if self.cfg.eval_every and (r + 1) % self.cfg.eval_every == 0:
             score = transport.round_score(r)
             if score is not None:
@@ -184,7 +199,8 @@ def build_run(cfg: RunConfig, *, clients: list[str] | None = None,
     state_root = Path(cfg.out) / "clients" if state_root is None else Path(state_root)
     built = {name: Client(name, train[name], test[name], state_root / name, task,
                           algorithm, train_settings(cfg), cfg.seed,
-                          attack=cfg.hostile if name in hostile else None)
+                          attack=cfg.hostile if name in hostile else None,
+                          wire_dtype=cfg.wire_dtype, privacy=cfg.privacy)
              for name in names}
     server = Server(algorithm.initial_global(task), list(train), _server_settings(cfg), cfg.seed)
     return Run(cfg, task, algorithm, server, built, test, started)

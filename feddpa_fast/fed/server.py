@@ -43,6 +43,7 @@ class ServerSettings:
     min_clients: int = 1
     max_attempts: int = 3
     max_blob_bytes: int = 1 << 30
+    wire_dtype: str = "fp32"  # what the broadcast and the uploads travel in (wire.WIRE_DTYPES)
 
     def __post_init__(self):
         if self.aggregation not in RULES:
@@ -64,6 +65,7 @@ class Server:
         self.client_names = list(client_names)
         self.settings, self.seed = settings, seed
         self.server_seconds = 0.0  # decode + validate + aggregate (+ checkpoint, by the runner)
+        self.attempts = 0  # of the last round (a redone round samples again)
 
     def sample(self, round_index: int, attempt: int = 0) -> list[str]:
         """The clients of a round: a seeded draw from (seed, round, attempt), in name order."""
@@ -74,8 +76,12 @@ class Server:
         chosen = sorted(rng.choice(n, size=k, replace=False).tolist())
         return [self.client_names[i] for i in chosen]
 
+    def expected(self) -> dict[str, torch.Tensor]:
+        """The keys, shapes and dtypes every message of the run carries (the wire dtype)."""
+        return wire.cast(self.global_adapter, self.settings.wire_dtype)
+
     def round_broadcast(self, round_index: int) -> bytes:
-        return wire.encode(self.global_adapter,
+        return wire.encode(self.expected(),
                            {"round": round_index, "client": "server", "num_examples": 0})
 
     def aggregate_round(self, round_index: int, replies: dict[str, bytes | BaseException]):
@@ -86,13 +92,14 @@ class Server:
         """
         start = time.perf_counter()
         updates, counts, accepted = [], [], []
+        expected = self.expected()
         for name, reply in replies.items():
             if isinstance(reply, BaseException):
                 log.warning("round %d: client %s failed (%s: %s); left out",
                             round_index, name, type(reply).__name__, reply)
                 continue
             try:
-                tensors, meta = wire.decode(reply, self.global_adapter, round=round_index,
+                tensors, meta = wire.decode(reply, expected, round=round_index,
                                             sender=name, max_bytes=self.settings.max_blob_bytes)
             except wire.WireError as exc:
                 log.warning("round %d: blob from %s rejected (%s: %s); left out",
@@ -121,6 +128,7 @@ class Server:
         ``max_attempts``) while too few updates are valid. Returns
         (sampled, broadcast, replies, stats, accepted)."""
         for attempt in range(self.settings.max_attempts):
+            self.attempts = attempt + 1  # each attempt's uploads count for the DP account
             sampled = self.sample(round_index, attempt)
             broadcast = self.round_broadcast(round_index)
             replies, stats = exchange(round_index, sampled, broadcast)

@@ -35,14 +35,17 @@ from collections.abc import Mapping
 import torch
 from safetensors.torch import save
 
-__all__ = ["encode", "decode", "SCHEMA", "DTYPES", "HEADER_CAP", "WireError", "BlobFormatError",
-           "SizeLimitError", "SchemaError", "MetadataError", "NonFiniteError"]
+__all__ = ["encode", "decode", "cast", "SCHEMA", "DTYPES", "WIRE_DTYPES", "HEADER_CAP",
+           "WireError", "BlobFormatError", "SizeLimitError", "SchemaError", "MetadataError",
+           "NonFiniteError"]
 
 SCHEMA = "feddpa_fast/adapter/1"
 # Floating dtypes an adapter can be trained in. F64 is left out on purpose: nothing here trains
 # in fp64, and it would only double the bytes on the wire.
 DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 _NAMES = {v: k for k, v in DTYPES.items()}
+# What ``--wire-dtype`` names: the dtype tensors travel in (the server aggregates in fp64).
+WIRE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # ~100 header bytes per tensor: 1 MiB is room for ~10k adapter matrices (a 7B model with all
 # linear layers targeted has 448), and caps the JSON parser's work on a hostile blob.
 HEADER_CAP = 1 << 20
@@ -87,6 +90,19 @@ def _is_int(x) -> bool:
 def _check_finite(name: str, t: torch.Tensor) -> None:
     if t.numel() and not bool(torch.isfinite(t).all()):
         raise NonFiniteError(f"tensor {name!r} has NaN or Inf values")
+
+
+def cast(tensors: Mapping[str, torch.Tensor], wire_dtype: str) -> dict[str, torch.Tensor]:
+    """``tensors`` in the dtype ``--wire-dtype`` names (a no-op for tensors already in it).
+
+    Args:
+        tensors: name -> floating-point tensor.
+        wire_dtype: a key of ``WIRE_DTYPES`` ("fp32", "bf16", "fp16").
+    Returns:
+        name -> tensor in that dtype.
+    """
+    dtype = WIRE_DTYPES[wire_dtype]
+    return {k: v if v.dtype == dtype else v.to(dtype) for k, v in tensors.items()}
 
 
 def encode(tensors: Mapping[str, torch.Tensor], meta: Mapping) -> bytes:

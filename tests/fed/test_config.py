@@ -390,3 +390,13 @@ def test_identity_round_trips(cfg):
     assert RunConfig.from_identity(identity, "elsewhere").out == "elsewhere"
     if cfg.num_beams == 1 and cfg.max_new_tokens == 32:  # decoding recorded only when set
         assert "num_beams" not in identity and "max_new_tokens" not in identity
+
+
+def test_zero_unsets_an_optional_flag_as_in_the_flower_run_config():
+    """The README's authors' setting: --max-steps 0 --test-limit 0 means no cap."""
+    args = build_parser().parse_args(["train", "--max-steps", "0", "--test-limit", "0",
+                                      "--clip-norm", "0", "--rounds", "2"])
+    cfg = config_from_args(args)
+    assert (cfg.max_steps, cfg.test_limit, cfg.clip_norm, cfg.rounds) == (None, None, None, 2)
+    with pytest.raises(ConfigError, match="--rounds"):  # a required field has no 'unset'
+        config_from_args(build_parser().parse_args(["train", "--rounds", "0"]))

@@ -57,7 +57,7 @@ def _query(message: Message, context: Context) -> Message:
 def _train(message: Message, context: Context) -> Message:
     """A round ("round") or the post step ("post") on this node's client."""
     run, client = _node_client(context)
-    expected = run.server.global_adapter  # keys, shapes and dtypes a broadcast must have
+    expected = run.server.expected()  # keys, shapes and dtypes a broadcast must have
     step, r, blob = decode_request(message.content)
     if step == "round":
         client.discard_uncommitted(r)  # leftovers of an interrupted attempt at this round
