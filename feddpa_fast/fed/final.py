@@ -1,5 +1,6 @@
-"""The end of an in-process run: each client's final evaluation (P and TTP; both weight
-assignments for FedDPA's dynamic mix), the adapters in PEFT format, results.json and plots."""
+"""Evaluation on a client (the score after a round; the final entry: P and TTP, both weight
+assignments for FedDPA's dynamic mix, the client's adapters in PEFT format), run where the
+client lives, and the end of a run: results.json, the final metrics line and the plots."""
 from __future__ import annotations
 
 import contextlib
@@ -8,7 +9,13 @@ import time
 
 from ..evaluate import evaluate_client, plot_rounds
 
-__all__ = ["entered", "finish", "evaluate_clients", "summarise"]
+__all__ = ["entered", "evaluate_clients", "final_entry", "finish", "limit", "round_score",
+           "summarise"]
+
+
+def limit(examples, n):
+    """The first ``n`` examples (all of them when ``n`` is None)."""
+    return list(examples)[:n] if n else list(examples)
 
 
 def entered(evaluation):
@@ -21,32 +28,56 @@ def _assignments(cfg) -> list[str]:
         a for a in ("authors", "opposite") if a != cfg.weighting.assignment]
 
 
+def _test_sets(run) -> dict[str, list]:
+    return {n: limit(run.test[n], run.cfg.test_limit) for n in run.test}
+
+
+def round_score(run, client, received: dict, r: int) -> float:
+    """The client's own-task score after round ``r`` (the method's round evaluation), from
+    the global state it ``received``; what a Flower node answers too."""
+    algorithm, name = run.algorithm, client.name
+    algorithm.receive(client, received, r + 1)
+    evaluation = algorithm.round_evaluation(client)
+    with entered(evaluation):
+        result = evaluate_client(run.task, client, evaluation.mode,
+                                 {name: limit(run.test[name], run.cfg.test_limit)}, own=name,
+                                 seed=run.cfg.seed, weighting=run.cfg.weighting, own_only=True)
+    return next(iter(result.values()))["P"]
+
+
+def final_entry(run, client, received: dict, shared: dict | None = None) -> dict:
+    """The client's results.json entry ({key: {"P", "TTP", "per_set"}} + the method's report)
+    from the final global state it ``received``; saves its outputs (the shared model holds
+    its adapters only now). ``shared``: an entry of another client whose model was the same
+    (the method says when), reused instead of scoring again."""
+    cfg, algorithm, name = run.cfg, run.algorithm, client.name
+    algorithm.receive(client, received, None)
+    evaluation = algorithm.final_evaluation(client)
+    if evaluation.client_independent and shared is not None:
+        per_set = shared["fixed"]["per_set"]  # one model for every client: scored once
+        entry = {"fixed": {"P": per_set[name], "per_set": per_set,
+                           "TTP": shared["fixed"]["TTP"]}}
+    else:
+        with entered(evaluation):
+            entry = evaluate_client(run.task, client, evaluation.mode, _test_sets(run),
+                                    own=name, seed=cfg.seed, weighting=cfg.weighting,
+                                    assignments=_assignments(cfg))
+    entry.update(algorithm.client_report(client))
+    algorithm.save_client_outputs(client, run.out)
+    return entry
+
+
 def evaluate_clients(run, progress: bool = True) -> dict:
-    """{client: {key: {"P", "TTP", "per_set"}} (+ the method's report)}; saves each client's
-    outputs as it goes (the shared model holds that client's adapters only then)."""
+    """{client: final entry} for every client of an in-process run."""
     from tqdm.auto import tqdm
 
-    from .in_process import limit
-
-    cfg, algorithm = run.cfg, run.algorithm
-    test_sets = {n: limit(run.test[n], cfg.test_limit) for n in run.test}
     per_client, shared = {}, None
+    received = run.server.expected()  # as a client receives it
     for name, client in tqdm(run.clients.items(), desc="evaluate", leave=False,
                              disable=not progress):
-        algorithm.receive(client, run.server.expected(), None)  # as a client receives it
-        evaluation = algorithm.final_evaluation(client)
-        if evaluation.client_independent and shared is not None:
-            per_set = shared["fixed"]["per_set"]  # one model for every client: scored once
-            per_client[name] = {"fixed": {"P": per_set[name], "per_set": per_set,
-                                          "TTP": shared["fixed"]["TTP"]}}
-        else:
-            with entered(evaluation):
-                per_client[name] = evaluate_client(
-                    run.task, client, evaluation.mode, test_sets, own=name, seed=cfg.seed,
-                    weighting=cfg.weighting, assignments=_assignments(cfg))
+        per_client[name] = final_entry(run, client, received, shared)
+        if "fixed" in per_client[name]:
             shared = per_client[name]
-        per_client[name].update(algorithm.client_report(client))
-        algorithm.save_client_outputs(client, run.out)
     return per_client
 
 
@@ -57,10 +88,11 @@ def summarise(per_client: dict) -> dict:
                   for m in ("P", "TTP")} for key in keys}
 
 
-def finish(run, wall_start: float, progress: bool = True) -> dict:
-    """Evaluates every client, saves the outputs, writes results.json and the plots."""
+def finish(run, per_client: dict, wall_start: float) -> dict:
+    """Saves the global outputs and writes results.json, the final metrics line and the plots
+    from every client's final entry (whichever transport gathered them)."""
     cfg, out = run.cfg, run.out
-    per_client = evaluate_clients(run, progress)
+    per_client = {name: per_client[name] for name in run.server.client_names}  # client order
     run.algorithm.save_global_outputs(run.task, run.server.global_adapter, out)
     summary = summarise(per_client)
     dynamic = cfg.weighting.assignment in summary

@@ -4,17 +4,11 @@ from __future__ import annotations
 
 import logging
 
-from ..evaluate import evaluate_client
 from . import final
 
-__all__ = ["InProcess", "limit"]
+__all__ = ["InProcess"]
 
 log = logging.getLogger("feddpa_fast.fed")
-
-
-def limit(examples, n):
-    """The first ``n`` examples (all of them when ``n`` is None)."""
-    return list(examples)[:n] if n else list(examples)
 
 
 class InProcess:
@@ -52,19 +46,12 @@ class InProcess:
 
     def round_score(self, r: int) -> float:
         """Mean own-task score after round ``r`` (the method's round evaluation)."""
-        run = self.run
-        scores = []
-        for name, client in run.clients.items():
-            run.algorithm.receive(client, run.server.expected(), r + 1)
-            evaluation = run.algorithm.round_evaluation(client)
-            with final.entered(evaluation):
-                result = evaluate_client(
-                    run.task, client, evaluation.mode, {name: limit(run.test[name],
-                                                                    run.cfg.test_limit)},
-                    own=name, seed=run.cfg.seed, weighting=run.cfg.weighting, own_only=True)
-            scores.append(next(iter(result.values()))["P"])
+        received = self.run.server.expected()
+        scores = [final.round_score(self.run, client, received, r)
+                  for client in self.run.clients.values()]
         return sum(scores) / len(scores)
 
     def finish(self, wall_start: float) -> dict:
-        """Final evaluation, adapters, results.json and plots (fed/final.py)."""
-        return final.finish(self.run, wall_start, progress=self.progress)
+        """Every client's final entry, then results.json and plots (fed/final.py)."""
+        per_client = final.evaluate_clients(self.run, self.progress)
+        return final.finish(self.run, per_client, wall_start)

@@ -37,7 +37,7 @@ from .loading import build_task, load_data
 from .privacy import epsilon
 from .server import Server, ServerSettings, round_row
 
-__all__ = ["Run", "build_run", "run", "config_from_checkpoint", "evaluate_run"]
+__all__ = ["Run", "build_run", "prepare_run", "run", "config_from_checkpoint", "evaluate_run"]
 
 log = logging.getLogger("feddpa_fast.fed")
 
@@ -71,11 +71,35 @@ class Run:
     cfg: RunConfig
     task: object
     algorithm: Algorithm
-    server: Server
+    server: Server | None  # set by complete()
     clients: dict[str, Client]
     test: dict[str, list]
     started: float = dataclasses.field(default_factory=time.perf_counter)  # wall_s counts from
+    names: list[str] = dataclasses.field(default_factory=list)  # every client of the run
     sample_rates: list[float] = dataclasses.field(default_factory=list)  # the DP account's steps
+    reports: dict = dataclasses.field(default_factory=dict)  # the local clients' setup reports
+    shared: dict | None = None  # what the method's setup gave every client
+
+    def setup_report(self, name: str):
+        """A local client's setup report for the method (computed once)."""
+        if name not in self.reports:
+            self.reports[name] = self.algorithm.setup_report(self.task, self.clients[name])
+        return self.reports[name]
+
+    def complete(self, *, reports: dict | None = None, shared: dict | None = None) -> dict:
+        """The method's setup and the server. The server side (in process, or a Flower
+        ServerApp given the nodes' ``reports``) runs ``setup``; a Flower node is given its
+        ``shared`` result. Every local client then joins. Returns ``shared``."""
+        if shared is None:
+            if reports is None:
+                reports = {name: self.setup_report(name) for name in self.clients}
+            shared = self.algorithm.setup(self.task, reports)
+        for name, client in self.clients.items():
+            self.algorithm.join(self.task, client, shared, self.setup_report(name))
+        self.shared = shared
+        self.server = Server(self.algorithm.initial_global(self.task), self.names,
+                             _server_settings(self.cfg), self.cfg.seed)
+        return shared
 
     @property
     def out(self) -> Path:
@@ -167,19 +191,16 @@ class Run:
         return row
 
 
-def build_run(cfg: RunConfig, *, clients: list[str] | None = None,
-              state_root: Path | None = None) -> Run:
-    """Builds a run's parts: data (checked first), the patched model, the method, the server
-    and the clients.
+def prepare_run(cfg: RunConfig, *, clients: list[str] | None = None,
+                state_root: Path | None = None) -> Run:
+    """A run's parts before the method's setup: data (checked first), the patched model, the
+    method and the local clients; ``Run.complete`` adds the setup and the server.
 
     Args:
         cfg: the run's configuration.
         clients: the names of the clients that live in this process (default: all of them;
             ``[]`` on a Flower ServerApp, one name on a ClientApp).
         state_root: where the clients' state directories are (default ``<out>/clients``).
-
-    Returns:
-        A ``Run``.
 
     Raises:
         ConfigError / data.DataError / FileNotFoundError: bad data or model, before the model
@@ -190,7 +211,6 @@ def build_run(cfg: RunConfig, *, clients: list[str] | None = None,
     train, test = load_data(cfg)
     task = build_task(cfg)
     algorithm = get_algorithm(cfg)
-    algorithm.setup(task, train)
     names = list(train) if clients is None else list(clients)
     unknown = [n for n in names if n not in train]
     if unknown:
@@ -202,8 +222,24 @@ def build_run(cfg: RunConfig, *, clients: list[str] | None = None,
                           attack=cfg.hostile if name in hostile else None,
                           wire_dtype=cfg.wire_dtype, privacy=cfg.privacy)
              for name in names}
-    server = Server(algorithm.initial_global(task), list(train), _server_settings(cfg), cfg.seed)
-    return Run(cfg, task, algorithm, server, built, test, started)
+    return Run(cfg, task, algorithm, None, built, test, started, names=list(train))
+
+
+def build_run(cfg: RunConfig, *, clients: list[str] | None = None,
+              state_root: Path | None = None, reports: dict | None = None) -> Run:
+    """``prepare_run`` and ``Run.complete``: the parts of a run, ready to run.
+
+    Args:
+        cfg, clients, state_root: as ``prepare_run``.
+        reports: the clients' setup reports when they were gathered elsewhere (the Flower
+            ServerApp); default: from the local clients.
+
+    Returns:
+        A ``Run``.
+    """
+    run_ = prepare_run(cfg, clients=clients, state_root=state_root)
+    run_.complete(reports=reports)
+    return run_
 
 
 def run(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> dict:

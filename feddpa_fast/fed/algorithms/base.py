@@ -4,7 +4,8 @@ A method is one ``Algorithm`` subclass in its own module of this package, regist
 ``__init__.py``. The client, the run and the Flower apps call only these hooks, never a
 method's name:
 
-    the run        setup, initial_global, post_step, keeps_local, save_global_outputs
+    the run        setup_report (client), setup (server), join (client), initial_global,
+                   post_step, keeps_local, save_global_outputs
     a round        phases, receive, train_target, upload
     after it       post_train (when post_step is set)
     evaluation     round_evaluation, final_evaluation, client_report, save_client_outputs
@@ -74,14 +75,23 @@ class Algorithm:
     uploads: ClassVar[bool] = True          # does a client send something each round?
     holdout: ClassVar[float] = 0.0          # fraction of a client's data kept out of training
     post_step: ClassVar[str | None] = None  # label of the step after the last round, if any
-    needs_every_client_at_setup: ClassVar[bool] = False  # setup reads all clients' data
 
     def __init__(self, cfg):
         self.cfg = cfg  # the run's RunConfig
 
     # ---- the run ---------------------------------------------------------------------------
-    def setup(self, task, train: dict[str, list]) -> None:
-        """Per-run state built from the clients' training data (nothing by default)."""
+    def setup_report(self, task, client) -> dict | None:
+        """What a client tells the server before round 0 (JSON-able; nothing by default)."""
+        return None
+
+    def setup(self, task, reports: dict[str, dict | None]) -> dict:
+        """Server side, from every client's report: per-run state; returns what every client
+        is told back (JSON-able; nothing by default)."""
+        return {}
+
+    def join(self, task, client, shared: dict, report: dict | None) -> None:
+        """Client side: what the client builds from the setup's ``shared`` result and its own
+        ``report`` (nothing by default)."""
 
     def initial_global(self, task) -> dict[str, torch.Tensor]:
         """What the server starts from: a seeded PEFT-initialised global adapter."""

@@ -2,7 +2,9 @@
 averaged like an adapter, generates each client's LoRA factors from its label distribution,
 its mean context embedding and a layer embedding. Only the hypernetwork travels.
 
-Client state: its conditioning (``Conditioning``), built at setup from every client's data.
+Setup: each client reports its conditioning (label distribution, mean context embedding)
+before round 0; the server sizes and seeds the hypernetwork from the reports; each client
+joins with its ``Conditioning`` (its client state).
 The generated factors reach the layers as an explicit adapter source (``fed/c2a.py``,
 ``GeneratedAdapters``), which takes the place of both stacked adapters. Evaluated (as in the
 method) with the factors generated from a uniform label distribution; each client's generated
@@ -12,6 +14,7 @@ adapter is saved in PEFT format as its local adapter, the hypernetwork as
 from __future__ import annotations
 
 import contextlib
+import math
 from pathlib import Path
 
 import torch
@@ -30,6 +33,20 @@ from ..checkpoint import derive_seed
 from .base import Algorithm, Evaluation, Phase, TrainTarget
 
 __all__ = ["C2A", "Conditioning", "context_embedding"]
+
+
+def _check_report(name: str, report) -> int:
+    """A client's conditioning report, checked; returns its context size."""
+    try:
+        dist = [float(v) for v in report["label_distribution"]]
+        context = [float(v) for v in report["context"]]
+    except (TypeError, KeyError, ValueError):
+        raise ValueError(f"C2A: client {name!r} sent no valid conditioning") from None
+    values = dist + context
+    if not dist or not context or not all(math.isfinite(v) for v in values) \
+            or abs(sum(dist) - 1) > 1e-4 or min(dist) < 0:
+        raise ValueError(f"C2A: client {name!r} sent a malformed conditioning")
+    return len(context)
 
 # Both weights 1: the generated adapter at full strength (the neutral mix, fed/c2a.py).
 _FULL = (1.0, 1.0)
@@ -73,31 +90,57 @@ class Conditioning:
             yield
 
 
+def _padded(dist: torch.Tensor, num_labels: int) -> torch.Tensor:
+    return torch.cat([dist, torch.zeros(num_labels - dist.numel(), dtype=dist.dtype)])
+
+
 class C2A(Algorithm):
     name = "c2a"
-    needs_every_client_at_setup = True
 
-    def setup(self, task, train) -> None:
-        """The hypernetwork (seeded) and each client's conditioning."""
-        cfg = self.cfg
-        layers = [(n, m.in_features, m.out_features) for n, m in dual_lora_layers(task.model)]
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.network: AdapterHypernetwork | None = None
+        self.conditioning: dict[str, Conditioning] = {}
+
+    def setup_report(self, task, client) -> dict:
+        """The client's conditioning: its label distribution over its own choices (a constant
+        for causal LM) and its mean context embedding (what it sends before round 0)."""
         if task.kind == "classify":
-            num_labels = max(len(e.choices) for examples in train.values() for e in examples)
+            dist = label_distribution(client.train, len(client.train[0].choices))
         else:
-            num_labels = 1  # no labels: a constant conditioning input
-        contexts = {name: context_embedding(task, examples) for name, examples in train.items()}
-        torch.manual_seed(derive_seed(cfg.seed, "hypernetwork-init"))
-        context_size = next(iter(contexts.values())).numel()
-        self.network = AdapterHypernetwork(layers, cfg.rank, num_labels, context_size)
-        self.conditioning = {}
-        for name, examples in train.items():
-            if task.kind == "classify":
-                dist = label_distribution(examples, num_labels)
-                uniform = uniform_label_distribution(len(examples[0].choices), num_labels)
-            else:
-                dist = uniform = torch.ones(1)
-            self.conditioning[name] = Conditioning(self.network, task.model, dist, uniform,
-                                                   contexts[name], cfg.alpha / cfg.rank)
+            dist = torch.ones(1)  # no labels: a constant conditioning input
+        return {"label_distribution": dist.tolist(),
+                "context": context_embedding(task, client.train).tolist()}
+
+    def setup(self, task, reports) -> dict:
+        """The hypernetwork (seeded), sized by every client's conditioning.
+
+        Raises:
+            ValueError: a missing or malformed report (sizes, non-finite values).
+        """
+        sizes = {_check_report(name, report) for name, report in reports.items()}
+        if len(sizes) != 1:
+            raise ValueError(f"C2A: the clients' context embeddings differ in size: {sizes}")
+        shared = {"num_labels": max(len(r["label_distribution"]) for r in reports.values()),
+                  "context_dim": sizes.pop()}
+        torch.manual_seed(derive_seed(self.cfg.seed, "hypernetwork-init"))
+        self._build_network(task, shared)
+        return shared
+
+    def join(self, task, client, shared, report) -> None:
+        """The client's conditioning against the shared hypernetwork (built here on a node)."""
+        if self.network is None:  # a Flower node: the values come with round 0's broadcast
+            self._build_network(task, shared)
+        dist = torch.tensor(report["label_distribution"], dtype=torch.float32)
+        uniform = uniform_label_distribution(dist.numel(), shared["num_labels"])
+        self.conditioning[client.name] = Conditioning(
+            self.network, task.model, _padded(dist, shared["num_labels"]), uniform,
+            torch.tensor(report["context"], dtype=torch.float32), self.cfg.alpha / self.cfg.rank)
+
+    def _build_network(self, task, shared) -> None:
+        layers = [(n, m.in_features, m.out_features) for n, m in dual_lora_layers(task.model)]
+        self.network = AdapterHypernetwork(layers, self.cfg.rank, int(shared["num_labels"]),
+                                           int(shared["context_dim"]))
 
     def initial_global(self, task):
         return self._network_state()

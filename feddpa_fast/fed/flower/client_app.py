@@ -1,6 +1,10 @@
-"""The ClientApp: one client of ``build_run`` per SuperNode, started with
+"""The ClientApp: one client of the run per SuperNode, started with
 ``--node-config "partition-id=<i> state-dir='<dir>'"`` (``partition-id`` indexes the clients in
-the data's order; ``state-dir`` is where its local adapters stay, never sent)."""
+the data's order; ``state-dir`` is where its local adapters stay, never sent).
+
+A node answers, in this order: ``query`` "discover" (which client it is), "setup" (the
+method's setup report), "join" (the setup's shared result: the node's run is then complete);
+then ``train`` ("round", "post") and ``evaluate`` ("round", "final") messages."""
 from __future__ import annotations
 
 import json
@@ -10,11 +14,11 @@ import torch
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from ..algorithms import ALGORITHMS
+from .. import final, wire
 from ..client import Client
 from ..loading import load_data
-from ..runner import Run, build_run
-from .codec import decode_request, encode_reply
+from ..runner import Run, prepare_run
+from .codec import decode_request, encode_reply, encode_result, request_payload
 from .run_config import extra, from_flower
 
 __all__ = ["client_app"]
@@ -23,8 +27,8 @@ client_app = ClientApp()
 _RUNS: dict[tuple, Run] = {}  # one per (run config, node) in a long-lived ClientApp process
 
 
-def _node_client(context: Context) -> tuple[Run, Client]:
-    """This node's run and client, built once per run config."""
+def _node_run(context: Context) -> tuple[Run, Client]:
+    """This node's run and client, prepared once per run config."""
     cfg = from_flower(dict(context.run_config))
     torch.set_num_threads(extra(dict(context.run_config), "torch-threads"))
     node = dict(context.node_config)
@@ -34,29 +38,43 @@ def _node_client(context: Context) -> tuple[Run, Client]:
     key = (json.dumps(cfg.identity(), sort_keys=True), int(node["partition-id"]),
            str(node["state-dir"]))
     if key not in _RUNS:
-        if ALGORITHMS[cfg.algo].needs_every_client_at_setup:
-            raise NotImplementedError(f"the Flower apps do not run {cfg.algo}: its setup reads "
-                                      "every client's data")
         names = list(load_data(cfg)[0])
         index = int(node["partition-id"])
         if not 0 <= index < len(names):
             raise ValueError(f"partition-id {index}: the data has {len(names)} clients")
-        _RUNS[key] = build_run(cfg, clients=[names[index]], state_root=Path(node["state-dir"]))
+        _RUNS[key] = prepare_run(cfg, clients=[names[index]], state_root=Path(node["state-dir"]))
     run = _RUNS[key]
     return run, next(iter(run.clients.values()))
 
 
+def _joined(context: Context) -> tuple[Run, Client]:
+    run, client = _node_run(context)
+    if run.server is None:
+        raise RuntimeError(f"node of {client.name}: a round before the run's setup (join)")
+    return run, client
+
+
 @client_app.query()
 def _query(message: Message, context: Context) -> Message:
-    """Which client this node is."""
-    _, client = _node_client(context)
-    return Message(encode_reply(client.name, -1, None, {}), reply_to=message)
+    """Which client this node is ("discover"), its setup report ("setup"), or the setup's
+    shared result to join with ("join")."""
+    run, client = _node_run(context)
+    step = decode_request(message.content)[0] if "fed" in message.content.config_records \
+        else "discover"
+    result = {}
+    if step == "setup":
+        result = {"report": run.setup_report(client.name)}
+    elif step == "join":
+        run.complete(shared=request_payload(message.content))
+    elif step != "discover":
+        raise ValueError(f"unknown query step {step!r}")
+    return Message(encode_result(client.name, -1, result), reply_to=message)
 
 
 @client_app.train()
 def _train(message: Message, context: Context) -> Message:
     """A round ("round") or the post step ("post") on this node's client."""
-    run, client = _node_client(context)
+    run, client = _joined(context)
     expected = run.server.expected()  # keys, shapes and dtypes a broadcast must have
     step, r, blob = decode_request(message.content)
     if step == "round":
@@ -67,3 +85,19 @@ def _train(message: Message, context: Context) -> Message:
     else:
         raise ValueError(f"unknown step {step!r}")
     return Message(encode_reply(client.name, r, reply, stats), reply_to=message)
+
+
+@client_app.evaluate()
+def _evaluate(message: Message, context: Context) -> Message:
+    """The method's evaluation where the local adapter lives: after a round ("round": the
+    own-task P) or at the end ("final": the results.json entry; the adapters stay here)."""
+    run, client = _joined(context)
+    step, r, blob = decode_request(message.content)
+    received, _ = wire.decode(blob, run.server.expected(), round=r, sender="server")
+    if step == "round":
+        result = {"P": final.round_score(run, client, received, r)}
+    elif step == "final":
+        result = final.final_entry(run, client, received)
+    else:
+        raise ValueError(f"unknown evaluation step {step!r}")
+    return Message(encode_result(client.name, r, result), reply_to=message)

@@ -5,14 +5,21 @@ from __future__ import annotations
 
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
-__all__ = ["encode_request", "decode_request", "encode_reply", "decode_reply"]
+__all__ = ["encode_request", "decode_request", "request_payload", "encode_reply",
+           "decode_reply", "encode_result", "decode_result"]
 
 
-def encode_request(step: str, round_index: int, blob: bytes | None = None) -> RecordDict:
-    """ServerApp -> ClientApp: the step ("round" | "post"), the round and the broadcast blob."""
+def encode_request(step: str, round_index: int, blob: bytes | None = None,
+                   payload: dict | None = None) -> RecordDict:
+    """ServerApp -> ClientApp: the step ("round", "post"; "round", "final" to evaluate;
+    "discover", "setup", "join" to query), the round, the broadcast blob and a JSON payload."""
+    import json
+
     record = {"step": step, "round": int(round_index)}
     if blob is not None:
         record["blob"] = bytes(blob)
+    if payload is not None:
+        record["payload"] = json.dumps(payload)
     return RecordDict({"fed": ConfigRecord(record)})
 
 
@@ -21,6 +28,14 @@ def decode_request(content: RecordDict) -> tuple[str, int, bytes | None]:
     record = content.config_records["fed"]
     blob = record.get("blob")
     return str(record["step"]), int(record["round"]), (bytes(blob) if blob is not None else None)
+
+
+def request_payload(content: RecordDict) -> dict | None:
+    """The JSON payload of a request (None when it has none)."""
+    import json
+
+    raw = content.config_records["fed"].get("payload")
+    return json.loads(str(raw)) if raw is not None else None
 
 
 def encode_reply(name: str, round_index: int, blob: bytes | None, stats: dict) -> RecordDict:
@@ -39,3 +54,20 @@ def decode_reply(content: RecordDict) -> tuple[str, int, bytes | None, dict]:
     stats = dict(content.metric_records["metrics"]) if "metrics" in content.metric_records else {}
     return (str(record["client"]), int(record["round"]),
             bytes(blob) if blob is not None else None, stats)
+
+
+def encode_result(name: str, round_index: int, result: dict) -> RecordDict:
+    """ClientApp -> ServerApp, for an evaluate message: the client's evaluation (a round's
+    {"P": ..} or its final results.json entry) as JSON, exact floats included."""
+    import json
+
+    return RecordDict({"fed": ConfigRecord({"client": name, "round": int(round_index),
+                                            "result": json.dumps(result)})})
+
+
+def decode_result(content: RecordDict) -> tuple[str, int, dict]:
+    """(client, round, result) of an evaluate reply."""
+    import json
+
+    record = content.config_records["fed"]
+    return str(record["client"]), int(record["round"]), json.loads(str(record["result"]))

@@ -2,20 +2,21 @@
 ``checkpoint.safetensors`` (the built-in loop's format), ``metrics.jsonl`` and
 ``adapters/global`` under ``out``; restarted with the same config, it resumes from the
 checkpoint's ``rounds_done``. Same seed: the same initial global adapter, sampling and
-aggregation as the built-in loop. There is no final evaluation here yet (the local adapters
-live on the SuperNodes)."""
+aggregation as the built-in loop. Evaluation (every ``eval-every`` rounds and at the end) runs
+on the SuperNodes, where the local adapters live; they reply with their scores and the
+ServerApp writes results.json and the plots as the built-in loop does."""
 from __future__ import annotations
 
 import logging
 import time
 
 import torch
-from flwr.app import Context, RecordDict
+from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from ..algorithms import ALGORITHMS
-from ..runner import build_run
-from .codec import decode_reply, encode_request
+from .. import final
+from ..runner import prepare_run
+from .codec import decode_reply, decode_result, encode_request
 from .run_config import extra, from_flower
 
 __all__ = ["GridTransport", "server_app", "run_server"]
@@ -34,11 +35,12 @@ def discover(grid: Grid, names: list[str], wait_s: float) -> dict[str, int]:
     while True:
         new = [n for n in grid.get_node_ids() if n not in asked]
         if new:
-            msgs = [grid.create_message(RecordDict(), "query", n, "discover") for n in new]
+            msgs = [grid.create_message(encode_request("discover", -1), "query", n, "discover")
+                    for n in new]
             for reply in grid.send_and_receive(msgs, timeout=max(1.0, deadline - time.monotonic())):
                 if reply.has_error():
                     continue
-                name = decode_reply(reply.content)[0]
+                name = decode_result(reply.content)[0]
                 found[name] = reply.metadata.src_node_id
                 asked.add(reply.metadata.src_node_id)
         missing = [n for n in names if n not in found]
@@ -89,13 +91,46 @@ class GridTransport:
         if failed:
             raise RuntimeError(f"post-training step failed on {failed}")
 
-    def round_score(self, r: int) -> None:
-        return None  # no federated evaluation yet: the local adapters live on the nodes
+    def ask(self, message_type: str, step: str, r: int, blob: bytes | None = None,
+            payload: dict | None = None) -> dict[str, dict]:
+        """{client: its result} from one message to every client's node; raises naming the
+        nodes that gave no valid reply (a run cannot go on without them here)."""
+        names = list(self.run.names)
+        msgs = [self.grid.create_message(encode_request(step, r, blob, payload), message_type,
+                                         self.nodes[n], f"{step}-{r}") for n in names]
+        by_node = {self.nodes[n]: n for n in names}
+        results: dict[str, dict] = {}
+        for msg in self.grid.send_and_receive(msgs, timeout=self.round_timeout):
+            name = by_node.get(msg.metadata.src_node_id)
+            if name is None or msg.has_error():
+                continue
+            claimed, reply_round, result = decode_result(msg.content)
+            if claimed == name and reply_round == r:
+                results[name] = result
+        missing = [n for n in names if n not in results]
+        if missing:
+            raise RuntimeError(f"{message_type} {step} (round {r}): no valid reply from "
+                               f"{missing}")
+        return results
+
+    def setup(self) -> None:
+        """The method's setup exchange before round 0: every node's report, then the shared
+        result back to every node (each node's run is complete after it)."""
+        reports = {n: result["report"] for n, result in self.ask("query", "setup", -1).items()}
+        shared = self.run.complete(reports=reports)
+        self.ask("query", "join", -1, payload=shared)
+
+    def round_score(self, r: int) -> float:
+        """Mean own-task P after round ``r``, each node scoring its own client."""
+        results = self.ask("evaluate", "round", r, self.run.server.round_broadcast(r))
+        scores = [results[n]["P"] for n in self.run.server.client_names]
+        return sum(scores) / len(scores)
 
     def finish(self, wall_start: float) -> dict:
-        run = self.run
-        run.algorithm.save_global_outputs(run.task, run.server.global_adapter, run.out)
-        return run.server.global_adapter
+        """Every node's final entry, then results.json, the metrics line and the plots."""
+        rounds = self.run.cfg.rounds
+        per_client = self.ask("evaluate", "final", rounds, self.run.server.round_broadcast(rounds))
+        return final.finish(self.run, per_client, wall_start)
 
 
 @server_app.main()
@@ -103,17 +138,16 @@ def _main(grid: Grid, context: Context) -> None:
     run_server(grid, dict(context.run_config))
 
 
-def run_server(grid: Grid, run_config: dict) -> dict[str, torch.Tensor]:
-    """The rounds of the built-in loop over a Flower Grid; returns the final global adapter."""
+def run_server(grid: Grid, run_config: dict) -> dict:
+    """The built-in loop over a Flower Grid: the setup exchange, the rounds, federated
+    evaluation; returns the results dict (also written to results.json)."""
     cfg = from_flower(run_config)
     torch.set_num_threads(extra(run_config, "torch-threads"))
-    if ALGORITHMS[cfg.algo].needs_every_client_at_setup:
-        raise NotImplementedError(f"the Flower apps do not run {cfg.algo}: its setup reads "
-                                  "every client's data")
-    run = build_run(cfg, clients=[])  # same seeded model and global init as the built-in loop
+    run = prepare_run(cfg, clients=[])  # the same seeded model as the built-in loop
+    nodes = discover(grid, run.names, extra(run_config, "node-wait"))
+    transport = GridTransport(run, grid, nodes, extra(run_config, "round-timeout"))
+    transport.setup()  # the same initial global state as the built-in loop
     resume = run.checkpoint_path.exists()  # a restarted ServerApp carries the round offset
     if resume:
         log.info("resuming from %s", run.checkpoint_path)
-    nodes = discover(grid, run.server.client_names, extra(run_config, "node-wait"))
-    transport = GridTransport(run, grid, nodes, extra(run_config, "round-timeout"))
     return run.run(transport, resume=resume, progress=False)
