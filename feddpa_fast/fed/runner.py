@@ -170,20 +170,20 @@ class Run:
         self.server.server_seconds += time.perf_counter() - start
 
     def _round(self, r: int, transport) -> dict:
-        """One round: exchange and aggregate, checkpoint, score, one metrics line."""
+        """One round: exchange and aggregate, score, checkpoint, one metrics line."""
         round_start, server_before = time.perf_counter(), self.server.server_seconds
         sampled, broadcast, replies, stats, accepted = self.server.run_round(
             r, transport.exchange, self.algorithm.uploads)
         rate = len(sampled) / len(self.server.client_names)
         self.sample_rates += [rate] * self.server.attempts  # every attempt's uploads count
-        self._checkpoint(r + 1, False)
         row = round_row(r, sampled, accepted, replies, broadcast, stats)
         if self.cfg.privacy.enabled:
             row["epsilon"] = self.epsilon()
         if self.cfg.eval_every and (r + 1) % self.cfg.eval_every == 0:
-            score = transport.round_score(r)
-            if score is not None:
-                row["P"] = score
+            row["P"] = transport.round_score(r)
+        # Checkpoint, then the metrics line at once: a run killed before the checkpoint redoes
+        # the round (the same round, bit for bit), so no committed round lacks its line.
+        self._checkpoint(r + 1, False)
         row["server_s"] = self.server.server_seconds - server_before
         row["round_s"] = time.perf_counter() - round_start
         with (self.out / "metrics.jsonl").open("a") as f:

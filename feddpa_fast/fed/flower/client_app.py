@@ -2,9 +2,9 @@
 ``--node-config "partition-id=<i> state-dir='<dir>'"`` (``partition-id`` indexes the clients in
 the data's order; ``state-dir`` is where its local adapters stay, never sent).
 
-A node answers, in this order: ``query`` "discover" (which client it is), "setup" (the
-method's setup report), "join" (the setup's shared result: the node's run is then complete);
-then ``train`` ("round", "post") and ``evaluate`` ("round", "final") messages."""
+A node answers ``query`` "discover" (which client it is) and "setup" (the method's setup
+report), then ``train`` ("round", "post") and ``evaluate`` ("round", "final") messages, each
+carrying the setup's shared result, with which the node completes its run."""
 from __future__ import annotations
 
 import json
@@ -47,25 +47,27 @@ def _node_run(context: Context) -> tuple[Run, Client]:
     return run, next(iter(run.clients.values()))
 
 
-def _joined(context: Context) -> tuple[Run, Client]:
+def _joined(message: Message, context: Context) -> tuple[Run, Client]:
+    """This node's run, completed with the setup's shared result that every train and
+    evaluate message carries (a node may be a fresh process per message: Flower's subprocess
+    isolation keeps nothing between them)."""
     run, client = _node_run(context)
-    if run.server is None:
-        raise RuntimeError(f"node of {client.name}: a round before the run's setup (join)")
+    shared = request_payload(message.content)
+    if shared is None:
+        raise ValueError(f"node of {client.name}: the message carries no setup result")
+    if run.server is None or run.shared != shared:
+        run.complete(shared=shared)
     return run, client
 
 
 @client_app.query()
 def _query(message: Message, context: Context) -> Message:
-    """Which client this node is ("discover"), its setup report ("setup"), or the setup's
-    shared result to join with ("join")."""
+    """Which client this node is ("discover") or its setup report ("setup")."""
     run, client = _node_run(context)
-    step = decode_request(message.content)[0] if "fed" in message.content.config_records \
-        else "discover"
+    step = decode_request(message.content)[0]
     result = {}
     if step == "setup":
         result = {"report": run.setup_report(client.name)}
-    elif step == "join":
-        run.complete(shared=request_payload(message.content))
     elif step != "discover":
         raise ValueError(f"unknown query step {step!r}")
     return Message(encode_result(client.name, -1, result), reply_to=message)
@@ -74,7 +76,7 @@ def _query(message: Message, context: Context) -> Message:
 @client_app.train()
 def _train(message: Message, context: Context) -> Message:
     """A round ("round") or the post step ("post") on this node's client."""
-    run, client = _joined(context)
+    run, client = _joined(message, context)
     expected = run.server.expected()  # keys, shapes and dtypes a broadcast must have
     step, r, blob = decode_request(message.content)
     if step == "round":
@@ -91,7 +93,7 @@ def _train(message: Message, context: Context) -> Message:
 def _evaluate(message: Message, context: Context) -> Message:
     """The method's evaluation where the local adapter lives: after a round ("round": the
     own-task P) or at the end ("final": the results.json entry; the adapters stay here)."""
-    run, client = _joined(context)
+    run, client = _joined(message, context)
     step, r, blob = decode_request(message.content)
     received, _ = wire.decode(blob, run.server.expected(), round=r, sender="server")
     if step == "round":

@@ -58,8 +58,8 @@ class GridTransport:
         self.run, self.grid, self.nodes, self.round_timeout = run, grid, nodes, round_timeout
 
     def _send(self, step: str, r: int, sampled: list[str], blob: bytes):
-        msgs = [self.grid.create_message(encode_request(step, r, blob), "train", self.nodes[n],
-                                         str(r)) for n in sampled]
+        msgs = [self.grid.create_message(encode_request(step, r, blob, self.run.shared), "train",
+                                         self.nodes[n], str(r)) for n in sampled]
         replies: dict[str, bytes | BaseException] = {n: TimeoutError("no reply") for n in sampled}
         stats = []
         by_node = {self.nodes[n]: n for n in sampled}
@@ -114,22 +114,23 @@ class GridTransport:
         return results
 
     def setup(self) -> None:
-        """The method's setup exchange before round 0: every node's report, then the shared
-        result back to every node (each node's run is complete after it)."""
+        """The method's setup exchange before round 0: every node's report; the setup's shared
+        result then goes with every train and evaluate message."""
         reports = {n: result["report"] for n, result in self.ask("query", "setup", -1).items()}
-        shared = self.run.complete(reports=reports)
-        self.ask("query", "join", -1, payload=shared)
+        self.run.complete(reports=reports)  # run.shared travels with every later message
 
     def round_score(self, r: int) -> float:
         """Mean own-task P after round ``r``, each node scoring its own client."""
-        results = self.ask("evaluate", "round", r, self.run.server.round_broadcast(r))
+        results = self.ask("evaluate", "round", r, self.run.server.round_broadcast(r),
+                           self.run.shared)
         scores = [results[n]["P"] for n in self.run.server.client_names]
         return sum(scores) / len(scores)
 
     def finish(self, wall_start: float) -> dict:
         """Every node's final entry, then results.json, the metrics line and the plots."""
         rounds = self.run.cfg.rounds
-        per_client = self.ask("evaluate", "final", rounds, self.run.server.round_broadcast(rounds))
+        per_client = self.ask("evaluate", "final", rounds,
+                              self.run.server.round_broadcast(rounds), self.run.shared)
         return final.finish(self.run, per_client, wall_start)
 
 

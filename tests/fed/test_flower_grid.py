@@ -1,0 +1,192 @@
+"""The real ServerApp and ClientApp code over an in-process Grid (tests/fake_grid.py): equal to
+the built-in loop bit for bit, evaluation included, for FedDPA-T, C2A and a compressed, private
+wire; and hostile or broken SuperNodes, each met exactly as in process."""
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("flwr")
+
+from fake_grid import FakeGrid, node_configs, one_thread  # noqa: E402
+from fed_fixtures import tiny_bert_dir  # noqa: E402
+from flwr.app import Message  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+from safetensors.torch import save as st_save  # noqa: E402
+
+from feddpa_fast.fed import in_process, wire  # noqa: E402
+from feddpa_fast.fed.checkpoint import load_checkpoint  # noqa: E402
+from feddpa_fast.fed.config import RunConfig  # noqa: E402
+from feddpa_fast.fed.flower.codec import decode_reply, encode_reply  # noqa: E402
+from feddpa_fast.fed.flower.run_config import app_config  # noqa: E402
+from feddpa_fast.fed.flower.server_app import run_server  # noqa: E402
+from feddpa_fast.fed.runner import run  # noqa: E402
+
+pytestmark = pytest.mark.flower
+CLIENTS = ("sentiment", "product")  # the built-in suite's first two tasks, in order
+
+
+@pytest.fixture(scope="module")
+def bert_dir(tmp_path_factory):
+    return tiny_bert_dir(tmp_path_factory.mktemp("models"))
+
+
+def _cfg(model_dir, out, **kw):
+    base = dict(model=str(model_dir), clients=2, rounds=2, max_steps=3, batch_size=8,
+                test_limit=8, lr=1e-2, rank=4, alpha=8, seed=3, out=str(out))
+    base.update(kw)
+    return RunConfig(**base)
+
+
+def _flower(cfg, tmp_path, tamper=None):
+    grid = FakeGrid(node_configs(tmp_path / "nodes", 2), app_config(cfg), tamper)
+    return one_thread(run_server, grid, app_config(cfg)), grid
+
+
+def _builtin(cfg):
+    return one_thread(run, cfg, progress=False)
+
+
+def _same_global(a_dir, b_dir):
+    a, a_state = load_checkpoint(a_dir / "checkpoint.safetensors")
+    b, b_state = load_checkpoint(b_dir / "checkpoint.safetensors")
+    assert a_state == b_state and set(a) == set(b)
+    return all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("algo, extra", [
+    ("feddpa-t", {}),
+    ("c2a", {}),
+    ("feddpa-t", {"wire_dtype": "bf16", "dp_clip": 0.5, "dp_noise_multiplier": 0.5}),
+])
+def test_flower_equals_the_builtin_loop_evaluation_included(bert_dir, tmp_path, algo, extra):
+    fl_cfg = _cfg(bert_dir, tmp_path / "flower", algo=algo, **extra)
+    fl, grid = _flower(fl_cfg, tmp_path)
+    bi = _builtin(_cfg(bert_dir, tmp_path / "builtin", algo=algo, **extra))
+    assert _same_global(tmp_path / "flower", tmp_path / "builtin")
+    assert (fl["P"], fl["TTP"]) == (bi["P"], bi["TTP"])
+    assert fl["per_client"] == bi["per_client"] and fl["by_assignment"] == bi["by_assignment"]
+    assert fl["dp"] == bi["dp"]
+    fl_rows, bi_rows = _metrics(tmp_path / "flower"), _metrics(tmp_path / "builtin")
+    assert [r.get("P") for r in fl_rows] == [r.get("P") for r in bi_rows]
+    assert all("P" in r for r in fl_rows)  # eval-every 1, then the final line
+    assert (tmp_path / "flower" / "results.json").is_file()
+    assert (tmp_path / "flower" / "plots" / "rounds.png").stat().st_size > 1000
+    # The local adapters stayed on the nodes and equal the built-in loop's.
+    for i, name in enumerate(CLIENTS):
+        node_files = sorted((tmp_path / "nodes" / f"node{i}" / name).glob("local_r*"))
+        ref_files = sorted((tmp_path / "builtin" / "clients" / name).glob("local_r*"))
+        assert [f.name for f in node_files] == [f.name for f in ref_files]
+        for a, b in zip(node_files, ref_files):
+            ta, tb = load_file(a), load_file(b)
+            assert all(torch.equal(ta[k], tb[k]) for k in tb)
+    kinds = {m.metadata.message_type for m in grid.sent}
+    assert kinds == {"query", "train", "evaluate"}
+    if algo == "c2a":  # round 0 was preceded by the conditioning exchange
+        steps = [json.loads(json.dumps(dict(m.content.config_records["fed"])))["step"]
+                 for m in grid.sent if m.metadata.message_type == "query"]
+        assert steps.count("setup") == 2
+
+
+# ---- hostile and broken SuperNodes ---------------------------------------------------------
+HOSTILE_NODE, HOSTILE_ROUND = 102, 1  # the node of "product", in round 1
+
+
+def _reply_tamper(kind: str, once_per_round: bool = True):
+    """A tamper hook: the hostile node's train reply in HOSTILE_ROUND, changed by ``kind``."""
+    done = set()
+
+    def tamper(message: Message, reply: Message):
+        meta = message.metadata
+        if meta.dst_node_id != HOSTILE_NODE or meta.message_type != "train":
+            return reply
+        name, r, blob, stats = decode_reply(reply.content)
+        if r != HOSTILE_ROUND or blob is None or (once_per_round and r in done):
+            return reply
+        done.add(r)
+        if kind == "silent":
+            return None  # no reply before round-timeout
+        if kind == "wrong-round":
+            content = encode_reply(name, r + 1, blob, stats)
+        else:
+            content = encode_reply(name, r, _bad_blob(kind, blob, name, r), stats)
+        return Message(content, reply_to=message)
+    return tamper
+
+
+def _bad_blob(kind: str, blob: bytes, name: str, r: int) -> bytes:
+    if kind == "corrupt":
+        return blob[:40] + bytes(b ^ 0xFF for b in blob[40:80]) + blob[80:]
+    header_len = int.from_bytes(blob[:8], "little")
+    meta = json.loads(blob[8:8 + header_len])["__metadata__"]
+    tensors = {k: v.clone() for k, v in wire_tensors(blob).items()}
+    if kind == "nan":
+        first = sorted(tensors)[0]
+        tensors[first].view(-1)[0] = float("nan")
+    elif kind == "other-client":
+        meta = {**meta, "client": CLIENTS[0]}  # claims to be the other client
+    return st_save(tensors, metadata=meta)
+
+
+def wire_tensors(blob: bytes) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load
+
+    return load(blob)
+
+
+def _drop_in_process(monkeypatch, attempts: set[int]):
+    """The in-process equivalent: "product"'s reply in HOSTILE_ROUND becomes a failure in the
+    given attempts (0-based; a redone round is attempt 1)."""
+    original = in_process.InProcess.exchange
+    seen = {}
+
+    def exchange(self, r, sampled, broadcast):
+        replies, stats = original(self, r, sampled, broadcast)
+        attempt = seen.get(r, 0)
+        seen[r] = attempt + 1
+        if r == HOSTILE_ROUND and attempt in attempts:
+            replies[CLIENTS[1]] = RuntimeError("the hostile node's reply")
+        return replies, stats
+
+    monkeypatch.setattr(in_process.InProcess, "exchange", exchange)
+
+
+@pytest.mark.parametrize("kind", ["corrupt", "wrong-round", "other-client", "nan", "silent"])
+def test_a_hostile_or_broken_node_is_left_out_exactly_as_in_process(bert_dir, tmp_path,
+                                                                    monkeypatch, kind):
+    kw = dict(algo="feddpa-t", eval_every=0, rounds=2)
+    _flower(_cfg(bert_dir, tmp_path / "flower", **kw), tmp_path, _reply_tamper(kind))
+    _drop_in_process(monkeypatch, attempts={0})
+    _builtin(_cfg(bert_dir, tmp_path / "builtin", **kw))
+    assert _same_global(tmp_path / "flower", tmp_path / "builtin")
+    rows = [r for r in _metrics(tmp_path / "flower") if "round" in r]
+    assert rows[HOSTILE_ROUND]["accepted"] == [CLIENTS[0]]  # the round went on without it
+    assert rows[0]["accepted"] == list(CLIENTS)
+    _, state = load_checkpoint(tmp_path / "flower" / "checkpoint.safetensors")
+    assert state["rounds_done"] == 2 and not list((tmp_path / "flower").glob(".*.tmp"))
+
+
+def test_too_few_valid_replies_redo_the_round_exactly_as_in_process(bert_dir, tmp_path,
+                                                                     monkeypatch):
+    kw = dict(algo="feddpa-t", eval_every=0, rounds=2, min_clients=2)
+    _flower(_cfg(bert_dir, tmp_path / "flower", **kw), tmp_path, _reply_tamper("nan"))
+    _drop_in_process(monkeypatch, attempts={0})
+    _builtin(_cfg(bert_dir, tmp_path / "builtin", **kw))
+    assert _same_global(tmp_path / "flower", tmp_path / "builtin")
+    rows = [r for r in _metrics(tmp_path / "flower") if "round" in r]
+    assert rows[HOSTILE_ROUND]["accepted"] == list(CLIENTS)  # redone; both valid the 2nd time
+
+
+def test_wire_rejects_what_the_hostile_blobs_carry():
+    """The checks the hostile replies above run into, named."""
+    tensors = {"w": torch.ones(2, 2)}
+    blob = wire.encode(tensors, {"round": 1, "client": "product", "num_examples": 4})
+    for kind, error in (("corrupt", wire.WireError), ("nan", wire.NonFiniteError),
+                        ("other-client", wire.MetadataError)):
+        bad = _bad_blob(kind, blob, "product", 1)
+        with pytest.raises(error):
+            wire.decode(bad, tensors, round=1, sender="product")
