@@ -3,9 +3,12 @@
 Keys are the flag names without ``--`` (``max-steps``, ``weighting-k``); an unset optional
 value is written 0 (numbers) or "" (strings), and ``targets`` as comma-separated names.
 ``EXTRA`` holds the settings of the apps themselves, not of the run. ``app/pyproject.toml``'s
-``[tool.flwr.app.config]`` is ``app_config(RunConfig(out=...))`` (a test keeps them equal).
+``[tool.flwr.app.config]`` is ``app_config(RunConfig(out=APP_OUT))``, written by
+``python -m feddpa_fast.fed.flower.run_config`` (tests/fed/test_config.py keeps them equal).
 """
 from __future__ import annotations
+
+from pathlib import Path
 
 from ..config import RunConfig
 from ..options import ConfigError, declared_fields, flag
@@ -79,3 +82,18 @@ def render_app_config(cfg: RunConfig) -> str:
     import json
 
     return "".join(f"{key} = {json.dumps(value)}\n" for key, value in app_config(cfg).items())
+
+
+APP_FILE = Path(__file__).resolve().parent / "app" / "pyproject.toml"
+APP_OUT = "runs/flower-feddpa-t"  # the App's default output directory
+
+
+def write_app_config(path: Path = APP_FILE) -> None:
+    """Rewrites the ``[tool.flwr.app.config]`` table (the file's last) from RunConfig."""
+    text = path.read_text()
+    head = text[: text.index("[tool.flwr.app.config]\n")]
+    path.write_text(head + "[tool.flwr.app.config]\n" + render_app_config(RunConfig(out=APP_OUT)))
+
+
+if __name__ == "__main__":  # python -m feddpa_fast.fed.flower.run_config: after a RunConfig change
+    write_app_config()
