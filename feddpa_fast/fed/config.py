@@ -9,6 +9,7 @@ every value when it is built, so a bad flag fails before any model or data loads
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 from pathlib import Path
 
 from ..data import KINDS
@@ -105,6 +106,9 @@ class RunConfig:
             raise ConfigError("--data builtin is a classification suite; use --task classify")
         if self.dp_noise_multiplier > 0 and self.dp_clip is None:
             raise ConfigError("--dp-noise-multiplier needs --dp-clip (the noise is sigma * C)")
+        if self.dp_noise_multiplier > 0 and importlib.util.find_spec("opacus") is None:
+            raise ConfigError("--dp-noise-multiplier: the privacy accountant needs opacus "
+                              '(pip install "feddpa_fast[dp]")')
 
     def check_sources(self) -> None:
         """Checks that the model and data directories exist and look right (before loading).
