@@ -11,7 +11,6 @@ in one batched forward with a different mix per sequence.
 """
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 
@@ -109,7 +108,9 @@ def _pyplot():
 
 def plot_rounds(metrics_path: Path, out_path: Path) -> Path:
     """Per-round training loss and own-task score from a run's metrics.jsonl."""
-    rows = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line]
+    from .fed.checkpoint import read_metrics
+
+    rows = read_metrics(metrics_path)
     rows = [r for r in rows if "round" in r]
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))

@@ -25,7 +25,8 @@ from safetensors.torch import save as st_save
 from ..atomic import atomic_write_bytes
 
 __all__ = ["CheckpointError", "atomic_write_bytes", "derive_seed", "load_checkpoint",
-           "resume_state", "save_checkpoint", "save_run_checkpoint", "truncate_metrics"]
+           "read_metrics", "resume_state", "save_checkpoint", "save_run_checkpoint",
+           "truncate_metrics"]
 
 
 class CheckpointError(RuntimeError):
@@ -95,6 +96,26 @@ def truncate_metrics(path: str | os.PathLike, rounds_done: int | None) -> None:
     if rounds_done is None or not path.exists():
         path.write_text("")
         return
-    kept = [line for line in path.read_text().splitlines()
-            if line and json.loads(line).get("round", 1 << 30) < rounds_done]
+    kept = [line for line, row in zip(*_lines_and_rows(path))
+            if row.get("round", 1 << 30) < rounds_done]
     path.write_text("".join(line + "\n" for line in kept))
+
+
+def _lines_and_rows(path: Path) -> tuple[list[str], list[dict]]:
+    """The lines of a metrics file that parse as JSON objects, and those objects (a line torn
+    by a kill mid-write is skipped)."""
+    lines, rows = [], []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict):
+            lines.append(line)
+            rows.append(row)
+    return lines, rows
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict]:
+    """The rows of a run's metrics.jsonl (torn lines skipped)."""
+    return _lines_and_rows(Path(path))[1]

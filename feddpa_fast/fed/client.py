@@ -161,6 +161,9 @@ class Client:
         """Decodes the server's blob, trains this round's phases; returns (reply blob, stats)."""
         received, _ = wire.decode(broadcast, expected, round=round_index, sender="server")
         self.algorithm.receive(self, received, round_index)
+        # DP clips the update of what is uploaded: its value after training minus before it
+        # (the received global for most methods; FDLoRA's round 0: the fresh local adapter).
+        before = self.algorithm.upload(self, round_index) if self.privacy.enabled else None
         phases = self.algorithm.phases(round_index)
         stats = {}
         for phase in phases:
@@ -174,7 +177,7 @@ class Client:
             return None, stats
         tensors = self.algorithm.upload(self, round_index)
         if self.privacy.enabled:  # clipped and noised by the client itself (fed/privacy.py)
-            tensors = clip_and_noise(tensors, received, self.privacy,
+            tensors = clip_and_noise(tensors, before, self.privacy,
                                      derive_seed(self.seed, round_index, self.name, "dp-noise"))
         if self.attack is not None:
             tensors = _attacked(tensors, received, self.attack)

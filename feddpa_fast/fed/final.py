@@ -8,6 +8,7 @@ import json
 import time
 
 from ..evaluate import evaluate_client, plot_rounds
+from .checkpoint import read_metrics
 
 __all__ = ["entered", "evaluate_clients", "final_entry", "finish", "limit", "round_score",
            "summarise"]
@@ -97,7 +98,7 @@ def finish(run, per_client: dict, wall_start: float) -> dict:
     summary = summarise(per_client)
     dynamic = cfg.weighting.assignment in summary
     main_key = cfg.weighting.assignment if dynamic else "fixed"
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(out / "metrics.jsonl")
     results = {
         "method": cfg.algo, "P": summary[main_key]["P"], "TTP": summary[main_key]["TTP"],
         "by_assignment": summary if dynamic else None,

@@ -10,6 +10,10 @@ The privacy spent is tracked by opacus' RDP accountant, one step per round at no
 multiplier sigma and sampling rate q = sampled / clients. This counts the aggregate as if the
 noise were the server's single N(0, sigma^2 C^2) on the sum, the standard DP-FedAvg account;
 the sum actually carries one draw per client, so the reported epsilon is an upper bound.
+Not covered (README, "Compressed wire and client-level DP"): the server knows the sample
+(against it, q = 1 applies), the sample has a fixed size (the RDP account assumes Poisson),
+and the unnoised side channels (losses in the replies, C2A's setup report, FDLoRA's held-out
+losses).
 """
 from __future__ import annotations
 
@@ -40,7 +44,7 @@ def clip_and_noise(upload: dict[str, torch.Tensor], received: dict[str, torch.Te
 
     Args:
         upload: what the client would send (same keys and shapes as ``received``).
-        received: the global state the client started the round from.
+        received: the same state before the round's training (the client's starting point).
         settings: C and sigma.
         seed: the noise generator's seed (derived from the run seed, round and client).
 

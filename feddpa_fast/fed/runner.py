@@ -170,7 +170,7 @@ class Run:
         self.server.server_seconds += time.perf_counter() - start
 
     def _round(self, r: int, transport) -> dict:
-        """One round: exchange and aggregate, score, checkpoint, one metrics line."""
+        """One round: exchange and aggregate, score, one metrics line, checkpoint."""
         round_start, server_before = time.perf_counter(), self.server.server_seconds
         sampled, broadcast, replies, stats, accepted = self.server.run_round(
             r, transport.exchange, self.algorithm.uploads)
@@ -181,13 +181,14 @@ class Run:
             row["epsilon"] = self.epsilon()
         if self.cfg.eval_every and (r + 1) % self.cfg.eval_every == 0:
             row["P"] = transport.round_score(r)
-        # Checkpoint, then the metrics line at once: a run killed before the checkpoint redoes
-        # the round (the same round, bit for bit), so no committed round lacks its line.
-        self._checkpoint(r + 1, False)
+        # The metrics line, then the checkpoint: a run killed in between redoes the round (the
+        # same round, bit for bit) and truncate_metrics drops the line, so every committed
+        # round has exactly one line. server_s therefore leaves out this checkpoint's write.
         row["server_s"] = self.server.server_seconds - server_before
         row["round_s"] = time.perf_counter() - round_start
         with (self.out / "metrics.jsonl").open("a") as f:
             f.write(json.dumps(row) + "\n")
+        self._checkpoint(r + 1, False)
         return row
 
 

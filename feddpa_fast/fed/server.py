@@ -105,7 +105,7 @@ class Server:
                 log.warning("round %d: blob from %s rejected (%s: %s); left out",
                             round_index, name, type(exc).__name__, exc)
                 continue
-            updates.append(tensors)
+            updates.append(self._rebased(tensors, expected))
             counts.append(meta["num_examples"])
             accepted.append(name)
         try:
@@ -121,6 +121,16 @@ class Server:
             self.server_seconds += time.perf_counter() - start
         self.global_adapter = new
         return new, accepted
+
+    def _rebased(self, upload: dict, sent: dict) -> dict:
+        """A compressed upload as master + (upload - what was sent), in the master's dtype:
+        the update a client made is kept even where it is below the wire dtype's resolution
+        (averaging the bf16 uploads themselves would round the master to bf16 every round).
+        fp32 uploads are used as they are (the broadcast is the master itself)."""
+        if self.settings.wire_dtype == "fp32":
+            return upload
+        return {k: (self.global_adapter[k].double() + upload[k].double() - sent[k].double())
+                .to(self.global_adapter[k].dtype) for k in upload}
 
     def run_round(self, round_index: int, exchange, uploads: bool = True):
         """One round over any transport: sample, broadcast, ``exchange(round, sampled,

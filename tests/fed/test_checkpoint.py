@@ -54,3 +54,13 @@ def test_checkpoint_round_trip_and_corruption(tmp_path):
         load_checkpoint(tmp_path / "c")
     with pytest.raises(FileNotFoundError):
         load_checkpoint(tmp_path / "missing")
+
+
+def test_truncate_metrics_skips_a_line_torn_by_a_kill(tmp_path):
+    from feddpa_fast.fed.checkpoint import read_metrics, truncate_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"round": 0, "P": 0.5}\n{"round": 1, "P": 0.6}\n{"round": 2, "P"')
+    assert [r["round"] for r in read_metrics(path)] == [0, 1]
+    truncate_metrics(path, 1)
+    assert path.read_text() == '{"round": 0, "P": 0.5}\n'

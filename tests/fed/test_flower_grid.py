@@ -62,6 +62,7 @@ def _metrics(out):
     ("feddpa-t", {}),
     ("c2a", {}),
     ("feddpa-t", {"wire_dtype": "bf16", "dp_clip": 0.5, "dp_noise_multiplier": 0.5}),
+    ("fdlora", {"wire_dtype": "fp16"}),
 ])
 def test_flower_equals_the_builtin_loop_evaluation_included(bert_dir, tmp_path, algo, extra):
     fl_cfg = _cfg(bert_dir, tmp_path / "flower", algo=algo, **extra)
@@ -190,3 +191,72 @@ def test_wire_rejects_what_the_hostile_blobs_carry():
         bad = _bad_blob(kind, blob, "product", 1)
         with pytest.raises(error):
             wire.decode(bad, tensors, round=1, sender="product")
+
+
+def _malformed(kind: str):
+    """A tamper hook: the hostile node's round-1 train reply replaced by a malformed one."""
+    from flwr.app import ConfigRecord, MetricRecord, RecordDict
+
+    def tamper(message: Message, reply: Message):
+        meta = message.metadata
+        if meta.dst_node_id != HOSTILE_NODE or meta.message_type != "train":
+            return reply
+        name, r, blob, stats = decode_reply(reply.content)
+        if r != HOSTILE_ROUND or blob is None:
+            return reply
+        if kind == "no-record":
+            content = RecordDict({"other": ConfigRecord({"x": 1})})
+        elif kind == "int-blob":
+            content = RecordDict({"fed": ConfigRecord({"client": name, "round": r,
+                                                       "blob": 2 ** 40})})
+        else:  # junk stats next to a valid blob: only finite loss_* survive
+            content = RecordDict({"fed": ConfigRecord({"client": name, "round": r,
+                                                       "blob": blob}),
+                                  "metrics": MetricRecord({"round": 99.0, "accepted": 1.0,
+                                                           "loss_global": float("nan"),
+                                                           "loss_junk": [1.0, 2.0]})})
+        return Message(content, reply_to=message)
+    return tamper
+
+
+@pytest.mark.parametrize("kind", ["no-record", "int-blob"])
+def test_a_malformed_reply_is_a_failed_one_not_a_crash(bert_dir, tmp_path, monkeypatch, kind):
+    kw = dict(algo="feddpa-t", eval_every=0, rounds=2)
+    _flower(_cfg(bert_dir, tmp_path / "flower", **kw), tmp_path, _malformed(kind))
+    _drop_in_process(monkeypatch, attempts={0})
+    _builtin(_cfg(bert_dir, tmp_path / "builtin", **kw))
+    assert _same_global(tmp_path / "flower", tmp_path / "builtin")
+
+
+def test_a_node_cannot_write_other_keys_into_the_metrics(bert_dir, tmp_path):
+    _flower(_cfg(bert_dir, tmp_path / "flower", eval_every=0), tmp_path, _malformed("stats"))
+    rows = [r for r in _metrics(tmp_path / "flower") if "round" in r]
+    assert [r["round"] for r in rows] == [0, 1]
+    assert all(set(r) <= {"round", "sampled", "accepted", "bytes_up_per_client", "bytes_down",
+                          "server_s", "round_s", "loss_global", "loss_local"} for r in rows)
+    assert rows[1]["accepted"] == list(CLIENTS)  # the blob itself was valid
+
+
+def test_an_invalid_evaluation_reply_stops_the_serverapp_naming_the_node(bert_dir, tmp_path):
+    from feddpa_fast.fed.flower.codec import encode_result
+
+    def tamper(message, reply):
+        if message.metadata.dst_node_id == HOSTILE_NODE and \
+                message.metadata.message_type == "evaluate":
+            return Message(encode_result(CLIENTS[1], 0, {"P": 7.0}), reply_to=message)
+        return reply
+
+    with pytest.raises(RuntimeError, match="no valid reply from \\['product'\\]"):
+        _flower(_cfg(bert_dir, tmp_path / "flower", rounds=1), tmp_path, tamper)
+    # The round is scored before its line and its checkpoint: nothing of it was committed,
+    # so a restarted ServerApp redoes it.
+    assert not (tmp_path / "flower" / "checkpoint.safetensors").exists()
+    assert (tmp_path / "flower" / "metrics.jsonl").read_text() == ""
+
+
+def test_nodes_drop_local_adapters_the_checkpoint_does_not_cover(bert_dir, tmp_path):
+    stale = tmp_path / "nodes" / "node1" / CLIENTS[1] / "local_r0009.safetensors"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"left by another run")
+    _flower(_cfg(bert_dir, tmp_path / "flower", eval_every=0), tmp_path)
+    assert not stale.exists()

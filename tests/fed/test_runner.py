@@ -13,7 +13,7 @@ from fed_fixtures import causal_lm_data_dir, tiny_bert_dir, tiny_llama_dir
 from safetensors.torch import load_file
 
 from feddpa_fast.cli import main as cli_main
-from feddpa_fast.fed.checkpoint import load_checkpoint
+from feddpa_fast.fed.checkpoint import CheckpointError, load_checkpoint
 from feddpa_fast.fed.config import RunConfig
 from feddpa_fast.fed.runner import run
 
@@ -122,11 +122,14 @@ def test_resume_after_kill_equals_an_uninterrupted_run(bert_dir, tmp_path):
     killed = tmp_path / "killed"
     proc = subprocess.Popen(_train_cmd(bert_dir, killed, 4) + ["--test-limit", "4"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    metrics = killed / "metrics.jsonl"
+    ckpt = killed / "checkpoint.safetensors"
     deadline = time.time() + 300
     while time.time() < deadline:  # wait until round 1 is committed: round 2 is under way
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
-            break
+        try:
+            if load_checkpoint(ckpt)[1]["rounds_done"] >= 2:
+                break
+        except (FileNotFoundError, CheckpointError):
+            pass
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()

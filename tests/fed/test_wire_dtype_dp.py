@@ -173,3 +173,48 @@ def test_resume_is_bit_identical_with_every_wire_dtype_and_dp(bert_dir, tmp_path
     assert len(state["sample_rates"]) == 3
     assert resumed["dp"]["epsilon"] == reference["dp"]["epsilon"]
     assert (resumed["P"], resumed["TTP"]) == (reference["P"], reference["TTP"])
+
+
+def test_a_compressed_wire_keeps_the_fp32_master_below_the_wire_resolution():
+    """Master 1.0001 is sent as bf16 1.0; an upload equal to what was sent leaves 1.0001."""
+    from feddpa_fast.fed import wire
+    from feddpa_fast.fed.server import Server, ServerSettings
+
+    server = Server({"w": torch.tensor([1.0001, -2.0003])}, ["a"],
+                    ServerSettings(wire_dtype="bf16"), seed=0)
+    sent, _ = wire.decode(server.round_broadcast(0), server.expected(), round=0,
+                          sender="server")
+    assert sent["w"].dtype == torch.bfloat16 and sent["w"][0].item() == 1.0
+    blob = wire.encode(sent, {"round": 0, "client": "a", "num_examples": 1})
+    new, accepted = server.aggregate_round(0, {"a": blob})
+    assert accepted == ["a"] and new["w"].dtype == torch.float32
+    assert torch.equal(new["w"], torch.tensor([1.0001, -2.0003]))
+
+
+def test_fdlora_round_0_is_clipped_against_its_own_starting_point(bert_dir, tmp_path,
+                                                                  uploads_seen):
+    """FDLoRA's round 0 uploads the personalized adapter: its DP update is trained - fresh
+    local init, not trained - the received global (a different random init)."""
+    from feddpa_fast.adapters import adapter_state_dict
+    from feddpa_fast.fed.checkpoint import derive_seed
+    from feddpa_fast.fed.client import init_adapter
+    from feddpa_fast.fed.loading import build_task
+
+    cfg = _cfg(bert_dir, tmp_path / "f", algo="fdlora", rounds=1, dp_clip=0.05,
+               dp_noise_multiplier=0.0)
+    run(cfg, progress=False)
+    task = build_task(cfg)
+    first = uploads_seen[0]  # the first client's round-0 upload ("sentiment")
+    init_adapter(task.model, "local", derive_seed(cfg.seed, "local-init", "sentiment"))
+    start = adapter_state_dict(task.model, "local")
+    init_adapter(task.model, "global", derive_seed(cfg.seed, "global-init"))
+    received = adapter_state_dict(task.model, "global")
+    key_map = dict(zip(sorted(start), sorted(first)))  # local keys -> uploaded names
+
+    def norm(a, b):
+        return math.sqrt(sum(float((a[key_map[k]].double() - b[k].double()).square().sum())
+                             for k in b))
+
+    assert norm(first, start) <= 0.05 + 1e-6
+    assert norm(first, {k: received[k2] for k, k2 in zip(sorted(start), sorted(received))}) \
+        > 1.0

@@ -35,7 +35,7 @@ def _node_run(context: Context) -> tuple[Run, Client]:
     if "partition-id" not in node or "state-dir" not in node:
         raise ValueError("start the SuperNode with --node-config "
                          "\"partition-id=<i> state-dir='<dir>'\"")
-    key = (json.dumps(cfg.identity(), sort_keys=True), int(node["partition-id"]),
+    key = (json.dumps(cfg.identity(), sort_keys=True), cfg.out, int(node["partition-id"]),
            str(node["state-dir"]))
     if key not in _RUNS:
         names = list(load_data(cfg)[0])
@@ -67,6 +67,9 @@ def _query(message: Message, context: Context) -> Message:
     step = decode_request(message.content)[0]
     result = {}
     if step == "setup":
+        progress = request_payload(message.content) or {}
+        client.discard_uncommitted(int(progress.get("rounds_done", 0)),
+                                   bool(progress.get("post_done", False)))
         result = {"report": run.setup_report(client.name)}
     elif step != "discover":
         raise ValueError(f"unknown query step {step!r}")

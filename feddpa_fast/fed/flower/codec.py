@@ -3,10 +3,12 @@
 replies carry the client's name, the round, the reply blob and a ``MetricRecord`` of losses."""
 from __future__ import annotations
 
+import math
+
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
-__all__ = ["encode_request", "decode_request", "request_payload", "encode_reply",
-           "decode_reply", "encode_result", "decode_result"]
+__all__ = ["ReplyError", "encode_request", "decode_request", "request_payload",
+           "encode_reply", "decode_reply", "encode_result", "decode_result"]
 
 
 def encode_request(step: str, round_index: int, blob: bytes | None = None,
@@ -47,13 +49,37 @@ def encode_reply(name: str, round_index: int, blob: bytes | None, stats: dict) -
                        "metrics": MetricRecord({k: float(v) for k, v in stats.items()})})
 
 
+class ReplyError(ValueError):
+    """A reply that is not one of ours: missing fields, wrong types."""
+
+
+def _record(content: RecordDict) -> dict:
+    try:
+        record = content.config_records["fed"]
+        name, r = record["client"], record["round"]
+    except (KeyError, TypeError, AttributeError):
+        raise ReplyError("the reply has no 'fed' record with client and round") from None
+    if not isinstance(name, str) or isinstance(r, bool) or not isinstance(r, int):
+        raise ReplyError(f"the reply's client / round have the wrong types: {name!r}, {r!r}")
+    return record
+
+
 def decode_reply(content: RecordDict) -> tuple[str, int, bytes | None, dict]:
-    """(client, round, blob or None, stats) of a reply."""
-    record = content.config_records["fed"]
+    """(client, round, blob or None, stats) of a reply. Stats keep only finite ``loss_*``
+    floats (a node cannot write other keys into metrics.jsonl).
+
+    Raises:
+        ReplyError: the reply is malformed (a blob that is not bytes included).
+    """
+    record = _record(content)
     blob = record.get("blob")
-    stats = dict(content.metric_records["metrics"]) if "metrics" in content.metric_records else {}
-    return (str(record["client"]), int(record["round"]),
-            bytes(blob) if blob is not None else None, stats)
+    if blob is not None and not isinstance(blob, bytes):
+        raise ReplyError(f"the reply's blob is a {type(blob).__name__}, not bytes")
+    metrics = content.metric_records.get("metrics", {})
+    stats = {k: float(v) for k, v in dict(metrics).items()
+             if isinstance(k, str) and k.startswith("loss_") and isinstance(v, (int, float))
+             and not isinstance(v, bool) and math.isfinite(v)}
+    return record["client"], record["round"], blob, stats
 
 
 def encode_result(name: str, round_index: int, result: dict) -> RecordDict:
@@ -66,8 +92,18 @@ def encode_result(name: str, round_index: int, result: dict) -> RecordDict:
 
 
 def decode_result(content: RecordDict) -> tuple[str, int, dict]:
-    """(client, round, result) of an evaluate reply."""
+    """(client, round, result) of an evaluate or query reply.
+
+    Raises:
+        ReplyError: the reply is malformed, or its result is not a JSON object.
+    """
     import json
 
-    record = content.config_records["fed"]
-    return str(record["client"]), int(record["round"]), json.loads(str(record["result"]))
+    record = _record(content)
+    try:
+        result = json.loads(record["result"])
+    except (KeyError, TypeError, ValueError):
+        raise ReplyError("the reply's result is not JSON") from None
+    if not isinstance(result, dict):
+        raise ReplyError("the reply's result is not a JSON object")
+    return record["client"], record["round"], result

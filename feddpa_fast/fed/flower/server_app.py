@@ -15,8 +15,9 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from .. import final
+from ..checkpoint import load_checkpoint
 from ..runner import prepare_run
-from .codec import decode_reply, decode_result, encode_request
+from .codec import ReplyError, decode_reply, decode_result, encode_request
 from .run_config import extra, from_flower
 
 __all__ = ["GridTransport", "server_app", "run_server"]
@@ -38,17 +39,29 @@ def discover(grid: Grid, names: list[str], wait_s: float) -> dict[str, int]:
             msgs = [grid.create_message(encode_request("discover", -1), "query", n, "discover")
                     for n in new]
             for reply in grid.send_and_receive(msgs, timeout=max(1.0, deadline - time.monotonic())):
-                if reply.has_error():
-                    continue
-                name = decode_result(reply.content)[0]
-                found[name] = reply.metadata.src_node_id
-                asked.add(reply.metadata.src_node_id)
+                node = reply.metadata.src_node_id
+                try:
+                    name = None if reply.has_error() else decode_result(reply.content)[0]
+                except ReplyError:
+                    name = None
+                if name in found and found[name] != node:
+                    log.warning("nodes %d and %d both claim client %s; the first one keeps it",
+                                found[name], node, name)
+                    asked.add(node)
+                elif name in names:
+                    found[name] = node
+                    asked.add(node)  # (a node that failed to answer is asked again)
         missing = [n for n in names if n not in found]
         if not missing:
             return found
         if time.monotonic() > deadline:
             raise TimeoutError(f"no SuperNode for clients {missing} after {wait_s:.0f} s")
         time.sleep(0.5)
+
+
+def _valid_score(result: dict) -> bool:
+    p = result.get("P")
+    return isinstance(p, (int, float)) and not isinstance(p, bool) and 0 <= p <= 1
 
 
 class GridTransport:
@@ -70,7 +83,11 @@ class GridTransport:
             if msg.has_error():
                 replies[name] = RuntimeError(f"ClientApp error: {msg.error.reason}")
                 continue
-            _, reply_round, blob_back, s = decode_reply(msg.content)
+            try:
+                _, reply_round, blob_back, s = decode_reply(msg.content)
+            except ReplyError as exc:  # a malformed reply is a failed one
+                replies[name] = exc
+                continue
             stats.append(s)
             if blob_back is None:  # nothing to aggregate (no upload, or the post step)
                 replies.pop(name)
@@ -92,9 +109,10 @@ class GridTransport:
             raise RuntimeError(f"post-training step failed on {failed}")
 
     def ask(self, message_type: str, step: str, r: int, blob: bytes | None = None,
-            payload: dict | None = None) -> dict[str, dict]:
-        """{client: its result} from one message to every client's node; raises naming the
-        nodes that gave no valid reply (a run cannot go on without them here)."""
+            payload: dict | None = None, check=lambda result: True) -> dict[str, dict]:
+        """{client: its result} from one message to every client's node; a result that is
+        malformed, for another client or round, or fails ``check`` counts as no reply. Raises
+        naming the nodes that gave no valid reply (a run cannot go on without them here)."""
         names = list(self.run.names)
         msgs = [self.grid.create_message(encode_request(step, r, blob, payload), message_type,
                                          self.nodes[n], f"{step}-{r}") for n in names]
@@ -104,8 +122,12 @@ class GridTransport:
             name = by_node.get(msg.metadata.src_node_id)
             if name is None or msg.has_error():
                 continue
-            claimed, reply_round, result = decode_result(msg.content)
-            if claimed == name and reply_round == r:
+            try:
+                claimed, reply_round, result = decode_result(msg.content)
+            except ReplyError as exc:
+                log.warning("%s %s: node of %s: %s; ignored", message_type, step, name, exc)
+                continue
+            if claimed == name and reply_round == r and check(result):
                 results[name] = result
         missing = [n for n in names if n not in results]
         if missing:
@@ -113,16 +135,20 @@ class GridTransport:
                                f"{missing}")
         return results
 
-    def setup(self) -> None:
-        """The method's setup exchange before round 0: every node's report; the setup's shared
-        result then goes with every train and evaluate message."""
-        reports = {n: result["report"] for n, result in self.ask("query", "setup", -1).items()}
+    def setup(self, rounds_done: int, post_done: bool) -> None:
+        """The method's setup exchange before round 0: every node drops the local adapters the
+        checkpoint does not cover (as ``Run._restore`` does in process) and sends its report;
+        the setup's shared result then goes with every train and evaluate message."""
+        progress = {"rounds_done": rounds_done, "post_done": post_done}
+        results = self.ask("query", "setup", -1, payload=progress,
+                           check=lambda result: "report" in result)
+        reports = {n: result["report"] for n, result in results.items()}
         self.run.complete(reports=reports)  # run.shared travels with every later message
 
     def round_score(self, r: int) -> float:
         """Mean own-task P after round ``r``, each node scoring its own client."""
         results = self.ask("evaluate", "round", r, self.run.server.round_broadcast(r),
-                           self.run.shared)
+                           self.run.shared, check=_valid_score)
         scores = [results[n]["P"] for n in self.run.server.client_names]
         return sum(scores) / len(scores)
 
@@ -147,8 +173,11 @@ def run_server(grid: Grid, run_config: dict) -> dict:
     run = prepare_run(cfg, clients=[])  # the same seeded model as the built-in loop
     nodes = discover(grid, run.names, extra(run_config, "node-wait"))
     transport = GridTransport(run, grid, nodes, extra(run_config, "round-timeout"))
-    transport.setup()  # the same initial global state as the built-in loop
     resume = run.checkpoint_path.exists()  # a restarted ServerApp carries the round offset
+    done, post_done = 0, False
     if resume:
-        log.info("resuming from %s", run.checkpoint_path)
+        _, state = load_checkpoint(run.checkpoint_path)
+        done, post_done = state["rounds_done"], state.get("post_done", False)
+        log.info("resuming from %s at round %d", run.checkpoint_path, done)
+    transport.setup(done, post_done)  # the same initial global state as the built-in loop
     return run.run(transport, resume=resume, progress=False)
