@@ -45,7 +45,8 @@ SCHEMA = "feddpa_fast/adapter/1"
 DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 _NAMES = {v: k for k, v in DTYPES.items()}
 # What ``--wire-dtype`` names: the dtype tensors travel in (the server aggregates in fp64).
-WIRE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# "fp32", the default, sends the tensors as they are: the trainer's adapters are fp32.
+WIRE_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # ~100 header bytes per tensor: 1 MiB is room for ~10k adapter matrices (a 7B model with all
 # linear layers targeted has 448), and caps the JSON parser's work on a hostile blob.
 HEADER_CAP = 1 << 20
@@ -93,16 +94,18 @@ def _check_finite(name: str, t: torch.Tensor) -> None:
 
 
 def cast(tensors: Mapping[str, torch.Tensor], wire_dtype: str) -> dict[str, torch.Tensor]:
-    """``tensors`` in the dtype ``--wire-dtype`` names (a no-op for tensors already in it).
+    """``tensors`` in the dtype ``--wire-dtype`` names.
 
     Args:
         tensors: name -> floating-point tensor.
-        wire_dtype: a key of ``WIRE_DTYPES`` ("fp32", "bf16", "fp16").
+        wire_dtype: a key of ``WIRE_DTYPES``: "bf16" or "fp16" cast; "fp32" leaves the
+            tensors in their own dtype (fp32 for the trainer's adapters).
     Returns:
         name -> tensor in that dtype.
     """
     dtype = WIRE_DTYPES[wire_dtype]
-    return {k: v if v.dtype == dtype else v.to(dtype) for k, v in tensors.items()}
+    return {k: v if dtype is None or v.dtype == dtype else v.to(dtype)
+            for k, v in tensors.items()}
 
 
 def encode(tensors: Mapping[str, torch.Tensor], meta: Mapping) -> bytes:
