@@ -48,6 +48,7 @@ def uploads_seen(monkeypatch):
     return sent
 
 
+@pytest.mark.slow  # whole runs: `make test`, not `make test-fast`
 def test_bf16_and_fp16_halve_the_bytes_and_the_server_keeps_fp32(bert_dir, tmp_path,
                                                                  uploads_seen):
     sizes = {}
@@ -123,6 +124,7 @@ def test_noise_is_seeded_and_has_the_stated_scale():
     assert abs(one["a"].std().item() - 1.0) < 0.03  # sigma * C = 1
 
 
+@pytest.mark.slow  # whole runs: `make test`, not `make test-fast`
 def test_epsilon_is_the_accountants_and_is_reported_per_round(bert_dir, tmp_path):
     out = tmp_path / "dp"
     results = run(_cfg(bert_dir, out, rounds=3, fraction=0.5, dp_clip=0.5,
@@ -140,6 +142,7 @@ def test_epsilon_is_the_accountants_and_is_reported_per_round(bert_dir, tmp_path
         RunConfig(dp_noise_multiplier=1.0)
 
 
+@pytest.mark.slow  # whole runs: `make test`, not `make test-fast`
 def test_sigma_zero_run_equals_the_client_clipped_run(bert_dir, tmp_path, uploads_seen):
     """With noise 0, every upload is exactly received + clip(update)."""
     run(_cfg(bert_dir, tmp_path / "c", dp_clip=1e-3, dp_noise_multiplier=0.0), progress=False)
@@ -149,6 +152,7 @@ def test_sigma_zero_run_equals_the_client_clipped_run(bert_dir, tmp_path, upload
     assert uploads_seen and all(set(u) == set(ckpt) for u in uploads_seen)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16"])
 def test_resume_is_bit_identical_with_every_wire_dtype_and_dp(bert_dir, tmp_path, monkeypatch,
                                                              dtype):
@@ -191,6 +195,7 @@ def test_a_compressed_wire_keeps_the_fp32_master_below_the_wire_resolution():
     assert torch.equal(new["w"], torch.tensor([1.0001, -2.0003]))
 
 
+@pytest.mark.slow  # whole runs: `make test`, not `make test-fast`
 def test_fdlora_round_0_is_clipped_against_its_own_starting_point(bert_dir, tmp_path,
                                                                   uploads_seen):
     """FDLoRA's round 0 uploads the personalized adapter: its DP update is trained - fresh
