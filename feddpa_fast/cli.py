@@ -24,15 +24,12 @@ from pathlib import Path
 __all__ = ["main", "build_parser", "config_from_args"]
 
 def _declared():
-    """(flag without '--', field name, option metadata, prefix) of every RunConfig option,
-    then of every WeightingConfig option (flags --weighting-*)."""
-    from .fed.config import RunConfig
-    from .fed.options import declared_fields, flag
-    from .fed.weighting import WeightingConfig
+    """(flag without '--', field name, option metadata, prefix, default) of every declared
+    option (``fed.config.declared_options``)."""
+    from .fed.config import declared_options
 
-    for owner, prefix in ((RunConfig, ""), (WeightingConfig, "weighting")):
-        for f in declared_fields(owner):
-            yield flag(f, prefix)[2:], f.name, f.metadata["option"], prefix, f.default
+    for flag, f, prefix in declared_options():
+        yield flag, f.name, f.metadata["option"], prefix, f.default
 
 
 def _help(meta: dict, default) -> str:

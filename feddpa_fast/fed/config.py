@@ -19,7 +19,7 @@ from .options import ConfigError, check_options, option
 from .weighting import WeightingConfig
 from .wire import WIRE_DTYPES
 
-__all__ = ["RunConfig", "ConfigError", "HOSTILE_ATTACKS"]
+__all__ = ["RunConfig", "ConfigError", "HOSTILE_ATTACKS", "declared_options"]
 
 HOSTILE_ATTACKS = ("scale", "signflip")
 # Fields added after checkpoints existed: recorded in a checkpoint's identity only when set,
@@ -164,3 +164,14 @@ class RunConfig:
         fields["weighting"] = WeightingConfig(**fields["weighting"])
         fields["targets"] = tuple(fields["targets"]) if fields["targets"] else None
         return cls(out=str(out), **fields)
+
+
+def declared_options():
+    """(flag name without '--', field, prefix) of every RunConfig option, then of every
+    WeightingConfig option (prefix "weighting": ``weighting-k``): what the CLI, the TOML keys
+    and the Flower run config are derived from."""
+    from .options import declared_fields, flag
+
+    for owner, prefix in ((RunConfig, ""), (WeightingConfig, "weighting")):
+        for f in declared_fields(owner):
+            yield flag(f, prefix)[2:], f, prefix

@@ -4,6 +4,7 @@ CLI flags, the TOML config and the Flower run config are all derived from one de
 """
 from __future__ import annotations
 
+import builtins
 import dataclasses
 import math
 
@@ -30,15 +31,11 @@ def option(default, help: str, *, type=None, choices=None, minimum=None, maximum
     Returns:
         A ``dataclasses.field``.
     """
-    kind = type or builtins_type(default)
+    kind = type or builtins.type(default)
     meta = {"help": help, "type": kind, "choices": tuple(choices) if choices else None,
             "minimum": minimum, "maximum": maximum, "above": above, "below": below,
             "optional": optional}
     return dataclasses.field(default=default, metadata={"option": meta})
-
-
-def builtins_type(value):
-    return type(value)
 
 
 def declared_fields(cls) -> list[dataclasses.Field]:

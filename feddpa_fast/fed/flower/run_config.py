@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..config import RunConfig
-from ..options import ConfigError, declared_fields, flag
+from ..config import RunConfig, declared_options
+from ..options import ConfigError
 from ..weighting import WeightingConfig
 
 __all__ = ["EXTRA", "app_config", "extra", "from_flower", "render_app_config"]
@@ -19,14 +19,6 @@ __all__ = ["EXTRA", "app_config", "extra", "from_flower", "render_app_config"]
 # CPU threads of every app (1: reproducible across processes), the seconds a round waits for
 # its replies, the seconds the ServerApp waits for its SuperNodes.
 EXTRA = {"torch-threads": 1, "round-timeout": 600.0, "node-wait": 120.0}
-
-
-def _keys():
-    """(flower key, field, prefix) for every declared field, weighting's included."""
-    for f in declared_fields(RunConfig):
-        yield flag(f)[2:], f, ""
-    for f in declared_fields(WeightingConfig):
-        yield flag(f, "weighting")[2:], f, "weighting"
 
 
 def _to_flower(value, meta):
@@ -38,7 +30,7 @@ def _to_flower(value, meta):
 def app_config(cfg: RunConfig) -> dict:
     """The Flower run config of ``cfg`` (every key, then ``EXTRA``)."""
     out = {}
-    for key, f, prefix in _keys():
+    for key, f, prefix in declared_options():
         owner = cfg.weighting if prefix else cfg
         out[key] = _to_flower(getattr(owner, f.name), f.metadata["option"])
     return {**out, **EXTRA}
@@ -60,7 +52,7 @@ def from_flower(run_config: dict) -> RunConfig:
     Raises:
         ConfigError: an unknown key, or a value RunConfig refuses.
     """
-    known = {key: (f, prefix) for key, f, prefix in _keys()}
+    known = {key: (f, prefix) for key, f, prefix in declared_options()}
     fields, weighting = {}, {}
     for key, value in run_config.items():
         if key in EXTRA:
