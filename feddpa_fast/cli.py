@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+from .atomic import atomic_write_bytes
+
 __all__ = ["main", "build_parser", "config_from_args"]
 
 def _declared():
@@ -179,33 +181,71 @@ def _train(args) -> int:
     return 0
 
 
+def _run_compared(cfg, args, finished: dict) -> dict:
+    """One method of a compare; a method sharing the rounds of one already ``finished`` here
+    starts from them (fed/reuse.py). The results carry the wall time this compare spent."""
+    from .fed.algorithms import get_algorithm
+    from .fed.reuse import seed_from_rounds
+    from .fed.runner import run
+
+    out = Path(cfg.out)
+    started = (out / "checkpoint.safetensors").exists()
+    if args.resume and started and _finished_results(out, cfg) is not None:
+        return _finished_results(out, cfg)  # a finished method is not run again
+    start = time.perf_counter()
+    source = get_algorithm(cfg).shares_rounds_with
+    reused = source in finished and seed_from_rounds(finished[source], cfg)
+    # --resume continues what exists and starts what does not.
+    results = run(cfg, resume=(args.resume and started) or reused, progress=not args.quiet)
+    results["wall_s"] = time.perf_counter() - start if not started else results["wall_s"]
+    if source in finished and (reused or args.resume):
+        results["reused_rounds_of"] = source
+    atomic_write_bytes(out / "results.json", (json.dumps(results, indent=2) + "\n").encode())
+    return results
+
+
+def _finished_results(out: Path, cfg) -> dict | None:
+    """The results.json of a finished run of ``cfg`` in ``out`` (None: not finished, or
+    another configuration's)."""
+    from .fed.checkpoint import load_checkpoint
+
+    try:
+        results = json.loads((out / "results.json").read_text())
+        _, state = load_checkpoint(out / "checkpoint.safetensors")
+    except (OSError, ValueError, RuntimeError):
+        return None
+    return results if state.get("config") == cfg.identity() else None
+
+
 def _compare(args) -> int:
     from .evaluate import format_table, plot_methods
-    from .fed.runner import run
 
     algos = [a.strip() for a in args.algos.split(",") if a.strip()]
     base = config_from_args(args)
     root = Path(args.out or "runs/compare")
-    rows = []
+    rows, finished, notes = [], {}, []
     for algo in algos:
         cfg = dataclasses.replace(base, algo=algo, out=str(root / algo))
-        start = time.perf_counter()
-        results = run(cfg, resume=args.resume, progress=not args.quiet)
-        results["wall_s"] = time.perf_counter() - start if not args.resume else results["wall_s"]
+        results = _run_compared(cfg, args, finished)
         _print_summary(results)
+        finished[algo] = cfg.out
         rows.append(results)
+        if results.get("reused_rounds_of"):
+            notes.append(f"{algo} reuses {results['reused_rounds_of']}'s rounds (the same "
+                         "rounds, bit for bit): its wall time is its own post step and "
+                         "evaluation.")
         if results.get("by_assignment"):
             other = "opposite" if cfg.weighting.assignment == "authors" else "authors"
             v = results["by_assignment"][other]
             rows.append({**results, "method": f"{algo} ({other} weights)", "P": v["P"],
                          "TTP": v["TTP"]})
-    table = format_table(rows)
+    table = "\n\n".join([format_table(rows)] + notes)
     print(table)
     (root / "compare.md").write_text(table + "\n")
-    (root / "compare.json").write_text(json.dumps(
-        [{k: r.get(k) for k in ("method", "P", "TTP", "bytes_per_client_round", "wall_s",
-                                "server_s", "rounds_s", "wire_dtype", "dp")} for r in rows],
-        indent=2) + "\n")
+    keys = ("method", "P", "TTP", "bytes_per_client_round", "wall_s", "server_s", "rounds_s",
+            "wire_dtype", "dp", "reused_rounds_of")
+    (root / "compare.json").write_text(
+        json.dumps([{k: r.get(k) for k in keys} for r in rows], indent=2) + "\n")
     plot_methods(rows, root / "compare.png")
     print(f"table, json and plot in {root}")
     return 0

@@ -7,8 +7,10 @@ label-name embeddings come from the *base* encoder (both adapters at weight 0), 
 per label set: the adapters learn to move texts towards their label, and an example's label
 space does not depend on which adapter mix is evaluating it.
 
-``CausalLMTask``: an instruction-tuned causal LM; the prompt is the Alpaca template, the loss
-covers the response tokens only (EOS appended), prompts are truncated to ``cutoff`` tokens;
+``CausalLMTask``: an instruction-tuned causal LM; the prompt is the Alpaca template (the paper's)
+or, for a model with a chat template, that template with an empty system turn; the loss
+covers the response tokens only (EOS appended; the LM head runs on those columns only), prompts
+are truncated to ``cutoff`` tokens;
 evaluation generates (greedy, or beam search with ``num_beams`` > 1: each sequence's beams keep
 its own mix weights, feddpa_fast/rows.py) and scores ROUGE-L against the reference output.
 
@@ -117,41 +119,78 @@ class CausalLMTask:
     kind = "causal-lm"
 
     def __init__(self, model, tokenizer, *, cutoff: int = 256, max_new_tokens: int = 32,
-                 num_beams: int = 1):
+                 num_beams: int = 1, prompt_format: str = "alpaca"):
+        """Args:
+            cutoff: prompt (and answer) tokens kept.
+            max_new_tokens, num_beams: decoding of ``predict``.
+            prompt_format: "alpaca", "chat" (the tokenizer's chat template, an empty system
+                turn: SmolLM2's default system prompt would add 16 tokens to prompts of 25)
+                or "auto" (chat when the tokenizer has a chat template).
+        """
         for name, value in (("max_new_tokens", max_new_tokens), ("num_beams", num_beams)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"CausalLMTask: {name} must be a positive int, got {value!r}")
+        if prompt_format == "auto":
+            prompt_format = "chat" if getattr(tokenizer, "chat_template", None) else "alpaca"
+        if prompt_format not in ("alpaca", "chat"):
+            raise ValueError(f"CausalLMTask: prompt_format must be auto, alpaca or chat, got "
+                             f"{prompt_format!r}")
+        if prompt_format == "chat" and not getattr(tokenizer, "chat_template", None):
+            raise ValueError("CausalLMTask: prompt_format 'chat' needs a tokenizer with a chat "
+                             "template")
         self.model, self.tokenizer = model, tokenizer
         self.cutoff, self.max_new_tokens, self.num_beams = cutoff, max_new_tokens, num_beams
+        self.prompt_format = prompt_format
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         self._scorer = None
 
-    def _prompt_ids(self, e) -> list[int]:
+    def _prompt_text(self, e) -> str:
+        if self.prompt_format == "chat":
+            content = e.instruction + (f"\n\n{e.input}" if e.input else "")
+            return self.tokenizer.apply_chat_template(
+                [{"role": "system", "content": ""}, {"role": "user", "content": content}],
+                tokenize=False, add_generation_prompt=True)
         block = f"### Input:\n{e.input}\n\n" if e.input else ""
-        text = PROMPT.format(instruction=e.instruction, input_block=block)
-        ids = self.tokenizer(text, add_special_tokens=True)["input_ids"]
+        return PROMPT.format(instruction=e.instruction, input_block=block)
+
+    def _prompt_ids(self, e) -> list[int]:
+        chat = self.prompt_format == "chat"  # the template writes its own special tokens
+        ids = self.tokenizer(self._prompt_text(e), add_special_tokens=not chat)["input_ids"]
         return ids[-self.cutoff:]  # keep the end: "### Response:" must stay next to the answer
 
     def _training_batch(self, examples):
-        rows, labels = [], []
-        for e in examples:
-            prompt = self._prompt_ids(e)
-            answer = self.tokenizer(e.output, add_special_tokens=False)["input_ids"]
-            answer = answer[: self.cutoff] + [self.tokenizer.eos_token_id]
-            rows.append(prompt + answer)
-            labels.append([-100] * len(prompt) + answer)  # loss on the response only
-        width = max(len(r) for r in rows)
+        """(ids, mask, positions, labels, keep): prompts left-padded to end in one column P,
+        answers (EOS appended) right-padded after it, so the response positions of every row
+        are the last ``keep = width - P + 1`` columns; labels are -100 outside the answers."""
+        prompts = [self._prompt_ids(e) for e in examples]
+        answers = [self.tokenizer(e.output, add_special_tokens=False)["input_ids"][: self.cutoff]
+                   + [self.tokenizer.eos_token_id] for e in examples]
+        p_width = max(len(p) for p in prompts)
+        a_width = max(len(a) for a in answers)
         pad = self.tokenizer.pad_token_id
-        ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
-        lab = torch.tensor([r + [-100] * (width - len(r)) for r in labels])
-        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+        ids, mask, labels = [], [], []
+        for p, a in zip(prompts, answers):
+            left, right = p_width - len(p), a_width - len(a)
+            ids.append([pad] * left + p + a + [pad] * right)
+            mask.append([0] * left + [1] * (len(p) + len(a)) + [0] * right)
+            labels.append([-100] * p_width + a + [-100] * right)  # loss on the response only
         dev = self.model.device
-        return ids.to(dev), mask.to(dev), lab.to(dev)
+        ids, mask = torch.tensor(ids, device=dev), torch.tensor(mask, device=dev)
+        positions = (mask.cumsum(1) - 1).clamp_min(0)  # each row sees what it sees alone
+        return ids, mask, positions, torch.tensor(labels, device=dev), a_width + 1
 
     def loss(self, examples) -> torch.Tensor:
-        ids, mask, labels = self._training_batch(examples)
-        return self.model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        """Mean cross-entropy over the response tokens (call inside ``mix``). The LM head runs
+        only on the response columns (``logits_to_keep``): for SmolLM2 it is 49,152 x 576, the
+        largest layer, and the prompts are most of each row (bench/llm_step.py)."""
+        ids, mask, positions, labels, keep = self._training_batch(examples)
+        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                            logits_to_keep=keep).logits
+        # Column j of logits predicts token j + 1: the last `keep` columns predict the answers.
+        targets = labels[:, -keep + 1:]
+        return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets.flatten(),
+                               ignore_index=-100)
 
     def _left_padded_prompts(self, examples):
         prompts = [self._prompt_ids(e) for e in examples]
@@ -189,7 +228,7 @@ class CausalLMTask:
         # Positions count real tokens only, so a left-padded row sees what it sees alone.
         positions = (mask.cumsum(1) - 1).clamp_min(0)
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                         output_hidden_states=True)
+                         output_hidden_states=True, logits_to_keep=1)  # no LM head over T
         hidden = out.hidden_states[-1]
         if how == "last":
             return hidden[:, -1]  # left padding: the last position is the last real token

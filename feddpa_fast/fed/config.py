@@ -24,7 +24,8 @@ __all__ = ["RunConfig", "ConfigError", "HOSTILE_ATTACKS", "declared_options"]
 HOSTILE_ATTACKS = ("scale", "signflip")
 # Fields added after checkpoints existed: recorded in a checkpoint's identity only when set,
 # so older checkpoints still resume.
-_LATER_FIELDS = {"num_beams": 1, "max_new_tokens": 32, "wire_dtype": "fp32", "dp_clip": None,
+_LATER_FIELDS = {"num_beams": 1, "max_new_tokens": 32, "prompt_format": "auto",
+                 "wire_dtype": "fp32", "dp_clip": None,
                  "dp_noise_multiplier": 0.0, "dp_delta": 1e-5}
 
 
@@ -81,6 +82,9 @@ class RunConfig:
                             minimum=1)
     max_new_tokens: int = option(32, "causal-lm evaluation: tokens generated per test example",
                                  minimum=1)
+    prompt_format: str = option("auto", "causal-lm prompts: the Alpaca template, the model's "
+                                "chat template, or auto (chat when the tokenizer has one)",
+                                choices=("auto", "alpaca", "chat"))
     # What travels (fed/wire.py) and client-level DP on it (fed/privacy.py).
     wire_dtype: str = option("fp32", "dtype of the uploads and the broadcast (the server "
                              "aggregates in fp64)", choices=tuple(WIRE_DTYPES))

@@ -7,6 +7,7 @@ import contextlib
 import json
 import time
 
+from ..atomic import atomic_write_bytes
 from ..evaluate import evaluate_client, plot_rounds
 from .checkpoint import read_metrics
 
@@ -117,7 +118,7 @@ def finish(run, per_client: dict, wall_start: float) -> dict:
     with (out / "metrics.jsonl").open("a") as f:
         f.write(json.dumps({"final": True, **{k: results[k] for k in ("P", "TTP", "wall_s")}})
                 + "\n")
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    atomic_write_bytes(out / "results.json", (json.dumps(results, indent=2) + "\n").encode())
     (out / "plots").mkdir(exist_ok=True)
     plot_rounds(out / "metrics.jsonl", out / "plots" / "rounds.png")
     return results

@@ -82,3 +82,62 @@ def test_a_causal_lm_run_evaluates_with_beams(llama_dir, tmp_path):
     results = run(cfg, progress=False)
     assert sorted(results["per_client"]) == ["echo", "plural"]
     assert 0 <= results["P"] <= 1 and 0 <= results["TTP"] <= 1
+
+
+def _full_vocabulary_loss(task, examples):
+    """The path before the LM head was cut to the response columns: right padding and Hugging
+    Face's own loss (logits at every position)."""
+    rows, labels = [], []
+    for e in examples:
+        prompt = task._prompt_ids(e)
+        answer = task.tokenizer(e.output, add_special_tokens=False)["input_ids"]
+        answer = answer[: task.cutoff] + [task.tokenizer.eos_token_id]
+        rows.append(prompt + answer)
+        labels.append([-100] * len(prompt) + answer)
+    width, pad = max(len(r) for r in rows), task.tokenizer.pad_token_id
+    ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
+    lab = torch.tensor([r + [-100] * (width - len(r)) for r in labels])
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+    return task.model(input_ids=ids, attention_mask=mask, labels=lab).loss
+
+
+def _lora_grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_response_only_loss_and_grads_equal_the_full_vocabulary_loss(llama_dir):
+    task = _task(llama_dir, num_beams=1)
+    examples = _examples() + [LMExample("a much longer instruction " * 3, "", "a b c d", "x")]
+    fd.set_trainable(task.model, "global")
+    values, grads = [], []
+    for loss_fn in (task.loss, lambda ex: _full_vocabulary_loss(task, ex)):
+        task.model.zero_grad(set_to_none=True)
+        with fd.mix(task.model, 1.0, 0.5):
+            loss = loss_fn(examples)
+        loss.backward()
+        values.append(loss.detach())
+        grads.append(_lora_grads(task.model))
+    assert torch.allclose(values[0], values[1], rtol=1e-5, atol=1e-6), values
+    assert grads[0] and grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        assert torch.allclose(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-6), name
+
+
+def test_represent_equals_the_full_forward_without_its_lm_head(llama_dir):
+    task = _task(llama_dir, num_beams=1)
+    examples = _examples()
+    ids, mask = task._left_padded_prompts(examples)
+    positions = (mask.cumsum(1) - 1).clamp_min(0)
+    with torch.no_grad():
+        full = task.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                          output_hidden_states=True).hidden_states[-1][:, -1]
+    assert torch.allclose(task.represent(examples), full, atol=1e-6)
+
+
+def test_greedy_batched_generation_with_dynamic_weights_equals_each_alone(llama_dir):
+    task = _task(llama_dir, num_beams=1)
+    examples = _examples()
+    g, lw = instance_weights(task, examples, _examples()[:2], WeightingConfig(k=2))
+    batched = task.predict(examples, g, lw)
+    assert [task.predict([e], float(g[i]), float(lw[i]))[0]
+            for i, e in enumerate(examples)] == batched

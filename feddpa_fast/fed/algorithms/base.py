@@ -75,6 +75,9 @@ class Algorithm:
     uploads: ClassVar[bool] = True          # does a client send something each round?
     holdout: ClassVar[float] = 0.0          # fraction of a client's data kept out of training
     post_step: ClassVar[str | None] = None  # label of the step after the last round, if any
+    # A method whose rounds are this one's, bit for bit (same phases, uploads and seeds):
+    # compare reuses them (fed/reuse.py).
+    shares_rounds_with: ClassVar[str | None] = None
 
     def __init__(self, cfg):
         self.cfg = cfg  # the run's RunConfig

@@ -26,6 +26,12 @@ class FedDPAF(_FedDPA):
 
     name = "feddpa-f"
     post_step = "finetune"
+    shares_rounds_with = "fedit"
+
+    def round_evaluation(self, client) -> Evaluation:
+        """During the rounds there is no local adapter yet: the global adapter alone, as
+        FedIT (so the reused rounds' metrics are FedIT's too)."""
+        return Evaluation("global")
 
     def keeps_local(self, rounds: int) -> bool:
         return True

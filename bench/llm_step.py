@@ -1,0 +1,175 @@
+"""The causal-LM step's speed on SmolLM2-135M-Instruct, before and after, in one process:
+
+* **train step** (ms): forward, backward and AdamW step of the global adapter on one batch.
+  ``before``: the batch right-padded and Hugging Face's own loss (``labels=``), so the LM head
+  (49,152 x 576) runs at every position; ``after``: ``CausalLMTask.loss``, the LM head on the
+  response columns only.
+* **evaluation** (generated tokens / s): FedDPA's dynamic evaluation of one test set, i.e. the
+  instance weights (a representation forward of the test instances and the anchors) then one
+  batched ``generate`` with a different mix per sequence and the KV cache. ``before``: the
+  representation with the LM head over every position (``output_hidden_states`` alone);
+  ``after``: ``CausalLMTask.represent`` (``logits_to_keep=1``).
+
+    python bench/llm_step.py [--data DIR] [--batch 8] [--reps 5] [--eval-size 32]
+
+``--data`` is a lexical suite directory (``feddpa-fast data build-lexical``); without it the
+suite is built from the Debian packages into a temporary directory. Rows go to
+bench/results/llm_step_cpu.csv (or _gpu) and a markdown table is printed.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+import feddpa_fast  # noqa: E402
+from feddpa_fast.config import DualLoRAConfig  # noqa: E402
+from feddpa_fast.data import load_data_dir  # noqa: E402
+from feddpa_fast.fed.weighting import WeightingConfig  # noqa: E402
+from feddpa_fast.mixing import mix, set_trainable  # noqa: E402
+from feddpa_fast.patch import patch  # noqa: E402
+from feddpa_fast.smollm2 import load_smollm2  # noqa: E402
+from feddpa_fast.tasks import CausalLMTask  # noqa: E402
+
+FIELDS = ["run_id", "date", "device", "threads", "torch", "transformers", "feddpa_fast",
+          "bench", "measure", "variant", "batch", "median", "p20", "p80", "unit",
+          "ratio_to_before"]
+
+
+class BeforeTask(CausalLMTask):
+    """The paths the project used before: right padding with HF's full-vocabulary loss, and a
+    representation forward whose LM head runs at every position."""
+
+    def loss(self, examples):
+        rows, labels = [], []
+        for e in examples:
+            prompt = self._prompt_ids(e)
+            answer = self.tokenizer(e.output, add_special_tokens=False)["input_ids"]
+            answer = answer[: self.cutoff] + [self.tokenizer.eos_token_id]
+            rows.append(prompt + answer)
+            labels.append([-100] * len(prompt) + answer)
+        width, pad = max(len(r) for r in rows), self.tokenizer.pad_token_id
+        ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
+        lab = torch.tensor([r + [-100] * (width - len(r)) for r in labels])
+        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+        return self.model(input_ids=ids, attention_mask=mask, labels=lab).loss
+
+    @torch.no_grad()
+    def represent(self, examples, how="last"):
+        ids, mask = self._left_padded_prompts(examples)
+        positions = (mask.cumsum(1) - 1).clamp_min(0)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                         output_hidden_states=True)
+        return out.hidden_states[-1][:, -1]
+
+
+def _suite(path: Path | None):
+    if path is None:
+        from feddpa_fast.lexical import write_lexical
+
+        path = Path(tempfile.mkdtemp(prefix="lexical-"))
+        write_lexical(path)
+    return load_data_dir(path, "causal-lm")
+
+
+def _model():
+    model, tokenizer = load_smollm2()
+    patch(model, DualLoRAConfig(r=8, alpha=16, dropout=0.05, target_modules=("q_proj", "v_proj")))
+    set_trainable(model, "none")
+    return model, tokenizer
+
+
+def _train_step(task, batch, optimizer):
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        with mix(task.model, 1.0, 0.0):
+            task.loss(batch).backward()
+        optimizer.step()
+    return step
+
+
+def _timed_eval(task, examples, anchors, weighting, reps: int) -> tuple[list[float], int]:
+    """Tokens/s samples of a dynamic evaluation of ``examples``, and the tokens generated."""
+    from feddpa_fast.fed.weighting import instance_weights
+
+    samples, tokens = [], 0
+    for _ in range(reps):
+        start = time.perf_counter()
+        global_w, local_w = instance_weights(task, examples, anchors, weighting, len(examples))
+        predictions = task.predict(examples, global_w, local_w)
+        elapsed = time.perf_counter() - start
+        tokens = sum(len(task.tokenizer(p, add_special_tokens=False)["input_ids"]) + 1
+                     for p in predictions)  # + EOS (or the last token of a capped one)
+        samples.append(tokens / elapsed)
+    return samples, tokens
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=None)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--eval-size", type=int, default=32)
+    parser.add_argument("--max-new-tokens", type=int, default=24)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+
+    train, test = _suite(args.data)
+    model, tokenizer = _model()
+    tasks = {"before": BeforeTask(model, tokenizer, max_new_tokens=args.max_new_tokens),
+             "after": CausalLMTask(model, tokenizer, max_new_tokens=args.max_new_tokens)}
+    set_trainable(model, "global")
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    client = next(iter(train))
+    batch = train[client][: args.batch]
+    train_ms = common.time_alternating(
+        {name: _train_step(t, batch, optimizer) for name, t in tasks.items()}, args.reps, 1)
+    model.eval()
+    set_trainable(model, "none")
+    weighting = WeightingConfig()
+    examples, anchors = test[client][: args.eval_size], train[client][: weighting.k]
+    eval_tps = {name: _timed_eval(t, examples, anchors, weighting, max(2, args.reps // 2))[0]
+                for name, t in tasks.items()}
+    return _report(args, train_ms, eval_tps)
+
+
+def _report(args, train_ms, eval_tps) -> int:
+    import transformers
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    base = {"run_id": common.new_run_id(), "date": common.today(),
+            "device": common.device_name(device), "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "transformers": transformers.__version__,
+            "feddpa_fast": feddpa_fast.__version__, "bench": "llm_step"}
+    rows = []
+    for measure, samples, unit, batch in (("train_step", train_ms, "ms", args.batch),
+                                          ("eval_throughput", eval_tps, "tokens/s",
+                                           args.eval_size)):
+        before = common.quantiles(samples["before"])[0]
+        for variant in ("before", "after"):
+            median, p20, p80 = common.quantiles(samples[variant])
+            rows.append({**base, "measure": measure, "variant": variant, "batch": batch,
+                         "median": f"{median:.1f}", "p20": f"{p20:.1f}", "p80": f"{p80:.1f}",
+                         "unit": unit, "ratio_to_before": f"{median / before:.3f}"})
+    out = args.out or common.RESULTS_DIR / f"llm_step_{device.type}.csv"
+    common.append_rows(out, rows, FIELDS)
+    print("| measure | batch | before | after | after / before |\n|---|---|---|---|---|")
+    for measure in ("train_step", "eval_throughput"):
+        b, a = [r for r in rows if r["measure"] == measure]
+        print(f"| {measure} ({a['unit']}) | {a['batch']} | {b['median']} | {a['median']} | "
+              f"{a['ratio_to_before']} |")
+    print(f"rows appended to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

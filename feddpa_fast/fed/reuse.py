@@ -1,0 +1,52 @@
+"""Reusing the rounds one method shares with another (``Algorithm.shares_rounds_with``):
+FedDPA-F's federated phase is FedIT's, with the same derived seeds, so ``feddpa-fast compare``
+starts FedDPA-F from FedIT's finished rounds instead of training them again
+(docs/ARCHITECTURE.md §4). The result equals a separate run bit for bit
+(tests/fed/test_reuse.py): the rounds' seeds depend on (seed, round, client, phase), never on
+the method's name.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .checkpoint import load_checkpoint, read_metrics, save_run_checkpoint
+
+__all__ = ["seed_from_rounds"]
+
+
+def seed_from_rounds(source_dir, cfg) -> bool:
+    """Starts ``cfg.out`` from the finished rounds of the run in ``source_dir``: its checkpoint
+    (renamed to this run) and its per-round metrics lines; the post step and the final
+    evaluation are left to ``run(cfg, resume=True)``.
+
+    Args:
+        source_dir: a finished run of ``cfg``'s ``shares_rounds_with`` method.
+        cfg: the run to start; every setting but the method must equal the source's.
+
+    Returns:
+        True when ``cfg.out`` was seeded; False when it already holds a checkpoint (a resumed
+        compare), which is then left alone.
+
+    Raises:
+        ValueError: the source is another configuration or has not finished its rounds.
+    """
+    out = Path(cfg.out)
+    if (out / "checkpoint.safetensors").exists():
+        return False
+    source_dir = Path(source_dir)
+    tensors, state = load_checkpoint(source_dir / "checkpoint.safetensors")
+    expected = {**cfg.identity(), "algo": state["config"].get("algo")}
+    if state["config"] != expected:
+        differing = sorted(k for k in expected if state["config"].get(k) != expected[k])
+        raise ValueError(f"{source_dir}: its run differs from {cfg.algo}'s in {differing}; "
+                         "its rounds cannot be reused")
+    if state["rounds_done"] != cfg.rounds:
+        raise ValueError(f"{source_dir}: {state['rounds_done']} of {cfg.rounds} rounds done; "
+                         "only a finished run's rounds are reused")
+    out.mkdir(parents=True, exist_ok=True)
+    rows = [r for r in read_metrics(source_dir / "metrics.jsonl") if "round" in r]
+    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    save_run_checkpoint(out / "checkpoint.safetensors", tensors, cfg.identity(), cfg.seed,
+                        cfg.rounds, False, state.get("sample_rates"))
+    return True
