@@ -1,14 +1,20 @@
-"""The causal-LM step's speed on SmolLM2-135M-Instruct, before and after, in one process:
+"""The causal-LM step's speed on SmolLM2-135M-Instruct, before and after, in one process.
 
-* **train step** (ms): forward, backward and AdamW step of the global adapter on one batch.
-  ``before``: the batch right-padded and Hugging Face's own loss (``labels=``), so the LM head
-  (49,152 x 576) runs at every position; ``after``: ``CausalLMTask.loss``, the LM head on the
-  response columns only.
-* **evaluation** (generated tokens / s): FedDPA's dynamic evaluation of one test set, i.e. the
-  instance weights (a representation forward of the test instances and the anchors) then one
-  batched ``generate`` with a different mix per sequence and the KV cache. ``before``: the
-  representation with the LM head over every position (``output_hidden_states`` alone);
-  ``after``: ``CausalLMTask.represent`` (``logits_to_keep=1``).
+Three variants, timed side by side on the same model:
+
+* ``before``: the paths the project used before issue 16. Alpaca prompts; a training batch
+  right-padded and Hugging Face's own loss (``labels=``), so the LM head (49,152 x 576) runs at
+  every position; the representation forward of FedDPA's weighting with the LM head over every
+  position too; evaluation in one ``generate`` per test set (``--set-size`` sequences).
+* ``same-prompt``: Alpaca prompts, but ``CausalLMTask`` as it is now: the LM head on the
+  response columns only (training) and ``logits_to_keep=1`` (representation), and the test
+  sets pooled into full batches of ``--eval-size``.
+* ``after``: that, with the model's own chat template (``--prompt-format auto``).
+
+Measures: **train step** (ms; forward, backward and AdamW step of the global adapter on one
+batch) and **evaluation** (generated tokens / s of FedDPA's dynamic evaluation of
+``--eval-size`` test instances: instance weights from the representation forward, then
+``generate`` with a different mix per sequence and the KV cache).
 
     python bench/llm_step.py [--data DIR] [--batch 8] [--reps 5] [--eval-size 32]
 
@@ -95,20 +101,20 @@ def _train_step(task, batch, optimizer):
     return step
 
 
-def _timed_eval(task, examples, anchors, weighting, reps: int) -> tuple[list[float], int]:
-    """Tokens/s samples of a dynamic evaluation of ``examples``, and the tokens generated."""
-    from feddpa_fast.fed.weighting import instance_weights
+def _timed_eval(task, examples, anchors, weighting, set_size: int, reps: int) -> list[float]:
+    """Tokens/s samples of a dynamic evaluation of ``examples``, ``set_size`` per batch."""
+    from feddpa_fast.evaluate import predictions_for
 
-    samples, tokens = [], 0
+    samples = []
     for _ in range(reps):
         start = time.perf_counter()
-        global_w, local_w = instance_weights(task, examples, anchors, weighting, len(examples))
-        predictions = task.predict(examples, global_w, local_w)
+        predictions = predictions_for(task, examples, "dynamic", anchors=anchors,
+                                      weighting=weighting, batch_size=set_size)["authors"]
         elapsed = time.perf_counter() - start
         tokens = sum(len(task.tokenizer(p, add_special_tokens=False)["input_ids"]) + 1
                      for p in predictions)  # + EOS (or the last token of a capped one)
         samples.append(tokens / elapsed)
-    return samples, tokens
+    return samples
 
 
 def main(argv=None) -> int:
@@ -117,27 +123,36 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--eval-size", type=int, default=32)
-    parser.add_argument("--max-new-tokens", type=int, default=24)
+    parser.add_argument("--set-size", type=int, default=8,
+                        help="test instances per set: the before variant's generate batch")
+    parser.add_argument("--max-new-tokens", type=int, default=20)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
 
     train, test = _suite(args.data)
     model, tokenizer = _model()
-    tasks = {"before": BeforeTask(model, tokenizer, max_new_tokens=args.max_new_tokens),
-             "after": CausalLMTask(model, tokenizer, max_new_tokens=args.max_new_tokens)}
+    kw = {"max_new_tokens": args.max_new_tokens}
+    tasks = {"before": BeforeTask(model, tokenizer, prompt_format="alpaca", **kw),
+             "same-prompt": CausalLMTask(model, tokenizer, prompt_format="alpaca", **kw),
+             "after": CausalLMTask(model, tokenizer, prompt_format="auto", **kw)}
     set_trainable(model, "global")
     model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4)
-    client = next(iter(train))
-    batch = train[client][: args.batch]
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    names = list(train)
+    # A client's batch is one task; its examples, the first of each task in turn, vary the
+    # prompt and answer lengths as the eight clients' batches do.
+    batch = [train[names[i % len(names)]][i // len(names)] for i in range(args.batch)]
     train_ms = common.time_alternating(
         {name: _train_step(t, batch, optimizer) for name, t in tasks.items()}, args.reps, 1)
     model.eval()
     set_trainable(model, "none")
     weighting = WeightingConfig()
-    examples, anchors = test[client][: args.eval_size], train[client][: weighting.k]
-    eval_tps = {name: _timed_eval(t, examples, anchors, weighting, max(2, args.reps // 2))[0]
+    per_set = max(1, args.eval_size // len(names))
+    examples = [e for n in names for e in test[n][:per_set]][: args.eval_size]
+    anchors = train[names[0]][: weighting.k]
+    eval_tps = {name: _timed_eval(t, examples, anchors, weighting,
+                                  args.set_size if name == "before" else args.eval_size,
+                                  max(2, args.reps // 2))
                 for name, t in tasks.items()}
     return _report(args, train_ms, eval_tps)
 
@@ -155,18 +170,19 @@ def _report(args, train_ms, eval_tps) -> int:
                                           ("eval_throughput", eval_tps, "tokens/s",
                                            args.eval_size)):
         before = common.quantiles(samples["before"])[0]
-        for variant in ("before", "after"):
+        for variant in ("before", "same-prompt", "after"):
             median, p20, p80 = common.quantiles(samples[variant])
             rows.append({**base, "measure": measure, "variant": variant, "batch": batch,
                          "median": f"{median:.1f}", "p20": f"{p20:.1f}", "p80": f"{p80:.1f}",
                          "unit": unit, "ratio_to_before": f"{median / before:.3f}"})
     out = args.out or common.RESULTS_DIR / f"llm_step_{device.type}.csv"
     common.append_rows(out, rows, FIELDS)
-    print("| measure | batch | before | after | after / before |\n|---|---|---|---|---|")
+    print("| measure | batch | before | same prompt, new paths (x before) | after (x before) |"
+          "\n|---|---|---|---|---|")
     for measure in ("train_step", "eval_throughput"):
-        b, a = [r for r in rows if r["measure"] == measure]
-        print(f"| {measure} ({a['unit']}) | {a['batch']} | {b['median']} | {a['median']} | "
-              f"{a['ratio_to_before']} |")
+        b, s, a = [r for r in rows if r["measure"] == measure]
+        print(f"| {measure} ({a['unit']}) | {a['batch']} | {b['median']} | {s['median']} "
+              f"({s['ratio_to_before']}) | {a['median']} ({a['ratio_to_before']}) |")
     print(f"rows appended to {out}")
     return 0
 

@@ -69,8 +69,10 @@ def _write_pos(directory: Path, name: str, synsets: list[tuple]) -> None:
             index.setdefault(w.lower(), []).append(offsets[key])
     (directory / f"data.{name}").write_text("".join(lines))
     pos = "n" if name == "noun" else "a"
-    index_lines = [HEADER] + [f"{w} {pos} {len(o)} 1 @ {len(o)} 0 {' '.join(f'{x:08d}' for x in o)}  \n"
-                              for w, o in sorted(index.items())]
+    index_lines = [HEADER]
+    for w, offs in sorted(index.items()):
+        joined = " ".join(f"{x:08d}" for x in offs)
+        index_lines.append(f"{w} {pos} {len(offs)} 1 @ {len(offs)} 0 {joined}  \n")
     (directory / f"index.{name}").write_text("".join(index_lines))
 
 

@@ -6,14 +6,19 @@ import gzip
 import json
 
 import pytest
+from lexical_fixtures import write_dictionary, write_sources
 
 from feddpa_fast.cli import main
 from feddpa_fast.data import DataError, load_data_dir
-from feddpa_fast.lexical import LEXICAL_TASKS, MissingSourceError, build_lexical, load_sources
-from feddpa_fast.lexical import write_lexical
+from feddpa_fast.lexical import (
+    LEXICAL_TASKS,
+    MissingSourceError,
+    build_lexical,
+    load_sources,
+    write_lexical,
+)
 from feddpa_fast.lexical.dictd import Dictionary, b64_number
 from feddpa_fast.lexical.wordnet import read_data, read_index
-from lexical_fixtures import write_dictionary, write_sources
 
 TASK_NAMES = [t.name for t in LEXICAL_TASKS]
 

@@ -141,3 +141,20 @@ def test_greedy_batched_generation_with_dynamic_weights_equals_each_alone(llama_
     batched = task.predict(examples, g, lw)
     assert [task.predict([e], float(g[i]), float(lw[i]))[0]
             for i, e in enumerate(examples)] == batched
+
+
+def test_prompt_format_auto_follows_the_tokenizer(llama_dir):
+    tok = transformers.AutoTokenizer.from_pretrained(llama_dir)
+    model = torch.nn.Linear(1, 1)
+    assert CausalLMTask(model, tok).prompt_format == "alpaca"
+    assert CausalLMTask(model, tok, prompt_format="auto").prompt_format == "alpaca"
+    with pytest.raises(ValueError, match="needs a tokenizer with a chat template"):
+        CausalLMTask(model, tok, prompt_format="chat")
+    with pytest.raises(ValueError, match="prompt_format must be"):
+        CausalLMTask(model, tok, prompt_format="llama")
+    tok.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+                         "{% if add_generation_prompt %}<assistant>{% endif %}")
+    task = CausalLMTask(model, tok, prompt_format="auto")
+    assert task.prompt_format == "chat"
+    text = task._prompt_text(LMExample("Translate.", "cat", "chat", "french"))
+    assert text == "<system><user>Translate.\n\ncat<assistant>"
