@@ -54,7 +54,8 @@ demo-all: install
 # TTP; about 30 minutes on 2 cores (README). Resumable: run it again to continue.
 LEXICAL_DIR ?= runs/lexical-data
 LLM_DEMO_FLAGS := --model smollm2 --task causal-lm --data $(LEXICAL_DIR) --rounds 2 \
-	--max-steps 4 --batch-size 8 --test-limit 8 --max-new-tokens 20 --eval-every 0
+	--max-steps 4 --batch-size 8 --test-limit 8 --max-new-tokens 16 --eval-every 0 \
+	--search-examples 16
 demo-llm: install lexical-sources
 	$(PYTHON) -m feddpa_fast.cli data build-lexical --out $(LEXICAL_DIR)
 	$(PYTHON) -m feddpa_fast.cli compare --algos fedit,local,feddpa-f,feddpa-t,fdlora \

@@ -25,6 +25,7 @@ HOSTILE_ATTACKS = ("scale", "signflip")
 # Fields added after checkpoints existed: recorded in a checkpoint's identity only when set,
 # so older checkpoints still resume.
 _LATER_FIELDS = {"num_beams": 1, "max_new_tokens": 32, "prompt_format": "auto",
+                 "search_examples": None,
                  "wire_dtype": "fp32", "dp_clip": None,
                  "dp_noise_multiplier": 0.0, "dp_delta": 1e-5}
 
@@ -85,6 +86,10 @@ class RunConfig:
     prompt_format: str = option("auto", "causal-lm prompts: the Alpaca template, the model's "
                                 "chat template, or auto (chat when the tokenizer has one)",
                                 choices=("auto", "alpaca", "chat"))
+    # FDLoRA's fusion search (fed/fdlora.py) scores the held-out slice once per evaluation.
+    search_examples: int | None = option(
+        None, "fdlora: held-out examples the fusion search scores (unset: the whole held-out "
+        "slice, 20% of a client's data)", type=int, minimum=1, optional=True)
     # What travels (fed/wire.py) and client-level DP on it (fed/privacy.py).
     wire_dtype: str = option("fp32", "dtype of the uploads and the broadcast (the server "
                              "aggregates in fp64)", choices=tuple(WIRE_DTYPES))

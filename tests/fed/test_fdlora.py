@@ -59,3 +59,20 @@ def test_fusion_weights_are_searched_on_the_holdout_and_recorded(tmp_path):
         assert len(record["evaluations"]) <= record["budget"]
         losses = {tuple(e["weights"]): e["loss"] for e in record["evaluations"]}
         assert record["holdout_loss"] <= min(losses[(1.0, 0.0)], losses[(0.0, 1.0)])
+        assert record["examples"] == 60  # 20 % of the 300 training sentences
+
+
+def test_search_examples_caps_the_slice_the_search_scores(tmp_path):
+    from fed_fixtures import tiny_bert_dir
+
+    from feddpa_fast.fed.config import RunConfig
+    from feddpa_fast.fed.runner import run
+
+    cfg = RunConfig(algo="fdlora", model=str(tiny_bert_dir(tmp_path)), clients=1, rounds=1,
+                    max_steps=1, batch_size=8, test_limit=4, rank=4, search_examples=5,
+                    out=str(tmp_path / "run"))
+    results = run(cfg, progress=False)
+    record = next(iter(results["per_client"].values()))["fusion"]
+    assert record["examples"] == 5
+    assert cfg.identity()["search_examples"] == 5
+    assert "search_examples" not in RunConfig().identity()  # old checkpoints still resume
