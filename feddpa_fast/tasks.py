@@ -160,34 +160,33 @@ class CausalLMTask:
         return ids[-self.cutoff:]  # keep the end: "### Response:" must stay next to the answer
 
     def _training_batch(self, examples):
-        """(ids, mask, positions, labels, keep): prompts left-padded to end in one column P,
-        answers (EOS appended) right-padded after it, so the response positions of every row
-        are the last ``keep = width - P + 1`` columns; labels are -100 outside the answers."""
+        """(ids, mask, labels, keep): prompt + answer (EOS appended) per row, right-padded;
+        labels are -100 outside the answers. The answers of every row lie in the last
+        ``keep - 1`` columns (``keep``: from the column before the shortest prompt's end)."""
         prompts = [self._prompt_ids(e) for e in examples]
-        answers = [self.tokenizer(e.output, add_special_tokens=False)["input_ids"][: self.cutoff]
-                   + [self.tokenizer.eos_token_id] for e in examples]
-        p_width = max(len(p) for p in prompts)
-        a_width = max(len(a) for a in answers)
+        rows, labels = [], []
+        for e, prompt in zip(examples, prompts):
+            answer = self.tokenizer(e.output, add_special_tokens=False)["input_ids"]
+            answer = answer[: self.cutoff] + [self.tokenizer.eos_token_id]
+            rows.append(prompt + answer)
+            labels.append([-100] * len(prompt) + answer)  # loss on the response only
+        width = max(len(r) for r in rows)
         pad = self.tokenizer.pad_token_id
-        ids, mask, labels = [], [], []
-        for p, a in zip(prompts, answers):
-            left, right = p_width - len(p), a_width - len(a)
-            ids.append([pad] * left + p + a + [pad] * right)
-            mask.append([0] * left + [1] * (len(p) + len(a)) + [0] * right)
-            labels.append([-100] * p_width + a + [-100] * right)  # loss on the response only
+        ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
+        lab = torch.tensor([r + [-100] * (width - len(r)) for r in labels])
+        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+        keep = width - min(len(p) for p in prompts) + 1
         dev = self.model.device
-        ids, mask = torch.tensor(ids, device=dev), torch.tensor(mask, device=dev)
-        positions = (mask.cumsum(1) - 1).clamp_min(0)  # each row sees what it sees alone
-        return ids, mask, positions, torch.tensor(labels, device=dev), a_width + 1
+        return ids.to(dev), mask.to(dev), lab.to(dev), keep
 
     def loss(self, examples) -> torch.Tensor:
         """Mean cross-entropy over the response tokens (call inside ``mix``). The LM head runs
-        only on the response columns (``logits_to_keep``): for SmolLM2 it is 49,152 x 576, the
-        largest layer, and the prompts are most of each row (bench/llm_step.py)."""
-        ids, mask, positions, labels, keep = self._training_batch(examples)
-        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                            logits_to_keep=keep).logits
-        # Column j of logits predicts token j + 1: the last `keep` columns predict the answers.
+        only on the columns that hold answers (``logits_to_keep``): for SmolLM2 it is
+        49,152 x 576, the largest layer, and the prompts are most of each row. Right padding
+        as before, so the rest of the model computes exactly what it did (bench/llm_step.py)."""
+        ids, mask, labels, keep = self._training_batch(examples)
+        logits = self.model(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits
+        # Column j predicts token j + 1: the last `keep` columns predict the last keep - 1.
         targets = labels[:, -keep + 1:]
         return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets.flatten(),
                                ignore_index=-100)
