@@ -54,18 +54,8 @@ class BeforeTask(CausalLMTask):
     representation forward whose LM head runs at every position."""
 
     def loss(self, examples):
-        rows, labels = [], []
-        for e in examples:
-            prompt = self._prompt_ids(e)
-            answer = self.tokenizer(e.output, add_special_tokens=False)["input_ids"]
-            answer = answer[: self.cutoff] + [self.tokenizer.eos_token_id]
-            rows.append(prompt + answer)
-            labels.append([-100] * len(prompt) + answer)
-        width, pad = max(len(r) for r in rows), self.tokenizer.pad_token_id
-        ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
-        lab = torch.tensor([r + [-100] * (width - len(r)) for r in labels])
-        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
-        return self.model(input_ids=ids, attention_mask=mask, labels=lab).loss
+        ids, mask, labels, _ = self._training_batch(examples)  # the same right-padded batch
+        return self.model(input_ids=ids, attention_mask=mask, labels=labels).loss
 
     @torch.no_grad()
     def represent(self, examples, how="last"):

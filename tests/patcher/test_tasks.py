@@ -85,20 +85,9 @@ def test_a_causal_lm_run_evaluates_with_beams(llama_dir, tmp_path):
 
 
 def _full_vocabulary_loss(task, examples):
-    """The path before the LM head was cut to the response columns: right padding and Hugging
-    Face's own loss (logits at every position)."""
-    rows, labels = [], []
-    for e in examples:
-        prompt = task._prompt_ids(e)
-        answer = task.tokenizer(e.output, add_special_tokens=False)["input_ids"]
-        answer = answer[: task.cutoff] + [task.tokenizer.eos_token_id]
-        rows.append(prompt + answer)
-        labels.append([-100] * len(prompt) + answer)
-    width, pad = max(len(r) for r in rows), task.tokenizer.pad_token_id
-    ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
-    lab = torch.tensor([r + [-100] * (width - len(r)) for r in labels])
-    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
-    return task.model(input_ids=ids, attention_mask=mask, labels=lab).loss
+    """Hugging Face's own loss over the logits of every position, on the same batch."""
+    ids, mask, labels, _ = task._training_batch(examples)
+    return task.model(input_ids=ids, attention_mask=mask, labels=labels).loss
 
 
 def _lora_grads(model):
