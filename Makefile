@@ -65,8 +65,7 @@ demo-llm: install lexical-sources
 # this is root on a Debian-like system; otherwise `data build-lexical` names what is missing.
 LEXICAL_PACKAGES := wordnet-base dict-freedict-eng-fra dict-freedict-eng-deu dict-foldoc
 lexical-sources:
-	@if [ -f /usr/share/wordnet/data.noun ] && [ -f /usr/share/dictd/foldoc.index ] && \
-	   [ -f /usr/share/dictd/freedict-eng-fra.index ] && [ -f /usr/share/dictd/freedict-eng-deu.index ]; then \
+	@if $(PYTHON) -c "from feddpa_fast.lexical.sources import missing_files as m; exit(bool(m()))"; then \
 		true; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(LEXICAL_PACKAGES); \

@@ -185,7 +185,7 @@ def _run_compared(cfg, args, finished: dict) -> dict:
     """One method of a compare; a method sharing the rounds of one already ``finished`` here
     starts from them (fed/reuse.py). The results carry the wall time this compare spent."""
     from .fed.algorithms import get_algorithm
-    from .fed.reuse import seed_from_rounds
+    from .fed.reuse import reused_from, seed_from_rounds
     from .fed.runner import run
 
     out = Path(cfg.out)
@@ -198,8 +198,7 @@ def _run_compared(cfg, args, finished: dict) -> dict:
     # --resume continues what exists and starts what does not.
     results = run(cfg, resume=(args.resume and started) or reused, progress=not args.quiet)
     results["wall_s"] = time.perf_counter() - start if not started else results["wall_s"]
-    if source in finished and (reused or args.resume):
-        results["reused_rounds_of"] = source
+    results["reused_rounds_of"] = reused_from(out)
     atomic_write_bytes(out / "results.json", (json.dumps(results, indent=2) + "\n").encode())
     return results
 
@@ -207,6 +206,7 @@ def _run_compared(cfg, args, finished: dict) -> dict:
 def _finished_results(out: Path, cfg) -> dict | None:
     """The results.json of a finished run of ``cfg`` in ``out`` (None: not finished, or
     another configuration's)."""
+    from .fed.algorithms import get_algorithm
     from .fed.checkpoint import load_checkpoint
 
     try:
@@ -214,7 +214,9 @@ def _finished_results(out: Path, cfg) -> dict | None:
         _, state = load_checkpoint(out / "checkpoint.safetensors")
     except (OSError, ValueError, RuntimeError):
         return None
-    return results if state.get("config") == cfg.identity() else None
+    complete = state.get("rounds_done") == cfg.rounds and (
+        state.get("post_done") or not get_algorithm(cfg).post_step)
+    return results if complete and state.get("config") == cfg.identity() else None
 
 
 def _compare(args) -> int:

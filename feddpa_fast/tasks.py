@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from jinja2 import TemplateError
 
 from .mixing import mix
 
@@ -147,10 +148,15 @@ class CausalLMTask:
 
     def _prompt_text(self, e) -> str:
         if self.prompt_format == "chat":
-            content = e.instruction + (f"\n\n{e.input}" if e.input else "")
-            return self.tokenizer.apply_chat_template(
-                [{"role": "system", "content": ""}, {"role": "user", "content": content}],
-                tokenize=False, add_generation_prompt=True)
+            user = {"role": "user", "content": e.instruction + (f"\n\n{e.input}" if e.input
+                                                                 else "")}
+            try:
+                return self.tokenizer.apply_chat_template(
+                    [{"role": "system", "content": ""}, user], tokenize=False,
+                    add_generation_prompt=True)
+            except TemplateError:  # a template that refuses a system turn (Gemma's raises)
+                return self.tokenizer.apply_chat_template([user], tokenize=False,
+                                                          add_generation_prompt=True)
         block = f"### Input:\n{e.input}\n\n" if e.input else ""
         return PROMPT.format(instruction=e.instruction, input_block=block)
 
@@ -184,8 +190,11 @@ class CausalLMTask:
         only on the columns that hold answers (``logits_to_keep``): for SmolLM2 it is
         49,152 x 576, the largest layer, and the prompts are most of each row. Right padding
         as before, so the rest of the model computes exactly what it did (bench/llm_step.py)."""
+        if not examples:
+            raise ValueError("CausalLMTask.loss: no examples")
         ids, mask, labels, keep = self._training_batch(examples)
         logits = self.model(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits
+        logits = logits[:, -keep:]  # a model that ignores logits_to_keep returns every column
         # Column j predicts token j + 1: the last `keep` columns predict the last keep - 1.
         targets = labels[:, -keep + 1:]
         return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets.flatten(),

@@ -22,9 +22,10 @@ from .wire import WIRE_DTYPES
 __all__ = ["RunConfig", "ConfigError", "HOSTILE_ATTACKS", "declared_options"]
 
 HOSTILE_ATTACKS = ("scale", "signflip")
-# Fields added after checkpoints existed: recorded in a checkpoint's identity only when set,
-# so older checkpoints still resume.
-_LATER_FIELDS = {"num_beams": 1, "max_new_tokens": 32, "prompt_format": "auto",
+# Fields added after checkpoints existed, with the value a checkpoint without them ran with:
+# recorded in a checkpoint's identity only when they differ from it, so older checkpoints still
+# resume (prompt_format: runs before it were Alpaca, whatever the model).
+_LATER_FIELDS = {"num_beams": 1, "max_new_tokens": 32, "prompt_format": "alpaca",
                  "search_examples": None,
                  "wire_dtype": "fp32", "dp_clip": None,
                  "dp_noise_multiplier": 0.0, "dp_delta": 1e-5}
@@ -160,8 +161,8 @@ class RunConfig:
         """The fields a resumed run must share with the checkpointed one."""
         d = dataclasses.asdict(self)
         d.pop("out")
-        for name, default in _LATER_FIELDS.items():
-            if d[name] == default:
+        for name, absent in _LATER_FIELDS.items():
+            if d[name] == absent:
                 d.pop(name)
         d["targets"] = list(self.targets) if self.targets else None
         return d
@@ -169,7 +170,7 @@ class RunConfig:
     @classmethod
     def from_identity(cls, identity: dict, out: str) -> RunConfig:
         """The RunConfig a checkpoint's ``identity()`` was taken from."""
-        fields = dict(identity)
+        fields = {**_LATER_FIELDS, **identity}
         fields["weighting"] = WeightingConfig(**fields["weighting"])
         fields["targets"] = tuple(fields["targets"]) if fields["targets"] else None
         return cls(out=str(out), **fields)

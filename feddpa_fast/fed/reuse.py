@@ -10,9 +10,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..atomic import atomic_write_bytes
+from .algorithms import get_algorithm
 from .checkpoint import load_checkpoint, read_metrics, save_run_checkpoint
 
-__all__ = ["seed_from_rounds"]
+__all__ = ["REUSED", "reused_from", "seed_from_rounds"]
+
+REUSED = "reused_rounds.json"  # in a run directory seeded from another run's rounds
 
 
 def seed_from_rounds(source_dir, cfg) -> bool:
@@ -35,8 +39,11 @@ def seed_from_rounds(source_dir, cfg) -> bool:
     if (out / "checkpoint.safetensors").exists():
         return False
     source_dir = Path(source_dir)
+    source_algo = get_algorithm(cfg).shares_rounds_with
+    if source_algo is None:
+        raise ValueError(f"{cfg.algo} shares its rounds with no other method")
     tensors, state = load_checkpoint(source_dir / "checkpoint.safetensors")
-    expected = {**cfg.identity(), "algo": state["config"].get("algo")}
+    expected = {**cfg.identity(), "algo": source_algo}
     if state["config"] != expected:
         differing = sorted(k for k in expected if state["config"].get(k) != expected[k])
         raise ValueError(f"{source_dir}: its run differs from {cfg.algo}'s in {differing}; "
@@ -44,9 +51,19 @@ def seed_from_rounds(source_dir, cfg) -> bool:
     if state["rounds_done"] != cfg.rounds:
         raise ValueError(f"{source_dir}: {state['rounds_done']} of {cfg.rounds} rounds done; "
                          "only a finished run's rounds are reused")
-    out.mkdir(parents=True, exist_ok=True)
     rows = [r for r in read_metrics(source_dir / "metrics.jsonl") if "round" in r]
-    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    atomic_write_bytes(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode())
+    atomic_write_bytes(out / REUSED, (json.dumps({"algo": source_algo, "run": str(source_dir)})
+                                      + "\n").encode())
+    # The checkpoint last: it is what makes the directory a run (and resumable).
     save_run_checkpoint(out / "checkpoint.safetensors", tensors, cfg.identity(), cfg.seed,
                         cfg.rounds, False, state.get("sample_rates"))
     return True
+
+
+def reused_from(run_dir) -> str | None:
+    """The method whose rounds ``run_dir`` started from (None: it trained its own)."""
+    try:
+        return json.loads((Path(run_dir) / REUSED).read_text())["algo"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None

@@ -9,7 +9,7 @@ from .dictd import Dictionary
 from .wordnet import WordNet
 
 __all__ = ["DEFAULT_DICTD_DIR", "DEFAULT_WORDNET_DIR", "DICTIONARIES", "MissingSourceError",
-           "Sources", "WORDNET_PACKAGE", "load_sources"]
+           "Sources", "WORDNET_PACKAGE", "load_sources", "missing_files"]
 
 DEFAULT_WORDNET_DIR = Path("/usr/share/wordnet")
 DEFAULT_DICTD_DIR = Path("/usr/share/dictd")
@@ -49,6 +49,12 @@ def _missing(wordnet_dir: Path, dictd_dir: Path) -> tuple[list[Path], list[str],
                 packages.append(package)
                 flags.append("--dictd-dir")
     return files, list(dict.fromkeys(packages)), list(dict.fromkeys(flags))
+
+
+def missing_files(wordnet_dir=None, dictd_dir=None) -> list[Path]:
+    """The suite's source files that are not there (``make lexical-sources`` asks)."""
+    wordnet_dir, dictd_dir = wordnet_dir or DEFAULT_WORDNET_DIR, dictd_dir or DEFAULT_DICTD_DIR
+    return _missing(Path(wordnet_dir), Path(dictd_dir))[0]
 
 
 def load_sources(wordnet_dir=None, dictd_dir=None) -> Sources:

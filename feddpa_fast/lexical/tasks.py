@@ -2,7 +2,8 @@
 the raw data (docs/ARCHITECTURE.md §3). ``answer(sources, word)`` is the reference output for
 an English ``word``, or None when the source has no usable one.
 
-Every WordNet task reads the word's most frequent sense (the first synset of its index entry);
+Every WordNet task reads the word's most frequent sense (the first synset of its index entry;
+the noun's before the adjective's, the adjective's first for antonyms);
 every dictionary task reads the first entry whose headword is the word itself. Answers are kept
 short (a definition's first clause, at most ``MAX_DEFINITION_WORDS`` words) so a 135 M model can
 be scored on them with a few dozen generated tokens.

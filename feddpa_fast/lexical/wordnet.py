@@ -162,7 +162,8 @@ def read_index(path: Path) -> dict[str, tuple[int, ...]]:
 
 
 class WordNet:
-    """The four parts of speech of a WordNet database directory, read once."""
+    """The parts of speech of a WordNet database directory (nouns and adjectives by default),
+    read once."""
 
     def __init__(self, directory: Path, parts: tuple[str, ...] = ("n", "a")):
         """Args:
@@ -185,7 +186,7 @@ class WordNet:
         Raises:
             DataError: no synset starts at that offset.
         """
-        table = self.data["a" if pos == "s" else pos]
+        table = self.data.get("a" if pos == "s" else pos, {})
         if offset not in table:
             name = POS_FILES["a" if pos == "s" else pos]
             raise DataError(f"{self.directory / ('data.' + name)}: no synset at offset {offset}"

@@ -400,3 +400,16 @@ def test_zero_unsets_an_optional_flag_as_in_the_flower_run_config():
     assert (cfg.max_steps, cfg.test_limit, cfg.clip_norm, cfg.rounds) == (None, None, None, 2)
     with pytest.raises(ConfigError, match="--rounds"):  # a required field has no 'unset'
         config_from_args(build_parser().parse_args(["train", "--rounds", "0"]))
+
+
+def test_a_checkpoint_from_before_prompt_format_reads_as_alpaca():
+    """Runs before --prompt-format used the Alpaca template whatever the model: an identity
+    without the field is an Alpaca run, and today's default (auto) is recorded."""
+    cfg = RunConfig()
+    identity = cfg.identity()
+    assert identity["prompt_format"] == "auto"
+    old = {k: v for k, v in identity.items() if k != "prompt_format"}
+    assert RunConfig.from_identity(old, "x").prompt_format == "alpaca"
+    alpaca = dataclasses.replace(cfg, prompt_format="alpaca")
+    assert "prompt_format" not in alpaca.identity()  # resumes the old checkpoint
+    assert alpaca.identity() == old

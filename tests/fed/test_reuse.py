@@ -102,3 +102,16 @@ def test_unfinished_rounds_are_not_reused(setting, tmp_path):
     with pytest.raises(ValueError, match="1 of 2 rounds done"):
         seed_from_rounds(tmp_path / "fedit", _cfg(setting, "feddpa-f", tmp_path / "f"))
     assert not (tmp_path / "f").exists()
+
+
+def test_only_a_seeded_run_is_labelled_as_reusing(setting, tmp_path):
+    from feddpa_fast.fed.reuse import REUSED, reused_from
+
+    run(_cfg(setting, "fedit", tmp_path / "fedit"), progress=False)
+    target = _cfg(setting, "feddpa-f", tmp_path / "f")
+    assert seed_from_rounds(tmp_path / "fedit", target)
+    assert reused_from(tmp_path / "f") == "fedit" and (tmp_path / "f" / REUSED).is_file()
+    assert not seed_from_rounds(tmp_path / "fedit", target)  # already started: left alone
+    assert reused_from(tmp_path / "fedit") is None
+    with pytest.raises(ValueError, match="shares its rounds with no other method"):
+        seed_from_rounds(tmp_path / "fedit", _cfg(setting, "feddpa-t", tmp_path / "t"))

@@ -147,3 +147,14 @@ def test_prompt_format_auto_follows_the_tokenizer(llama_dir):
     assert task.prompt_format == "chat"
     text = task._prompt_text(LMExample("Translate.", "cat", "chat", "french"))
     assert text == "<system><user>Translate.\n\ncat<assistant>"
+
+
+def test_a_chat_template_without_a_system_turn_gets_the_user_turn_alone(llama_dir):
+    tok = transformers.AutoTokenizer.from_pretrained(llama_dir)
+    tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}"
+                         "{{ raise_exception('System role not supported') }}{% endif %}"
+                         "<{{ m['role'] }}>{{ m['content'] }}{% endfor %}<model>")
+    task = CausalLMTask(torch.nn.Linear(1, 1), tok, prompt_format="chat")
+    assert task._prompt_text(LMExample("Say it.", "", "x", "t")) == "<user>Say it.<model>"
+    with pytest.raises(ValueError, match="no examples"):
+        task.loss([])
