@@ -22,8 +22,6 @@ import sys
 import time
 from pathlib import Path
 
-from .atomic import atomic_write_bytes
-
 __all__ = ["main", "build_parser", "config_from_args"]
 
 def _declared():
@@ -183,23 +181,23 @@ def _train(args) -> int:
 
 def _run_compared(cfg, args, finished: dict) -> dict:
     """One method of a compare; a method sharing the rounds of one already ``finished`` here
-    starts from them (fed/reuse.py). The results carry the wall time this compare spent."""
+    starts from them (fed/reuse.py; results.json says so). The results carry the wall time
+    this compare spent."""
     from .fed.algorithms import get_algorithm
-    from .fed.reuse import reused_from, seed_from_rounds
+    from .fed.reuse import seed_from_rounds
     from .fed.runner import run
 
     out = Path(cfg.out)
     started = (out / "checkpoint.safetensors").exists()
-    if args.resume and started and _finished_results(out, cfg) is not None:
-        return _finished_results(out, cfg)  # a finished method is not run again
+    done = _finished_results(out, cfg) if args.resume and started else None
+    if done is not None:
+        return done  # a finished method is not run again
     start = time.perf_counter()
     source = get_algorithm(cfg).shares_rounds_with
     reused = source in finished and seed_from_rounds(finished[source], cfg)
     # --resume continues what exists and starts what does not.
     results = run(cfg, resume=(args.resume and started) or reused, progress=not args.quiet)
     results["wall_s"] = time.perf_counter() - start if not started else results["wall_s"]
-    results["reused_rounds_of"] = reused_from(out)
-    atomic_write_bytes(out / "results.json", (json.dumps(results, indent=2) + "\n").encode())
     return results
 
 

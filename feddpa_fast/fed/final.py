@@ -10,6 +10,7 @@ import time
 from ..atomic import atomic_write_bytes
 from ..evaluate import evaluate_client, plot_rounds
 from .checkpoint import read_metrics
+from .reuse import reused_from
 
 __all__ = ["entered", "evaluate_clients", "final_entry", "finish", "limit", "round_score",
            "summarise"]
@@ -114,6 +115,7 @@ def finish(run, per_client: dict, wall_start: float) -> dict:
         "server_s": sum(r.get("server_s", 0) for r in rows),
         "rounds_s": sum(r.get("round_s", 0) for r in rows),
         "wall_s": time.perf_counter() - wall_start,
+        "reused_rounds_of": reused_from(out),  # compare started it from another's rounds
     }
     with (out / "metrics.jsonl").open("a") as f:
         f.write(json.dumps({"final": True, **{k: results[k] for k in ("P", "TTP", "wall_s")}})
