@@ -118,4 +118,4 @@ bench-robustness: install
 	$(PYTHON) bench/robustness.py
 
 clean:
-	rm -rf build .make kernels/_feddpa_cpu*.so *.egg-info
+	rm -rf build .make feddpa_fast/kernels/_feddpa_cpu*.so kernels/_feddpa_cpu*.so *.egg-info

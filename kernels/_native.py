@@ -6,6 +6,7 @@ build it, not a silent fallback.
 """
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
@@ -14,12 +15,17 @@ _LIBRARY_GLOB = "_feddpa_cpu*.so"
 
 
 def native_library_path() -> Path:
-    """Path of the built native library next to this package, or ImportError if absent."""
-    here = Path(__file__).resolve().parent
-    found = sorted(here.glob(_LIBRARY_GLOB))
+    """Path of the built native library in this package, or ImportError if absent.
+
+    The package spans two directories in a source checkout (feddpa_fast/kernels/, where the
+    build puts the library, and the repo's kernels/ sources), one in a wheel: all are searched.
+    """
+    package_dirs = [Path(d).resolve() for d in sys.modules[__package__].__path__]
+    found = sorted(p for d in package_dirs for p in d.glob(_LIBRARY_GLOB))
     if not found:
+        where = ", ".join(str(d) for d in package_dirs)
         raise ImportError(
-            f"feddpa_fast's native library ({_LIBRARY_GLOB}) is not built in {here}. "
+            f"feddpa_fast's native library ({_LIBRARY_GLOB}) is not built in {where}. "
             "Build it with `pip install --no-build-isolation -e .` (torch must be installed "
             "first) or `make install`."
         )
