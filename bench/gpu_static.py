@@ -322,7 +322,8 @@ def write_csv(path: Path, rows: list[dict]) -> None:
 
 
 def markdown(rows: list[dict]) -> str:
-    """The README table: dispatched configs at the benchmark's big prefill and decode M = 1."""
+    """The dispatched configs at the big prefill and decode M = 1 (bench/tables.py renders
+    bench/README.md from the CSV)."""
     head = ("| triton | target | kernel | case | config | regs | spill B | smem KB (limit) | "
             "mma | TMA | extra MMA | programs / SMs |")
     out = [head, "|" + "---|" * 12]

@@ -10,7 +10,8 @@ Configs are declared here once, per architecture family:
 - ``fwd_default(...)`` etc.: the one config per problem used when autotuning is off
   (FEDDPA_FAST_AUTOTUNE=0), by the static report's "dispatched" rows, and (small tiles) by the
   interpreter, where autotuning and timing cannot run.
-None of these were tuned on hardware: no GPU has been lent to this project yet (README).
+None of these were tuned on hardware: no GPU has been lent to this project yet (docs/gpu.md,
+Limits).
 """
 from __future__ import annotations
 

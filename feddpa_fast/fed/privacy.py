@@ -10,7 +10,7 @@ The privacy spent is tracked by opacus' RDP accountant, one step per round at no
 multiplier sigma and sampling rate q = sampled / clients. This counts the aggregate as if the
 noise were the server's single N(0, sigma^2 C^2) on the sum, the standard DP-FedAvg account;
 the sum actually carries one draw per client, so the reported epsilon is an upper bound.
-Not covered (README, "Compressed wire and client-level DP"): the server knows the sample
+Not covered (docs/trainer.md, "Compressed wire and client-level DP"): the server knows the sample
 (against it, q = 1 applies), the sample has a fixed size (the RDP account assumes Poisson),
 and the unnoised side channels (losses in the replies, C2A's setup report, FDLoRA's held-out
 losses).
