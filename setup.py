@@ -103,6 +103,7 @@ setup(
     extras_require={
         "dev": [
             "pytest",
+            "pytest-xdist",  # `make test` runs 2 workers (tests/conftest.py sets their threads)
             "ruff>=0.17,<0.18",  # `make lint` / `make test` (rules in pyproject.toml)
             "hypothesis",  # property/fuzz tests of the wire format (tests/test_wire_fuzz.py)
             "peft",

@@ -13,6 +13,18 @@ import torch
 import transformers
 from tiny_models import minilm_path
 
+from feddpa_fast.fed.config import RunConfig
+
+# The small run the federated tests start from: 2 clients, 2 rounds of 2 steps of batch 8,
+# 8 test examples per task, rank 4 (a few seconds on the tiny BERT).
+TINY_RUN = dict(clients=2, rounds=2, max_steps=2, batch_size=8, test_limit=8, lr=1e-2, rank=4,
+                alpha=8.0)
+
+
+def tiny_cfg(model_dir, out, **overrides) -> RunConfig:
+    """The tiny run on ``model_dir`` writing to ``out``, with ``overrides`` on top."""
+    return RunConfig(**{**TINY_RUN, "model": str(model_dir), "out": str(out), **overrides})
+
 
 def _tokenizer():
     return transformers.AutoTokenizer.from_pretrained(minilm_path())

@@ -1,7 +1,6 @@
 """Algorithms as phases, and FedDPA's instance-wise dynamic weighting."""
 import pytest
 import torch
-from fed_fixtures import tiny_bert_dir
 from tiny_models import randomize_lora_b
 
 from feddpa_fast.data import builtin_suite
@@ -58,9 +57,8 @@ def test_similarity_scores_and_options():
 
 
 @pytest.fixture(scope="module")
-def task(tmp_path_factory):
-    model_dir = tiny_bert_dir(tmp_path_factory.mktemp("m"))
-    t = build_task(RunConfig(model=str(model_dir), rank=4, alpha=8, dropout=0.0))
+def task(bert_dir):
+    t = build_task(RunConfig(model=str(bert_dir), rank=4, alpha=8, dropout=0.0))
     torch.manual_seed(0)
     randomize_lora_b(t.model, std=0.5)  # the two adapters differ
     return t

@@ -393,7 +393,7 @@ def test_identity_round_trips(cfg):
 
 
 def test_zero_unsets_an_optional_flag_as_in_the_flower_run_config():
-    """The README's authors' setting: --max-steps 0 --test-limit 0 means no cap."""
+    """The authors' setting (docs/trainer.md, CLI): --max-steps 0 --test-limit 0 means no cap."""
     args = build_parser().parse_args(["train", "--max-steps", "0", "--test-limit", "0",
                                       "--clip-norm", "0", "--rounds", "2"])
     cfg = config_from_args(args)

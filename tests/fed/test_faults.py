@@ -7,28 +7,19 @@ import subprocess
 import sys
 import textwrap
 import time
+from functools import partial
 
 import pytest
 import torch
-from fed_fixtures import tiny_bert_dir
+from fed_fixtures import tiny_cfg
 
 from feddpa_fast.fed import checkpoint as checkpoint_mod
 from feddpa_fast.fed.checkpoint import load_checkpoint
 from feddpa_fast.fed.client import Client
-from feddpa_fast.fed.config import RunConfig
 from feddpa_fast.fed.runner import run
 
-
-@pytest.fixture(scope="module")
-def bert_dir(tmp_path_factory):
-    return tiny_bert_dir(tmp_path_factory.mktemp("models"))
-
-
-def _cfg(model_dir, out, **kw):
-    base = dict(algo="feddpa-t", model=str(model_dir), clients=2, rounds=3, max_steps=2,
-                batch_size=8, test_limit=4, lr=1e-2, rank=4, seed=5, out=str(out))
-    base.update(kw)
-    return RunConfig(**base)
+# Three rounds, so a kill or a failure can land in the middle of the run.
+_cfg = partial(tiny_cfg, algo="feddpa-t", rounds=3, test_limit=4, seed=5, alpha=16.0)
 
 
 def _same_global(a_dir, b_dir):

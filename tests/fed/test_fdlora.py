@@ -43,16 +43,13 @@ def test_search_survives_non_finite_losses_and_rejects_bad_configs():
         SearchConfig(budget=2)
 
 
-def test_fusion_weights_are_searched_on_the_holdout_and_recorded(tmp_path):
-    from fed_fixtures import tiny_bert_dir
+def test_fusion_weights_are_searched_on_the_holdout_and_recorded(bert_dir, tmp_path):
+    from fed_fixtures import tiny_cfg
 
-    from feddpa_fast.fed.config import RunConfig
     from feddpa_fast.fed.runner import run
 
-    model_dir = tiny_bert_dir(tmp_path)
-    results = run(RunConfig(algo="fdlora", model=str(model_dir), clients=2, rounds=2,
-                            max_steps=2, batch_size=8, test_limit=8, rank=4, lr=1e-2,
-                            out=str(tmp_path / "run")), progress=False)
+    results = run(tiny_cfg(bert_dir, tmp_path / "run", algo="fdlora", alpha=16.0),
+                  progress=False)
     for name, per in results["per_client"].items():
         record = json.loads((tmp_path / "run" / "clients" / name / "fusion.json").read_text())
         assert per["fusion"] == record
@@ -62,13 +59,11 @@ def test_fusion_weights_are_searched_on_the_holdout_and_recorded(tmp_path):
         assert record["examples"] == 60  # 20 % of the 300 training sentences
 
 
-def test_search_examples_caps_the_slice_the_search_scores(tmp_path):
-    from fed_fixtures import tiny_bert_dir
-
+def test_search_examples_caps_the_slice_the_search_scores(bert_dir, tmp_path):
     from feddpa_fast.fed.config import RunConfig
     from feddpa_fast.fed.runner import run
 
-    cfg = RunConfig(algo="fdlora", model=str(tiny_bert_dir(tmp_path)), clients=1, rounds=1,
+    cfg = RunConfig(algo="fdlora", model=str(bert_dir), clients=1, rounds=1,
                     max_steps=1, batch_size=8, test_limit=4, rank=4, search_examples=5,
                     out=str(tmp_path / "run"))
     results = run(cfg, progress=False)

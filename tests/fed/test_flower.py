@@ -10,7 +10,6 @@ import torch
 
 pytest.importorskip("flwr")
 
-from fed_fixtures import tiny_bert_dir  # noqa: E402
 from flower_deploy import Deployment  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
@@ -24,7 +23,7 @@ from feddpa_fast.fed.runner import run  # noqa: E402
 pytestmark = pytest.mark.flower
 DEADLINE_S = 300  # the two-node deployment (two submissions, four rounds of training in all)
 # Eight SuperNodes, FedDPA-T, 2 rounds with evaluation every round and at the end: 391 s
-# measured on 2 cores (2026-12-02; README, Flower section), so 600 s leaves room for a busy VM.
+# measured on 2 cores (2026-12-02; docs/flower.md), so 600 s leaves room for a busy VM.
 EIGHT_NODES_S = 600
 
 
@@ -53,9 +52,9 @@ def test_run_config_conversions():
 
 # ---- the deployment -----------------------------------------------------------------------
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
-def test_deployment_equals_the_builtin_loop_and_resumes(tmp_path):
+def test_deployment_equals_the_builtin_loop_and_resumes(bert_dir, tmp_path):
     start = time.monotonic()
-    model = tiny_bert_dir(tmp_path)
+    model = bert_dir
     settings = dict(model=str(model), clients=2, rounds=2, max_steps=2, batch_size=8,
                     test_limit=4, lr=1e-2, rank=4, alpha=8.0, seed=3)
     out = tmp_path / "flower-out"
@@ -63,11 +62,7 @@ def test_deployment_equals_the_builtin_loop_and_resumes(tmp_path):
         # First submission: stopped once round 0 is checkpointed (a ServerApp that dies).
         run_id = d.submit({**settings, "out": str(out)})
         ckpt = out / "checkpoint.safetensors"
-        while not ckpt.exists():
-            assert time.monotonic() < d.deadline, "no checkpoint in time\n" + d.log_text()
-            assert not d.status(run_id).startswith("finished"), \
-                f"{d.status(run_id)}\n{d.log_text()}"
-            time.sleep(0.3)
+        d.wait_for_file(run_id, ckpt)
         d.flwr(["stop", str(run_id), "local"])
         assert load_checkpoint(ckpt)[1]["rounds_done"] == 1
         status = d.wait(run_id, poll_s=0.5)
@@ -75,7 +70,7 @@ def test_deployment_equals_the_builtin_loop_and_resumes(tmp_path):
         first_row = (out / "metrics.jsonl").read_text().splitlines()[0]
 
         # Second submission, same config: resumes at round 1 and finishes.
-        status = d.wait(d.submit({**settings, "out": str(out)}))
+        status = d.wait(d.submit({**settings, "out": str(out)}), done_file=out / "results.json")
         assert status == "finished:completed", status + "\n" + d.log_text()
         # round 0 was not redone: its metrics line is the first submission's
         assert (out / "metrics.jsonl").read_text().splitlines()[0] == first_row
@@ -120,16 +115,16 @@ def test_deployment_equals_the_builtin_loop_and_resumes(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
-def test_eight_supernodes_one_per_builtin_client(tmp_path):
+def test_eight_supernodes_one_per_builtin_client(bert_dir, tmp_path):
     """FedDPA-T, 2 rounds with evaluation, one SuperNode per built-in client (8)."""
     start = time.monotonic()
-    model = tiny_bert_dir(tmp_path)
+    model = bert_dir
     out = tmp_path / "flower-out"
     settings = dict(model=str(model), clients=8, rounds=2, max_steps=2, batch_size=8,
                     test_limit=8, lr=1e-2, rank=4, alpha=8.0, seed=5, algo="feddpa-t",
                     out=str(out))
     with Deployment(tmp_path, nodes=8, deadline_s=EIGHT_NODES_S) as d:
-        status = d.wait(d.submit(settings), poll_s=2.0)
+        status = d.wait(d.submit(settings), done_file=out / "results.json")
         assert status == "finished:completed", status + "\n" + d.log_text()
     assert not d.leftovers, d.leftovers  # every process started is gone
     elapsed = time.monotonic() - start
@@ -139,7 +134,7 @@ def test_eight_supernodes_one_per_builtin_client(tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert len(results["per_client"]) == 8 and set(results["by_assignment"]) == {
         "authors", "opposite"}
-    for r in rounds:  # what the README reports
+    for r in rounds:  # what docs/flower.md reports
         print(f"8 SuperNodes: round {r['round']}: ServerApp {r['round_s']:.1f} s "
               f"(server work {1e3 * r['server_s']:.0f} ms), {8 * r['bytes_up_per_client']:,} "
               f"B up + {8 * r['bytes_down']:,} B down")

@@ -2,6 +2,7 @@
 the built-in loop bit for bit, evaluation included, for FedDPA-T, C2A and a compressed, private
 wire; and hostile or broken SuperNodes, each met exactly as in process."""
 import json
+from functools import partial
 
 import pytest
 import torch
@@ -9,14 +10,13 @@ import torch
 pytest.importorskip("flwr")
 
 from fake_grid import FakeGrid, node_configs, one_thread  # noqa: E402
-from fed_fixtures import tiny_bert_dir  # noqa: E402
+from fed_fixtures import tiny_cfg  # noqa: E402
 from flwr.app import Message  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 from safetensors.torch import save as st_save  # noqa: E402
 
 from feddpa_fast.fed import in_process, wire  # noqa: E402
 from feddpa_fast.fed.checkpoint import load_checkpoint  # noqa: E402
-from feddpa_fast.fed.config import RunConfig  # noqa: E402
 from feddpa_fast.fed.flower.codec import decode_reply, encode_reply  # noqa: E402
 from feddpa_fast.fed.flower.run_config import app_config  # noqa: E402
 from feddpa_fast.fed.flower.server_app import run_server  # noqa: E402
@@ -26,16 +26,8 @@ pytestmark = pytest.mark.flower
 CLIENTS = ("sentiment", "product")  # the built-in suite's first two tasks, in order
 
 
-@pytest.fixture(scope="module")
-def bert_dir(tmp_path_factory):
-    return tiny_bert_dir(tmp_path_factory.mktemp("models"))
 
-
-def _cfg(model_dir, out, **kw):
-    base = dict(model=str(model_dir), clients=2, rounds=2, max_steps=3, batch_size=8,
-                test_limit=8, lr=1e-2, rank=4, alpha=8, seed=3, out=str(out))
-    base.update(kw)
-    return RunConfig(**base)
+_cfg = partial(tiny_cfg, max_steps=3, seed=3)
 
 
 def _flower(cfg, tmp_path, tamper=None):
@@ -156,14 +148,26 @@ def _drop_in_process(monkeypatch, attempts: set[int]):
     monkeypatch.setattr(in_process.InProcess, "exchange", exchange)
 
 
+# The hostile and malformed-reply tests below all compare against this one in-process run.
+LEFT_OUT = dict(algo="feddpa-t", eval_every=0, rounds=2)
+
+
+@pytest.fixture(scope="module")
+def left_out_reference(bert_dir, tmp_path_factory):
+    """The built-in loop with "product"'s HOSTILE_ROUND reply failed once: what every Flower
+    run with one bad reply must equal. Run once per module (per xdist worker); read only."""
+    out = tmp_path_factory.mktemp("left-out") / "builtin"
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        _drop_in_process(monkeypatch, attempts={0})
+        _builtin(_cfg(bert_dir, out, **LEFT_OUT))
+    return out
+
+
 @pytest.mark.parametrize("kind", ["corrupt", "wrong-round", "other-client", "nan", "silent"])
 def test_a_hostile_or_broken_node_is_left_out_exactly_as_in_process(bert_dir, tmp_path,
-                                                                    monkeypatch, kind):
-    kw = dict(algo="feddpa-t", eval_every=0, rounds=2)
-    _flower(_cfg(bert_dir, tmp_path / "flower", **kw), tmp_path, _reply_tamper(kind))
-    _drop_in_process(monkeypatch, attempts={0})
-    _builtin(_cfg(bert_dir, tmp_path / "builtin", **kw))
-    assert _same_global(tmp_path / "flower", tmp_path / "builtin")
+                                                                    left_out_reference, kind):
+    _flower(_cfg(bert_dir, tmp_path / "flower", **LEFT_OUT), tmp_path, _reply_tamper(kind))
+    assert _same_global(tmp_path / "flower", left_out_reference)
     rows = [r for r in _metrics(tmp_path / "flower") if "round" in r]
     assert rows[HOSTILE_ROUND]["accepted"] == [CLIENTS[0]]  # the round went on without it
     assert rows[0]["accepted"] == list(CLIENTS)
@@ -220,12 +224,10 @@ def _malformed(kind: str):
 
 
 @pytest.mark.parametrize("kind", ["no-record", "int-blob"])
-def test_a_malformed_reply_is_a_failed_one_not_a_crash(bert_dir, tmp_path, monkeypatch, kind):
-    kw = dict(algo="feddpa-t", eval_every=0, rounds=2)
-    _flower(_cfg(bert_dir, tmp_path / "flower", **kw), tmp_path, _malformed(kind))
-    _drop_in_process(monkeypatch, attempts={0})
-    _builtin(_cfg(bert_dir, tmp_path / "builtin", **kw))
-    assert _same_global(tmp_path / "flower", tmp_path / "builtin")
+def test_a_malformed_reply_is_a_failed_one_not_a_crash(bert_dir, tmp_path, left_out_reference,
+                                                       kind):
+    _flower(_cfg(bert_dir, tmp_path / "flower", **LEFT_OUT), tmp_path, _malformed(kind))
+    assert _same_global(tmp_path / "flower", left_out_reference)
 
 
 def test_a_node_cannot_write_other_keys_into_the_metrics(bert_dir, tmp_path):

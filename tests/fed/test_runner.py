@@ -9,33 +9,20 @@ import time
 
 import pytest
 import torch
-from fed_fixtures import causal_lm_data_dir, tiny_bert_dir, tiny_llama_dir
+from fed_fixtures import causal_lm_data_dir, tiny_cfg, tiny_llama_dir
 from safetensors.torch import load_file
 
 from feddpa_fast.cli import main as cli_main
 from feddpa_fast.fed.checkpoint import CheckpointError, load_checkpoint
-from feddpa_fast.fed.config import RunConfig
 from feddpa_fast.fed.runner import run
 
 ALGOS = ["fedit", "local", "feddpa-f", "feddpa-t", "fdlora", "c2a"]
 
 
-@pytest.fixture(scope="module")
-def bert_dir(tmp_path_factory):
-    return tiny_bert_dir(tmp_path_factory.mktemp("models"))
-
-
-def _cfg(model_dir, out, **kw):
-    base = dict(model=str(model_dir), clients=2, rounds=2, max_steps=2, batch_size=8,
-                test_limit=8, lr=1e-2, rank=4, alpha=8, out=str(out))
-    base.update(kw)
-    return RunConfig(**base)
-
 
 @pytest.mark.parametrize("algo", ALGOS)
-def test_each_algorithm_runs_two_clients_two_rounds(bert_dir, tmp_path, algo):
-    results = run(_cfg(bert_dir, tmp_path / algo, algo=algo), progress=False)
-    out = tmp_path / algo
+def test_each_algorithm_runs_two_clients_two_rounds(finished_run, algo):
+    results, out, _ = finished_run(algo)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows if "round" in r] == [0, 1] and rows[-1]["final"]
     assert 0 <= results["P"] <= 1 and 0 <= results["TTP"] <= 1
@@ -58,31 +45,12 @@ def test_each_algorithm_runs_two_clients_two_rounds(bert_dir, tmp_path, algo):
     assert (out / "plots" / "rounds.png").stat().st_size > 1000
 
 
-@pytest.fixture
-def uploads_seen(monkeypatch):
-    """Every blob a client encodes, as (metadata, tensors), in order."""
-    from feddpa_fast.fed import client as client_mod
-    from feddpa_fast.fed import wire
-
-    sent = []
-    original = wire.encode
-
-    def spy(tensors, meta):
-        if meta["client"] != "server":
-            sent.append((dict(meta), {k: v.clone() for k, v in tensors.items()}))
-        return original(tensors, meta)
-
-    monkeypatch.setattr(client_mod.wire, "encode", spy)
-    return sent
-
-
-def test_uploads_hold_only_the_global_adapter(bert_dir, tmp_path, uploads_seen):
-    run(_cfg(bert_dir, tmp_path / "t", algo="feddpa-t"), progress=False)
-    uploads = uploads_seen
+def test_uploads_hold_only_the_global_adapter(finished_run):
+    _, out, uploads = finished_run("feddpa-t")
     assert len(uploads) == 4  # 2 clients x 2 rounds
     for meta, tensors in uploads:
         assert tensors and all(".lora_" in k and "local" not in k for k in tensors)
-        local_file = tmp_path / "t" / "clients" / meta["client"] / "local_r0001.safetensors"
+        local_file = out / "clients" / meta["client"] / "local_r0001.safetensors"
         local = load_file(local_file)
         assert set(local) == set(tensors)  # same layout, different adapter:
         if meta["round"] == 1:
@@ -92,7 +60,7 @@ def test_uploads_hold_only_the_global_adapter(bert_dir, tmp_path, uploads_seen):
 @pytest.mark.parametrize("algo", ["fdlora", "c2a"])
 def test_what_fdlora_and_c2a_upload(bert_dir, tmp_path, uploads_seen, algo):
     out = tmp_path / algo
-    run(_cfg(bert_dir, out, algo=algo, rounds=3), progress=False)
+    run(tiny_cfg(bert_dir, out, algo=algo, rounds=3), progress=False)
     uploads = uploads_seen
     assert len(uploads) == 6  # 2 clients x 3 rounds
     for meta, tensors in uploads:
@@ -147,18 +115,18 @@ def test_resume_after_kill_equals_an_uninterrupted_run(bert_dir, tmp_path):
 
 
 def test_refuses_to_overwrite_a_run_and_to_resume_with_other_flags(bert_dir, tmp_path):
-    run(_cfg(bert_dir, tmp_path / "r", algo="fedit", rounds=1), progress=False)
+    run(tiny_cfg(bert_dir, tmp_path / "r", algo="fedit", rounds=1), progress=False)
     with pytest.raises(FileExistsError):
-        run(_cfg(bert_dir, tmp_path / "r", algo="fedit", rounds=1), progress=False)
+        run(tiny_cfg(bert_dir, tmp_path / "r", algo="fedit", rounds=1), progress=False)
     with pytest.raises(RuntimeError, match="another configuration"):
-        run(_cfg(bert_dir, tmp_path / "r", algo="fedit", rounds=1, lr=0.5), resume=True,
+        run(tiny_cfg(bert_dir, tmp_path / "r", algo="fedit", rounds=1, lr=0.5), resume=True,
             progress=False)
 
 
 def test_causal_lm_path_with_a_model_loaded_by_path(tmp_path):
     model_dir = tiny_llama_dir(tmp_path)
     data_dir = causal_lm_data_dir(tmp_path)
-    results = run(_cfg(model_dir, tmp_path / "lm", algo="feddpa-t", task="causal-lm",
+    results = run(tiny_cfg(model_dir, tmp_path / "lm", algo="feddpa-t", task="causal-lm",
                        data=str(data_dir), targets=("q_proj", "v_proj")), progress=False)
     assert sorted(results["per_client"]) == ["echo", "plural"]
     assert 0 <= results["P"] <= 1 and 0 <= results["TTP"] <= 1

@@ -2,10 +2,11 @@
 bytes, dtypes, the exact clipped run at sigma 0, the accountant, seeded noise, resume."""
 import json
 import math
+from functools import partial
 
 import pytest
 import torch
-from fed_fixtures import tiny_bert_dir
+from fed_fixtures import tiny_cfg
 from opacus.accountants import RDPAccountant
 
 from feddpa_fast.fed import aggregate as aggregate_mod
@@ -14,38 +15,11 @@ from feddpa_fast.fed.config import ConfigError, RunConfig
 from feddpa_fast.fed.privacy import PrivacySettings, clip_and_noise, epsilon
 from feddpa_fast.fed.runner import Run, run
 
-
-@pytest.fixture(scope="module")
-def bert_dir(tmp_path_factory):
-    return tiny_bert_dir(tmp_path_factory.mktemp("models"))
-
-
-def _cfg(model_dir, out, **kw):
-    base = dict(model=str(model_dir), clients=2, rounds=2, max_steps=2, batch_size=8,
-                test_limit=8, lr=1e-2, rank=4, alpha=8, out=str(out), algo="feddpa-t")
-    base.update(kw)
-    return RunConfig(**base)
+_cfg = partial(tiny_cfg, algo="feddpa-t")
 
 
 def _rows(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
-@pytest.fixture
-def uploads_seen(monkeypatch):
-    """Every tensor dict a client encodes."""
-    from feddpa_fast.fed import client as client_mod
-    from feddpa_fast.fed import wire
-
-    sent, original = [], wire.encode
-
-    def spy(tensors, meta):
-        if meta["client"] != "server":
-            sent.append({k: v.clone() for k, v in tensors.items()})
-        return original(tensors, meta)
-
-    monkeypatch.setattr(client_mod.wire, "encode", spy)
-    return sent
 
 
 @pytest.mark.slow  # whole runs: `make test`, not `make test-fast`
@@ -63,7 +37,8 @@ def test_bf16_and_fp16_halve_the_bytes_and_the_server_keeps_fp32(bert_dir, tmp_p
     want = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     per_run = len(uploads_seen) // 3
     for i, dtype in enumerate(("fp32", "bf16", "fp16")):
-        seen = {t.dtype for up in uploads_seen[i * per_run:(i + 1) * per_run] for t in up.values()}
+        seen = {t.dtype for _, up in uploads_seen[i * per_run:(i + 1) * per_run]
+                for t in up.values()}
         assert seen == {want[dtype]}
     for dtype in ("bf16", "fp16"):  # (a tiny model: the header is a large share here)
         assert sizes[dtype][0] < sizes["fp32"][0] and sizes[dtype][1] < sizes["fp32"][1]
@@ -81,7 +56,7 @@ def test_bf16_blob_of_the_demo_adapter_is_at_most_051_of_fp32():
             tensors[f"{stem}.lora_B.weight"] = torch.randn(384, 8)
     meta = {"round": 3, "client": "sentiment", "num_examples": 100}
     fp32 = len(wire.encode(tensors, meta))
-    assert fp32 == 298_216  # the demo's bytes up per client per round (README)
+    assert fp32 == 298_216  # the demo's bytes up per client per round (README's demo table)
     for dtype in ("bf16", "fp16"):
         blob = wire.encode(wire.cast(tensors, dtype), meta)
         assert len(blob) <= 0.51 * fp32, (dtype, len(blob), fp32)
@@ -149,7 +124,7 @@ def test_sigma_zero_run_equals_the_client_clipped_run(bert_dir, tmp_path, upload
     results = json.loads((tmp_path / "c" / "results.json").read_text())
     assert results["dp"]["epsilon"] is None  # no noise: unbounded
     ckpt, _ = load_checkpoint(tmp_path / "c" / "checkpoint.safetensors")
-    assert uploads_seen and all(set(u) == set(ckpt) for u in uploads_seen)
+    assert uploads_seen and all(set(u) == set(ckpt) for _, u in uploads_seen)
 
 
 @pytest.mark.slow
@@ -209,7 +184,7 @@ def test_fdlora_round_0_is_clipped_against_its_own_starting_point(bert_dir, tmp_
                dp_noise_multiplier=0.0)
     run(cfg, progress=False)
     task = build_task(cfg)
-    first = uploads_seen[0]  # the first client's round-0 upload ("sentiment")
+    first = uploads_seen[0][1]  # the first client's round-0 upload ("sentiment")
     init_adapter(task.model, "local", derive_seed(cfg.seed, "local-init", "sentiment"))
     start = adapter_state_dict(task.model, "local")
     init_adapter(task.model, "global", derive_seed(cfg.seed, "global-init"))
