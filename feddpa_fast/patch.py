@@ -114,7 +114,11 @@ def patch(model: nn.Module, cfg) -> nn.Module:
         p.requires_grad_(False)
     for name in names:
         base = model.get_submodule(name)
-        _set_submodule(model, name, DualLoRALinear(base, cfg.r, cfg.alpha, cfg.dropout))
+        layer = DualLoRALinear(base, cfg.r, cfg.alpha, cfg.dropout)
+        # A new module starts in train mode; a model loaded for inference (from_pretrained
+        # returns it in eval mode) must stay deterministic: no LoRA dropout in generate().
+        layer.train(base.training)
+        _set_submodule(model, name, layer)
     setattr(model, _STATE_ATTR, (cfg, saved_flags))
     return model
 

@@ -222,3 +222,32 @@ def test_editing_an_adapter_between_forward_and_backward_raises():
         layer.lora_A["global"].weight.mul_(2)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         y.sum().backward()
+
+
+def test_patched_layers_take_the_mode_of_the_model_and_the_readme_flow_is_deterministic(
+        tmp_path):
+    """The README's flow (load in eval mode -> patch -> load_adapter -> mix -> generate), with
+    the default LoRA dropout 0.05: identical logits and tokens call after call."""
+    trained, _ = build("llama")
+    fd.patch(trained, fd.DualLoRAConfig(r=4, alpha=8, dropout=0.05))
+    randomize_lora_b(trained, std=0.5)
+    fd.save_adapter(trained, tmp_path / "local", adapter="local")
+
+    model, _ = build("llama")  # eval mode, as from_pretrained returns it
+    fd.patch(model, fd.DualLoRAConfig(r=4, alpha=8, dropout=0.05))
+    layers = [m for m in model.modules() if isinstance(m, fd.DualLoRALinear)]
+    assert layers and not any(m.training for m in layers)
+    fd.load_adapter(model, tmp_path / "local", adapter="local")
+    inputs = batch("llama", size=2, seq=5)
+    with fd.mix(model, 0.5, 1.0):
+        logits = [output_of(model, inputs) for _ in range(2)]
+        tokens = [model.generate(**inputs, max_new_tokens=4, do_sample=False, pad_token_id=0)
+                  for _ in range(3)]
+    assert torch.equal(logits[0], logits[1])
+    assert all(torch.equal(tokens[0], t) for t in tokens[1:])
+    model.train()  # and the mode still follows the model afterwards
+    assert all(m.training for m in layers)
+
+    training, _ = build("llama")
+    fd.patch(training.train(), fd.DualLoRAConfig(r=4, alpha=8))
+    assert all(m.training for m in training.modules() if isinstance(m, fd.DualLoRALinear))
