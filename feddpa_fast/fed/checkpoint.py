@@ -18,11 +18,9 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 
 from ..atomic import atomic_write_bytes
+from ..sealed import IntegrityError, read_sealed, sealed_bytes
 
 __all__ = ["CheckpointError", "atomic_write_bytes", "derive_seed", "load_checkpoint",
            "read_metrics", "resume_state", "save_checkpoint", "save_run_checkpoint",
@@ -41,24 +39,25 @@ def derive_seed(*parts) -> int:
 
 def save_checkpoint(path: str | os.PathLike, global_adapter: dict[str, torch.Tensor],
                     state: dict) -> None:
-    """Atomically writes the global adapter and the JSON-able ``state``."""
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in global_adapter.items()}
-    blob = st_save(tensors, metadata={"format": "pt", "state": json.dumps(state, sort_keys=True)})
+    """Atomically writes the global adapter and the JSON-able ``state``, sealed with the
+    SHA-256 of its tensors (feddpa_fast/sealed.py)."""
+    blob = sealed_bytes(global_adapter, {"format": "pt",
+                                         "state": json.dumps(state, sort_keys=True)})
     atomic_write_bytes(path, blob)
 
 
 def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
-    """(global adapter, state) from a checkpoint written by ``save_checkpoint``."""
+    """(global adapter, state) from a checkpoint written by ``save_checkpoint``, its digest
+    verified (a checkpoint without one, from before digests, is read unverified)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
-    data = path.read_bytes()
     try:
-        tensors = st_load(data)
-        header_len = int.from_bytes(data[:8], "little")
-        header = json.loads(data[8:8 + header_len])
-        state = json.loads(header["__metadata__"]["state"])
-    except (SafetensorError, ValueError, KeyError, TypeError) as exc:
+        tensors, metadata = read_sealed(path, required=False)
+        state = json.loads(metadata["state"])
+    except IntegrityError as exc:
+        raise CheckpointError(str(exc)) from None
+    except (ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{path}: unreadable checkpoint ({exc})") from None
     return tensors, state
 
@@ -81,12 +80,21 @@ def resume_state(path: str | os.PathLike, config: dict):
     path = Path(path)
     global_adapter, state = load_checkpoint(path)
     if state.get("config") != config:
-        raise CheckpointError(f"{path} belongs to a run with another configuration; "
+        raise CheckpointError(f"{path} belongs to a run with another configuration "
+                              f"({config_difference(state.get('config') or {}, config)}); "
                               "resume with the same flags")
     for stale in path.parent.glob(f".{path.name}.*.tmp"):
         stale.unlink()
     return (global_adapter, state["rounds_done"], state.get("post_done", False),
             state.get("sample_rates", []))
+
+
+def config_difference(saved: dict, asked: dict) -> str:
+    """The settings that differ, as "key: checkpoint X, now Y" (at most 6 named)."""
+    keys = sorted(k for k in set(saved) | set(asked) if saved.get(k) != asked.get(k))
+    parts = [f"{k}: checkpoint {saved.get(k, '(absent)')!r}, now {asked.get(k, '(absent)')!r}"
+             for k in keys[:6]]
+    return "; ".join(parts) + (f"; and {len(keys) - 6} more" if len(keys) > 6 else "")
 
 
 def truncate_metrics(path: str | os.PathLike, rounds_done: int | None) -> None:

@@ -16,16 +16,15 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 from torch import nn
 
 from ..adapters import adapter_state_dict, load_adapter_state_dict
 from ..layers import dual_lora_layers
 from ..mixing import set_trainable
+from ..sealed import IntegrityError, read_sealed, sealed_bytes
 from . import wire
 from .algorithms import Algorithm, Phase
-from .checkpoint import atomic_write_bytes, derive_seed
+from .checkpoint import CheckpointError, atomic_write_bytes, derive_seed
 from .privacy import PrivacySettings, clip_and_noise
 
 __all__ = ["Client", "TrainSettings", "train_phase", "init_adapter"]
@@ -149,11 +148,14 @@ class Client:
         if not files:
             init_adapter(self.task.model, "local", derive_seed(self.seed, "local-init", self.name))
             return
-        tensors = st_load(files[max(files)].read_bytes())
+        try:  # digest checked: a local adapter changed on disk is refused, named
+            tensors, _ = read_sealed(files[max(files)], required=False)
+        except IntegrityError as exc:
+            raise CheckpointError(str(exc)) from None
         load_adapter_state_dict(self.task.model, tensors, "local")
 
     def save_local(self, round_index: int) -> None:
-        blob = st_save(adapter_state_dict(self.task.model, "local"), metadata={"format": "pt"})
+        blob = sealed_bytes(adapter_state_dict(self.task.model, "local"), {"format": "pt"})
         atomic_write_bytes(self.state_dir / f"local_r{round_index:04d}.safetensors", blob)
 
     # ---- one round -------------------------------------------------------------------------

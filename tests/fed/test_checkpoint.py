@@ -1,5 +1,6 @@
 """Atomic writes, seed derivation and the server checkpoint."""
 import os
+import struct
 
 import pytest
 import torch
@@ -64,3 +65,82 @@ def test_truncate_metrics_skips_a_line_torn_by_a_kill(tmp_path):
     assert [r["round"] for r in read_metrics(path)] == [0, 1]
     truncate_metrics(path, 1)
     assert path.read_text() == '{"round": 0, "P": 0.5}\n'
+
+
+def _flip_exponent_bit(path, tensor_offset=0):
+    """Turns the first float32 of the tensor data into a huge finite value (one bit)."""
+    blob = bytearray(path.read_bytes())
+    start = 8 + int.from_bytes(blob[:8], "little") + tensor_offset
+    (value,) = struct.unpack("<f", blob[start:start + 4])
+    blob[start + 3] ^= 0x40  # the exponent's top bit: 0.5 -> 1.7e38, still finite
+    (flipped,) = struct.unpack("<f", blob[start:start + 4])
+    assert flipped != value and abs(flipped) < float("inf")
+    path.write_bytes(bytes(blob))
+
+
+def test_a_finite_bit_flip_in_a_checkpoint_is_refused_naming_the_file(tmp_path):
+    save_checkpoint(tmp_path / "c", {"k": torch.full((2, 3), 0.5)}, {"rounds_done": 1})
+    _flip_exponent_bit(tmp_path / "c")
+    before = (tmp_path / "c").read_bytes()
+    with pytest.raises(CheckpointError, match=r"c: its tensors do not match the SHA-256"):
+        load_checkpoint(tmp_path / "c")
+    assert (tmp_path / "c").read_bytes() == before  # nothing rewritten
+
+
+def test_a_checkpoint_from_before_digests_still_loads(tmp_path):
+    from safetensors.torch import save as st_save
+    (tmp_path / "old").write_bytes(st_save({"k": torch.ones(2)},
+                                           metadata={"format": "pt", "state": "{}"}))
+    tensors, state = load_checkpoint(tmp_path / "old")
+    assert state == {} and torch.equal(tensors["k"], torch.ones(2))
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_atomic_writes_end_with_the_mode_open_would_give(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        atomic_write_bytes(tmp_path / "a", b"x")
+        with open(tmp_path / "b", "w") as f:
+            f.write("x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a").stat().st_mode & 0o777 == (tmp_path / "b").stat().st_mode & 0o777
+    assert (tmp_path / "a").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_resume_refuses_a_changed_checkpoint_or_local_adapter_and_names_settings(
+        bert_dir, tmp_path, monkeypatch):
+    from fed_fixtures import tiny_cfg
+
+    from feddpa_fast.fed.runner import Run, run
+
+    original = Run._round
+
+    def stop_after_round_1(self, r, *args, **kwargs):
+        row = original(self, r, *args, **kwargs)
+        if r == 1:
+            raise KeyboardInterrupt("killed after round 1's checkpoint")
+        return row
+
+    settings = dict(algo="feddpa-t", test_limit=4, rounds=3)
+    cfg = tiny_cfg(bert_dir, tmp_path / "cut", **settings)
+    monkeypatch.setattr(Run, "_round", stop_after_round_1)
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg, progress=False)
+    monkeypatch.setattr(Run, "_round", original)
+    # Another setting: named, with both values.
+    with pytest.raises(CheckpointError, match=r"lr: checkpoint 0\.01, now 0\.02"):
+        run(tiny_cfg(bert_dir, tmp_path / "cut", **settings, lr=0.02), resume=True,
+            progress=False)
+    local = tmp_path / "cut" / "clients" / "sentiment" / "local_r0001.safetensors"
+    saved = local.read_bytes()
+    _flip_exponent_bit(local)
+    with pytest.raises(CheckpointError, match="local_r0001.safetensors: its tensors"):
+        run(cfg, resume=True, progress=False)
+    local.write_bytes(saved)
+    ckpt = tmp_path / "cut" / "checkpoint.safetensors"
+    _flip_exponent_bit(ckpt)
+    corrupted = ckpt.read_bytes()
+    with pytest.raises(CheckpointError, match="checkpoint.safetensors: its tensors"):
+        run(cfg, resume=True, progress=False)
+    assert ckpt.read_bytes() == corrupted  # refused, nothing overwritten
