@@ -130,14 +130,9 @@ class RunConfig:
         self.check_data()
 
     def check_model(self) -> None:
-        """``--model``: 'builtin', 'smollm2' or a directory holding a config.json."""
-        if self.model not in ("builtin", "smollm2"):
-            path = Path(self.model)
-            if not path.is_dir():
-                raise ConfigError(f"--model {path}: no such directory")
-            if not (path / "config.json").is_file():
-                raise ConfigError(f"--model {path}: no config.json there, so it is not a "
-                                  "Hugging Face model directory (save_pretrained writes one)")
+        """``--model``: 'builtin', 'smollm2' or a loadable model directory (fed/model_dir.py)."""
+        from .model_dir import check_model_dir
+        check_model_dir(self.model)
 
     def check_data(self) -> None:
         """``--data``: 'builtin' or a directory holding train.jsonl and test.jsonl."""

@@ -50,11 +50,13 @@ def build_task(cfg):
     cfg.check_model()
     path = _model_path(cfg)
     torch.manual_seed(derive_seed(cfg.seed, "model"))
-    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
-    if cfg.task == "classify":
-        model = transformers.AutoModel.from_pretrained(path)
-    else:
-        model = transformers.AutoModelForCausalLM.from_pretrained(path)
+    auto = transformers.AutoModel if cfg.task == "classify" else transformers.AutoModelForCausalLM
+    try:  # what check_model cannot see (e.g. a corrupt .bin): still one line, naming --model
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+        model = auto.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"--model {path}: transformers could not load it ({first})") from None
     targets = cfg.targets or default_targets(model)
     patch(model, DualLoRAConfig(r=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout,
                                 target_modules=targets))
