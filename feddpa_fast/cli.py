@@ -161,9 +161,10 @@ def config_from_args(args, algo: str | None = None):
 
 
 def _print_summary(results: dict) -> None:
+    timing = (f"evaluation {results['eval_wall_s']:.1f}s" if "eval_wall_s" in results
+              else f"wall {results['wall_s']:.1f}s")
     print(f"{results['method']}: P {100 * results['P']:.2f}%  TTP {100 * results['TTP']:.2f}%  "
-          f"bytes up/client/round {results['bytes_per_client_round']:,}  "
-          f"wall {results['wall_s']:.1f}s")
+          f"bytes up/client/round {results['bytes_per_client_round']:,}  {timing}")
     if results.get("by_assignment"):
         for key, v in results["by_assignment"].items():
             print(f"  weights '{key}': P {100 * v['P']:.2f}%  TTP {100 * v['TTP']:.2f}%")

@@ -91,6 +91,14 @@ def summarise(per_client: dict) -> dict:
                   for m in ("P", "TTP")} for key in keys}
 
 
+def _previous_results(out) -> dict:
+    """The results.json already in ``out`` ({} when there is none or it is unreadable)."""
+    try:
+        return json.loads((out / "results.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
 def finish(run, per_client: dict, wall_start: float) -> dict:
     """Saves the global outputs and writes results.json, the final metrics line and the plots
     from every client's final entry (whichever transport gathered them)."""
@@ -117,8 +125,13 @@ def finish(run, per_client: dict, wall_start: float) -> dict:
         "wall_s": time.perf_counter() - wall_start,
         "reused_rounds_of": reused_from(out),  # compare started it from another's rounds
     }
+    timing = ["wall_s"]
+    if run.evaluation_only:  # the training's wall time stays; the evaluation's has its own key
+        timing.append("eval_wall_s")
+        results["eval_wall_s"] = results["wall_s"]
+        results["wall_s"] = _previous_results(out).get("wall_s")
     with (out / "metrics.jsonl").open("a") as f:
-        f.write(json.dumps({"final": True, **{k: results[k] for k in ("P", "TTP", "wall_s")}})
+        f.write(json.dumps({"final": True, **{k: results[k] for k in ("P", "TTP", *timing)}})
                 + "\n")
     atomic_write_bytes(out / "results.json", (json.dumps(results, indent=2) + "\n").encode())
     (out / "plots").mkdir(exist_ok=True)

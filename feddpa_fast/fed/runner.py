@@ -78,6 +78,7 @@ class Run:
     names: list[str] = dataclasses.field(default_factory=list)  # every client of the run
     sample_rates: list[float] = dataclasses.field(default_factory=list)  # the DP account's steps
     reports: dict = dataclasses.field(default_factory=dict)  # the local clients' setup reports
+    evaluation_only: bool = False  # `eval --run`: the training's wall_s is kept (final.finish)
     shared: dict | None = None  # what the method's setup gave every client
 
     def setup_report(self, name: str):
@@ -281,4 +282,6 @@ def evaluate_run(run_dir, *, progress: bool = True) -> dict:
     if state["rounds_done"] < cfg.rounds or (post_step and not state.get("post_done")):
         raise CheckpointError(f"{run_dir}: the run stopped after {state['rounds_done']} of "
                               f"{cfg.rounds} rounds; finish it with train --resume first")
-    return run(cfg, resume=True, progress=progress)
+    evaluation = build_run(cfg)
+    evaluation.evaluation_only = True
+    return evaluation.run(resume=True, progress=progress)

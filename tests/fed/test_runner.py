@@ -138,8 +138,15 @@ def test_cli_train_eval_and_compare(bert_dir, tmp_path, capsys):
               "--test-limit", "4", "--rank", "4", "--quiet"]
     assert cli_main(["train", "--algo", "fedit", "--out", str(tmp_path / "t")] + common) == 0
     assert "fedit: P" in capsys.readouterr().out
+    trained = json.loads((tmp_path / "t" / "results.json").read_text())
     assert cli_main(["eval", "--run", str(tmp_path / "t"), "--quiet"]) == 0
     assert "fedit: P" in capsys.readouterr().out
+    evaluated = json.loads((tmp_path / "t" / "results.json").read_text())
+    assert evaluated["wall_s"] == trained["wall_s"]  # the training's time is kept
+    assert evaluated["eval_wall_s"] > 0 and (evaluated["P"], evaluated["TTP"]) == (
+        trained["P"], trained["TTP"])
+    final = json.loads((tmp_path / "t" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert final["wall_s"] == trained["wall_s"] and final["eval_wall_s"] > 0
     config = tmp_path / "c.toml"
     config.write_text('rounds = 1\nmax_steps = 1\n[weighting]\nassignment = "opposite"\n')
     assert cli_main(["compare", "--algos", "fedit,feddpa-t", "--out", str(tmp_path / "cmp"),
