@@ -68,7 +68,11 @@ class Deployment:
         (self.home / "config.toml").write_text(
             f'[superlink]\ndefault = "local"\n\n[superlink.local]\n'
             f'address = "127.0.0.1:{link}"\ninsecure = true\n')
-        self.env = {**os.environ, "FLWR_HOME": str(self.home), "PYTHONUNBUFFERED": "1"}
+        # The SuperLink starts flower-superexec by name, so this interpreter's bin directory
+        # goes first on PATH: a venv used without being activated (.ci/run) still works.
+        path = os.pathsep.join([str(BIN), os.environ.get("PATH", "")])
+        self.env = {**os.environ, "PATH": path, "FLWR_HOME": str(self.home),
+                    "PYTHONUNBUFFERED": "1"}
         try:
             superlink = self._start("superlink", [
                 "flower-superlink", "--insecure", "--isolation", "subprocess", "--host",
