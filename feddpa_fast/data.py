@@ -19,6 +19,7 @@ client, generated from templates (see ``feddpa_fast.builtin_suite`` for how and 
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -242,8 +243,10 @@ def load_data_dir(path, kind: str, *, clients: int | None = None, alpha: float =
                   seed: int = 0) -> tuple[dict[str, list], dict[str, list]]:
     """(train_by_client, test_by_client) from ``path/train.jsonl`` and ``path/test.jsonl``.
 
-    All lines carry "task": one client per task (``clients``/``alpha`` unused), every task in
-    both files. No line carries "task": ``clients`` clients "client0".."clientN-1" (required);
+    All lines carry "task": one client per task, every task in both files; ``clients`` keeps
+    the first N tasks (file order); more than there are gives every task, with a warning (the
+    trainer's default of 8 clients must not refuse a 2-task directory); ``alpha`` is unused.
+    No line carries "task": ``clients`` clients "client0".."clientN-1" (required);
     classification is split by Dirichlet(alpha) over labels with the SAME per-label proportions
     for train and test (one Generator(seed) draws them once), causal-LM is split evenly at
     random. With test labels a subset of train labels, the train split equals
@@ -263,7 +266,13 @@ def load_data_dir(path, kind: str, *, clients: int | None = None, alpha: float =
     train, test = _build([train_rows, test_rows], kind, "default")
     if all(tagged):
         train_by, test_by = partition_by_task(train), partition_by_task(test)
-        return train_by, {name: test_by[name] for name in train_by}
+        names = list(train_by)
+        if clients is not None and clients > len(names):
+            logging.getLogger(__name__).warning(
+                "%s: clients=%d, but the lines carry %d tasks: one client per task (%s)",
+                directory, clients, len(names), ", ".join(names))
+        names = names[:clients]
+        return {n: train_by[n] for n in names}, {n: test_by[n] for n in names}
 
     if clients is None:
         raise DataError(f"{directory}: the lines carry no 'task', so the number of clients "

@@ -268,13 +268,18 @@ def test_partition_dirichlet_rejects_lm_examples():
 
 
 # ----------------------------------------------------------------------------- data directories
-def test_load_data_dir_by_task(tmp_path):
+def test_load_data_dir_by_task(tmp_path, caplog):
     _write(tmp_path / "train.jsonl", [{"text": f"s{i}", "label": "ab"[i // 2 % 2], "task": t}
                                       for i, t in enumerate(["y", "x", "y", "x", "y"])])
     _write(tmp_path / "test.jsonl", [{"text": f"q{i}", "label": "ba"[i % 2], "task": t}
                                      for i, t in enumerate(["x", "y", "x"])])
-    train, test = load_data_dir(tmp_path, "classify", clients=99)   # clients unused here
+    train, test = load_data_dir(tmp_path, "classify")  # one client per task, in file order
     assert list(train) == list(test) == ["y", "x"]
+    first, first_test = load_data_dir(tmp_path, "classify", clients=1)  # honoured: 1 task
+    assert list(first) == list(first_test) == ["y"] and first["y"] == train["y"]
+    with caplog.at_level("WARNING"):
+        assert load_data_dir(tmp_path, "classify", clients=99) == (train, test)
+    assert "clients=99, but the lines carry 2 tasks" in caplog.text
     assert [e.text for e in train["y"]] == ["s0", "s2", "s4"]
     assert [e.text for e in test["x"]] == ["q0", "q2"]
 
