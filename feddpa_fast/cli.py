@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--quiet", action="store_true", help="no progress bars")
     p = sub.add_parser("eval", help="re-evaluate a finished run from its saved state")
     p.add_argument("--run", type=Path, required=True, help="the run's --out directory")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_data_parser(sub)
     return parser
 

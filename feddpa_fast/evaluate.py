@@ -132,8 +132,14 @@ def plot_rounds(metrics_path: Path, out_path: Path) -> Path:
     """Per-round training loss and own-task score from a run's metrics.jsonl."""
     from .fed.checkpoint import read_metrics
 
-    rows = read_metrics(metrics_path)
-    rows = [r for r in rows if "round" in r]
+    fig = rounds_figure([r for r in read_metrics(metrics_path) if "round" in r])
+    fig.savefig(out_path, dpi=110)
+    _pyplot().close(fig)
+    return out_path
+
+
+def rounds_figure(rows: list[dict]):
+    """The figure of ``plot_rounds`` from its metrics rows (those with a "round")."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     rounds = [r["round"] for r in rows]
@@ -142,10 +148,10 @@ def plot_rounds(metrics_path: Path, out_path: Path) -> Path:
     axes[0].set_xlabel("round"), axes[0].set_ylabel("mean training loss"), axes[0].legend()
     axes[1].plot(rounds, [100 * r.get("P", float("nan")) for r in rows], marker="o")
     axes[1].set_xlabel("round"), axes[1].set_ylabel("P: own-task score (%)")
+    for ax in axes:  # rounds are whole numbers: no 0.2, 0.4 ... ticks
+        ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
     fig.tight_layout()
-    fig.savefig(out_path, dpi=110)
-    plt.close(fig)
-    return out_path
+    return fig
 
 
 def plot_methods(rows: list[dict], out_path: Path) -> Path:
