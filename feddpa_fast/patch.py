@@ -9,6 +9,7 @@ each parameter's ``requires_grad``, so outputs are bit-identical to before.
 from __future__ import annotations
 
 import re
+import warnings
 
 from torch import nn
 
@@ -109,6 +110,8 @@ def patch(model: nn.Module, cfg) -> nn.Module:
                              if is_supported_base(m)})
         raise ValueError(f"no module matches target_modules={cfg.target_modules!r} "
                          f"(exclude={cfg.exclude!r}); linear layer names here: {candidates}")
+    if cfg.target_modules == "all-linear":
+        _warn_skipped_expert_weights(model)
     saved_flags = {n: p.requires_grad for n, p in model.named_parameters()}
     for p in model.parameters():
         p.requires_grad_(False)
@@ -121,6 +124,18 @@ def patch(model: nn.Module, cfg) -> nn.Module:
         _set_submodule(model, name, layer)
     setattr(model, _STATE_ATTR, (cfg, saved_flags))
     return model
+
+
+def _warn_skipped_expert_weights(model: nn.Module) -> None:
+    """One warning naming the 3-D weights "all-linear" leaves alone (transformers 5 keeps a
+    mixture of experts' weights as one (experts, out, in) parameter, not as nn.Linear)."""
+    skipped = [name for name, p in model.named_parameters() if p.dim() == 3]
+    if skipped:
+        shown = ", ".join(skipped[:4]) + (f" and {len(skipped) - 4} more" if len(skipped) > 4
+                                          else "")
+        warnings.warn(f'target_modules="all-linear" patches nn.Linear and Conv1D layers only; '
+                      f"{len(skipped)} 3-D (per-expert) weights stay without LoRA: {shown}",
+                      UserWarning, stacklevel=3)
 
 
 def unpatch(model: nn.Module) -> nn.Module:

@@ -251,3 +251,18 @@ def test_patched_layers_take_the_mode_of_the_model_and_the_readme_flow_is_determ
     training, _ = build("llama")
     fd.patch(training.train(), fd.DualLoRAConfig(r=4, alpha=8))
     assert all(m.training for m in training.modules() if isinstance(m, fd.DualLoRALinear))
+
+
+def test_all_linear_warns_once_naming_the_expert_weights_it_skips():
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=48,
+                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                           num_local_experts=2, num_experts_per_tok=1)
+    model = tf.MixtralForCausalLM(cfg).eval()
+    experts = [n for n, p in model.named_parameters() if p.dim() == 3]
+    with pytest.warns(UserWarning, match="4 3-D \\(per-expert\\) weights") as seen:
+        fd.patch(model, _cfg("all-linear"))
+    assert len([w for w in seen if "per-expert" in str(w.message)]) == 1
+    assert experts and experts[0] in str(seen[0].message)
