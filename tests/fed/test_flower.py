@@ -51,6 +51,7 @@ def test_run_config_conversions():
 
 
 # ---- the deployment -----------------------------------------------------------------------
+@pytest.mark.slow  # minutes: with the eight-node test it is collected first (tests/conftest.py)
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_deployment_equals_the_builtin_loop_and_resumes(bert_dir, tmp_path):
     start = time.monotonic()
