@@ -69,9 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--config", type=Path, default=None,
                        help="TOML file whose keys are these flags' names")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
+        _add_threads(p)
     p = sub.add_parser("eval", help="re-evaluate a finished run from its saved state")
     p.add_argument("--run", type=Path, required=True, help="the run's --out directory")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_threads(p)
     _add_data_parser(sub)
     return parser
 
@@ -274,6 +276,20 @@ def _eval(args) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _add_threads(p) -> None:
+    # Not part of the run's identity: a resumed run may use another count (the Flower apps'
+    # torch-threads setting is the same knob).
+    p.add_argument("--threads", type=_positive_int, default=None,
+                   help="torch CPU threads for this process (default: torch's, one per core)")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``feddpa-fast`` console script."""
     argv = sys.argv[1:] if argv is None else argv
@@ -282,6 +298,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     handlers = {"train": _train, "compare": _compare, "eval": _eval, "data": _data}
+    if getattr(args, "threads", None):
+        import torch
+        torch.set_num_threads(args.threads)
     try:
         return handlers[args.command](args)
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as exc:

@@ -20,3 +20,21 @@ def test_every_eval_flag_has_help(capsys):
         cli_main(["eval", "--help"])
     text = capsys.readouterr().out
     assert "--quiet" in text and "no progress bars" in text.split("--quiet", 1)[1]
+
+
+def test_threads_sets_torch_threads_and_refuses_zero(capsys, monkeypatch):
+    import torch
+
+    import feddpa_fast.cli as cli
+
+    seen = []
+    monkeypatch.setattr(cli, "_eval", lambda args: seen.append(torch.get_num_threads()) or 0)
+    before = torch.get_num_threads()
+    try:
+        assert cli_main(["eval", "--run", "anywhere", "--threads", "1"]) == 0
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [1]
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["train", "--threads", "0"])
+    assert exit_info.value.code == 2 and "--threads: must be >= 1" in capsys.readouterr().err
