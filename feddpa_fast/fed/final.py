@@ -103,7 +103,8 @@ def finish(run, per_client: dict, wall_start: float) -> dict:
     """Saves the global outputs and writes results.json, the final metrics line and the plots
     from every client's final entry (whichever transport gathered them)."""
     cfg, out = run.cfg, run.out
-    per_client = {name: per_client[name] for name in run.server.client_names}  # client order
+    missing = [n for n in run.server.client_names if n not in per_client]  # a dead node's
+    per_client = {n: per_client[n] for n in run.server.client_names if n in per_client}
     run.algorithm.save_global_outputs(run.task, run.server.global_adapter, out)
     summary = summarise(per_client)
     dynamic = cfg.weighting.assignment in summary
@@ -125,14 +126,18 @@ def finish(run, per_client: dict, wall_start: float) -> dict:
         "wall_s": time.perf_counter() - wall_start,
         "reused_rounds_of": reused_from(out),  # compare started it from another's rounds
     }
+    if missing:  # P and TTP are means over the clients that were evaluated
+        results["eval_missing"] = missing
     timing = ["wall_s"]
     if run.evaluation_only:  # the training's wall time stays; the evaluation's has its own key
         timing.append("eval_wall_s")
         results["eval_wall_s"] = results["wall_s"]
         results["wall_s"] = _previous_results(out).get("wall_s")
     with (out / "metrics.jsonl").open("a") as f:
-        f.write(json.dumps({"final": True, **{k: results[k] for k in ("P", "TTP", *timing)}})
-                + "\n")
+        final_row = {"final": True, **{k: results[k] for k in ("P", "TTP", *timing)}}
+        if missing:
+            final_row["eval_missing"] = missing
+        f.write(json.dumps(final_row) + "\n")
     atomic_write_bytes(out / "results.json", (json.dumps(results, indent=2) + "\n").encode())
     (out / "plots").mkdir(exist_ok=True)
     plot_rounds(out / "metrics.jsonl", out / "plots" / "rounds.png")

@@ -44,12 +44,12 @@ class InProcess:
         for client in self._bar(list(self.run.clients.values()), self.run.algorithm.post_step):
             client.post_train(broadcast, rounds, expected)
 
-    def round_score(self, r: int) -> float:
-        """Mean own-task score after round ``r`` (the method's round evaluation)."""
+    def round_score(self, r: int) -> tuple[float, list[str]]:
+        """(mean own-task score after round ``r``, clients left out: none in process)."""
         received = self.run.server.expected()
         scores = [final.round_score(self.run, client, received, r)
                   for client in self.run.clients.values()]
-        return sum(scores) / len(scores)
+        return sum(scores) / len(scores), []
 
     def finish(self, wall_start: float) -> dict:
         """Every client's final entry, then results.json and plots (fed/final.py)."""

@@ -181,7 +181,9 @@ class Run:
         if self.cfg.privacy.enabled:
             row["epsilon"] = self.epsilon()
         if self.cfg.eval_every and (r + 1) % self.cfg.eval_every == 0:
-            row["P"] = transport.round_score(r)
+            row["P"], missing = transport.round_score(r)
+            if missing:  # scored without them (a dead Flower node): named, not hidden
+                row["eval_missing"] = missing
         # The metrics line, then the checkpoint: a run killed in between redoes the round (the
         # same round, bit for bit) and truncate_metrics drops the line, so every committed
         # round has exactly one line. server_s therefore leaves out this checkpoint's write.

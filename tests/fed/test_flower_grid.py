@@ -239,17 +239,42 @@ def test_a_node_cannot_write_other_keys_into_the_metrics(bert_dir, tmp_path):
     assert rows[1]["accepted"] == list(CLIENTS)  # the blob itself was valid
 
 
-def test_an_invalid_evaluation_reply_stops_the_serverapp_naming_the_node(bert_dir, tmp_path):
+def _bad_evaluation(message, reply):
+    """The hostile node's evaluation replies: an out-of-range score (7.0), i.e. no valid one."""
     from feddpa_fast.fed.flower.codec import encode_result
 
-    def tamper(message, reply):
-        if message.metadata.dst_node_id == HOSTILE_NODE and \
-                message.metadata.message_type == "evaluate":
-            return Message(encode_result(CLIENTS[1], 0, {"P": 7.0}), reply_to=message)
-        return reply
+    if message.metadata.dst_node_id == HOSTILE_NODE and \
+            message.metadata.message_type == "evaluate":
+        return Message(encode_result(CLIENTS[1], 0, {"P": 7.0}), reply_to=message)
+    return reply
 
-    with pytest.raises(RuntimeError, match="no valid reply from \\['product'\\]"):
-        _flower(_cfg(bert_dir, tmp_path / "flower", rounds=1), tmp_path, tamper)
+
+def _silent_evaluation(message, reply):
+    """A node that died after training: no evaluation reply at all."""
+    if message.metadata.dst_node_id == HOSTILE_NODE and \
+            message.metadata.message_type == "evaluate":
+        return None
+    return reply
+
+
+@pytest.mark.parametrize("tamper", [_bad_evaluation, _silent_evaluation])
+def test_evaluation_goes_on_without_a_missing_node_and_names_it(bert_dir, tmp_path, tamper):
+    results, _ = _flower(_cfg(bert_dir, tmp_path / "flower", rounds=2), tmp_path, tamper)
+    rows = _metrics(tmp_path / "flower")
+    assert [r["eval_missing"] for r in rows if "round" in r] == [[CLIENTS[1]], [CLIENTS[1]]]
+    assert rows[-1]["final"] and rows[-1]["eval_missing"] == [CLIENTS[1]]
+    saved = json.loads((tmp_path / "flower" / "results.json").read_text())
+    assert saved["eval_missing"] == [CLIENTS[1]] and list(saved["per_client"]) == [CLIENTS[0]]
+    # FedDPA-T: the authors' weights; P is the one evaluated client's own
+    assert results["P"] == saved["P"] == saved["per_client"][CLIENTS[0]]["authors"]["P"]
+    assert rows[0]["accepted"] == list(CLIENTS)  # training still had both
+
+
+def test_evaluation_below_min_clients_stops_naming_the_node(bert_dir, tmp_path):
+    with pytest.raises(RuntimeError, match="no valid reply from \\['product'\\]; 1 replied, "
+                                           "min_clients is 2"):
+        _flower(_cfg(bert_dir, tmp_path / "flower", rounds=1, min_clients=2), tmp_path,
+                _bad_evaluation)
     # The round is scored before its line and its checkpoint: nothing of it was committed,
     # so a restarted ServerApp redoes it.
     assert not (tmp_path / "flower" / "checkpoint.safetensors").exists()

@@ -109,10 +109,13 @@ class GridTransport:
             raise RuntimeError(f"post-training step failed on {failed}")
 
     def ask(self, message_type: str, step: str, r: int, blob: bytes | None = None,
-            payload: dict | None = None, check=lambda result: True) -> dict[str, dict]:
+            payload: dict | None = None, check=lambda result: True,
+            at_least: int | None = None) -> dict[str, dict]:
         """{client: its result} from one message to every client's node; a result that is
-        malformed, for another client or round, or fails ``check`` counts as no reply. Raises
-        naming the nodes that gave no valid reply (a run cannot go on without them here)."""
+        malformed, for another client or round, or fails ``check`` counts as no reply.
+
+        Raises naming the nodes that gave no valid reply when fewer than ``at_least`` did
+        (None: every node must reply, as the setup needs)."""
         names = list(self.run.names)
         msgs = [self.grid.create_message(encode_request(step, r, blob, payload), message_type,
                                          self.nodes[n], f"{step}-{r}") for n in names]
@@ -130,9 +133,15 @@ class GridTransport:
             if claimed == name and reply_round == r and check(result):
                 results[name] = result
         missing = [n for n in names if n not in results]
-        if missing:
+        needed = len(names) if at_least is None else at_least
+        if len(results) < needed:
             raise RuntimeError(f"{message_type} {step} (round {r}): no valid reply from "
-                               f"{missing}")
+                               f"{missing}" + ("" if at_least is None else
+                                               f"; {len(results)} replied, min_clients is "
+                                               f"{at_least}"))
+        if missing:
+            log.warning("%s %s (round %d): no valid reply from %s; scored without them",
+                        message_type, step, r, missing)
         return results
 
     def setup(self, rounds_done: int, post_done: bool) -> None:
@@ -145,18 +154,23 @@ class GridTransport:
         reports = {n: result["report"] for n, result in results.items()}
         self.run.complete(reports=reports)  # run.shared travels with every later message
 
-    def round_score(self, r: int) -> float:
-        """Mean own-task P after round ``r``, each node scoring its own client."""
+    def round_score(self, r: int) -> tuple[float, list[str]]:
+        """(mean own-task P after round ``r``, each node scoring its own client; the clients
+        whose node gave no valid score). A missing node is left out, as in training, unless
+        fewer than ``min_clients`` replied."""
         results = self.ask("evaluate", "round", r, self.run.server.round_broadcast(r),
-                           self.run.shared, check=_valid_score)
-        scores = [results[n]["P"] for n in self.run.server.client_names]
-        return sum(scores) / len(scores)
+                           self.run.shared, check=_valid_score,
+                           at_least=self.run.cfg.min_clients)
+        names = self.run.server.client_names
+        scores = [results[n]["P"] for n in names if n in results]
+        return sum(scores) / len(scores), [n for n in names if n not in results]
 
     def finish(self, wall_start: float) -> dict:
         """Every node's final entry, then results.json, the metrics line and the plots."""
         rounds = self.run.cfg.rounds
         per_client = self.ask("evaluate", "final", rounds,
-                              self.run.server.round_broadcast(rounds), self.run.shared)
+                              self.run.server.round_broadcast(rounds), self.run.shared,
+                              at_least=self.run.cfg.min_clients)
         return final.finish(self.run, per_client, wall_start)
 
 
