@@ -19,7 +19,8 @@ import torch
 from .fed.checkpoint import derive_seed
 from .fed.weighting import WeightingConfig, instance_weights
 
-__all__ = ["anchors_for", "predictions_for", "score_set", "evaluate_client", "format_table",
+__all__ = ["anchors_for", "predictions_for", "prediction_records", "score_set",
+           "evaluate_client", "format_table",
            "plot_rounds", "plot_methods"]
 
 
@@ -46,18 +47,61 @@ def predictions_for(task, examples, mode, *, anchors=None,
     """The loaded model's predictions for ``examples``: {"fixed": [...]} for mode "global" /
     "local" / a (global_w, local_w) tuple; for "dynamic", {assignment: [...]}, the instance
     weights computed once for all assignments."""
+    return _predictions_and_weights(task, examples, mode, anchors, weighting, assignments,
+                                    batch_size)[0]
+
+
+def _predictions_and_weights(task, examples, mode, anchors, weighting, assignments,
+                             batch_size) -> tuple[dict[str, list[str]], dict[str, tuple]]:
+    """(predictions_for's dict, {key: (global weights, local weights)}, each a float for the
+    whole set or a tensor with one weight per example)."""
     if mode != "dynamic":  # a named mode, or (global_w, local_w) (FDLoRA's fusion weights)
         fixed = (mode if isinstance(mode, tuple)
                  else {"global": (1.0, 0.0), "local": (0.0, 1.0)}[mode])
-        return {"fixed": _predict(task, examples, fixed, batch_size)}
+        return {"fixed": _predict(task, examples, fixed, batch_size)}, {"fixed": fixed}
     global_w, local_w = instance_weights(task, examples, anchors, weighting, batch_size)
     # instance_weights used weighting.assignment; the other assignment swaps the two weights.
-    out = {}
+    out, used = {}, {}
     for assignment in assignments:
         same = assignment == weighting.assignment
-        out[assignment] = _predict(task, examples, (global_w, local_w) if same
-                                   else (local_w, global_w), batch_size)
-    return out
+        used[assignment] = (global_w, local_w) if same else (local_w, global_w)
+        out[assignment] = _predict(task, examples, used[assignment], batch_size)
+    return out, used
+
+
+def prediction_records(client: str, names: list[str], test_sets: dict, predicted: dict,
+                       weights: dict) -> list[dict]:
+    """One JSON-able row per (test example, evaluation key): client, task (the test set),
+    prompt, reference, answer, the (global, local) weights it was answered with, and the
+    weight assignment for FedDPA's dynamic mix."""
+    rows, start = [], 0
+    for name in names:
+        for offset, example in enumerate(test_sets[name]):
+            i = start + offset
+            for key, answers in predicted.items():
+                g, loc = weights[key]
+                row = {"client": client, "task": name, "prompt": _prompt_text(example),
+                       "reference": _reference(example), "answer": answers[i],
+                       "weights": {"global": _at(g, i), "local": _at(loc, i)}}
+                if key != "fixed":
+                    row["assignment"] = key
+                rows.append(row)
+        start += len(test_sets[name])
+    return rows
+
+
+def _at(weight, i: int) -> float:
+    return float(weight[i]) if isinstance(weight, torch.Tensor) else float(weight)
+
+
+def _prompt_text(example) -> str:
+    if hasattr(example, "text"):
+        return example.text
+    return example.instruction + (f"\n{example.input}" if example.input else "")
+
+
+def _reference(example) -> str:
+    return example.label if hasattr(example, "label") else example.output
 
 
 def score_set(task, examples, mode: str, *, anchors=None, weighting: WeightingConfig | None = None,
@@ -72,9 +116,10 @@ def score_set(task, examples, mode: str, *, anchors=None, weighting: WeightingCo
 
 def evaluate_client(task, client, mode: str, test_sets: dict, *, own: str, seed: int,
                     weighting: WeightingConfig, assignments=None, batch_size: int = 32,
-                    own_only: bool = False) -> dict:
+                    own_only: bool = False, records: list | None = None) -> dict:
     """{key: {"P": .., "TTP": .., "per_set": {name: score}}} for the adapters loaded in the
     model; key = "fixed" for global / local, each weight assignment for "dynamic".
+    ``records``: a list that receives ``prediction_records``' rows (predictions.jsonl).
 
     The test sets are pooled into one list, so every batch is full (``batch_size`` sequences
     per ``generate``: a decoding step costs about the same for 10 sequences as for 32 on a CPU)
@@ -84,9 +129,11 @@ def evaluate_client(task, client, mode: str, test_sets: dict, *, own: str, seed:
     names = [own] if own_only else list(test_sets)
     pooled = [e for name in names for e in test_sets[name]]
     keys = list(assignments) if mode == "dynamic" else ["fixed"]
-    predicted = (predictions_for(task, pooled, mode, anchors=anchors, weighting=weighting,
-                                 assignments=assignments, batch_size=batch_size)
-                 if pooled else {key: [] for key in keys})
+    predicted, weights = (_predictions_and_weights(task, pooled, mode, anchors, weighting,
+                                                   assignments, batch_size)
+                          if pooled else ({key: [] for key in keys}, {}))
+    if records is not None and pooled:
+        records += prediction_records(own, names, test_sets, predicted, weights)
     per_set, start = {key: {} for key in keys}, 0
     for name in names:
         examples, stop = test_sets[name], start + len(test_sets[name])

@@ -12,6 +12,9 @@ from ..evaluate import evaluate_client, plot_rounds
 from .checkpoint import read_metrics
 from .reuse import reused_from
 
+# A final entry's answers (evaluate.prediction_records), taken out of it into predictions.jsonl.
+PREDICTIONS = "predictions"
+
 __all__ = ["entered", "evaluate_clients", "final_entry", "finish", "limit", "round_score",
            "summarise"]
 
@@ -59,12 +62,15 @@ def final_entry(run, client, received: dict, shared: dict | None = None) -> dict
     if evaluation.client_independent and shared is not None:
         per_set = shared["fixed"]["per_set"]  # one model for every client: scored once
         entry = {"fixed": {"P": per_set[name], "per_set": per_set,
-                           "TTP": shared["fixed"]["TTP"]}}
+                           "TTP": shared["fixed"]["TTP"]},
+                 PREDICTIONS: [{**row, "client": name} for row in shared[PREDICTIONS]]}
     else:
+        records = []
         with entered(evaluation):
             entry = evaluate_client(run.task, client, evaluation.mode, _test_sets(run),
                                     own=name, seed=cfg.seed, weighting=cfg.weighting,
-                                    assignments=_assignments(cfg))
+                                    assignments=_assignments(cfg), records=records)
+        entry[PREDICTIONS] = records
     entry.update(algorithm.client_report(client))
     algorithm.save_client_outputs(client, run.out)
     return entry
@@ -104,7 +110,8 @@ def finish(run, per_client: dict, wall_start: float) -> dict:
     from every client's final entry (whichever transport gathered them)."""
     cfg, out = run.cfg, run.out
     missing = [n for n in run.server.client_names if n not in per_client]  # a dead node's
-    per_client = {n: per_client[n] for n in run.server.client_names if n in per_client}
+    per_client = {n: dict(per_client[n]) for n in run.server.client_names if n in per_client}
+    predictions = [row for entry in per_client.values() for row in entry.pop(PREDICTIONS, [])]
     run.algorithm.save_global_outputs(run.task, run.server.global_adapter, out)
     summary = summarise(per_client)
     dynamic = cfg.weighting.assignment in summary
@@ -138,6 +145,8 @@ def finish(run, per_client: dict, wall_start: float) -> dict:
         if missing:
             final_row["eval_missing"] = missing
         f.write(json.dumps(final_row) + "\n")
+    atomic_write_bytes(out / "predictions.jsonl",
+                       "".join(json.dumps(row) + "\n" for row in predictions).encode())
     atomic_write_bytes(out / "results.json", (json.dumps(results, indent=2) + "\n").encode())
     (out / "plots").mkdir(exist_ok=True)
     plot_rounds(out / "metrics.jsonl", out / "plots" / "rounds.png")

@@ -45,6 +45,32 @@ def test_each_algorithm_runs_two_clients_two_rounds(finished_run, algo):
     assert (out / "plots" / "rounds.png").stat().st_size > 1000
 
 
+@pytest.mark.parametrize("algo", ["fedit", "local", "feddpa-t"])
+def test_predictions_are_saved_and_give_back_the_scores(finished_run, algo):
+    results, out, _ = finished_run(algo)
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    dynamic = algo.startswith("feddpa")
+    keys = ["authors", "opposite"] if dynamic else [None]
+    clients = list(results["per_client"])
+    assert len(rows) == len(clients) * len(clients) * 8 * len(keys)  # clients x sets x 8 x keys
+    assert {r["client"] for r in rows} == set(clients) == {r["task"] for r in rows}
+    for row in rows:
+        assert set(row) >= {"client", "task", "prompt", "reference", "answer", "weights"}
+        assert row.get("assignment") in keys and row["prompt"] and row["reference"]
+    fixed = {"fedit": (1.0, 0.0), "local": (0.0, 1.0)}.get(algo)
+    weights = {(r["weights"]["global"], r["weights"]["local"]) for r in rows}
+    assert weights == {fixed} if fixed else len(weights) > 2  # one mix per instance
+    for client in clients:  # P is the own-task accuracy of these answers
+        key = "authors" if dynamic else None
+        own = [r for r in rows if r["client"] == client == r["task"]
+               and r.get("assignment") == key]
+        accuracy = sum(r["answer"] == r["reference"] for r in own) / len(own)
+        entry = results["per_client"][client]["authors" if dynamic else "fixed"]
+        assert accuracy == pytest.approx(entry["P"])
+    assert "predictions" not in json.loads((out / "results.json").read_text())["per_client"][
+        clients[0]]
+
+
 def test_uploads_hold_only_the_global_adapter(finished_run):
     _, out, uploads = finished_run("feddpa-t")
     assert len(uploads) == 4  # 2 clients x 2 rounds
