@@ -18,15 +18,13 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
-from safetensors.torch import save as st_save
 from torch import nn
 
 from .atomic import atomic_write_bytes
 from .config import ADAPTERS
 from .layers import dual_lora_layers
 from .patch import _name_matches
+from .sealed import IntegrityError, read_sealed, sealed_bytes
 
 __all__ = ["save_adapter", "load_adapter", "adapter_state_dict", "load_adapter_state_dict",
            "AdapterError", "CONFIG_NAME", "WEIGHTS_NAME"]
@@ -138,7 +136,9 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter: str = 
     directory = Path(directory)
     # Each file is replaced atomically and other files in the directory are kept (as PEFT's
     # save_pretrained does): the weights first, then the config that describes them.
-    atomic_write_bytes(directory / WEIGHTS_NAME, st_save(tensors, metadata={"format": "pt"}))
+    # The SHA-256 of the tensors rides in the file's own metadata (feddpa_fast/sealed.py):
+    # PEFT reads past extra metadata keys, and load_adapter refuses a file changed on disk.
+    atomic_write_bytes(directory / WEIGHTS_NAME, sealed_bytes(tensors, {"format": "pt"}))
     atomic_write_bytes(directory / CONFIG_NAME, (json.dumps(config, indent=2) + "\n").encode())
     return directory
 
@@ -204,9 +204,11 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter: str = 
     weights = directory / WEIGHTS_NAME
     if not weights.is_file():
         raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory}")
-    try:
-        tensors = load_file(str(weights))
-    except (SafetensorError, OSError) as exc:
+    try:  # a digest, when the file has one (ours do; PEFT's own files do not), is verified
+        tensors, _ = read_sealed(weights, required=False)
+    except IntegrityError as exc:
+        raise AdapterError(str(exc)) from None
+    except OSError as exc:
         raise AdapterError(f"{weights}: unreadable safetensors file ({exc})") from None
     alpha = config.get("lora_alpha", 8)  # PEFT's default
     if not isinstance(alpha, (int, float)) or not alpha > 0:

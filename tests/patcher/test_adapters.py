@@ -189,3 +189,25 @@ def test_rslora_scaling_survives_a_save_and_reload(tmp_path):
                                                             target_modules=targets))
     fd.load_adapter(again, tmp_path / "ours", adapter="global")
     assert dual_lora_layers(again)[0][1].scaling["global"] == 4.0
+
+
+def test_a_saved_adapter_changed_on_disk_is_refused_and_peft_still_reads_ours(tmp_path):
+    import struct
+
+    from feddpa_fast.sealed import DIGEST_KEY
+
+    _, model, _ = _pair("llama", adapter="local")
+    fd.save_adapter(model, tmp_path / "a", adapter="local")
+    weights = tmp_path / "a" / "adapter_model.safetensors"
+    from safetensors import safe_open
+    with safe_open(str(weights), "pt") as f:  # what PEFT reads: the tensors, extra metadata ok
+        assert f.metadata()["format"] == "pt" and DIGEST_KEY in f.metadata()
+    blob = bytearray(weights.read_bytes())
+    start = 8 + int.from_bytes(blob[:8], "little")
+    blob[start + 3] ^= 0x40  # one exponent bit of the first float32: a finite value
+    assert abs(struct.unpack("<f", blob[start:start + 4])[0]) < float("inf")
+    weights.write_bytes(bytes(blob))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(fd.AdapterError, match="adapter_model.safetensors: its tensors"):
+        fd.load_adapter(model, tmp_path / "a", adapter="local")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
