@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
+from pathlib import Path
 
 from ..atomic import atomic_write_bytes
 from ..evaluate import evaluate_client, plot_rounds
@@ -51,11 +52,14 @@ def round_score(run, client, received: dict, r: int) -> float:
     return next(iter(result.values()))["P"]
 
 
-def final_entry(run, client, received: dict, shared: dict | None = None) -> dict:
+def final_entry(run, client, received: dict, shared: dict | None = None,
+                outputs=None) -> dict:
     """The client's results.json entry ({key: {"P", "TTP", "per_set"}} + the method's report)
     from the final global state it ``received``; saves its outputs (the shared model holds
     its adapters only now). ``shared``: an entry of another client whose model was the same
-    (the method says when), reused instead of scoring again."""
+    (the method says when), reused instead of scoring again. ``outputs``: the directory whose
+    ``adapters/<client>/local`` receives the local adapter in PEFT format (default: the run's
+    out; a Flower node passes its own state directory)."""
     cfg, algorithm, name = run.cfg, run.algorithm, client.name
     algorithm.receive(client, received, None)
     evaluation = algorithm.final_evaluation(client)
@@ -72,7 +76,7 @@ def final_entry(run, client, received: dict, shared: dict | None = None) -> dict
                                     assignments=_assignments(cfg), records=records)
         entry[PREDICTIONS] = records
     entry.update(algorithm.client_report(client))
-    algorithm.save_client_outputs(client, run.out)
+    algorithm.save_client_outputs(client, run.out if outputs is None else Path(outputs))
     return entry
 
 

@@ -77,6 +77,14 @@ def test_flower_equals_the_builtin_loop_evaluation_included(bert_dir, tmp_path, 
         for a, b in zip(node_files, ref_files):
             ta, tb = load_file(a), load_file(b)
             assert all(torch.equal(ta[k], tb[k]) for k in tb)
+        # ... and each node exports its final local adapter in PEFT format, as in process
+        exported = tmp_path / "nodes" / f"node{i}" / "adapters" / name / "local"
+        ta = load_file(exported / "adapter_model.safetensors")
+        tb = load_file(tmp_path / "builtin" / "adapters" / name / "local" /
+                       "adapter_model.safetensors")
+        assert (exported / "adapter_config.json").is_file() and ta.keys() == tb.keys()
+        assert all(torch.equal(ta[k], tb[k]) for k in tb)
+        assert not (tmp_path / "flower" / "adapters" / name).exists()  # not the server's out
     kinds = {m.metadata.message_type for m in grid.sent}
     assert kinds == {"query", "train", "evaluate"}
     if algo == "c2a":  # round 0 was preceded by the conditioning exchange

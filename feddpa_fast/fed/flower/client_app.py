@@ -102,7 +102,9 @@ def _evaluate(message: Message, context: Context) -> Message:
     if step == "round":
         result = {"P": final.round_score(run, client, received, r)}
     elif step == "final":
-        result = final.final_entry(run, client, received)
+        # The local adapter in PEFT format stays on this node: <state-dir>/adapters/<client>/local
+        result = final.final_entry(run, client, received,
+                                   outputs=Path(dict(context.node_config)["state-dir"]))
     else:
         raise ValueError(f"unknown evaluation step {step!r}")
     return Message(encode_result(client.name, r, result), reply_to=message)
