@@ -165,6 +165,11 @@ def config_from_args(args, algo: str | None = None):
 def _print_summary(results: dict) -> None:
     timing = (f"evaluation {results['eval_wall_s']:.1f}s" if "eval_wall_s" in results
               else f"wall {results['wall_s']:.1f}s")
+    if results["P"] is None:  # --final-eval none
+        print(f"{results['method']}: trained, not evaluated (--final-eval none; score it with "
+              f"eval --run)  bytes up/client/round {results['bytes_per_client_round']:,}  "
+              f"{timing}")
+        return
     print(f"{results['method']}: P {100 * results['P']:.2f}%  TTP {100 * results['TTP']:.2f}%  "
           f"bytes up/client/round {results['bytes_per_client_round']:,}  {timing}")
     if results.get("by_assignment"):
@@ -225,6 +230,9 @@ def _compare(args) -> int:
 
     algos = [a.strip() for a in args.algos.split(",") if a.strip()]
     base = config_from_args(args)
+    if base.final_eval == "none":
+        raise ValueError("--final-eval none: compare ranks the methods by their final scores; "
+                         "use train for training-only runs")
     root = Path(args.out or "runs/compare")
     rows, finished, notes = [], {}, []
     for algo in algos:

@@ -71,6 +71,9 @@ class RunConfig:
                                      type=float, above=0, optional=True)
     min_clients: int = option(1, "a round with fewer valid updates is redone", minimum=1)
     eval_every: int = option(1, "evaluate P every N rounds (0: never)", minimum=0)
+    final_eval: str = option("all", "the end of the run: 'all' (P and TTP on every test set, "
+                             "predictions.jsonl) or 'none' (training only; `eval --run` scores "
+                             "it later)", choices=("all", "none"))
     test_limit: int | None = option(50, "at most N test examples per task (unset: all)",
                                     minimum=1, optional=True)
     weighting: WeightingConfig = dataclasses.field(default=WeightingConfig())
@@ -156,6 +159,7 @@ class RunConfig:
         """The fields a resumed run must share with the checkpointed one."""
         d = dataclasses.asdict(self)
         d.pop("out")
+        d.pop("final_eval")  # what is reported at the end, not what is trained
         for name, absent in _LATER_FIELDS.items():
             if d[name] == absent:
                 d.pop(name)

@@ -63,7 +63,9 @@ def final_entry(run, client, received: dict, shared: dict | None = None,
     cfg, algorithm, name = run.cfg, run.algorithm, client.name
     algorithm.receive(client, received, None)
     evaluation = algorithm.final_evaluation(client)
-    if evaluation.client_independent and shared is not None:
+    if cfg.final_eval == "none":  # training only: the outputs, no scores
+        entry = {}
+    elif evaluation.client_independent and shared is not None:
         per_set = shared["fixed"]["per_set"]  # one model for every client: scored once
         entry = {"fixed": {"P": per_set[name], "per_set": per_set,
                            "TTP": shared["fixed"]["TTP"]},
@@ -117,12 +119,13 @@ def finish(run, per_client: dict, wall_start: float) -> dict:
     per_client = {n: dict(per_client[n]) for n in run.server.client_names if n in per_client}
     predictions = [row for entry in per_client.values() for row in entry.pop(PREDICTIONS, [])]
     run.algorithm.save_global_outputs(run.task, run.server.global_adapter, out)
-    summary = summarise(per_client)
+    summary = summarise(per_client) if cfg.final_eval == "all" else {}
     dynamic = cfg.weighting.assignment in summary
     main_key = cfg.weighting.assignment if dynamic else "fixed"
+    scores = summary.get(main_key, {"P": None, "TTP": None})  # None: --final-eval none
     rows = read_metrics(out / "metrics.jsonl")
     results = {
-        "method": cfg.algo, "P": summary[main_key]["P"], "TTP": summary[main_key]["TTP"],
+        "method": cfg.algo, "P": scores["P"], "TTP": scores["TTP"],
         "by_assignment": summary if dynamic else None,
         "per_client": per_client,
         "bytes_per_client_round": max((r.get("bytes_up_per_client", 0) for r in rows), default=0),
@@ -149,8 +152,9 @@ def finish(run, per_client: dict, wall_start: float) -> dict:
         if missing:
             final_row["eval_missing"] = missing
         f.write(json.dumps(final_row) + "\n")
-    atomic_write_bytes(out / "predictions.jsonl",
-                       "".join(json.dumps(row) + "\n" for row in predictions).encode())
+    if cfg.final_eval == "all":
+        atomic_write_bytes(out / "predictions.jsonl",
+                           "".join(json.dumps(row) + "\n" for row in predictions).encode())
     atomic_write_bytes(out / "results.json", (json.dumps(results, indent=2) + "\n").encode())
     (out / "plots").mkdir(exist_ok=True)
     plot_rounds(out / "metrics.jsonl", out / "plots" / "rounds.png")

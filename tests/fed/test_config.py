@@ -97,7 +97,7 @@ def test_every_declared_option_is_a_flag_of_train_and_compare_with_its_default_a
                 assert "choices:" not in text, name
     # Nothing else: the declared flags plus the commands' own.
     declared = {name for name, _ in _declared()}
-    own = {"-h", "--help", "--resume", "--config", "--quiet"}
+    own = {"-h", "--help", "--resume", "--config", "--quiet", "--threads"}
     assert set(train) == declared | own
     assert set(compare) == (declared - {"--algo"}) | own | {"--algos"}
 

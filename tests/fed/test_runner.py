@@ -184,3 +184,26 @@ def test_cli_train_eval_and_compare(bert_dir, tmp_path, capsys):
     bad.write_text("roundz = 3\n")
     assert cli_main(["train", "--config", str(bad), "--out", str(tmp_path / "x")] + common) == 2
     assert "unknown option" in capsys.readouterr().err
+
+
+def test_final_eval_none_trains_only_and_eval_scores_it_later(bert_dir, tmp_path, capsys):
+    # 2 rounds: FedDPA-T's round 0 trains the global adapter only, round 1 the local one too
+    common = ["--model", str(bert_dir), "--clients", "2", "--rounds", "2", "--max-steps", "1",
+              "--test-limit", "4", "--rank", "4", "--quiet"]
+    out = tmp_path / "t"
+    assert cli_main(["train", "--algo", "feddpa-t", "--final-eval", "none", "--out", str(out)]
+                    + common) == 0
+    assert "trained, not evaluated" in capsys.readouterr().out
+    results = json.loads((out / "results.json").read_text())
+    assert results["P"] is None and results["TTP"] is None
+    assert not results["per_client"]["sentiment"]  # no scores, no report
+    assert not (out / "predictions.jsonl").exists()
+    for adapter in ("global", "sentiment/local", "product/local"):
+        assert (out / "adapters" / adapter / "adapter_model.safetensors").is_file()
+    assert "final_eval" not in load_checkpoint(out / "checkpoint.safetensors")[1]["config"]
+    assert cli_main(["eval", "--run", str(out), "--quiet"]) == 0  # scores it now
+    scored = json.loads((out / "results.json").read_text())
+    assert 0 <= scored["P"] <= 1 and (out / "predictions.jsonl").stat().st_size > 0
+    assert cli_main(["compare", "--final-eval", "none", "--out", str(tmp_path / "c")]
+                    + common) == 2
+    assert "--final-eval none: compare" in capsys.readouterr().err
