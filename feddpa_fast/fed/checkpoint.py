@@ -21,6 +21,7 @@ import torch
 
 from ..atomic import atomic_write_bytes
 from ..sealed import IntegrityError, read_sealed, sealed_bytes
+from .options import resolved_source
 
 __all__ = ["CheckpointError", "atomic_write_bytes", "derive_seed", "load_checkpoint",
            "read_metrics", "resume_state", "save_checkpoint", "save_run_checkpoint",
@@ -79,14 +80,21 @@ def resume_state(path: str | os.PathLike, config: dict):
     write that was killed mid-way."""
     path = Path(path)
     global_adapter, state = load_checkpoint(path)
-    if state.get("config") != config:
+    saved, asked = _comparable(state.get("config") or {}), _comparable(config)
+    if saved != asked:
         raise CheckpointError(f"{path} belongs to a run with another configuration "
-                              f"({config_difference(state.get('config') or {}, config)}); "
-                              "resume with the same flags")
+                              f"({config_difference(saved, asked)}); resume with the same flags")
     for stale in path.parent.glob(f".{path.name}.*.tmp"):
         stale.unlink()
     return (global_adapter, state["rounds_done"], state.get("post_done", False),
             state.get("sample_rates", []))
+
+
+def _comparable(config: dict) -> dict:
+    """A recorded identity with its --model / --data directories resolved (checkpoints from
+    before identities resolved them hold the path as typed, relative to the run's cwd)."""
+    return {k: resolved_source(v) if k in ("model", "data") and isinstance(v, str) else v
+            for k, v in config.items()}
 
 
 def config_difference(saved: dict, asked: dict) -> str:

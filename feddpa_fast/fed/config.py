@@ -15,7 +15,7 @@ from pathlib import Path
 from ..data import KINDS
 from .aggregate import RULES
 from .algorithms import ALGORITHMS
-from .options import ConfigError, check_options, option
+from .options import ConfigError, check_options, option, resolved_source
 from .weighting import WeightingConfig
 from .wire import WIRE_DTYPES
 
@@ -164,6 +164,8 @@ class RunConfig:
             if d[name] == absent:
                 d.pop(name)
         d["targets"] = list(self.targets) if self.targets else None
+        for key in ("model", "data"):  # a directory, recorded resolved: `--data d` and
+            d[key] = resolved_source(d[key])  # `--data /abs/d` are the same run
         return d
 
     @classmethod

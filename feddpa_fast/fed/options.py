@@ -7,6 +7,7 @@ from __future__ import annotations
 import builtins
 import dataclasses
 import math
+from pathlib import Path
 
 __all__ = ["ConfigError", "option", "check_options", "flag", "declared_fields"]
 
@@ -95,3 +96,9 @@ def check_options(obj, prefix: str = "") -> None:
         problem = _range_error(value, meta)
         if problem:
             raise ConfigError(f"{name} {problem}, got {value!r}")
+
+
+def resolved_source(value: str) -> str:
+    """A --model / --data value as a run records it: the built-in names as they are, a
+    directory as its absolute path."""
+    return value if value in ("builtin", "smollm2") else str(Path(value).resolve())

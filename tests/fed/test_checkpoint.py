@@ -144,3 +144,20 @@ def test_resume_refuses_a_changed_checkpoint_or_local_adapter_and_names_settings
     with pytest.raises(CheckpointError, match="checkpoint.safetensors: its tensors"):
         run(cfg, resume=True, progress=False)
     assert ckpt.read_bytes() == corrupted  # refused, nothing overwritten
+
+
+def test_a_relative_or_absolute_data_path_is_the_same_run(tmp_path, monkeypatch):
+    from feddpa_fast.fed.checkpoint import resume_state
+    from feddpa_fast.fed.config import RunConfig
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    relative, absolute = RunConfig(data="data"), RunConfig(data=str(tmp_path / "data"))
+    assert relative.identity() == absolute.identity()
+    assert relative.identity()["data"] == str(tmp_path / "data")  # recorded resolved
+    # A checkpoint from before identities resolved paths holds the path as typed.
+    old = {**absolute.identity(), "data": "data"}
+    save_checkpoint(tmp_path / "c", {"k": torch.ones(1)}, {"rounds_done": 1, "config": old})
+    assert resume_state(tmp_path / "c", absolute.identity())[1] == 1
+    with pytest.raises(CheckpointError, match=r"rounds: checkpoint 3, now 4"):
+        resume_state(tmp_path / "c", RunConfig(data="data", rounds=4).identity())
