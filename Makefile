@@ -16,8 +16,8 @@ STAMP ?= .make/installed-$(PREFIX_ID)$(if $(CONSTRAINTS),,-latest)
 NATIVE_SOURCES := setup.py CMakeLists.txt $(wildcard kernels/cpu/*.cpp kernels/cpu/*.h)
 # pytest-xdist workers, each with torch at max(1, cores / workers) threads (tests/conftest.py).
 # 3 on 2 cores: the Flower deployment tests keep one worker waiting on SuperNode subprocesses
-# for minutes, and the other two use the cores (2 workers: 14 min 43 s, 3: 12 min 11 s, same
-# machine, docs/testing.md). worksteal: an idle worker takes queued tests from a busy one.
+# for minutes while the other two use the cores (measured on 2 cores, 2026-12-07: 884 s with
+# 2 workers, 732 s with 3). worksteal: an idle worker takes queued tests from a busy one.
 TEST_WORKERS ?= 3
 PYTEST := $(PYTHON) -m pytest tests -q --dist worksteal
 # test-fast has no Flower deployment to wait on: 2 workers, one per core (85 s against 90 s).
