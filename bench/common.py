@@ -79,15 +79,35 @@ def today() -> str:
 
 
 def append_rows(path: Path, rows: list[dict], fields: list[str] = CSV_FIELDS) -> None:
-    """Appends rows to the long-format CSV (writing the header when the file is new)."""
+    """Appends rows to the long-format CSV (writing the header when the file is new). A file
+    written with other columns (an older script) is first rewritten, atomically, under the
+    union of both headers, so no row loses a value."""
     path.parent.mkdir(parents=True, exist_ok=True)
     new = not path.exists() or path.stat().st_size == 0
+    if not new:
+        with path.open(newline="") as fh:
+            header = next(csv.reader(fh), [])
+        if header != fields:
+            fields = header + [f for f in fields if f not in header]
+            _rewrite(path, fields)
     with path.open("a", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=fields)
         if new:
             writer.writeheader()
         for row in rows:
             writer.writerow({k: row.get(k, "") for k in fields})
+        fh.flush()
+
+
+def _rewrite(path: Path, fields: list[str]) -> None:
+    with path.open(newline="") as fh:
+        old = list(csv.DictReader(fh))
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows({k: row.get(k, "") for k in fields} for row in old)
+    os.replace(tmp, path)
 
 
 def markdown_table(rows: list[dict], providers: list[str]) -> str:
@@ -104,9 +124,13 @@ def markdown_table(rows: list[dict], providers: list[str]) -> str:
         for p in providers:
             match = [r for r in rows if (r["M"], r["K"], r["N"], r["r"], r["mode"]) == key
                      and r["provider"] == p]
-            if match:
+            if match and not match[0].get("median_ms"):
+                cells.append("failed")
+            elif match:
                 r = match[0]
-                cells.append(f"{float(r['median_ms']):.3f} ({float(r['ratio_to_base']):.3f})")
+                ratio = r.get("ratio_to_base")
+                cells.append(f"{float(r['median_ms']):.3f}"
+                             + (f" ({float(ratio):.3f})" if ratio else ""))
             else:
                 cells.append("-")
         lines.append(f"| {key[0]}, {key[1]}, {key[2]}, {key[3]} | {key[4]} | "

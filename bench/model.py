@@ -74,7 +74,7 @@ MODEL_SIZES = SHAPE[:6]  # fixed by a pretrained model
 FIELDS = ["run_id", "date", "device", "threads", "torch", "transformers", "peft", "feddpa_fast",
           "bench", "dtype", *SHAPE, "r", "alpha", "dropout", "mode", "provider", "median_ms",
           "p20_ms", "p80_ms", "tokens_per_s", "ratio_to_base", "speedup_vs_peft_two",
-          "saved_mb", "train_state_mb", "peak_mb"]
+          "saved_mb", "train_state_mb", "peak_mb", "error"]
 MB = 2.0 ** 20
 
 
@@ -230,7 +230,7 @@ def stats(samples: list[float]) -> tuple[float, float, float]:  # one sample: sm
 
 def markdown(rows: list[dict]) -> str:
     """One line per provider: forward and train step side by side, ratios, memory."""
-    mem = ["saved_mb", "train_state_mb"] + ["peak_mb"] * any(r["peak_mb"] for r in rows)
+    mem = ["saved_mb", "train_state_mb"] + ["peak_mb"] * any(r.get("peak_mb") for r in rows)
     lines = ["| provider | forward ms [p20, p80] | fwd tok/s | fwd x base | train step ms "
              "[p20, p80] | train tok/s | train x base | train speedup vs peft_two | "
              + " | ".join(mem) + " |", "|---" * (8 + len(mem)) + "|"]
@@ -239,8 +239,8 @@ def markdown(rows: list[dict]) -> str:
         for mode, ratios in (("forward", ("ratio_to_base",)),
                              ("train_step", ("ratio_to_base", "speedup_vs_peft_two"))):
             row = next((r for r in rows if r["provider"] == name and r["mode"] == mode), None)
-            if row is None:
-                cells += ["n/a"] * (2 + len(ratios))
+            if row is None or row.get("error"):
+                cells += ["failed" if row else "n/a"] + [""] * (1 + len(ratios))
                 continue
             cells += [f"{float(row['median_ms']):.1f} [{float(row['p20_ms']):.1f}, "
                       f"{float(row['p80_ms']):.1f}]", f"{float(row['tokens_per_s']):.0f}"]
@@ -368,6 +368,24 @@ def _rows(meta, samples, memory, peaks, tokens: int) -> list[dict]:
     return rows
 
 
+def _build_all(args, device, dtype) -> tuple[dict, dict]:
+    """(providers that built and ran once, {name: error} of those that did not): a provider
+    that fails (a peft incompatibility, say) is a row with its error, not a lost run."""
+    provs, failed = {}, {}
+    for name in args.providers:
+        try:
+            prov = build(name, args, device, dtype)
+            prov.forward()
+            prov.loss_backward()
+            if prov.opt is not None:
+                prov.opt.zero_grad(set_to_none=True)
+            provs[name] = prov
+        except Exception as err:  # noqa: BLE001 - reported as the provider's row
+            failed[name] = f"{type(err).__name__}: {' '.join(str(err).split())}"[:240]
+            print(f"{name} failed: {failed[name]}", file=sys.stderr, flush=True)
+    return provs, failed
+
+
 def main(argv=None) -> list[dict]:
     ap = _parser()
     args = ap.parse_args(argv)
@@ -378,7 +396,7 @@ def main(argv=None) -> list[dict]:
     stem = "model_smollm2" if args.model == "smollm2" else "model"
     csv_path = args.csv or common.RESULTS_DIR / f"{stem}_{'gpu' if cuda else 'cpu'}.csv"
     meta = _meta(args, stem, device, dtype)
-    provs = {name: build(name, args, device, dtype) for name in args.providers}
+    provs, failed = _build_all(args, device, dtype)
     memory = {name: train_state(p) for name, p in provs.items() if p.opt}
     fns = {}
     for name, p in provs.items():
@@ -388,6 +406,8 @@ def main(argv=None) -> list[dict]:
     samples = common.time_alternating(fns, args.repeats, warmup=1)
     peaks = {key: cuda_peak(fn) for key, fn in fns.items()} if cuda else {}
     rows = _rows(meta, samples, memory, peaks, args.batch * args.seq)
+    rows += [{**meta, "mode": mode, "provider": name, "error": error}
+             for name, error in failed.items() for mode in ("forward", "train_step")]
     # The SmolLM2 CSV (new with it) also records the targets; the synthetic CSV keeps its
     # original header (its rows all use the default seven targets).
     fields = FIELDS + ["targets"] if args.model == "smollm2" else FIELDS

@@ -44,7 +44,9 @@ PROVIDERS = ["base", "unfused", "peft", "two_gemm", "fused_pertile", "fused"]
 DRY_RUN_SHAPES = [(64, 64, 96, 8), (3, 64, 96, 8)]
 MODES = ["forward", "backward", "fwd+bwd"]
 CSV_PATH = common.RESULTS_DIR / "op_gpu.csv"
-FIELDS = common.CSV_FIELDS + ["gbps", "max_abs_err"]
+FIELDS = common.CSV_FIELDS + ["gbps", "max_abs_err", "error"]
+ROW_ECHO = ["M", "K", "N", "mode", "provider", "median_ms", "ratio_to_base", "max_abs_err",
+            "error"]
 
 
 def bytes_moved(m, k, n, r, mode, provider) -> float:
@@ -56,8 +58,9 @@ def bytes_moved(m, k, n, r, mode, provider) -> float:
     return {"forward": fwd, "backward": bwd, "fwd+bwd": fwd + bwd}[mode]
 
 
-def max_abs_errors(p: Problem, providers: list[str]) -> dict[str, float]:
-    """Forward max abs error of each provider against the fp32 reference of the same inputs."""
+def max_abs_errors(p: Problem, providers: list[str]) -> dict[str, str]:
+    """Forward max abs error of each provider against the fp32 reference of the same inputs
+    (a provider that fails gets its error's text instead)."""
     r = p.a[0].shape[0]
     scale = torch.cat([(p.scaling * m).expand(-1, r) for m in p.mix], dim=1).contiguous()
     a_st, b_st = torch.cat(p.a), torch.cat(p.b, dim=1)
@@ -71,10 +74,19 @@ def max_abs_errors(p: Problem, providers: list[str]) -> dict[str, float]:
     refs = {"base": base_ref, "peft": static_ref}
     out = {}
     with torch.no_grad():
-        for name, fn in build_providers(p, "forward", providers, return_output=True,
-                                        fused_backend=fused_backend(p.x)).items():
-            out[name] = (fn().float() - refs.get(name, ref)).abs().max().item()
+        for name in providers:
+            try:
+                fn = build_providers(p, "forward", [name], return_output=True,
+                                     fused_backend=fused_backend(p.x))[name]
+                out[name] = f"{(fn().float() - refs.get(name, ref)).abs().max().item():.4g}"
+            except Exception as err:  # noqa: BLE001 - reported in the row, the run goes on
+                out[name] = f"failed: {_one_line(err)}"
     return out
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return f"{type(err).__name__}: {text}"[:240]
 
 
 def fused_backend(x):
@@ -143,37 +155,56 @@ def _shapes(args) -> list[tuple]:
 
 
 def _shape_rows(shape, args, providers, meta, dtype, device) -> list[dict]:
-    """Every mode's rows of one shape, timed side by side, ratios to base."""
+    """Every mode's rows of one shape, providers timed one after another (base first, the
+    ratios' denominator). Each row is appended to the CSV and printed as it completes; a
+    provider that fails becomes a row with its error, and the run goes on."""
     m, k, n, r = shape
     problem = make_problem(m, k, n, r, dtype=dtype, device=device)
     errors = max_abs_errors(problem, providers)
     rows = []
     for mode in args.modes:
-        fns = build_providers(problem, mode, providers, backward_only=(mode == "backward"),
-                              fused_backend=fused_backend(problem.x))
-        timed = {name: time_provider(fn, mode, m, args.dry_run) for name, fn in fns.items()}
-        base_median = timed["base"][0]
-        for name, (med, p20, p80) in timed.items():
-            rows.append({**meta, "M": m, "K": k, "N": n, "r": r, "mode": mode,
-                         "provider": name, "median_ms": f"{med:.5f}",
-                         "p20_ms": f"{p20:.5f}", "p80_ms": f"{p80:.5f}",
-                         "tflops": f"{flops(m, k, n, r, mode, name) / med / 1e9:.2f}",
-                         "gbps": f"{bytes_moved(m, k, n, r, mode, name) / med / 1e6:.1f}",
-                         "ratio_to_base": f"{med / base_median:.4f}",
-                         "max_abs_err": f"{errors[name]:.4g}" if mode == "forward" else ""})
-        print(f"done {m},{k},{n},{r} {mode}", file=sys.stderr, flush=True)
+        base_median = None
+        for name in providers:
+            row = {**meta, "M": m, "K": k, "N": n, "r": r, "mode": mode, "provider": name}
+            try:
+                fn = build_providers(problem, mode, [name], backward_only=(mode == "backward"),
+                                     fused_backend=fused_backend(problem.x))[name]
+                med, p20, p80 = time_provider(fn, mode, m, args.dry_run)
+            except Exception as err:  # noqa: BLE001 - one provider's failure is its row
+                row["error"] = _one_line(err)
+            else:
+                base_median = med if name == "base" else base_median
+                row.update(median_ms=f"{med:.5f}", p20_ms=f"{p20:.5f}", p80_ms=f"{p80:.5f}",
+                           tflops=f"{flops(m, k, n, r, mode, name) / med / 1e9:.2f}",
+                           gbps=f"{bytes_moved(m, k, n, r, mode, name) / med / 1e6:.1f}",
+                           ratio_to_base=f"{med / base_median:.4f}" if base_median else "")
+                err_text = errors.get(name, "")
+                if mode == "forward" and err_text.startswith("failed"):
+                    row["error"] = f"accuracy check {err_text}"
+                elif mode == "forward":
+                    row["max_abs_err"] = err_text
+            common.append_rows(args.csv, [row], FIELDS)
+            print("row " + ", ".join(f"{key}={row[key]}" for key in ROW_ECHO if row.get(key)),
+                  flush=True)
+            rows.append(row)
     return rows
 
 
 def _dropout_rows(args, meta, dtype, device) -> None:
     drop_shapes = [tuple(int(v) for v in s.split("x")) + (16,) for s in args.dropout_shapes]
+    drop_csv = args.csv.with_name("op_gpu_dropout.csv")
+
+    def emit(row):
+        common.append_rows(drop_csv, [row], op_dropout.FIELDS)
+        print("row dropout " + ", ".join(f"{key}={row[key]}" for key in ROW_ECHO
+                                         if row.get(key)), flush=True)
+
     drop_rows = op_dropout.rows(
         drop_shapes, args.dropout, meta,
         lambda fns, shape: {n: time_provider(f, "fwd+bwd", shape[0], args.dry_run)
                             for n, f in fns.items()},
         problem_kwargs={"dtype": dtype, "device": device},
-        fused_backend=fused_backend(torch.empty(0, device=device)))
-    common.append_rows(args.csv.with_name("op_gpu_dropout.csv"), drop_rows, op_dropout.FIELDS)
+        fused_backend=fused_backend(torch.empty(0, device=device)), on_row=emit)
     print(f"# LoRA dropout p = {args.dropout}, fwd+bwd")
     print(op_dropout.table(drop_rows))
 
@@ -192,13 +223,12 @@ def main(argv=None) -> list[dict]:
     }
     rows = [row for shape in _shapes(args)
             for row in _shape_rows(shape, args, providers, meta, dtype, device)]
-    common.append_rows(args.csv, rows, FIELDS)
     print(f"# {meta['device']}, torch {meta['torch']}, {meta['date']}, {meta['dtype']}")
     print(common.markdown_table(rows, providers))
     if args.dropout_shapes:
         _dropout_rows(args, meta, dtype, device)
     print("max abs error vs fp32 reference (forward): " + "; ".join(
-        f"{r['M']},{r['K']},{r['N']} {r['provider']}={r['max_abs_err']}"
+        f"{r['M']},{r['K']},{r['N']} {r['provider']}={r.get('max_abs_err', 'failed')}"
         for r in rows if r["mode"] == "forward"))
     if not args.no_plot and not args.dry_run:
         print(f"plot: {plot.plot_latest_run(args.csv, args.csv.with_suffix('.png'))}")

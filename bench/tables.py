@@ -233,11 +233,13 @@ def render_gpu_static(rows: list[dict]) -> list[str]:
     out = ["Every compiled launch, counted per Triton version and target (`ok`: no spill, no "
            "shared-memory overflow, the matrix instruction the gate asks for; `pruned`: an "
            "autotune candidate at an unaligned odd shape that the autotuner's prune drops):", ""]
+    for r in rows:  # rows from before the dtype column were all bf16
+        r["dtype"] = r.get("dtype") or "bf16"
     body = []
     for v in versions:
         vr = [r for r in rows if r["triton"] == v]
-        for target in ordered(r["target"] for r in vr):
-            tr = [r for r in vr if r["target"] == target]
+        for target, dtype in ordered((r["target"], r["dtype"]) for r in vr):
+            tr = [r for r in vr if r["target"] == target and r["dtype"] == dtype]
             sources = {s: sum(r["source"] == s for r in tr)
                        for s in ordered(r["source"] for r in tr)}
             pruned = sum(r["ok"].startswith("pruned") for r in tr)
@@ -245,14 +247,15 @@ def render_gpu_static(rows: list[dict]) -> list[str]:
             spilling = sum(_spills(r) for r in tr)
             over = sum(int(r["smem_bytes"]) > int(r["smem_limit"]) for r in tr)
             mma = ", ".join(ordered(r["mma"] for r in tr if r["case"].startswith("prefill")))
-            body.append([v, ", ".join(ordered(r["date"] for r in tr)), target, str(len(tr)),
+            body.append([v, ", ".join(ordered(r["date"] for r in tr)), target, dtype,
+                         str(len(tr)),
                          ", ".join(f"{k} {n}" for k, n in sources.items()),
                          str(len(ordered(r["kernel"] for r in tr))), str(pruned), str(failing),
                          str(spilling), str(over), mma])
-    out += table(["triton", "date", "target", "rows", "by source", "kernels", "pruned",
+    out += table(["triton", "date", "target", "dtype", "rows", "by source", "kernels", "pruned",
                   "failing", "rows that spill", "smem over limit", "mma (prefill rows)"], body)
 
-    nr = [r for r in rows if r["triton"] == newest]
+    nr = [r for r in rows if r["triton"] == newest and r["dtype"] == "bf16"]
     pertile = {(r["target"], r["case"]): r for r in nr
                if r["kernel"] == "fwd_pertile" and r["case"].startswith("prefill")}
     sched = [r for r in nr if r["kernel"] == "fwd" and r["source"] == "dispatched"
@@ -285,7 +288,7 @@ def render_gpu_static(rows: list[dict]) -> list[str]:
                 "registers under each version, `-`: no such launch in that version; "
                 "`atomics / elem`: dB adds per element in the dy pass, slices of M in dA):", ""]
         regs_of = {(r["triton"], r["target"], r["kernel"], r["case"], r["config"]): r["regs"]
-                   for r in rows}
+                   for r in rows if r["dtype"] == "bf16"}
         body = []
         for r in picked:
             launch = (r["target"], r["kernel"], r["case"], r["config"])

@@ -103,19 +103,21 @@ def run_forward(launch, device: torch.device) -> None:
         return (triton_schedule.forward_schedule(m, n, meta["BLOCK_M"], meta["BLOCK_N"],
                                                  meta["BLOCK_R"], sms, computes_u).programs,)
 
-    configs = fwd_candidates(arch_of(device), max(r, 1))
+    configs = fwd_candidates(arch_of(device), max(r, 1), launch.args["x_ptr"].dtype,
+                             launch.args["USE_TMA"])
     tuner = _tuner("fwd", launch.kernel, configs, ["m_bucket", "N", "K", "R"] + _MODE_KEYS,
                    device)
     tuner[grid](**args)
 
 
-def decode_schedules(m: int, n: int, k: int, r: int, device: torch.device):
+def decode_schedules(m: int, n: int, k: int, r: int, device: torch.device,
+                     dtype: torch.dtype):
     """The decode schedule of every candidate: the launch's partials must hold the largest
     split, and its counters the most column tiles."""
     sms = sm_count(device)
     return [triton_schedule.decode_schedule(m, n, k, c.block_m, c.block_n, c.block_k,
                                             c.block_r, sms)
-            for c in decode_candidates(arch_of(device), m, r)]
+            for c in decode_candidates(arch_of(device), m, r, dtype)]
 
 
 def run_decode(launch, device: torch.device) -> None:
@@ -126,7 +128,7 @@ def run_decode(launch, device: torch.device) -> None:
     a = launch.args
     m, n, k, r = a["M"], a["N"], a["K"], a["R"]
     sms = sm_count(device)
-    configs = decode_candidates(arch_of(device), m, r)
+    configs = decode_candidates(arch_of(device), m, r, a["x_ptr"].dtype)
     args = {key: v for key, v in a.items() if key not in ("BLOCK_M", "BLOCK_N", "BLOCK_K")}
     block_r = padded_rank(r)
 

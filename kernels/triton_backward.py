@@ -148,13 +148,14 @@ def _da_kernel(
                   mask=mask_k[:, None] & mask_r[None, :])
 
 
-def _facts(device: torch.device, r: int, n_aligned: bool,
-           k_aligned: bool) -> tuple[BwdConfig, BwdConfig, int]:
+def _facts(device: torch.device, r: int, n_aligned: bool, k_aligned: bool,
+           dtype: torch.dtype) -> tuple[BwdConfig, BwdConfig, int]:
     if device.type != "cuda" or interpreting():
         cfg = interpreter_bwd_config(r)
         return cfg, cfg, 4
     arch = arch_of(device)
-    return dy_default(arch, r, n_aligned), da_default(arch, r, k_aligned), sm_count(device)
+    return (dy_default(arch, r, n_aligned, dtype), da_default(arch, r, k_aligned, dtype),
+            sm_count(device))
 
 
 def dy_plan(dy2, lora_b, us, g, db32, *, need_db: bool, cfg: BwdConfig, sms: int) -> Launch:
@@ -217,7 +218,7 @@ def backward(dy, x, weight, lora_a, lora_b, scale, u, lora_input, output_mask,
     m = dy2.shape[0]
     x_rows = (lora_input if split else x).reshape(-1, k)
     dy_cfg, da_cfg, sms = _facts(x.device, r, aligned(n, dy2.stride(0)),
-                                 aligned(k, x_rows.stride(0)))
+                                 aligned(k, m, x_rows.stride(0)), dtype)
 
     g = torch.zeros((m, r), device=x.device, dtype=torch.float32)
     # us = u * S only feeds dB; without it the kernel gets placeholder pointers it never reads.

@@ -99,31 +99,61 @@ def _family(arch: str) -> str:
     return "hopper" if int(arch[3:].rstrip("a")) >= 90 else "ampere"
 
 
-# (block_m, block_n, block_k, num_warps, num_stages); block_r comes from R.
-# Each list is clean (no spills, shared memory within the limit) in the static report at the
-# benchmark's aligned shapes, under Triton 3.9 and 3.6. The sm_80 persistent kernel spills at
-# 4 warps with 128-row tiles (pointer loads: 255 registers), so those run 8 warps; 128 x 128 x
-# 64 spills under 3.6 there, 64 x 64 x 64 with 4 warps (and lora_input) under 3.9 once the
-# row offsets are int64, and 64 x 128 x 64 with 4 warps on sm_100a under 3.6.
+def operand_class(dtype: torch.dtype) -> str:
+    """How the kernels' dots run on ``dtype``: "16bit" (fp16 / bf16 on the tensor cores),
+    "tf32" (fp32 operands on the tensor cores, where torch allows tf32) or "fp32" (ieee fp32:
+    FMA, no tensor cores). Read at plan time, as the launch's PRECISION is."""
+    if dtype != torch.float32:
+        return "16bit"
+    return "tf32" if input_precision(dtype) == "tf32" else "fp32"
+
+
+# (block_m, block_n, block_k, num_warps, num_stages); block_r comes from R. Every table is
+# clean (no spills, shared memory within the limit) in the static report (bench/gpu_static.py)
+# at every config the dispatcher, the autotuner, the tests or the benchmarks launch.
+# 16-bit operands. The sm_80 persistent kernel spills at 4 warps with 128-row tiles (pointer
+# loads: 255 registers), so those run 8 warps; 128 x 128 x 64 spills under 3.6 there,
+# 64 x 64 x 64 with 4 warps (and lora_input) under 3.9 once the row offsets are int64, and
+# 64 x 128 x 64 with 4 warps on sm_100a under 3.6.
 _FWD = {
     "hopper": [(128, 256, 64, 8, 3), (128, 128, 64, 4, 4), (128, 128, 64, 8, 4),
                (64, 256, 64, 4, 3)],
     "ampere": [(128, 128, 32, 8, 4), (64, 128, 64, 8, 3), (128, 64, 64, 8, 3)],
 }
+# Hopper without tensor descriptors (a base or row not 16-byte aligned, the split's GEMM):
+# pointer loads hold more addresses in registers, and 128 x 256 x 64 w8 spills there (255
+# registers), as does 128 x 128 x 64 w4 s4. These two stay clean.
+_FWD_POINTER_HOPPER = [(128, 128, 64, 8, 4), (64, 256, 64, 4, 3)]
+# tf32 (fp32 operands on the tensor cores, always pointer loads): half the K depth for the
+# same bytes per stage; 64 x 256 x 32 needs 8 warps on sm_90a (255 registers + 264 B at 4).
+_FWD_TF32 = {
+    "hopper": [(128, 128, 32, 8, 4), (64, 256, 32, 8, 3)],
+    "ampere": [(128, 128, 16, 8, 4), (64, 128, 32, 8, 3), (128, 64, 32, 8, 3)],
+}
 # Sizes or row strides that are not multiples of 16 elements lose Triton's divisibility hint:
 # loads go element by element with a pointer and a mask each, and the big tiles spill (255
 # registers + 64-560 B of stack at 64 x 64 x 64 on sm_80, 416 B at 128 x 128 on sm_90a).
-# These small tiles compile clean there (HGMMA still on sm_90a).
-_FWD_UNALIGNED = {"hopper": (64, 64, 32, 4, 3), "ampere": (32, 64, 32, 4, 3)}
+# These small tiles compile clean there (HGMMA still on sm_90a); with pointer loads the
+# Hopper tile needs 8 warps (255 registers + 88 B at 4 in 16-bit, 32-160 B in tf32).
+_FWD_UNALIGNED = {("hopper", "16bit"): (64, 64, 32, 4, 3), ("ampere", "16bit"): (32, 64, 32, 4, 3),
+                  ("hopper", "tf32"): (64, 64, 16, 4, 3), ("ampere", "tf32"): (32, 64, 16, 4, 3)}
+# ieee fp32 runs its dots on FMA units with the operand tiles in registers: from 64 x 64 x 16
+# up every tile spills on sm_90a at R = 48 (255 registers + 200-1500 B), and two pipeline
+# stages put 8-16 B in local memory even at 128 registers. Single-stage tiles fit, 32 columns
+# wide once R pads to 64 (48-212 registers on sm_90a, aligned or not).
+_FWD_FMA = {"narrow_rank": (32, 64, 16, 8, 1), "wide_rank": (32, 32, 16, 8, 1)}
 # (block_n, block_k, num_warps, num_stages) per family and block_m (16 / 32 vs 64 rows); 64
 # rows hold 4x the accumulator: 128 x 128 spills there on sm_90a, 256-deep K overflows shared
-# memory, and sm_80 spills at 128 x 64 with 4 warps (the static report).
+# memory, and sm_80 spills at 128 x 64 with 4 warps (the static report). 4-byte operands halve
+# block_k (decode_candidates): 64 x 64 x 128 s4 in fp32 needs 245,760 B of shared memory,
+# over sm_90a's 232,448.
 _DECODE = {
     ("hopper", "small"): [(64, 128, 4, 4), (128, 128, 4, 3), (64, 256, 4, 3)],
     ("hopper", "wide"): [(64, 128, 4, 4), (128, 64, 8, 3), (64, 64, 4, 4)],
     ("ampere", "small"): [(64, 128, 4, 4), (128, 64, 4, 3)],
-    ("ampere", "wide"): [(64, 128, 4, 4), (64, 64, 4, 4), (128, 64, 8, 3)],
+    ("ampere", "wide"): [(64, 64, 4, 4), (128, 64, 8, 3)],
 }
+# (64 x 128-deep K at 64 rows overflows sm_80's 166,912 B with lora_input's third stream.)
 
 
 def decode_block_m(m: int) -> int:
@@ -135,62 +165,85 @@ def aligned(*sizes: int) -> bool:
     return all(v % 16 == 0 for v in sizes)
 
 
-def fwd_candidates(arch: str, r: int) -> list[FwdConfig]:
-    """The prefill forward / dx configs the autotuner may pick on ``arch`` (the small
-    unaligned-shape config last, so that one clean config survives any prune)."""
-    family = _family(arch)
-    return [FwdConfig(bm, bn, bk, padded_rank(r), w, s)
-            for bm, bn, bk, w, s in _FWD[family] + [_FWD_UNALIGNED[family]]]
+def fwd_candidates(arch: str, r: int, dtype: torch.dtype, tma: bool) -> list[FwdConfig]:
+    """The prefill forward / dx / GEMM configs the autotuner may pick on ``arch`` for operands
+    of ``dtype``, loaded through tensor descriptors (``tma``) or pointers; the small
+    unaligned-shape config last, so that one clean config survives any prune."""
+    family, cls = _family(arch), operand_class(dtype)
+    if cls == "fp32":
+        tiles = [_FWD_FMA["wide_rank" if padded_rank(r) >= 64 else "narrow_rank"]]
+    elif cls == "tf32":
+        tiles = _FWD_TF32[family] + [_FWD_UNALIGNED[(family, cls)]]
+    else:
+        big = _FWD[family] if family == "ampere" or tma else _FWD_POINTER_HOPPER
+        tiles = big + [_FWD_UNALIGNED[(family, cls)]]
+    return [FwdConfig(bm, bn, bk, padded_rank(r), w, s) for bm, bn, bk, w, s in tiles]
 
 
-def decode_candidates(arch: str, m: int, r: int) -> list[FwdConfig]:
-    """The split-K decode configs the autotuner may pick on ``arch`` for M rows."""
+def decode_candidates(arch: str, m: int, r: int, dtype: torch.dtype) -> list[FwdConfig]:
+    """The split-K decode configs the autotuner may pick on ``arch`` for M rows (4-byte
+    operands: half the K depth, the same shared memory per stage)."""
     block_m = decode_block_m(m)
     rows = "wide" if block_m == 64 else "small"
-    return [FwdConfig(block_m, bn, bk, padded_rank(r), w, s)
+    k_div = 2 if dtype.itemsize == 4 else 1
+    return [FwdConfig(block_m, bn, bk // k_div, padded_rank(r), w, s)
             for bn, bk, w, s in _DECODE[(_family(arch), rows)]]
 
 
-def fwd_default(arch: str, n: int, r: int, is_aligned: bool = True) -> FwdConfig:
+def fwd_default(arch: str, n: int, r: int, is_aligned: bool, dtype: torch.dtype,
+                tma: bool) -> FwdConfig:
     """The prefill config used without autotuning: the first candidate, with 128-wide
-    columns when N is small; the small tiles for unaligned shapes."""
-    if not is_aligned:
-        return fwd_candidates(arch, r)[-1]
-    first = fwd_candidates(arch, r)[0]
+    columns when N is small; for unaligned shapes the small tiles, with 8 warps when loading
+    through pointers (Hopper's 64 x 64 tile spills at 4 there). On Ampere, R padded to 64 takes
+    the small tiles too (128 x 128 x 32 w8 spills 40-56 B on sm_80 at R = 48)."""
+    candidates = fwd_candidates(arch, r, dtype, tma)
+    if not is_aligned or (_family(arch) == "ampere" and padded_rank(r) >= 64):
+        last = candidates[-1]
+        pointer_hopper = not tma and _family(arch) == "hopper"
+        return dataclasses.replace(last, num_warps=8) if pointer_hopper else last
+    first = candidates[0]
     if n < 2048 and first.block_n > 128:
         return dataclasses.replace(first, block_n=128)
     return first
 
 
-def gemm_default(arch: str, n: int, r: int, is_aligned: bool = True) -> FwdConfig:
-    """The split forward's GEMM (us given: the in-op dropout forward): fwd_default, with 8 warps
-    for unaligned shapes (at 64x64x32 w4 it spills on sm_90a, 255 registers + 24-32 B at
-    R = 8 and 48; w8 needs 130)."""
-    cfg = fwd_default(arch, n, r, is_aligned)
-    return cfg if is_aligned else dataclasses.replace(cfg, num_warps=8)
+def gemm_default(arch: str, n: int, r: int, is_aligned: bool, dtype: torch.dtype) -> FwdConfig:
+    """The split forward's GEMM (us given: the in-op dropout forward), which loads through
+    pointers: fwd_default without TMA."""
+    return fwd_default(arch, n, r, is_aligned, dtype, tma=False)
 
 
-def decode_default(arch: str, m: int, r: int, is_aligned: bool = True) -> FwdConfig:
-    """The decode config without autotuning; 64-deep K steps for unaligned shapes (128 spill
-    at R = 48 on both archs)."""
-    first = decode_candidates(arch, m, r)[0]
-    return first if is_aligned else dataclasses.replace(first, block_k=64)
+def decode_default(arch: str, m: int, r: int, is_aligned: bool, dtype: torch.dtype) -> FwdConfig:
+    """The decode config without autotuning. Unaligned shapes take 64-deep K steps in 16-bit
+    (128 spills at R = 48 on both archs); 4-byte operands 16-deep with 8 warps (32-deep at 4
+    warps spills 24 B at R = 48 on sm_90a, 16-deep at 4 warps 16 B with lora_input)."""
+    first = decode_candidates(arch, m, r, dtype)[0]
+    if is_aligned:
+        return first
+    if dtype.itemsize == 4:
+        return dataclasses.replace(first, block_k=16, num_warps=8)
+    return dataclasses.replace(first, block_k=64)
 
 
-def dy_default(arch: str, r: int, is_aligned: bool = True) -> BwdConfig:
-    """The dy pass (g, dB): 64 rows x 128 columns per step (not autotuned); 32 x 64 for
-    unaligned N (64 x 128 spills there)."""
-    if not is_aligned:
+def _backward_tiles(r: int, is_aligned: bool, dtype: torch.dtype) -> BwdConfig:
+    """64 x 128 steps; 32 x 64 where that spills: unaligned sizes (64 x 128 spills there),
+    ieee fp32 (FMA dots: 8.7 KB of stack in the dy pass on sm_90a) and R padded to 64 or more
+    (the dy pass in tf32, dA under the dropout mask in 16-bit)."""
+    if not is_aligned or operand_class(dtype) == "fp32" or padded_rank(r) >= 64:
         return BwdConfig(32, 64, padded_rank(r), num_warps=4, num_stages=2)
     return BwdConfig(64, 128, padded_rank(r), num_warps=4, num_stages=2)
 
 
-def da_default(arch: str, r: int, is_aligned: bool = True) -> BwdConfig:
-    """The dA kernel: block_m rows of the reduction x block_cols columns of K (not
-    autotuned); 32 x 64 for unaligned K (64 x 128 spills there on sm_100a)."""
-    if not is_aligned:
-        return BwdConfig(32, 64, padded_rank(r), num_warps=4, num_stages=2)
-    return BwdConfig(64, 128, padded_rank(r), num_warps=4, num_stages=2)
+def dy_default(arch: str, r: int, is_aligned: bool, dtype: torch.dtype) -> BwdConfig:
+    """The dy pass (g, dB): block_m rows x block_cols columns of N per step (not autotuned)."""
+    return _backward_tiles(r, is_aligned, dtype)
+
+
+def da_default(arch: str, r: int, is_aligned: bool, dtype: torch.dtype) -> BwdConfig:
+    """The dA kernel: block_m rows of the reduction x block_cols columns of K (not autotuned).
+    ``is_aligned`` covers M too, the reduction here (64 x 128 leaves 8 B in local memory on
+    sm_80 at M = 10)."""
+    return _backward_tiles(r, is_aligned, dtype)
 
 
 def interpreter_config(r: int) -> FwdConfig:

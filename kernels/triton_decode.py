@@ -204,7 +204,7 @@ def forward(x2, weight, bias, lora_a, lora_b, scale, xl2=None, cfg: FwdConfig | 
     on_gpu = x2.device.type == "cuda" and not interpreting()
     if on_gpu:
         is_aligned = aligned(x2.shape[1], n, x2.stride(0), weight.stride(0))
-        tiles = cfg or decode_default(arch_of(x2.device), m, r, is_aligned)
+        tiles = cfg or decode_default(arch_of(x2.device), m, r, is_aligned, x2.dtype)
         sms = sm_count(x2.device)
     else:
         tiles, sms = cfg or interpreter_config(r), 4
@@ -212,7 +212,8 @@ def forward(x2, weight, bias, lora_a, lora_b, scale, xl2=None, cfg: FwdConfig | 
     capacity = 0
     if tune:
         from . import triton_autotune
-        schedules = triton_autotune.decode_schedules(m, n, x2.shape[1], r, x2.device)
+        schedules = triton_autotune.decode_schedules(m, n, x2.shape[1], r, x2.device,
+                                                     x2.dtype)
         capacity = max(s.chunks for s in schedules)
         _counters(x2.device, max(s.col_tiles for s in schedules))  # raises if N is too large
     launch = plan(x2, weight, bias, lora_a, lora_b, scale, xl2, y, u, cfg=tiles, sms=sms,

@@ -318,11 +318,11 @@ def _run(launch: Launch, device: torch.device, fixed_cfg: FwdConfig | None):
 
 
 def _device_facts(device: torch.device, n: int, r: int, cfg: FwdConfig | None,
-                  is_aligned: bool = True):
+                  is_aligned: bool, dtype: torch.dtype, tma: bool):
     """(config, SM count) for a launch: the given or default tiles."""
     if device.type != "cuda" or interpreting():
         return cfg or interpreter_config(r), 4
-    return cfg or fwd_default(arch_of(device), n, r, is_aligned), sm_count(device)
+    return cfg or fwd_default(arch_of(device), n, r, is_aligned, dtype, tma), sm_count(device)
 
 
 def _rows(t, k):
@@ -347,11 +347,11 @@ def forward(x, weight, bias, lora_a, lora_b, scale, lora_input=None,
         from . import triton_decode
         y, u = triton_decode.forward(x2, weight, bias, lora_a, lora_b, scale, xl2)
         return y.view(*x.shape[:-1], n), u
+    use_tma = tma_allowed(x.device, x2, xl2, weight, lora_a)
     tiles, sms = _device_facts(x.device, n, r, cfg, aligned(k, n, x2.stride(0),
-                                                           weight.stride(0)))
+                                                           weight.stride(0)), x.dtype, use_tma)
     y = torch.empty((m, n), device=x.device, dtype=x.dtype)
     u = torch.empty((m, r), device=x.device, dtype=torch.float32)
-    use_tma = tma_allowed(x.device, x2, xl2, weight, lora_a)
     launch = forward_plan(x2, weight, bias, lora_a, lora_b, scale, y, u, xl2, use_tma=use_tma,
                           cfg=tiles, sms=sms)
     _run(launch, x.device, cfg)
@@ -365,10 +365,11 @@ def expand_into_gemm(x2, weight, bias, lora_b, us, cfg: FwdConfig | None = None)
     n = weight.shape[0]
     is_aligned = aligned(k, n, x2.stride(0), weight.stride(0))
     if cfg is None and x2.device.type == "cuda" and not interpreting():
-        cfg_default = gemm_default(arch_of(x2.device), n, us.shape[1], is_aligned)
+        cfg_default = gemm_default(arch_of(x2.device), n, us.shape[1], is_aligned, x2.dtype)
         tiles, sms = cfg_default, sm_count(x2.device)
     else:
-        tiles, sms = _device_facts(x2.device, n, us.shape[1], cfg, is_aligned)
+        tiles, sms = _device_facts(x2.device, n, us.shape[1], cfg, is_aligned, x2.dtype,
+                                   tma=False)
     y = torch.empty((m, n), device=x2.device, dtype=x2.dtype)
     _run(gemm_plan(x2, weight, bias, lora_b, us, y, cfg=tiles, sms=sms), x2.device, cfg)
     return y
@@ -379,9 +380,10 @@ def input_grad(dy2, weight, lora_a, gs, cfg: FwdConfig | None = None):
     gs=None gives dx = dy W alone (the lora_input backward) from the same kernel."""
     m, n = dy2.shape
     k, r = weight.shape[1], lora_a.shape[0]
-    tiles, sms = _device_facts(dy2.device, k, r, cfg, aligned(k, n, dy2.stride(0)))
+    use_tma = tma_allowed(dy2.device, dy2, weight)
+    tiles, sms = _device_facts(dy2.device, k, r, cfg, aligned(k, n, dy2.stride(0)), dy2.dtype,
+                               use_tma)
     dx = torch.empty((m, k), device=dy2.device, dtype=dy2.dtype)
-    launch = dx_plan(dy2, weight, lora_a, gs, dx, use_tma=tma_allowed(dy2.device, dy2, weight),
-                     cfg=tiles, sms=sms)
+    launch = dx_plan(dy2, weight, lora_a, gs, dx, use_tma=use_tma, cfg=tiles, sms=sms)
     _run(launch, dy2.device, cfg)
     return dx

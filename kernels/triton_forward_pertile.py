@@ -105,7 +105,8 @@ def forward(x, weight, bias, lora_a, lora_b, scale, cfg: FwdConfig | None = None
     if cfg is None:
         from .triton_config import interpreter_config
         cfg = (interpreter_config(lora_a.shape[0]) if interpreting()
-               else fwd_default(arch_of(x.device), n, lora_a.shape[0]))
+               else fwd_default(arch_of(x.device), n, lora_a.shape[0], True, x.dtype,
+                                tma=False))
     y = torch.empty((x2.shape[0], n), device=x.device, dtype=x.dtype)
     u = torch.empty((x2.shape[0], lora_a.shape[0]), device=x.device, dtype=torch.float32)
     plan(x2, weight, bias, lora_a, lora_b, scale, y, u, cfg).run()

@@ -12,17 +12,19 @@ import triton
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
-import gpu_static as g  # noqa: E402
+from gpu_launches import meta  # noqa: E402
 
 from feddpa_fast.kernels import triton_autotune, triton_forward, triton_static  # noqa: E402
 from feddpa_fast.kernels.triton_config import FwdConfig  # noqa: E402
 
 
 def launch(tiles, lora_input):
-    t = g.op_tensors(8192, 4096, 4096, 32)
+    bf16 = torch.bfloat16
     return triton_forward.forward_plan(
-        t["x"], t["w"], t["bias"], t["a"], t["b"], t["scale"], g.meta(8192, 4096),
-        g.meta(8192, 32, dtype=torch.float32), g.meta(8192, 4096) if lora_input else None,
+        meta(8192, 4096, dtype=bf16), meta(4096, 4096, dtype=bf16), meta(4096, dtype=bf16),
+        meta(32, 4096, dtype=bf16), meta(4096, 32, dtype=bf16),
+        meta(8192, 32, dtype=torch.float32), meta(8192, 4096, dtype=bf16),
+        meta(8192, 32, dtype=torch.float32), meta(8192, 4096, dtype=bf16) if lora_input else None,
         use_tma=False, cfg=FwdConfig(*tiles, 32, 8, 3), sms=108)
 
 

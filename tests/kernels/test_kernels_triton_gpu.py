@@ -1,6 +1,14 @@
 """The Triton backend on a real GPU, through the default dispatch (torch.ops.feddpa.* -> the
-CUDA kernels registered by feddpa_fast.kernels): the interpreter cases plus bf16 without the
-upcast path and larger shapes, against the float64 reference. Skipped only when CUDA is absent."""
+CUDA kernels registered by feddpa_fast.kernels), against the float64 reference. Skipped only
+when CUDA is absent.
+
+Order matters on a lent GPU (docs/gpu.md, make gpu-check): the checks only a GPU can make
+(the one-launch decode's cross-program reduction, CUDA graph replay, TMA, the autotuner) come
+first, the big parametrised reference matrix (bf16 / fp16 / fp32 x every shape, most of the
+~200 compiles) last, so a time limit cuts the matrix, not them."""
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -11,9 +19,8 @@ from op_cases import assert_close_to_reference, make_inputs  # noqa: E402
 
 from feddpa_fast.kernels import backend_for, lora_linear  # noqa: E402
 
-SHAPES = [((1,), 48, 40, 8), ((3,), 80, 96, 16), ((67,), 48, 96, 48), ((2, 5), 80, 40, 8),
-          ((1,), 4096, 4096, 32), ((16,), 4096, 11008, 32), ((64,), 4096, 4096, 32),
-          ((513,), 1000, 1030, 32), ((2, 1024), 4096, 4096, 32)]
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+from gpu_launches import GPU_TEST_SHAPES as SHAPES  # noqa: E402
 
 
 def on_gpu(**kw):
@@ -22,56 +29,6 @@ def on_gpu(**kw):
 
 def test_cuda_dispatches_to_triton():
     assert backend_for("cuda") == "triton"
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("m_shape,k,n,r", SHAPES)
-@pytest.mark.parametrize("row_scale,bias", [(True, True), (False, False)])
-def test_outputs_and_gradients_match_reference(dtype, m_shape, k, n, r, row_scale, bias):
-    inputs = make_inputs(m_shape, k, n, r, dtype, bias=bias, row_scale=row_scale, device="cuda")
-    torch.backends.cuda.matmul.allow_tf32 = False  # fp32 compared at ieee precision
-    assert_close_to_reference(on_gpu, inputs)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("m_shape,k,n,r", [SHAPES[0], SHAPES[3], SHAPES[5], SHAPES[7]])
-@pytest.mark.parametrize("bias", [True, False])
-def test_lora_input_matches_reference(dtype, m_shape, k, n, r, bias):
-    inputs = make_inputs(m_shape, k, n, r, dtype, bias=bias, row_scale=bias, device="cuda",
-                         lora_input=True)
-    torch.backends.cuda.matmul.allow_tf32 = False
-    assert_close_to_reference(on_gpu, inputs)
-
-
-@pytest.mark.parametrize("wanted", [("lora_input",), ("x",), ("lora_a", "scale")])
-def test_lora_input_only_requested_gradients(wanted):
-    inputs = make_inputs((2, 33), 256, 320, 16, torch.float16, device="cuda", lora_input=True)
-    assert_close_to_reference(on_gpu, inputs, wanted=wanted)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("m_shape,k,n,r", [SHAPES[0], SHAPES[2], SHAPES[6], SHAPES[7], SHAPES[8]])
-def test_in_op_dropout_matches_the_reference_with_the_cpu_mask(dtype, m_shape, k, n, r):
-    # The reference materialises the mask on the CPU: agreement means the GPU kernels
-    # generated the same Philox mask (docs/ARCHITECTURE.md, LoRA dropout).
-    inputs = make_inputs(m_shape, k, n, r, dtype, device="cuda", dropout=0.05)
-    torch.backends.cuda.matmul.allow_tf32 = False
-    assert_close_to_reference(on_gpu, inputs)
-
-
-def test_torch_compile_fullgraph_on_gpu():
-    inputs = make_inputs((4, 33), 256, 320, 16, torch.bfloat16, device="cuda")
-    a = inputs["lora_a"].requires_grad_(True)
-    b = inputs["lora_b"].requires_grad_(True)
-
-    def fn(x):
-        return lora_linear(x, inputs["weight"], inputs["bias"], a, b, inputs["scale"]).float()
-
-    compiled = torch.compile(fn, fullgraph=True)
-    y_eager, y_comp = fn(inputs["x"]), compiled(inputs["x"])
-    torch.testing.assert_close(y_comp, y_eager)
-    y_comp.sum().backward()
-    assert a.grad is not None and torch.isfinite(a.grad).all()
 
 
 # The paths the schedule and the autotuner open, each against the float64 reference in bf16
@@ -92,7 +49,7 @@ def test_decode_one_launch_reduction_on_gpu(split, m):
     from feddpa_fast.kernels import triton_decode
     from feddpa_fast.kernels.triton_config import decode_default
     inputs = make_inputs((m,), 4096, 4096, 32, torch.bfloat16, device="cuda")
-    cfg = decode_default("sm_90a", m, 32)
+    cfg = decode_default("sm_90a", m, 32, True, torch.bfloat16)
     args = (inputs["x"], inputs["weight"], inputs["bias"], inputs["lora_a"], inputs["lora_b"],
             inputs["scale"])
     y, u = triton_decode.forward(*args, cfg=cfg, split=split)
@@ -133,7 +90,7 @@ def test_forward_runs_and_tma_on_gpu(chunks, use_tma):
     x2, w, a, b = inputs["x"], inputs["weight"], inputs["lora_a"], inputs["lora_b"]
     y = torch.full((1000, 4096), float("nan"), dtype=torch.bfloat16, device="cuda")
     u = torch.full((1000, 32), float("nan"), device="cuda")
-    cfg = fwd_default(arch_of(x2.device), 4096, 32)
+    cfg = fwd_default(arch_of(x2.device), 4096, 32, True, torch.bfloat16, use_tma)
     if use_tma:
         triton_launch._set_tma_allocator()
     triton_forward.forward_plan(x2, w, inputs["bias"], a, b, inputs["scale"], y, u,
@@ -164,3 +121,53 @@ def test_measured_alternatives_on_gpu(name):
     assert_close_to_reference(lambda **kw: op(kw["x"], kw["weight"], kw["bias"], kw["lora_a"],
                                              kw["lora_b"], kw["scale"]), inputs,
                               wanted=("x", "lora_a", "lora_b"))
+
+
+def test_torch_compile_fullgraph_on_gpu():
+    inputs = make_inputs((4, 33), 256, 320, 16, torch.bfloat16, device="cuda")
+    a = inputs["lora_a"].requires_grad_(True)
+    b = inputs["lora_b"].requires_grad_(True)
+
+    def fn(x):
+        return lora_linear(x, inputs["weight"], inputs["bias"], a, b, inputs["scale"]).float()
+
+    compiled = torch.compile(fn, fullgraph=True)
+    y_eager, y_comp = fn(inputs["x"]), compiled(inputs["x"])
+    torch.testing.assert_close(y_comp, y_eager)
+    y_comp.sum().backward()
+    assert a.grad is not None and torch.isfinite(a.grad).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m_shape,k,n,r", SHAPES)
+@pytest.mark.parametrize("row_scale,bias", [(True, True), (False, False)])
+def test_outputs_and_gradients_match_reference(dtype, m_shape, k, n, r, row_scale, bias):
+    inputs = make_inputs(m_shape, k, n, r, dtype, bias=bias, row_scale=row_scale, device="cuda")
+    torch.backends.cuda.matmul.allow_tf32 = False  # fp32 compared at ieee precision
+    assert_close_to_reference(on_gpu, inputs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m_shape,k,n,r", [SHAPES[0], SHAPES[3], SHAPES[5], SHAPES[7]])
+@pytest.mark.parametrize("bias", [True, False])
+def test_lora_input_matches_reference(dtype, m_shape, k, n, r, bias):
+    inputs = make_inputs(m_shape, k, n, r, dtype, bias=bias, row_scale=bias, device="cuda",
+                         lora_input=True)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    assert_close_to_reference(on_gpu, inputs)
+
+
+@pytest.mark.parametrize("wanted", [("lora_input",), ("x",), ("lora_a", "scale")])
+def test_lora_input_only_requested_gradients(wanted):
+    inputs = make_inputs((2, 33), 256, 320, 16, torch.float16, device="cuda", lora_input=True)
+    assert_close_to_reference(on_gpu, inputs, wanted=wanted)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m_shape,k,n,r", [SHAPES[0], SHAPES[2], SHAPES[6], SHAPES[7], SHAPES[8]])
+def test_in_op_dropout_matches_the_reference_with_the_cpu_mask(dtype, m_shape, k, n, r):
+    # The reference materialises the mask on the CPU: agreement means the GPU kernels
+    # generated the same Philox mask (docs/ARCHITECTURE.md, LoRA dropout).
+    inputs = make_inputs(m_shape, k, n, r, dtype, device="cuda", dropout=0.05)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    assert_close_to_reference(on_gpu, inputs)
