@@ -15,10 +15,11 @@ on tiny shapes with wall-clock timing, so the script itself is tested without a 
 say device "cpu (dry run)" and are never GPU figures.
 
 Timings are triton.testing.do_bench medians (p20/p80 too); decode forward (M <= 64) is timed
-through CUDA graphs to take launch gaps out. Rows (with TFLOP/s, GB/s from the analytic byte
-count, and each provider's max abs error against the fp32 reference) are appended to
-bench/results/op_gpu.csv with the GPU name and date; bench/results/op_gpu.png is drawn from
-the CSV. Needs a CUDA GPU: without one it says so and exits with status 2.
+through CUDA graphs to take launch gaps out. Each row (with TFLOP/s, GB/s from the analytic
+byte count, and the provider's max abs error against the fp32 reference) is appended to
+bench/results/op_gpu.csv with the GPU name and date, and printed, as soon as it is timed; a
+provider that fails to build, run or check becomes a row with its error and the run goes on.
+bench/results/op_gpu.png is drawn from the CSV. Needs a CUDA GPU: without one it says so and exits with status 2.
 """
 from __future__ import annotations
 

@@ -17,6 +17,17 @@ import gpu_check  # noqa: E402
 import gpu_summary  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def _restore_environment(monkeypatch):
+    """gpu_check.main edits os.environ (drops TRITON_INTERPRET, which this session's
+    interpreter tests need, and sets TRITON_CACHE_DIR): monkeypatch puts both back."""
+    for name in ("TRITON_INTERPRET", "TRITON_CACHE_DIR"):
+        if name in os.environ:
+            monkeypatch.setenv(name, os.environ[name])
+        else:
+            monkeypatch.delenv(name, raising=False)
+
+
 def _dry_run(out: Path, extra_env=None) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "OUT")}
     env.update(extra_env or {})
@@ -180,3 +191,29 @@ def test_build_uses_ninja_where_make_is_absent():
     assert gen(which={}.get, env={"CMAKE_GENERATOR": "Unix Makefiles"}) == []
     with pytest.raises(RuntimeError, match="make or ninja"):
         gen(which={}.get, env={})
+
+
+def test_real_run_builds_first_then_estimates_and_stops_on_a_failed_build(tmp_path, monkeypatch):
+    """The GPU machine's path (CUDA faked, every step replaced): the build comes first, the
+    estimate (which plans real launches, so needs the built package) right after it, then
+    warm, op, model and tests; a failed build ends the run with its summary."""
+    import torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(gpu_summary, "versions", lambda: {"gpu": "fake"})
+    events = []
+    monkeypatch.setattr(gpu_check, "planned_estimate",
+                        lambda jobs, dry: events.append("estimate") or ["estimate line"])
+
+    def step(status):
+        return lambda name, *a, **k: events.append(name) or {
+            "step": name, "status": status, "seconds": 0.0, "tail": ""}
+
+    monkeypatch.setattr(gpu_check, "run_step", step("ok"))
+    assert gpu_check.main(["--out", str(tmp_path / "a")]) == 0
+    assert events == ["build", "estimate", "warm", "op", "model", "tests"]
+    assert "estimate line" in (tmp_path / "a" / "summary.md").read_text()
+    events.clear()
+    monkeypatch.setattr(gpu_check, "run_step", step("failed (rc 1)"))
+    assert gpu_check.main(["--out", str(tmp_path / "b")]) == 1
+    assert events == ["build"]
+    assert "| build | failed (rc 1) |" in (tmp_path / "b" / "summary.md").read_text()
