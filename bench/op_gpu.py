@@ -19,7 +19,8 @@ through CUDA graphs to take launch gaps out. Each row (with TFLOP/s, GB/s from t
 byte count, and the provider's max abs error against the fp32 reference) is appended to
 bench/results/op_gpu.csv with the GPU name and date, and printed, as soon as it is timed; a
 provider that fails to build, run or check becomes a row with its error and the run goes on.
-bench/results/op_gpu.png is drawn from the CSV. Needs a CUDA GPU: without one it says so and exits with status 2.
+bench/results/op_gpu.png is drawn from the CSV. Needs a CUDA GPU: without one it says so and
+exits with status 2.
 """
 from __future__ import annotations
 
