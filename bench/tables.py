@@ -256,12 +256,20 @@ def render_gpu_static(rows: list[dict]) -> list[str]:
                   "failing", "rows that spill", "smem over limit", "mma (prefill rows)"], body)
 
     nr = [r for r in rows if r["triton"] == newest and r["dtype"] == "bf16"]
-    pertile = {(r["target"], r["case"]): r for r in nr
+
+    def prefill_forward(r):
+        return (r["kernel"] == "fwd" and r["source"] == "dispatched" and r["dtype"] == "bf16"
+                and r["case"].startswith("prefill"))
+
+    # The schedule table wants every prefill shape: the version whose full report has the most
+    # (a version may hold only the gate's subset).
+    full = max(versions, key=lambda v: sum(prefill_forward(r) for r in rows if r["triton"] == v))
+    fr = [r for r in rows if r["triton"] == full and r["dtype"] == "bf16"]
+    pertile = {(r["target"], r["case"]): r for r in fr
                if r["kernel"] == "fwd_pertile" and r["case"].startswith("prefill")}
-    sched = [r for r in nr if r["kernel"] == "fwd" and r["source"] == "dispatched"
-             and r["case"].startswith("prefill")]
+    sched = [r for r in fr if prefill_forward(r)]
     if sched:
-        out += ["", f"The forward's schedule at the prefill shapes (Triton {newest}, dispatched "
+        out += ["", f"The forward's schedule at the prefill shapes (Triton {full}, dispatched "
                 "config; `runs per row block` = programs / row blocks; `extra MMA`: u "
                 "recomputed, over the base GEMM's tensor-core work; `per-tile`: the previous "
                 "schedule, `fwd_pertile`):", ""]

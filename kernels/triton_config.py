@@ -125,23 +125,25 @@ _FWD = {
 # registers), as does 128 x 128 x 64 w4 s4. These two stay clean.
 _FWD_POINTER_HOPPER = [(128, 128, 64, 8, 4), (64, 256, 64, 4, 3)]
 # tf32 (fp32 operands on the tensor cores, always pointer loads): half the K depth for the
-# same bytes per stage; 64 x 256 x 32 needs 8 warps on sm_90a (255 registers + 264 B at 4).
+# same bytes per stage. 64 x 256 x 32 spills on sm_100a even at 8 warps, 128 x 128 x 16 on
+# sm_80 (8 B).
 _FWD_TF32 = {
-    "hopper": [(128, 128, 32, 8, 4), (64, 256, 32, 8, 3)],
-    "ampere": [(128, 128, 16, 8, 4), (64, 128, 32, 8, 3), (128, 64, 32, 8, 3)],
+    "hopper": [(128, 128, 32, 8, 4)],
+    "ampere": [(64, 128, 32, 8, 3), (128, 64, 32, 8, 3)],
 }
 # Sizes or row strides that are not multiples of 16 elements lose Triton's divisibility hint:
 # loads go element by element with a pointer and a mask each, and the big tiles spill (255
 # registers + 64-560 B of stack at 64 x 64 x 64 on sm_80, 416 B at 128 x 128 on sm_90a).
 # These small tiles compile clean there (HGMMA still on sm_90a); with pointer loads the
-# Hopper tile needs 8 warps (255 registers + 88 B at 4 in 16-bit, 32-160 B in tf32).
+# Hopper tile needs 8 warps (255 registers + 88 B at 4 in 16-bit, 32-160 B in tf32), and tf32
+# 8 warps everywhere with 2 stages on Hopper (3 leave 8 B on sm_100a).
 _FWD_UNALIGNED = {("hopper", "16bit"): (64, 64, 32, 4, 3), ("ampere", "16bit"): (32, 64, 32, 4, 3),
-                  ("hopper", "tf32"): (64, 64, 16, 4, 3), ("ampere", "tf32"): (32, 64, 16, 4, 3)}
+                  ("hopper", "tf32"): (64, 64, 16, 8, 2), ("ampere", "tf32"): (32, 64, 16, 8, 3)}
 # ieee fp32 runs its dots on FMA units with the operand tiles in registers: from 64 x 64 x 16
 # up every tile spills on sm_90a at R = 48 (255 registers + 200-1500 B), and two pipeline
-# stages put 8-16 B in local memory even at 128 registers. Single-stage tiles fit, 32 columns
-# wide once R pads to 64 (48-212 registers on sm_90a, aligned or not).
-_FWD_FMA = {"narrow_rank": (32, 64, 16, 8, 1), "wide_rank": (32, 32, 16, 8, 1)}
+# stages put 8-16 B in local memory even at 128 registers. This single-stage tile is clean on
+# sm_80, sm_90a and sm_100a at R = 8, 32 and 48, aligned or not (Triton 3.6 and 3.9).
+_FWD_FMA = (32, 32, 16, 8, 1)
 # (block_n, block_k, num_warps, num_stages) per family and block_m (16 / 32 vs 64 rows); 64
 # rows hold 4x the accumulator: 128 x 128 spills there on sm_90a, 256-deep K overflows shared
 # memory, and sm_80 spills at 128 x 64 with 4 warps (the static report). 4-byte operands halve
@@ -171,7 +173,7 @@ def fwd_candidates(arch: str, r: int, dtype: torch.dtype, tma: bool) -> list[Fwd
     unaligned-shape config last, so that one clean config survives any prune."""
     family, cls = _family(arch), operand_class(dtype)
     if cls == "fp32":
-        tiles = [_FWD_FMA["wide_rank" if padded_rank(r) >= 64 else "narrow_rank"]]
+        tiles = [_FWD_FMA]
     elif cls == "tf32":
         tiles = _FWD_TF32[family] + [_FWD_UNALIGNED[(family, cls)]]
     else:
@@ -181,12 +183,14 @@ def fwd_candidates(arch: str, r: int, dtype: torch.dtype, tma: bool) -> list[Fwd
 
 
 def decode_candidates(arch: str, m: int, r: int, dtype: torch.dtype) -> list[FwdConfig]:
-    """The split-K decode configs the autotuner may pick on ``arch`` for M rows (4-byte
-    operands: half the K depth, the same shared memory per stage)."""
+    """The split-K decode configs the autotuner may pick on ``arch`` for M rows. 4-byte
+    operands: half the K depth (the same shared memory per stage), and 8 warps at 64 rows
+    (64 x 64 x 64 w4 spills 680 B in fp32 on sm_100a)."""
     block_m = decode_block_m(m)
     rows = "wide" if block_m == 64 else "small"
+    wide4 = dtype.itemsize == 4 and rows == "wide"
     k_div = 2 if dtype.itemsize == 4 else 1
-    return [FwdConfig(block_m, bn, bk // k_div, padded_rank(r), w, s)
+    return [FwdConfig(block_m, bn, bk // k_div, padded_rank(r), 8 if wide4 else w, s)
             for bn, bk, w, s in _DECODE[(_family(arch), rows)]]
 
 
