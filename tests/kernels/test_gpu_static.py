@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("triton")
-pytestmark = pytest.mark.slow  # compiles ~840 kernels (about 10 minutes on 2 cores)
+pytestmark = pytest.mark.slow  # ~830 cold compiles: 1708 s on 2 cores beside another compile job
 
 from feddpa_fast.kernels import triton_schedule  # noqa: E402
 
