@@ -143,7 +143,7 @@ def interpreter_problem(python: str = sys.executable) -> str | None:
     return lines[-1] if lines else f"rc {proc.returncode}"
 
 
-def planned_estimate(jobs: int, dry_run: bool) -> list[str]:
+def planned_estimate() -> list[str]:
     """The printed time estimate for a cold GPU machine (bench/gpu_budget.py)."""
     import gpu_budget
     import gpu_launches
@@ -195,7 +195,7 @@ def main(argv=None) -> int:
     print("versions: " + "; ".join(f"{k} {v}" for k, v in info.items()), flush=True)
     # The estimate plans real launches, which needs the built package: first thing in a dry
     # run (installed), right after the build step on the GPU machine.
-    estimate = _estimate(args) if args.dry_run else []
+    estimate = _estimate() if args.dry_run else []
     # A cache of its own: what the warm step compiles is what the later steps find, and the
     # entries a step adds are the launches the warm-up missed.
     cache = Path(tempfile.mkdtemp(prefix="feddpa-gpu-check-triton-"))
@@ -219,7 +219,7 @@ def main(argv=None) -> int:
             if name == "build" and result["status"] != "ok":
                 break
             if name == "build":
-                estimate = _estimate(args)
+                estimate = _estimate()
     shutil.rmtree(cache, ignore_errors=True)
     text = gpu_summary.render(out, results, info, args.dry_run, estimate)
     (out / "summary.md").write_text(text)
@@ -227,10 +227,10 @@ def main(argv=None) -> int:
     return 0 if all(r["status"] in ("ok", "skipped") for r in results) else 1
 
 
-def _estimate(args) -> list[str]:
+def _estimate() -> list[str]:
     """The printed estimate; a failure to make it is reported, never fatal to the check."""
     try:
-        lines = planned_estimate(args.jobs, args.dry_run)
+        lines = planned_estimate()
     except Exception as err:  # noqa: BLE001 - the GPU check goes on without its estimate
         lines = [f"estimate failed: {type(err).__name__}: {err}"]
     print("\n".join(lines), flush=True)

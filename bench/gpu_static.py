@@ -101,10 +101,9 @@ def run(targets, gate: bool, jobs: int) -> list[dict]:
 
 def target_rows(target: str, cases, keys: dict, results: dict) -> list[dict]:
     """One row per case; cases sharing a binary share its report (compile_s on the first)."""
-    first_of = {key: index for key, index in keys.items()}
     rows = []
     for index, c in enumerate(cases):
-        first = first_of[triton_static.compile_key(c.launch, target)]
+        first = keys[triton_static.compile_key(c.launch, target)]
         rep, seconds, error = results[first]
         row = {"date": common.today(), "triton": triton.__version__, "target": target,
                "dtype": c.dtype, "kernel": c.kernel, "case": c.case, "config": c.config,

@@ -28,9 +28,8 @@ def _restore_environment(monkeypatch):
             monkeypatch.delenv(name, raising=False)
 
 
-def _dry_run(out: Path, extra_env=None) -> subprocess.CompletedProcess:
+def _dry_run(out: Path) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "OUT")}
-    env.update(extra_env or {})
     return subprocess.run([sys.executable, "bench/gpu_check.py", "--out", str(out),
                            "--dry-run", "--jobs", "2"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=1200)
@@ -91,7 +90,7 @@ def test_dry_run_skips_the_interpreter_steps_where_it_cannot_run(tmp_path, monke
     ran = []
     monkeypatch.setattr(gpu_check, "run_step", lambda name, *a, **k: ran.append(name) or {
         "step": name, "status": "ok", "seconds": 0.0, "tail": ""})
-    monkeypatch.setattr(gpu_check, "planned_estimate", lambda jobs, dry: ["estimate"])
+    monkeypatch.setattr(gpu_check, "planned_estimate", lambda: ["estimate"])
     assert gpu_check.main(["--out", str(tmp_path), "--dry-run"]) == 0
     assert ran == ["warm", "model", "tests"]
     summary = (tmp_path / "summary.md").read_text()
@@ -103,7 +102,7 @@ def test_out_defaults_to_the_device_variable(tmp_path, monkeypatch):
     seen = {}
     monkeypatch.setattr(gpu_check, "run_step", lambda name, cmd, env, log, limit: seen.update(
         {name: cmd}) or {"step": name, "status": "ok", "seconds": 0.0, "tail": ""})
-    monkeypatch.setattr(gpu_check, "planned_estimate", lambda jobs, dry: ["estimate"])
+    monkeypatch.setattr(gpu_check, "planned_estimate", lambda: ["estimate"])
     monkeypatch.setattr(gpu_check, "interpreter_problem", lambda: None)
     assert gpu_check.main(["--dry-run"]) == 0
     assert (tmp_path / "from-env" / "summary.md").exists()
@@ -163,7 +162,7 @@ def test_estimate_within_budget_and_counts_compiles():
     # JIT functions (as gpu_check.main arranges).
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-c", "import gpu_check; print('\\n'.join("
-                           "gpu_check.planned_estimate(16, True)))"], cwd=ROOT / "bench",
+                           "gpu_check.planned_estimate()))"], cwd=ROOT / "bench",
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.strip().splitlines()
@@ -202,7 +201,7 @@ def test_real_run_builds_first_then_estimates_and_stops_on_a_failed_build(tmp_pa
     monkeypatch.setattr(gpu_summary, "versions", lambda: {"gpu": "fake"})
     events = []
     monkeypatch.setattr(gpu_check, "planned_estimate",
-                        lambda jobs, dry: events.append("estimate") or ["estimate line"])
+                        lambda: events.append("estimate") or ["estimate line"])
 
     def step(status):
         return lambda name, *a, **k: events.append(name) or {
