@@ -126,12 +126,13 @@ def interpreter_problem(python: str = sys.executable) -> str | None:
     >= 2.4 on some kernels (int() of a one-element array); the GPU image pairs it with numpy
     2.5. Probed in a fresh process."""
     probe = ("import torch\n"
-             "from feddpa_fast.kernels import triton_op\n"
+             "from feddpa_fast.kernels import lora_linear, triton_op\n"
+             "triton_op.serve_for_process('cpu')\n"
              "for m in (3, 67):\n"
              "    x = torch.randn(m, 64, requires_grad=True)\n"
              "    a = torch.randn(8, 64, requires_grad=True)\n"
-             "    y = triton_op.lora_linear(x, torch.randn(96, 64), None, a,\n"
-             "                              torch.randn(96, 8), torch.ones(1, 8))\n"
+             "    y = lora_linear(x, torch.randn(96, 64), None, a, torch.randn(96, 8),\n"
+             "                    torch.ones(1, 8), backend='triton')\n"
              "    y.sum().backward()\n"
              "    assert torch.isfinite(y).all() and a.grad is not None\n")
     env = dict(os.environ, TRITON_INTERPRET="1")

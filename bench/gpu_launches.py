@@ -10,7 +10,7 @@ compiles in a process pool. One enumeration serves two jobs:
 
 A problem is one lora_linear call (M, K, N, R, operand dtype); its launches follow the
 dispatcher: M <= DECODE_MAX_M takes the one-launch decode, larger M the chunked forward; the
-backward's dx runs the forward kernel (the prefill config with K output columns), then the dy
+backward's dx runs the GEMM + expand kernel (the prefill config with K output columns), the dy
 pass and dA; in-op dropout runs the split forward (masked shrink, then the GEMM) and a masked
 expand of dx. With ``autotune`` the forward / GEMM / dx and decode kernels add every candidate
 the CUDA autotuner may try; ``alternatives`` adds the benchmark's measured alternatives.
@@ -31,6 +31,7 @@ from feddpa_fast.kernels import (
     triton_dropout,
     triton_forward,
     triton_forward_pertile,
+    triton_gemm,
     triton_launch,
     triton_schedule,
     triton_split,
@@ -144,40 +145,36 @@ def _cases(p, dtype, target, autotune, alternatives) -> list[Case]:
         cases.append(Case(kernel, p.label, p.dtype, prefill and wide, config, source, launch,
                           extra, atomics))
 
-    # Forward: the one-launch decode, or the chunked forward (x, and x with lora_input).
+    # Forward: the one-launch decode, or the chunked forward.
     if m <= DECODE_MAX_M:
         dispatched = decode_default(target, m, r, aligned(k, n), dtype)
         configs = [(dispatched, "dispatched")] + ([
             (c, "autotune") for c in decode_candidates(target, m, r, dtype) if c != dispatched]
             if autotune else [])
         for cfg, source in configs:
-            for xl in (None, meta(m, k, dtype=dtype)):
-                launch = triton_decode.plan(t["x"], t["w"], t["bias"], t["a"], t["b"],
-                                            t["scale"], xl, meta(m, n, dtype=dtype), u32,
-                                            cfg=cfg, sms=sms)
-                sched = triton_schedule.decode_schedule(m, n, k, cfg.block_m, cfg.block_n,
-                                                        cfg.block_k, cfg.block_r, sms)
-                add("decode" if xl is None else "decode_lora_input", cfg.label(), source,
-                    launch, prefill=False, extra=sched.extra_mma_frac)
+            launch = triton_decode.plan(t["x"], t["w"], t["bias"], t["a"], t["b"], t["scale"],
+                                        meta(m, n, dtype=dtype), u32, cfg=cfg, sms=sms)
+            sched = triton_schedule.decode_schedule(m, n, k, cfg.block_m, cfg.block_n,
+                                                    cfg.block_k, cfg.block_r, sms)
+            add("decode", cfg.label(), source, launch, prefill=False,
+                extra=sched.extra_mma_frac)
     else:
         for cfg, source in _with_candidates(fwd_cfg, target, r, dtype, autotune, fwd_tma):
-            for xl in (None, meta(m, k, dtype=dtype)):
-                launch = triton_forward.forward_plan(
-                    t["x"], t["w"], t["bias"], t["a"], t["b"], t["scale"],
-                    meta(m, n, dtype=dtype), u32, xl, use_tma=fwd_tma, cfg=cfg, sms=sms)
-                sched = triton_schedule.forward_schedule(m, n, cfg.block_m, cfg.block_n,
-                                                         cfg.block_r, sms, computes_u=True)
-                add("fwd" if xl is None else "fwd_lora_input", cfg.label(), source, launch,
-                    extra=sched.extra_mma_frac)
+            launch = triton_forward.forward_plan(
+                t["x"], t["w"], t["bias"], t["a"], t["b"], t["scale"], meta(m, n, dtype=dtype),
+                u32, use_tma=fwd_tma, cfg=cfg, sms=sms)
+            sched = triton_schedule.forward_schedule(m, n, cfg.block_m, cfg.block_n,
+                                                     cfg.block_r, sms, computes_u=True)
+            add("fwd", cfg.label(), source, launch, extra=sched.extra_mma_frac)
         if fwd_tma:  # tensors whose base is not 16-byte aligned take pointer loads
             launch = triton_forward.forward_plan(
                 t["x"], t["w"], t["bias"], t["a"], t["b"], t["scale"], meta(m, n, dtype=dtype),
                 u32, use_tma=False, cfg=pointer_cfg, sms=sms)
             add("fwd_pointer_loads", pointer_cfg.label(), "dispatched", launch)
-    # Backward: dx through the forward kernel (K output columns), the dy pass, dA.
+    # Backward: dx through the GEMM + expand kernel (K output columns), the dy pass, dA.
     for cfg, source in _with_candidates(dx_cfg, target, r, dtype, autotune, dx_tma):
         for kernel, gs in (("dx", meta(m, r, dtype=dtype)), ("dx_dy_only", None)):
-            launch = triton_forward.dx_plan(meta(m, n, dtype=dtype), t["w"], t["a"], gs,
+            launch = triton_gemm.dx_plan(meta(m, n, dtype=dtype), t["w"], t["a"], gs,
                                             meta(m, k, dtype=dtype), use_tma=dx_tma, cfg=cfg,
                                             sms=sms)
             add(kernel, cfg.label(), source, launch)
@@ -188,7 +185,7 @@ def _cases(p, dtype, target, autotune, alternatives) -> list[Case]:
     add("dropout_shrink", f"{shrink.args['BLOCK_M']}x{shrink.args['BLOCK_K']} w4 s3",
         "dispatched", shrink, prefill=False)
     for cfg, source in _with_candidates(gemm_cfg, target, r, dtype, autotune, False):
-        launch = triton_forward.gemm_plan(t["x"], t["w"], t["bias"], t["b"], us,
+        launch = triton_gemm.gemm_plan(t["x"], t["w"], t["bias"], t["b"], us,
                                           meta(m, n, dtype=dtype), cfg=cfg, sms=sms)
         add("gemm", cfg.label(), source, launch)
     expand = triton_dropout.masked_expand_plan(meta(m, k, dtype=dtype), us, t["a"], DROPOUT)

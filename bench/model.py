@@ -11,9 +11,9 @@ own copy from one seed (or of the same pretrained weights):
     peft_one  peft.get_peft_model, one adapter
     peft_two  peft, two adapters both active and trainable (static weights: PEFT has no
               per-instance mix; the closest PEFT gets to FedDPA)
-    fused_lora_input  (with --dropout p > 0, added by default) fused, but each layer draws
-              F.dropout(x) itself and hands the op that materialised copy as lora_input: the
-              layer's path before in-op dropout
+    materialised_dropout  (with --dropout p > 0, added by default) fused's model, but each
+              layer materialises F.dropout(x) and runs its A branch on that copy with torch ops
+              (bench/providers.py): the baseline in-op dropout replaces
 
     python bench/model.py [--repeats N] [--layers L] [--hidden H] [--seq S] [--batch B]
                           [--providers base fused ...] [--dropout P] [--csv PATH] [--no-plot]
@@ -48,7 +48,7 @@ import plot  # noqa: E402
 
 import feddpa_fast  # noqa: E402
 
-PROVIDERS = ["base", "fused", "fused_lora_input", "peft_one", "peft_two"]
+PROVIDERS = ["base", "fused", "materialised_dropout", "peft_one", "peft_two"]
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 R, ALPHA, SEED = 16, 32, 0
 # CPU: vocab 4096, not Llama's 32000. With 4 blocks of hidden 1024 a 32000-word head is 33 M
@@ -107,7 +107,7 @@ def build(name: str, args, device: torch.device, dtype: torch.dtype) -> SimpleNa
     model = _with_adapters(name, base_model(args, device, dtype), args)
     ids = torch.randint(args.vocab, (args.batch, args.seq), device=device,
                         generator=torch.Generator(device).manual_seed(SEED + 3))
-    if name.startswith("fused"):  # per-sequence weights, as FedDPA's instance-wise mix
+    if name.startswith("fused") or name == "materialised_dropout":  # per-sequence weights, as FedDPA's instance-wise mix
         global_w = torch.linspace(0.2, 0.8, args.batch, device=device)
         ctx = lambda: feddpa_fast.mix(model, global_w=global_w, local_w=1.0 - global_w)  # noqa: E731
     else:
@@ -142,12 +142,12 @@ def _with_adapters(name: str, model, args):
     """The provider's adapters on ``model`` (seeded; B made nonzero), or none for base."""
     device = next(model.parameters()).device
     torch.manual_seed(SEED + 1)  # the A matrices (Kaiming-uniform in both libraries)
-    if name.startswith("fused"):
+    if name.startswith("fused") or name == "materialised_dropout":
         feddpa_fast.patch(model, feddpa_fast.DualLoRAConfig(
             r=args.rank, alpha=2 * args.rank, dropout=args.dropout,
             target_modules=tuple(args.targets)))
         feddpa_fast.set_trainable(model, "both")
-        if name == "fused_lora_input":
+        if name == "materialised_dropout":
             materialise_dropout(model, args.dropout)
     elif name.startswith("peft"):
         from peft import LoraConfig, get_peft_model
@@ -174,21 +174,19 @@ def _with_adapters(name: str, model, args):
 
 
 def materialise_dropout(model, p: float) -> None:
-    """fused_lora_input: each DualLoRALinear draws F.dropout(x) and passes that copy to the op
-    as lora_input (the layer's path before in-op dropout, kept here for the comparison; it
-    reads the layer's stacked adapters and mix scale as its own forward does)."""
+    """materialised_dropout: each DualLoRALinear runs providers.materialised_dropout (the
+    dropped copy of x materialised, the A branch on it in torch ops) over the layer's stacked
+    adapters and mix scale, as its own forward reads them."""
     import types
 
-    import torch.nn.functional as F
+    from providers import materialised_dropout
 
-    from feddpa_fast.kernels import lora_linear
     from feddpa_fast.layers import dual_lora_layers
 
     def forward(layer, x):
         lora_a, lora_b = layer._stacked_adapters()
-        lora_input = F.dropout(x, p, training=True) if layer.training and p > 0 else None
-        return lora_linear(x, layer.base_weight(), layer.base_layer.bias, lora_a, lora_b,
-                           layer._scale(x), lora_input=lora_input)
+        return materialised_dropout(x, layer.base_weight(), layer.base_layer.bias, lora_a,
+                                    lora_b, layer._scale(x), p if layer.training else 0.0)
     for _, layer in dual_lora_layers(model):
         layer.forward = types.MethodType(forward, layer)
 
@@ -297,7 +295,7 @@ def _parser() -> argparse.ArgumentParser:
         ap.add_argument("--" + opt.replace("_", "-"), type=int, default=None,
                         help="default: the CPU / GPU config above")
     ap.add_argument("--providers", nargs="+", choices=PROVIDERS, default=None,
-                    help="default: all (fused_lora_input only with --dropout > 0)")
+                    help="default: all (materialised_dropout only with --dropout > 0)")
     ap.add_argument("--dropout", type=float, default=0.0)
     ap.add_argument("--rank", type=int, default=R, help="LoRA r of each adapter (alpha = 2r)")
     ap.add_argument("--targets", nargs="+", default=list(TARGETS),
@@ -310,7 +308,8 @@ def _parser() -> argparse.ArgumentParser:
 def _fill_defaults(ap, args, cuda: bool) -> None:
     """The providers, and every shape option not given, from the device's config."""
     if args.providers is None:
-        args.providers = [p for p in PROVIDERS if p != "fused_lora_input" or args.dropout > 0]
+        args.providers = [p for p in PROVIDERS
+                          if p != "materialised_dropout" or args.dropout > 0]
     if args.intermediate is None and args.hidden is not None:
         args.intermediate = args.hidden * 11 // 4  # Llama's ratio (2816 = 2.75 x 1024)
     if args.model == "smollm2":

@@ -1,7 +1,8 @@
 """CPU benchmark of the lora_linear op: base (the floor), unfused (PEFT-style PyTorch), peft
 (the real library, two adapters) and fused (the native op), forward and forward+backward;
-then LoRA dropout at fwd+bwd: fused without it, fused_dropout (in-op), fused_lora_input (the
-dropped copy materialised) and peft_dropout, with the bytes each saves for backward.
+then LoRA dropout at fwd+bwd: fused without it, fused_dropout (in-op), materialised_dropout
+(the dropped copy materialised, torch ops) and peft_dropout, with the bytes each saves for
+backward.
 
     python bench/op_cpu.py [--reps N] [--shapes M,K,N,r ...] [--dropout-shapes M,K,N,r ...]
                            [--dropout P] [--no-plot]

@@ -1,13 +1,14 @@
 """The op benchmarks' LoRA dropout rows (bench/op_cpu.py, bench/op_gpu.py --dropout-shapes):
-fwd+bwd of base, fused without dropout, fused_dropout (in-op), fused_lora_input (the dropped
-copy materialised) and peft_dropout, each with the bytes it saves for backward."""
+fwd+bwd of base, fused without dropout, fused_dropout (in-op), materialised_dropout (the
+dropped copy materialised, torch ops) and peft_dropout, each with the bytes it saves for
+backward."""
 from __future__ import annotations
 
 import sys
 
 from providers import build_providers, make_problem, saved_bytes
 
-PROVIDERS = ["base", "fused", "fused_dropout", "fused_lora_input", "peft_dropout"]
+PROVIDERS = ["base", "fused", "fused_dropout", "materialised_dropout", "peft_dropout"]
 FIELDS = ["run_id", "date", "device", "threads", "torch", "feddpa_fast", "bench", "dtype", "M",
           "K", "N", "r", "dropout", "mode", "provider", "median_ms", "p20_ms", "p80_ms",
           "ratio_to_base", "saved_mb", "error"]

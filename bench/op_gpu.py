@@ -141,6 +141,8 @@ def _device(dry_run: bool):
         from feddpa_fast.kernels.triton_config import interpreting
         if not interpreting():
             raise SystemExit("--dry-run needs TRITON_INTERPRET=1 set before the script starts")
+        from feddpa_fast.kernels import triton_op
+        triton_op.serve_for_process("cpu")  # the op's CPU kernels are Triton's from here on
         return torch.device("cpu"), torch.float32
     if not torch.cuda.is_available():
         print("bench/op_gpu.py needs a CUDA GPU; none is visible.", file=sys.stderr)

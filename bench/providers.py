@@ -14,7 +14,10 @@
 
 With LoRA dropout p (``build_providers(..., dropout=p)``; a fresh mask every call):
     fused_dropout     the op's in-op dropout (dropout_p, a seed drawn per call, as the layer)
-    fused_lora_input  the op with lora_input = F.dropout(x, p): the dropped copy materialised
+    materialised_dropout
+                      the baseline from public pieces: the dropped copy F.dropout(x, p)
+                      materialised, the A branch reading it (torch ops over the stacked
+                      adapters and the per-row scale), the frozen GEMM reading x
     peft_dropout      the peft layer with lora_dropout = p (one mask per adapter)
 
 Modes: "forward", "fwd+bwd" and "backward" (backward: dx plus the adapter gradients; for base,
@@ -172,9 +175,8 @@ def build_providers(p: Problem, mode: str, names: list[str], *, backward_only: b
             x, w, bias, a_st, b_st, scale, dropout_p=dropout, backend=fused_backend,
             dropout_seed=torch.randint(0, 2**62, (1,), dtype=torch.int64, device=x.device)),
             [x, a_st, b_st]),
-        "fused_lora_input": (lambda: lora_linear(
-            x, w, bias, a_st, b_st, scale, lora_input=F.dropout(x, dropout, training=True),
-            backend=fused_backend), [x, a_st, b_st]),
+        "materialised_dropout": (lambda: materialised_dropout(x, w, bias, a_st, b_st, scale,
+                                                              dropout), [x, a_st, b_st]),
     }
     owned = {n: [x, w, bias, *params] for n, (_, params) in impls.items()}
     for name, p_drop in (("peft", 0.0), ("peft_dropout", dropout)):
@@ -199,9 +201,24 @@ def _triton_kernels_run(x) -> bool:
     return x.device.type == "cuda" or interpreting()
 
 
+def materialised_dropout(x, w, bias, a_st, b_st, scale, p: float):
+    """y = x W^T + b + ((dropout(x) A^T) * S) B^T with the dropped copy materialised: what a
+    layer without in-op dropout runs (u in fp32, scaled, cast once, as the op)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    u = F.linear(F.dropout(x2, p, training=True), a_st).float()
+    y = F.linear(x2, w, bias) + (u * scale).to(x.dtype) @ b_st.T
+    return y.view(*x.shape[:-1], w.shape[0])
+
+
 def _triton_alternative(name):
-    from feddpa_fast.kernels import triton_op
-    return triton_op.alternative(name)
+    """lora_linear through a kept alternative forward with the regular backward, through the
+    op's one autograd (kernels/triton_op.py, ``serving``)."""
+    from feddpa_fast.kernels import lora_linear, triton_op
+
+    def op(x, w, bias, a_st, b_st, scale):
+        with triton_op.serving(x.device.type, forward=triton_op.alternative_forward(name)):
+            return lora_linear(x, w, bias, a_st, b_st, scale)
+    return op
 
 
 def _two_gemm(x, w, bias, a_st, b_st, scale):

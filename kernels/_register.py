@@ -19,18 +19,18 @@ def _out_shape(x, weight):
 
 
 @torch.library.register_fake("feddpa::lora_linear")
-def _lora_linear_fake(x, weight, bias, lora_a, lora_b, scale, lora_input=None, dropout_p=0.0,
+def _lora_linear_fake(x, weight, bias, lora_a, lora_b, scale, dropout_p=0.0,
                       dropout_seed=None):
-    torch.ops.feddpa.lora_linear_check(x, weight, bias, lora_a, lora_b, scale, lora_input,
-                                       dropout_p, dropout_seed)
+    torch.ops.feddpa.lora_linear_check(x, weight, bias, lora_a, lora_b, scale, dropout_p,
+                                       dropout_seed)
     return x.new_empty(_out_shape(x, weight))
 
 
 @torch.library.register_fake("feddpa::lora_linear_fwd")
-def _lora_linear_fwd_fake(x, weight, bias, lora_a, lora_b, scale, lora_input=None, dropout_p=0.0,
+def _lora_linear_fwd_fake(x, weight, bias, lora_a, lora_b, scale, dropout_p=0.0,
                           dropout_seed=None):
-    torch.ops.feddpa.lora_linear_check(x, weight, bias, lora_a, lora_b, scale, lora_input,
-                                       dropout_p, dropout_seed)
+    torch.ops.feddpa.lora_linear_check(x, weight, bias, lora_a, lora_b, scale, dropout_p,
+                                       dropout_seed)
     u = x.new_empty((_leading_rows(x), lora_a.shape[0]), dtype=reference.accum_dtype(x.dtype))
     return x.new_empty(_out_shape(x, weight)), u
 
@@ -43,39 +43,36 @@ def _leading_rows(x):
 
 
 @torch.library.register_fake("feddpa::lora_linear_bwd")
-def _lora_linear_bwd_fake(dy, x, weight, lora_a, lora_b, scale, u, lora_input, output_mask,
+def _lora_linear_bwd_fake(dy, x, weight, lora_a, lora_b, scale, u, output_mask,
                           dropout_p=0.0, dropout_seed=None):
-    need_dx, need_da, need_db, need_ds, need_dl = output_mask
+    need_dx, need_da, need_db, need_ds = output_mask
     empty = x.new_empty(0)
     return (
         x.new_empty(x.shape) if need_dx else empty,
         lora_a.new_empty(lora_a.shape) if need_da else empty,
         lora_b.new_empty(lora_b.shape) if need_db else empty,
         scale.new_empty(scale.shape) if need_ds else scale.new_empty(0),
-        x.new_empty(x.shape) if need_dl and lora_input is not None else empty,
     )
 
 
 @torch.library.impl("feddpa::lora_linear", "CompositeExplicitAutograd")
-def _lora_linear_other_device(x, weight, bias, lora_a, lora_b, scale, lora_input=None,
-                              dropout_p=0.0, dropout_seed=None):
-    torch.ops.feddpa.lora_linear_check(x, weight, bias, lora_a, lora_b, scale, lora_input,
-                                       dropout_p, dropout_seed)
-    return reference.lora_linear_forward(x, weight, bias, lora_a, lora_b, scale, lora_input,
-                                         dropout_p, dropout_seed)[0]
+def _lora_linear_other_device(x, weight, bias, lora_a, lora_b, scale, dropout_p=0.0,
+                              dropout_seed=None):
+    return _lora_linear_fwd_other_device(x, weight, bias, lora_a, lora_b, scale, dropout_p,
+                                         dropout_seed)[0]
 
 
 @torch.library.impl("feddpa::lora_linear_fwd", "CompositeExplicitAutograd")
-def _lora_linear_fwd_other_device(x, weight, bias, lora_a, lora_b, scale, lora_input=None,
-                                  dropout_p=0.0, dropout_seed=None):
-    torch.ops.feddpa.lora_linear_check(x, weight, bias, lora_a, lora_b, scale, lora_input,
-                                       dropout_p, dropout_seed)
-    return reference.lora_linear_forward(x, weight, bias, lora_a, lora_b, scale, lora_input,
-                                         dropout_p, dropout_seed)
+def _lora_linear_fwd_other_device(x, weight, bias, lora_a, lora_b, scale, dropout_p=0.0,
+                                  dropout_seed=None):
+    torch.ops.feddpa.lora_linear_check(x, weight, bias, lora_a, lora_b, scale, dropout_p,
+                                       dropout_seed)
+    return reference.lora_linear_forward(x, weight, bias, lora_a, lora_b, scale, dropout_p,
+                                         dropout_seed)
 
 
 @torch.library.impl("feddpa::lora_linear_bwd", "CompositeExplicitAutograd")
-def _lora_linear_bwd_other_device(dy, x, weight, lora_a, lora_b, scale, u, lora_input,
-                                  output_mask, dropout_p=0.0, dropout_seed=None):
-    return reference.lora_linear_backward(dy, x, weight, lora_a, lora_b, scale, u, lora_input,
-                                          output_mask, dropout_p, dropout_seed)
+def _lora_linear_bwd_other_device(dy, x, weight, lora_a, lora_b, scale, u, output_mask,
+                                  dropout_p=0.0, dropout_seed=None):
+    return reference.lora_linear_backward(dy, x, weight, lora_a, lora_b, scale, u, output_mask,
+                                          dropout_p, dropout_seed)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 
 import torch
 
@@ -40,11 +41,17 @@ if torch.cuda.is_available() and triton_available():
 def backend_for(device: torch.device | str) -> str:
     """Name of the backend the op uses for tensors on ``device`` when nothing is forced."""
     device_type = torch.device(device).type
-    if device_type == "cpu":
-        return "native"
     if device_type == "cuda" and triton_available():
         return "triton"
+    if device_type == "cpu":
+        return "triton" if _triton_serves(device_type) else "native"
     return "reference"
+
+
+def _triton_serves(device_type: str) -> bool:
+    """True when the Triton kernels serve ``device_type`` (never imports triton to say no)."""
+    module = sys.modules.get(f"{__package__}.triton_op")
+    return module is not None and module.serves(device_type)
 
 
 def _forced_backend(backend: str | None) -> str | None:
@@ -67,8 +74,8 @@ def _seed_tensor(seed, device: torch.device):
     return torch.tensor(seed, dtype=torch.int64, device=device)
 
 
-def lora_linear(x, weight, bias, lora_a, lora_b, scale, lora_input=None, *,
-                dropout_p: float = 0.0, dropout_seed=None, backend: str | None = None):
+def lora_linear(x, weight, bias, lora_a, lora_b, scale, *, dropout_p: float = 0.0,
+                dropout_seed=None, backend: str | None = None):
     """Fused ``y = x W^T + b + ((xl A^T) * scale) B^T``; see kernels/reference.py for the contract.
 
     Args:
@@ -78,33 +85,44 @@ def lora_linear(x, weight, bias, lora_a, lora_b, scale, lora_input=None, *,
         lora_a: (R, K) the A matrices of all branches stacked by rows.
         lora_b: (N, R) the B matrices stacked the same way (columns).
         scale: (M, R) or (1, R) per-row branch factors, float32 (float64 for float64 x).
-        lora_input: the A branch's own input xl (shape, dtype, device of x) when it is not x;
-            x gets the gradient ``dy W`` and lora_input ``gs A``.
-        dropout_p: in-op LoRA dropout: the A branch reads ``x * keep / (1 - p)``, the keep mask
-            generated in the kernel from ``dropout_seed`` and regenerated in backward (nothing of
-            size (M, K) beyond x is saved). Not combinable with lora_input.
+        dropout_p: in-op LoRA dropout: the A branch reads ``xl = x * keep / (1 - p)``, the keep
+            mask generated in the kernel from ``dropout_seed`` and regenerated in backward
+            (nothing of size (M, K) beyond x is saved). Without it xl = x.
         dropout_seed: int, or int64 one-element tensor on x's device; needed when dropout_p > 0.
             The same (seed, shape) gives the same mask on CPU and on GPU.
         backend: "native", "triton" or "reference" (or FEDDPA_FAST_BACKEND); by default the
-            device of ``x`` picks it (``backend_for``).
+            device of ``x`` picks it (``backend_for``). "triton" on CPU tensors needs
+            TRITON_INTERPRET=1 and the Triton kernels serving the CPU (``triton_op.serving``,
+            or FEDDPA_FAST_BACKEND=triton for the whole process).
     Returns:
         y, (..., N) in the dtype of x.
     Raises:
         ValueError / TypeError naming the argument for bad shapes, dtypes, devices or values.
     """
     dropout_seed = _seed_tensor(dropout_seed, x.device)
-    args = (x, weight, bias, lora_a, lora_b, scale, lora_input, float(dropout_p), dropout_seed)
+    args = (x, weight, bias, lora_a, lora_b, scale, float(dropout_p), dropout_seed)
     choice = _forced_backend(backend)
+    if choice == "triton" and x.device.type == "cpu":
+        _triton_serves_cpu(from_env=backend is None)
     if choice is None or choice == backend_for(x.device):
         return torch.ops.feddpa.lora_linear(*args)
     torch.ops.feddpa.lora_linear_check(*args)
     if choice == "reference":
         return reference.lora_linear(*args)
-    if choice == "triton":
-        from .triton_config import interpreting
-        if x.device.type != "cuda" and not interpreting():
-            raise ValueError(f"backend 'triton' cannot run on {x.device} tensors: it needs a "
-                             "CUDA device, or TRITON_INTERPRET=1 set before import")
-        return _triton_op().lora_linear(*args)
-    # choice == "native" on a device that is not the CPU.
-    raise ValueError(f"backend 'native' runs on CPU tensors only; x is on {x.device}")
+    raise ValueError(f"backend {choice!r} cannot run on {x.device} tensors here (this device "
+                     f"runs {backend_for(x.device)!r})")
+
+
+def _triton_serves_cpu(from_env: bool) -> None:
+    """Forced Triton on CPU tensors: the interpreter must be on, and the Triton kernels must
+    serve the CPU (the env variable makes them do so for the process)."""
+    from .triton_config import interpreting
+    if not interpreting():
+        raise ValueError("backend 'triton' cannot run on cpu tensors: it needs a CUDA device, "
+                         "or TRITON_INTERPRET=1 set before import")
+    if from_env:
+        _triton_op().serve_for_process("cpu")
+    elif not _triton_op().serves("cpu"):
+        raise ValueError("backend='triton' on cpu tensors runs inside "
+                         "feddpa_fast.kernels.triton_op.serving('cpu') (or with "
+                         f"{_ENV_VAR}=triton for the whole process)")

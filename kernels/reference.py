@@ -6,10 +6,9 @@
     lora_a  (R, K)     the A matrices of all branches stacked (rows)
     lora_b  (N, R)     the B matrices stacked the same way (columns)
     scale   (M, R) or (1, R), float32 (float64 for float64 x); M = prod(x.shape[:-1])
-    lora_input  None, or the input of the A branch (shape, dtype, device of x)
     dropout_p, dropout_seed   in-op LoRA dropout: p in [0, 1) and an int64 one-element tensor
 
-    xl = lora_input if given; x * keep / (1 - p) with in-op dropout; else x
+    xl = x * keep / (1 - p) with in-op dropout; else x
     u = xl @ lora_a.T                     accumulated in float32 (float64 for float64 x)
     y = x @ weight.T + bias + (u * scale).to(x.dtype) @ lora_b.T          (..., N), dtype of x
 
@@ -54,10 +53,9 @@ def dropout_keep(rows: int, cols: int, p: float, seed: torch.Tensor,
     return keep.to(device)
 
 
-def lora_linear(x, weight, bias, lora_a, lora_b, scale, lora_input=None, dropout_p=0.0,
-                dropout_seed=None):
+def lora_linear(x, weight, bias, lora_a, lora_b, scale, dropout_p=0.0, dropout_seed=None):
     """Reference ``y = x W^T + b + ((xl A^T) * scale) B^T`` with autograd for every input."""
-    return lora_linear_forward(x, weight, bias, lora_a, lora_b, scale, lora_input, dropout_p,
+    return lora_linear_forward(x, weight, bias, lora_a, lora_b, scale, dropout_p,
                                dropout_seed)[0]
 
 
@@ -67,7 +65,7 @@ def _masked_rows(x2, dropout_p, dropout_seed):
     return x2.to(accum_dtype(x2.dtype)) * keep
 
 
-def lora_linear_forward(x, weight, bias, lora_a, lora_b, scale, lora_input=None, dropout_p=0.0,
+def lora_linear_forward(x, weight, bias, lora_a, lora_b, scale, dropout_p=0.0,
                         dropout_seed=None):
     """Returns ``(y, u)`` with u = xl A^T in the accumulation dtype (differentiable ops only)."""
     acc = accum_dtype(x.dtype)
@@ -75,28 +73,24 @@ def lora_linear_forward(x, weight, bias, lora_a, lora_b, scale, lora_input=None,
     if dropout_p > 0:
         u = (_masked_rows(x2, dropout_p, dropout_seed) @ lora_a.to(acc).T) / (1.0 - dropout_p)
     else:
-        xl2 = x2 if lora_input is None else lora_input.reshape(x2.shape)
-        u = xl2.to(acc) @ lora_a.to(acc).T
+        u = x2.to(acc) @ lora_a.to(acc).T
     y = F.linear(x2, weight, bias) + (u * scale).to(x.dtype) @ lora_b.T
     return y.reshape(*x.shape[:-1], weight.shape[0]), u
 
 
-def lora_linear_backward(dy, x, weight, lora_a, lora_b, scale, u, lora_input, output_mask,
-                         dropout_p=0.0, dropout_seed=None):
+def lora_linear_backward(dy, x, weight, lora_a, lora_b, scale, u, output_mask, dropout_p=0.0,
+                         dropout_seed=None):
     """The backward formulas of docs/ARCHITECTURE.md §1; entries not in ``output_mask`` are empty.
 
     g = dy B ; gs = g * S ; dx = dy W + gs A ; dA = gs^T x ; dB = dy^T (u * S) ; dS = g * u
-    With lora_input (xl): dx = dy W ; d lora_input = gs A ; dA = gs^T xl (x is not read).
     With in-op dropout: gs = g * S / (1 - p) ; dx = dy W + (gs A) * keep ; dA = gs^T (x * keep).
-    Returns (dx, dA, dB, dS, d lora_input); the last is empty without lora_input.
+    Returns (dx, dA, dB, dS).
     """
-    need_dx, need_da, need_db, need_ds, need_dl = output_mask
-    split = lora_input is not None
+    need_dx, need_da, need_db, need_ds = output_mask
     acc = accum_dtype(x.dtype)
     n, k = weight.shape
     dy2 = dy.reshape(-1, n)
     x2 = x.reshape(-1, k)
-    xl2 = (lora_input if split else x).reshape(-1, k)
     g = dy2.to(acc) @ lora_b.to(acc)
     drop = dropout_p > 0
     gs = (g * scale / (1.0 - dropout_p) if drop else g * scale).to(x.dtype)
@@ -105,11 +99,10 @@ def lora_linear_backward(dy, x, weight, lora_a, lora_b, scale, u, lora_input, ou
     dx = empty
     if need_dx:
         lora_term = (gs @ lora_a) * keep if drop else gs @ lora_a
-        dx = (dy2 @ weight if split else dy2 @ weight + lora_term).reshape(x.shape)
-    dl = (gs @ lora_a).reshape(x.shape) if need_dl and split else empty
+        dx = (dy2 @ weight + lora_term).reshape(x.shape)
     da = empty
     if need_da:
-        da = gs.T @ (x2 * keep) if drop else gs.T @ xl2
+        da = gs.T @ (x2 * keep) if drop else gs.T @ x2
     db = dy2.T @ (u * scale).to(x.dtype) if need_db else empty
     if need_ds:
         ds = g * u
@@ -117,4 +110,4 @@ def lora_linear_backward(dy, x, weight, lora_a, lora_b, scale, u, lora_input, ou
             ds = ds.sum(0, keepdim=True)
     else:
         ds = scale.new_empty(0)
-    return dx, da, db, ds, dl
+    return dx, da, db, ds

@@ -10,7 +10,7 @@ report, which use fixed configs: kernels/triton_config.py).
   (and on disk, with TRITON_CACHE_AUTOTUNING=1).
 - The grid follows the chosen tiles (triton_schedule), so each config is timed with the
   schedule it would really run.
-Only the forward / dx and decode kernels are tuned; the backward's dy and dA kernels keep
+Only the forward, the GEMM (dx, the split) and decode kernels are tuned; the backward's dy and dA kernels keep
 their fixed tiles (kernels/triton_config.py).
 """
 from __future__ import annotations
@@ -30,9 +30,8 @@ from .triton_config import (
     sm_count,
 )
 
-_MODE_KEYS = ["HAS_BIAS", "COMPUTE_U", "LORA_INPUT", "EXPAND", "STORE_U", "USE_TMA", "W_T",
-              "PRECISION"]
-_DECODE_MODE_KEYS = ["HAS_BIAS", "LORA_INPUT", "STORE_U", "PRECISION"]
+# The constexpr modes that key a winner, next to (M bucket, N, K, R): each kernel's own.
+_MODE_KEYS = ["HAS_BIAS", "EXPAND", "STORE_U", "USE_TMA", "W_T", "PRECISION"]
 _STATIC_CACHE: dict = {}
 
 
@@ -89,14 +88,17 @@ def _tuner(kind: str, kernel, configs, keys, device):
     return _TUNERS[ident]
 
 
-def run_forward(launch, device: torch.device) -> None:
-    """Runs a forward-family Launch through the autotuner (tiles chosen per key)."""
+def _keys(kernel) -> list[str]:
+    return ["m_bucket", "N", "K", "R"] + [k for k in _MODE_KEYS if k in kernel.arg_names]
+
+
+def run_forward(launch, device: torch.device, computes_u: bool) -> None:
+    """Runs a forward or GEMM Launch through the autotuner (tiles chosen per key)."""
     args = dict(launch.args)
     r = args["R"]
     for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K"):
         args.pop(name)
     sms = sm_count(device)
-    computes_u = args["COMPUTE_U"]
     m, n = args["M"], args["N"]
 
     def grid(meta):
@@ -105,7 +107,7 @@ def run_forward(launch, device: torch.device) -> None:
 
     configs = fwd_candidates(arch_of(device), max(r, 1), launch.args["x_ptr"].dtype,
                              launch.args["USE_TMA"])
-    tuner = _tuner("fwd", launch.kernel, configs, ["m_bucket", "N", "K", "R"] + _MODE_KEYS,
+    tuner = _tuner(launch.kernel.fn.__name__, launch.kernel, configs, _keys(launch.kernel),
                    device)
     tuner[grid](**args)
 
@@ -138,5 +140,5 @@ def run_decode(launch, device: torch.device) -> None:
         return (s.col_tiles, s.chunks)
 
     tuner = _tuner("decode", triton_decode._lora_decode_kernel, configs,
-                   ["m_bucket", "N", "K", "R"] + _DECODE_MODE_KEYS, device)
+                   _keys(triton_decode._lora_decode_kernel), device)
     tuner[grid](**args)

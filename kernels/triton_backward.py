@@ -3,7 +3,7 @@
     g  = dy B                 (M, R)  fp32        } one pass over dy: _dy_kernel
     dB = dy^T (u * S)         (N, R)              }
     gs = (g * S).to(dtype)
-    dx = dy W + gs A          (M, K)              the forward kernel, W and A read transposed
+    dx = dy W + gs A          (M, K)              kernels/triton_gemm.py, W and A read transposed
     dA = gs^T x               (R, K)              _da_kernel
     dS = g * u                (M, R) or summed to (1, R), only when requested
 
@@ -15,12 +15,8 @@ per row block (M / BLOCK_M adds per element); the dA kernel runs column tiles of
 of M, summed with fp32 atomics. Without the slices the dA grid had K / BLOCK_K programs (32 at
 K = 4096, a quarter of an H100) while it streams all of x.
 
-With lora_input (xl, the A branch's own input): u = xl A^T, dA = gs^T xl (the same _da_kernel
-reading xl), dx = dy W (the forward kernel with its expand switched off), and d lora_input =
-gs A as a torch mm: an (M, R) x (R, K) product bound by the write of its (M, K) output.
-
 With in-op dropout (kernels/triton_dropout.py) the mask is regenerated, never loaded:
-gs = g * S / (1 - p), dx = dy W (the forward kernel) then dx += (gs A) ⊙ keep (one masked
+gs = g * S / (1 - p), dx = dy W (the GEMM kernel, its expand off) then dx += (gs A) ⊙ keep (one masked
 pass, triton_dropout.masked_expand_plan), dA = gs^T (x ⊙ keep) (masked as _da_kernel loads x).
 """
 from __future__ import annotations
@@ -29,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import triton_dropout, triton_forward, triton_schedule
+from . import triton_dropout, triton_gemm, triton_schedule
 from .triton_config import (
     BwdConfig,
     aligned,
@@ -202,13 +198,11 @@ def da_plan(gs, x2, da32, *, cfg: BwdConfig, sms: int,
                   cfg.num_stages)
 
 
-def backward(dy, x, weight, lora_a, lora_b, scale, u, lora_input, output_mask,
+def backward(dy, x, weight, lora_a, lora_b, scale, u, output_mask,
              dropout: InOpDropout | None = None):
-    """(dx, d lora_a, d lora_b, d scale, d lora_input); entries not in output_mask (and d
-    lora_input without lora_input) are empty tensors. With lora_input, x is not read; with
+    """(dx, d lora_a, d lora_b, d scale); entries not in output_mask are empty tensors. With
     dropout (in-op), the mask is regenerated for dx's and dA's rank-R terms."""
-    need_dx, need_da, need_db, need_ds, need_dl = output_mask
-    split = lora_input is not None
+    need_dx, need_da, need_db, need_ds = output_mask
     dtype = x.dtype
     n, k = weight.shape
     r = lora_a.shape[0]
@@ -216,7 +210,7 @@ def backward(dy, x, weight, lora_a, lora_b, scale, u, lora_input, output_mask,
     if dy2.stride(-1) != 1:
         dy2 = dy2.contiguous()
     m = dy2.shape[0]
-    x_rows = (lora_input if split else x).reshape(-1, k)
+    x_rows = x.reshape(-1, k)
     dy_cfg, da_cfg, sms = _facts(x.device, r, aligned(n, dy2.stride(0)),
                                  aligned(k, m, x_rows.stride(0)), dtype)
 
@@ -229,12 +223,11 @@ def backward(dy, x, weight, lora_a, lora_b, scale, u, lora_input, output_mask,
     gs = (g * scale if dropout is None else g * scale * dropout.scale).to(dtype)
     dx = empty
     if need_dx:
-        fused_term = not split and dropout is None  # gs A inside the dx GEMM's epilogue
-        dx = triton_forward.input_grad(dy2, weight, lora_a, gs if fused_term else None)
+        fused_term = dropout is None  # gs A inside the dx GEMM's epilogue
+        dx = triton_gemm.input_grad(dy2, weight, lora_a, gs if fused_term else None)
         if dropout is not None:
             triton_dropout.masked_expand_plan(dx, gs, lora_a, dropout).run()
         dx = dx.view(x.shape)
-    dl = torch.mm(gs, lora_a).view(x.shape) if split and need_dl else empty
     da = empty
     if need_da:
         da32 = torch.zeros((r, k), device=x.device, dtype=torch.float32)
@@ -246,4 +239,4 @@ def backward(dy, x, weight, lora_a, lora_b, scale, u, lora_input, output_mask,
         ds = g * u
         if scale.shape[0] == 1 and ds.shape[0] != 1:
             ds = ds.sum(0, keepdim=True)
-    return dx, da, db, ds, dl
+    return dx, da, db, ds

@@ -113,7 +113,7 @@ def operand_class(dtype: torch.dtype) -> str:
 # at every config the dispatcher, the autotuner, the tests or the benchmarks launch.
 # 16-bit operands. The sm_80 persistent kernel spills at 4 warps with 128-row tiles (pointer
 # loads: 255 registers), so those run 8 warps; 128 x 128 x 64 spills under 3.6 there,
-# 64 x 64 x 64 with 4 warps (and lora_input) under 3.9 once the row offsets are int64, and
+# 64 x 64 x 64 with 4 warps (with the former lora_input stream) under 3.9 once the row offsets are int64, and
 # 64 x 128 x 64 with 4 warps on sm_100a under 3.6.
 _FWD = {
     "hopper": [(128, 256, 64, 8, 3), (128, 128, 64, 4, 4), (128, 128, 64, 8, 4),
@@ -155,7 +155,8 @@ _DECODE = {
     ("ampere", "small"): [(64, 128, 4, 4), (128, 64, 4, 3)],
     ("ampere", "wide"): [(64, 64, 4, 4), (128, 64, 8, 3)],
 }
-# (64 x 128-deep K at 64 rows overflows sm_80's 166,912 B with lora_input's third stream.)
+# (64 x 128-deep K at 64 rows overflowed sm_80's 166,912 B with the former lora_input's third
+# stream; the gate keeps the table as it was measured.)
 
 
 def decode_block_m(m: int) -> int:
@@ -220,7 +221,8 @@ def gemm_default(arch: str, n: int, r: int, is_aligned: bool, dtype: torch.dtype
 def decode_default(arch: str, m: int, r: int, is_aligned: bool, dtype: torch.dtype) -> FwdConfig:
     """The decode config without autotuning. Unaligned shapes take 64-deep K steps in 16-bit
     (128 spills at R = 48 on both archs); 4-byte operands 16-deep with 8 warps (32-deep at 4
-    warps spills 24 B at R = 48 on sm_90a, 16-deep at 4 warps 16 B with lora_input)."""
+    warps spills 24 B at R = 48 on sm_90a, 16-deep at 4 warps 16 B with the former
+    lora_input stream)."""
     first = decode_candidates(arch, m, r, dtype)[0]
     if is_aligned:
         return first

@@ -1,7 +1,7 @@
 """Triton forward of lora_linear for decode-sized M (<= DECODE_MAX_M rows): split-K in one
 launch.
 
-    y = x W^T + bias + ((xa A^T) * S) B^T          (xa = xl with lora_input, else x)
+    y = x W^T + bias + ((x A^T) * S) B^T
 
 A (column tile, K slice) grid: with few rows, the plain grid has too few programs to stream W
 at the memory's rate, so each column tile's K range is cut into ``split`` slices
@@ -36,8 +36,8 @@ from .triton_config import (
     interpreting,
     sm_count,
 )
-from .triton_forward import _tile_k_loop
 from .triton_launch import Launch, m_bucket
+from .triton_tiles import tile_k_loop
 
 
 @triton.jit
@@ -57,18 +57,18 @@ def _sum_slices(own, part_ptr, offs, mask, pid_k, split, slice_stride):
 @triton.jit(do_not_specialize=["m_bucket"])  # a key for the autotuner, not a compile input
 def _lora_decode_kernel(
     # pointers
-    x_ptr, xl_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, s_ptr, y_ptr, u_ptr,
+    x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, s_ptr, y_ptr, u_ptr,
     y_part_ptr, u_part_ptr, count_ptr,
     # sizes
     M, N, K, R,
     # strides (the partials are contiguous: (split, M, N) and (split, M, R))
-    stride_xm, stride_xk, stride_xlm, stride_xlk, stride_wn, stride_wk,
+    stride_xm, stride_xk, stride_wn, stride_wk,
     stride_ar, stride_ak, stride_bn, stride_br, stride_sm, stride_sr,
     stride_ym, stride_yn, stride_um, stride_ur,
     # autotune key only
     m_bucket,
     # modes
-    HAS_BIAS: tl.constexpr, LORA_INPUT: tl.constexpr, STORE_U: tl.constexpr,
+    HAS_BIAS: tl.constexpr, STORE_U: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     # tiles (BLOCK_M >= M: one row block)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -89,12 +89,10 @@ def _lora_decode_kernel(
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     u = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    acc, u = _tile_k_loop(acc, u, x_ptr, xl_ptr, w_ptr, a_ptr, 0, pid_n * BLOCK_N,
-                          k_start, k_end, M, N, R,
-                          stride_xm, stride_xk, stride_xlm, stride_xlk, stride_wn, stride_wk,
-                          stride_ar, stride_ak,
-                          True, LORA_INPUT, False, False, UPCAST, PRECISION,
-                          BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R)
+    acc, u = tile_k_loop(acc, u, x_ptr, w_ptr, a_ptr, 0, pid_n * BLOCK_N, k_start, k_end,
+                         M, N, R, stride_xm, stride_xk, stride_wn, stride_wk,
+                         stride_ar, stride_ak, True, False, False, UPCAST, PRECISION,
+                         BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R)
 
     # The partial expand, in fp32 (u_s is only a partial sum: it is not cast to x's dtype).
     mask_mr = mask_m[:, None] & mask_r[None, :]
@@ -155,7 +153,7 @@ def partials(slices: int, m: int, n: int, r: int, device) -> tuple[torch.Tensor,
             torch.empty((slices, m, r), device=device, dtype=torch.float32))
 
 
-def plan(x2, weight, bias, lora_a, lora_b, scale, xl2, y, u, *, cfg: FwdConfig, sms: int,
+def plan(x2, weight, bias, lora_a, lora_b, scale, y, u, *, cfg: FwdConfig, sms: int,
          split_capacity: int = 0, split: int | None = None) -> Launch:
     """The Launch of one decode call (y, u allocated; partials and counters taken here).
     ``split_capacity``: room for that many K slices of partials (the autotuner's largest);
@@ -169,14 +167,12 @@ def plan(x2, weight, bias, lora_a, lora_b, scale, xl2, y, u, *, cfg: FwdConfig, 
     split = split or sched.chunks
     y_part, u_part = partials(max(split, split_capacity), m, n, r, x2.device)
     args = dict(
-        x_ptr=x2, xl_ptr=xl2 if xl2 is not None else x2, w_ptr=weight,
+        x_ptr=x2, w_ptr=weight,
         bias_ptr=bias if bias is not None else x2, a_ptr=lora_a, b_ptr=lora_b, s_ptr=scale,
         y_ptr=y, u_ptr=u, y_part_ptr=y_part, u_part_ptr=u_part,
         count_ptr=_counters(x2.device, sched.col_tiles),
         M=m, N=n, K=k, R=r,
         stride_xm=x2.stride(0), stride_xk=x2.stride(1),
-        stride_xlm=xl2.stride(0) if xl2 is not None else 0,
-        stride_xlk=xl2.stride(1) if xl2 is not None else 0,
         stride_wn=weight.stride(0), stride_wk=weight.stride(1),
         stride_ar=lora_a.stride(0), stride_ak=lora_a.stride(1),
         stride_bn=lora_b.stride(0), stride_br=lora_b.stride(1),
@@ -184,7 +180,7 @@ def plan(x2, weight, bias, lora_a, lora_b, scale, xl2, y, u, *, cfg: FwdConfig, 
         stride_ym=y.stride(0), stride_yn=y.stride(1),
         stride_um=u.stride(0), stride_ur=u.stride(1),
         m_bucket=m_bucket(m),
-        HAS_BIAS=bias is not None, LORA_INPUT=xl2 is not None, STORE_U=True,
+        HAS_BIAS=bias is not None, STORE_U=True,
         UPCAST=interpreting() and x2.dtype != torch.float32,
         PRECISION=input_precision(x2.dtype),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=cfg.block_r,
@@ -193,7 +189,7 @@ def plan(x2, weight, bias, lora_a, lora_b, scale, xl2, y, u, *, cfg: FwdConfig, 
                   cfg.num_stages)
 
 
-def forward(x2, weight, bias, lora_a, lora_b, scale, xl2=None, cfg: FwdConfig | None = None,
+def forward(x2, weight, bias, lora_a, lora_b, scale, cfg: FwdConfig | None = None,
             split: int | None = None):
     """(y, u) for x2 (M x K, M <= DECODE_MAX_M) in one launch; ``cfg`` fixes the tiles and
     ``split`` the K slices (tests; both skip autotuning)."""
@@ -216,7 +212,7 @@ def forward(x2, weight, bias, lora_a, lora_b, scale, xl2=None, cfg: FwdConfig | 
                                                      x2.dtype)
         capacity = max(s.chunks for s in schedules)
         _counters(x2.device, max(s.col_tiles for s in schedules))  # raises if N is too large
-    launch = plan(x2, weight, bias, lora_a, lora_b, scale, xl2, y, u, cfg=tiles, sms=sms,
+    launch = plan(x2, weight, bias, lora_a, lora_b, scale, y, u, cfg=tiles, sms=sms,
                   split=split, split_capacity=capacity)
     if tune:
         triton_autotune.run_decode(launch, x2.device)

@@ -16,8 +16,8 @@ import triton
 import triton.language as tl
 
 from .triton_config import FwdConfig, arch_of, fwd_default, input_precision, interpreting
-from .triton_forward import _tile_k_loop
 from .triton_launch import Launch
+from .triton_tiles import tile_k_loop
 
 
 @triton.jit
@@ -50,11 +50,10 @@ def _lora_fwd_pertile_kernel(
     mask_m, mask_n, mask_r = offs_m < M, offs_n < N, offs_r < R
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     u = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    acc, u = _tile_k_loop(acc, u, x_ptr, x_ptr, w_ptr, a_ptr, pid_m * BLOCK_M, pid_n * BLOCK_N,
-                          0, K, M, N, R,
-                          stride_xm, stride_xk, 0, 0, stride_wn, stride_wk, stride_ar, stride_ak,
-                          True, False, False, False, UPCAST, PRECISION,
-                          BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R)
+    acc, u = tile_k_loop(acc, u, x_ptr, w_ptr, a_ptr, pid_m * BLOCK_M, pid_n * BLOCK_N, 0, K,
+                         M, N, R, stride_xm, stride_xk, stride_wn, stride_wk,
+                         stride_ar, stride_ak, True, False, False, UPCAST, PRECISION,
+                         BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R)
     s = tl.load(s_ptr + offs_m[:, None] * stride_sm + offs_r[None, :] * stride_sr,
                 mask=mask_m[:, None] & mask_r[None, :], other=0.0)
     if pid_n == 0:  # one column block stores u for the backward
@@ -98,7 +97,7 @@ def plan(x2, weight, bias, lora_a, lora_b, scale, y, u, cfg: FwdConfig,
 
 
 def forward(x, weight, bias, lora_a, lora_b, scale, cfg: FwdConfig | None = None):
-    """(y, u) of lora_linear through the per-tile kernel (no lora_input; benchmark, tests)."""
+    """(y, u) of lora_linear through the per-tile kernel (benchmark, tests)."""
     k = x.shape[-1]
     x2 = x.reshape(-1, k)
     n = weight.shape[0]

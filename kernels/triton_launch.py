@@ -1,7 +1,8 @@
-"""What every Triton launcher builds: a ``Launch`` (kernel, grid, named arguments, warps,
-stages), the autotuner's M bucket, and the facts that decide whether a launch may use tensor
-descriptors (TMA). Kept apart from the kernels so that every kernel file and the static report
-(kernels/triton_static.py) share one definition."""
+"""What every Triton launcher builds and how it runs: a ``Launch`` (kernel, grid, named
+arguments, warps, stages), the autotuner's M bucket, the facts that decide whether a launch may
+use tensor descriptors (TMA), the tiles a launch gets on its device, and the run itself (fixed
+tiles or the autotuner). Kept apart from the kernels so that every kernel file and the static
+report (kernels/triton_static.py) share one definition."""
 from __future__ import annotations
 
 import dataclasses
@@ -9,9 +10,11 @@ import dataclasses
 import torch
 import triton
 
-from .triton_config import interpreting
+from .triton_config import FwdConfig, arch_of, autotune_enabled, fwd_default, interpreter_config, \
+    interpreting, sm_count
 
-__all__ = ["Launch", "m_bucket", "tma_allowed", "tma_rows_aligned"]
+__all__ = ["Launch", "device_facts", "m_bucket", "matrix_rows", "run_tuned", "tma_allowed",
+           "tma_rows_aligned"]
 
 
 @dataclasses.dataclass
@@ -63,3 +66,31 @@ def _set_tma_allocator() -> None:
     if isinstance(current, _allocation.NullAllocator):
         triton.set_allocator(lambda size, align, stream: torch.empty(
             size, dtype=torch.int8, device="cuda"))
+
+
+def matrix_rows(t: torch.Tensor, k: int) -> torch.Tensor:
+    """t as an (M, K) matrix: row-strided input is read in place, anything else copied once."""
+    t2 = t.reshape(-1, k)
+    return t2 if t2.stride(-1) == 1 else t2.contiguous()
+
+
+def device_facts(device: torch.device, n: int, r: int, cfg: FwdConfig | None, is_aligned: bool,
+                 dtype: torch.dtype, tma: bool) -> tuple[FwdConfig, int]:
+    """(tiles, SM count) of a forward-family launch: the given tiles, the interpreter's fixed
+    ones, or the device's default for this problem."""
+    if device.type != "cuda" or interpreting():
+        return cfg or interpreter_config(r), 4
+    return cfg or fwd_default(arch_of(device), n, r, is_aligned, dtype, tma), sm_count(device)
+
+
+def run_tuned(launch: Launch, device: torch.device, fixed_cfg: FwdConfig | None,
+              computes_u: bool) -> None:
+    """Runs a forward-family Launch: with its own tiles, or through the CUDA autotuner (tiles
+    from META, the grid from the schedule of each candidate)."""
+    if launch.args["USE_TMA"]:
+        _set_tma_allocator()
+    if fixed_cfg is not None or device.type != "cuda" or not autotune_enabled():
+        launch.run()
+        return
+    from . import triton_autotune
+    triton_autotune.run_forward(launch, device, computes_u)

@@ -1,17 +1,28 @@
-"""Glue between the Triton kernels and the op: the CUDA kernels of the feddpa::lora_linear
-family (autograd stays the C++ kernel, which calls lora_linear_fwd / lora_linear_bwd), and a
-Python autograd.Function used when the Triton backend is forced on CPU tensors under
-TRITON_INTERPRET=1 (the interpreter tests).
+"""Glue between the Triton kernels and the op: the Triton kernels of the feddpa::lora_linear
+family (``lora_linear``, ``lora_linear_fwd``, ``lora_linear_bwd``). Autograd is never here: it
+is the op's one C++ autograd kernel (kernels/cpu/ops.cpp), which calls lora_linear_fwd /
+lora_linear_bwd on whatever kernels serve the device.
+
+- On CUDA the Triton kernels are registered once, for the process (``register_cuda_kernels``).
+- ``serving(device_type, forward=...)`` registers them for a device for the length of a
+  ``with`` block, in a scoped ``torch.library.Library`` that restores the previous kernels on
+  exit: the interpreter tests run the Triton kernels on CPU tensors through the same autograd a
+  GPU runs, and the benchmark times a measured alternative forward under the regular backward.
 
 Import this module only with triton installed; feddpa_fast.kernels imports it lazily.
 """
 from __future__ import annotations
 
 import contextlib
+import warnings
+from collections import Counter
 
 import torch
 
 from . import triton_backward, triton_dropout, triton_forward, triton_split
+
+# Device types an open ``serving`` block (or FEDDPA_FAST_BACKEND=triton) gives to Triton.
+_SERVED = Counter()
 
 
 def _on_device(t: torch.Tensor):
@@ -19,104 +30,94 @@ def _on_device(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
-def _fwd(x, weight, bias, lora_a, lora_b, scale, lora_input=None, dropout_p=0.0,
-         dropout_seed=None):
-    torch.ops.feddpa.lora_linear_check(x, weight, bias, lora_a, lora_b, scale, lora_input,
-                                       dropout_p, dropout_seed)
+def _fwd(x, weight, bias, lora_a, lora_b, scale, dropout_p=0.0, dropout_seed=None):
+    torch.ops.feddpa.lora_linear_check(x, weight, bias, lora_a, lora_b, scale, dropout_p,
+                                       dropout_seed)
     dropout = triton_dropout.from_op_args(dropout_p, dropout_seed)
     with _on_device(x):
         if dropout is not None:  # the shrink applies the mask (kernels/triton_split.py)
             return triton_split.forward(x, weight, bias, lora_a, lora_b, scale, dropout)
-        return triton_forward.forward(x, weight, bias, lora_a, lora_b, scale, lora_input)
+        return triton_forward.forward(x, weight, bias, lora_a, lora_b, scale)
 
 
-def _bwd(dy, x, weight, lora_a, lora_b, scale, u, lora_input, output_mask, dropout_p=0.0,
+def _bwd(dy, x, weight, lora_a, lora_b, scale, u, output_mask, dropout_p=0.0,
          dropout_seed=None):
     dropout = triton_dropout.from_op_args(dropout_p, dropout_seed)
     with _on_device(dy):
-        return triton_backward.backward(dy, x, weight, lora_a, lora_b, scale, u, lora_input,
+        return triton_backward.backward(dy, x, weight, lora_a, lora_b, scale, u,
                                         list(output_mask), dropout=dropout)
+
+
+def _kernels(forward=None) -> dict:
+    """The op family's kernels: Triton's, or ``forward`` (returning (y, u), no dropout) in place
+    of the Triton forward under the regular Triton backward."""
+    if forward is None:
+        fwd = _fwd
+    else:
+        def fwd(x, weight, bias, lora_a, lora_b, scale, dropout_p=0.0, dropout_seed=None):
+            if dropout_p > 0:
+                raise ValueError("lora_linear: the measured alternative forwards take no "
+                                 "in-op dropout")
+            torch.ops.feddpa.lora_linear_check(x, weight, bias, lora_a, lora_b, scale)
+            with _on_device(x):
+                return forward(x, weight, bias, lora_a, lora_b, scale)
+    return {"lora_linear_fwd": fwd, "lora_linear_bwd": _bwd,
+            "lora_linear": lambda *a, **kw: fwd(*a, **kw)[0]}
 
 
 def register_cuda_kernels() -> None:
     """Makes Triton the CUDA implementation of the op family (idempotent)."""
     if getattr(register_cuda_kernels, "_done", False):
         return
-    torch.library.impl("feddpa::lora_linear_fwd", "CUDA")(_fwd)
-    torch.library.impl("feddpa::lora_linear_bwd", "CUDA")(_bwd)
-    torch.library.impl("feddpa::lora_linear", "CUDA")(lambda *a, **kw: _fwd(*a, **kw)[0])
+    for name, fn in _kernels().items():
+        torch.library.impl(f"feddpa::{name}", "CUDA")(fn)
     register_cuda_kernels._done = True
 
 
-class TritonLoraLinear(torch.autograd.Function):
-    """Autograd over the Triton launchers, for the forced backend on any device."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, scale, lora_input=None, dropout_p=0.0,
-                dropout_seed=None):
-        y, u = _fwd(x, weight, bias, lora_a, lora_b, scale, lora_input, dropout_p, dropout_seed)
-        # As in the C++ autograd kernel: with lora_input only it is saved (dA reads it; x is
-        # needed by no gradient). It stands in for x in the backward call (same shape, dtype).
-        # In-op dropout saves x and the one-element seed the mask is regenerated from.
-        ctx.save_for_backward(x if lora_input is None else lora_input, weight, lora_a, lora_b,
-                              scale, u, dropout_seed if dropout_p > 0 else None)
-        ctx.has_bias = bias is not None
-        ctx.has_lora_input = lora_input is not None
-        ctx.dropout_p = dropout_p
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        xl, weight, lora_a, lora_b, scale, u, seed = ctx.saved_tensors
-        need = ctx.needs_input_grad  # one entry per forward argument, None ones included
-        mask = [need[0], need[3], need[4], need[5], ctx.has_lora_input and need[6]]
-        lora_input = xl if ctx.has_lora_input else None
-        dx, da, db, ds, dl = _bwd(dy, xl, weight, lora_a, lora_b, scale, u, lora_input, mask,
-                                  ctx.dropout_p, seed)
-        dbias = dy.reshape(-1, weight.shape[0]).sum(0) if ctx.has_bias and need[2] else None
-        return (dx if mask[0] else None, None, dbias, da if mask[1] else None,
-                db if mask[2] else None, ds if mask[3] else None, dl if mask[4] else None,
-                None, None)
+def serves(device_type: str) -> bool:
+    """True while the Triton kernels serve ``device_type`` through ``serving`` (or for good)."""
+    return _SERVED[device_type] > 0
 
 
-def lora_linear(x, weight, bias, lora_a, lora_b, scale, lora_input=None, dropout_p=0.0,
-                dropout_seed=None):
-    """The op on the Triton kernels, with autograd, on the device of x."""
-    if torch.is_grad_enabled() and weight.requires_grad:
-        raise ValueError("lora_linear: weight must be frozen (requires_grad=False); the op "
-                         "never computes a gradient for it")
-    return TritonLoraLinear.apply(x, weight, bias, lora_a, lora_b, scale, lora_input, dropout_p,
-                                  dropout_seed)
+def _register(device_type: str, forward=None) -> torch.library.Library:
+    library = torch.library.Library("feddpa", "IMPL")
+    with warnings.catch_warnings():  # replacing the device's kernels is the point
+        warnings.filterwarnings("ignore", message=".*[Oo]verrid")
+        for name, fn in _kernels(forward).items():
+            library.impl(name, fn, device_type.upper())
+    _SERVED[device_type] += 1
+    return library
 
 
-class _AlternativeForward(torch.autograd.Function):
-    """A measured alternative forward (returning y and u) with the regular Triton backward."""
+@contextlib.contextmanager
+def serving(device_type: str, forward=None):
+    """The Triton kernels serve ``device_type``'s tensors inside the block (the op's autograd,
+    checks and dispatch unchanged); the previous kernels come back on exit.
 
-    @staticmethod
-    def forward(ctx, forward_fn, x, weight, bias, lora_a, lora_b, scale):
-        with _on_device(x):
-            y, u = forward_fn(x, weight, bias, lora_a, lora_b, scale)
-        ctx.save_for_backward(x, weight, lora_a, lora_b, scale, u)
-        ctx.has_bias = bias is not None
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, weight, lora_a, lora_b, scale, u = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        mask = [need[1], need[4], need[5], need[6], False]
-        dx, da, db, ds, _ = _bwd(dy, x, weight, lora_a, lora_b, scale, u, None, mask)
-        dbias = dy.reshape(-1, weight.shape[0]).sum(0) if ctx.has_bias and need[3] else None
-        return (None, dx if mask[0] else None, None, dbias, da if mask[1] else None,
-                db if mask[2] else None, ds if mask[3] else None)
+    Args:
+        device_type: "cpu" (needs TRITON_INTERPRET=1 before import) or "cuda".
+        forward: optional measured alternative forward, ``f(x, weight, bias, lora_a, lora_b,
+            scale) -> (y, u)`` (``alternative_forward``), used in place of the Triton forward.
+    """
+    library = _register(device_type, forward)
+    try:
+        yield
+    finally:
+        _SERVED[device_type] -= 1
+        library._destroy()
 
 
-def alternative(name: str):
-    """lora_linear through a kept alternative forward (bench/op_gpu.py): "pertile" (one
-    program per output tile, u recomputed per tile) or "split" (shrink + GEMM, two launches)."""
-    from . import triton_forward_pertile, triton_split
-    forward_fn = {"pertile": triton_forward_pertile.forward, "split": triton_split.forward}[name]
+def serve_for_process(device_type: str) -> None:
+    """The Triton kernels serve ``device_type`` from now on (FEDDPA_FAST_BACKEND=triton)."""
+    if not serves(device_type):
+        serve_for_process._libraries = [*getattr(serve_for_process, "_libraries", []),
+                                        _register(device_type)]
 
-    def op(x, weight, bias, lora_a, lora_b, scale):
-        return _AlternativeForward.apply(forward_fn, x, weight, bias, lora_a, lora_b, scale)
-    return op
+
+def alternative_forward(name: str):
+    """A kept alternative forward for ``serving(..., forward=)`` (bench/op_gpu.py): "pertile"
+    (one program per output tile, u recomputed per tile) or "split" (shrink + GEMM, two
+    launches)."""
+    from . import triton_forward_pertile
+    return {"pertile": triton_forward_pertile.forward,
+            "split": triton_split.forward}[name]

@@ -2,8 +2,8 @@
 alternative in bench/op_gpu.py (provider two_gemm) without dropout, where the dispatcher uses
 the single launch of kernels/triton_forward.py unless a GPU measurement says otherwise.
 
-    launch 1 (_shrink_kernel):  u = xa A^T (fp32, M x R), us = (u * S).to(x.dtype)
-    launch 2 (the forward kernel with COMPUTE_U=False, EXPAND=True):
+    launch 1 (_shrink_kernel):  u = x A^T (fp32, M x R), us = (u * S).to(x.dtype)
+    launch 2 (kernels/triton_gemm.py, the GEMM + expand kernel):
                                 y = x W^T + bias + us B^T
 
 u is computed exactly once per row, at the price of a second pass over x (the shrink reads x,
@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import triton_forward, triton_launch
+from . import triton_gemm, triton_launch
 from .triton_config import input_precision, interpreting, padded_rank
 from .triton_dropout import InOpDropout, keep_mask
 
@@ -104,8 +104,8 @@ def shrink_plan(x2, lora_a, scale, u, us, block_m: int = 64, block_k: int = 128,
 
 
 def forward(x, weight, bias, lora_a, lora_b, scale, dropout: InOpDropout | None = None):
-    """(y, u) of lora_linear through the two launches (no lora_input): the in-op dropout
-    forward, and the benchmark's two_gemm provider."""
+    """(y, u) of lora_linear through the two launches: the in-op dropout forward, and the
+    benchmark's two_gemm provider."""
     k = x.shape[-1]
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:
@@ -114,5 +114,5 @@ def forward(x, weight, bias, lora_a, lora_b, scale, dropout: InOpDropout | None 
     u = torch.empty((m, r), device=x.device, dtype=torch.float32)
     us = torch.empty((m, r), device=x.device, dtype=x.dtype)
     shrink_plan(x2, lora_a, scale, u, us, dropout=dropout).run()
-    y = triton_forward.expand_into_gemm(x2, weight, bias, lora_b, us)
+    y = triton_gemm.expand_into_gemm(x2, weight, bias, lora_b, us)
     return y.view(*x.shape[:-1], weight.shape[0]), u

@@ -29,11 +29,9 @@ def assert_close_scaled(actual, expected, dtype, what):
 
 
 def make_inputs(m_shape, k, n, r, dtype, *, bias=True, row_scale=True, seed=0,
-                device="cpu", noncontig=False, lora_input=False, dropout=0.0):
+                device="cpu", noncontig=False, dropout=0.0):
     """Random op inputs; m_shape is the leading shape of x (e.g. (67,) or (2, 5)).
-    With ``noncontig`` x is a strided view (every other column of a wider tensor). With
-    ``lora_input`` the inputs gain a ``lora_input``: x under a fixed dropout mask (p = 0.25).
-    With ``dropout`` they gain the in-op dropout pair (dropout_p, a seed tensor)."""
+    With ``noncontig`` x is a strided view (every other column of a wider tensor). With ``dropout`` they gain the in-op dropout pair (dropout_p, a seed tensor)."""
     gen = torch.Generator().manual_seed(seed)
     acc = reference.accum_dtype(dtype)
 
@@ -55,9 +53,6 @@ def make_inputs(m_shape, k, n, r, dtype, *, bias=True, row_scale=True, seed=0,
         "lora_b": rand(n, r, std=1 / math.sqrt(max(r, 1))),
         "scale": rand(m if row_scale else 1, r, std=1.0, out_dtype=acc),
     }
-    if lora_input:
-        keep = torch.rand(x.shape, generator=gen) >= 0.25
-        inputs["lora_input"] = x * keep.to(device) / 0.75
     if dropout:
         inputs["dropout_p"] = dropout
         inputs["dropout_seed"] = torch.tensor(1_000_003 * (seed + 1), dtype=torch.int64,
@@ -65,7 +60,7 @@ def make_inputs(m_shape, k, n, r, dtype, *, bias=True, row_scale=True, seed=0,
     return inputs
 
 
-GRAD_NAMES = ("x", "bias", "lora_a", "lora_b", "scale", "lora_input")
+GRAD_NAMES = ("x", "bias", "lora_a", "lora_b", "scale")
 
 
 def run_with_grads(fn, inputs, dy, wanted=GRAD_NAMES):

@@ -1,8 +1,8 @@
 """feddpa_fast.kernels: the ``lora_linear`` op and its backends. All compute, no model logic.
 
-    y = x @ weight.T + bias + ((xl @ lora_a.T) * scale) @ lora_b.T,   xl = lora_input or x
+    y = x @ weight.T + bias + ((xl @ lora_a.T) * scale) @ lora_b.T
 
-(``lora_input``, optional: the A branch's own input, e.g. dropout(x) for LoRA dropout.)
+xl = x, or x * keep / (1 - p) under the in-op LoRA dropout (``dropout_p``, ``dropout_seed``).
 
 Backends, chosen by the device of x:
     cpu   -> "native"    C++ (kernels/cpu), BLAS calls plus fused epilogues, C++ autograd
@@ -10,7 +10,8 @@ Backends, chosen by the device of x:
                          triton is not installed
     other -> "reference" kernels/reference.py formulas
 Force one with ``FEDDPA_FAST_BACKEND=native|triton|reference`` or ``lora_linear(..., backend=)``;
-"triton" on CPU tensors needs TRITON_INTERPRET=1 (set before this package is imported).
+"triton" on CPU tensors needs TRITON_INTERPRET=1 (set before this package is imported) and
+runs through the op's one autograd kernel, as on a GPU (``triton_op.serving("cpu")``).
 """
 # The kernel sources live in the repository's top-level kernels/ directory, which has no
 # __init__.py: the import name `kernels` belongs to Hugging Face's package, which transformers

@@ -17,8 +17,7 @@ static bool is_supported_dtype(at::ScalarType t) {
 void check_lora_linear_inputs(
     const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& lora_a, const at::Tensor& lora_b, const at::Tensor& scale,
-    const std::optional<at::Tensor>& lora_input, double dropout_p,
-    const std::optional<at::Tensor>& dropout_seed) {
+    double dropout_p, const std::optional<at::Tensor>& dropout_seed) {
   TORCH_CHECK_VALUE(x.dim() >= 1, "lora_linear: x must have shape (..., K), got a 0-d tensor");
   TORCH_CHECK_TYPE(is_supported_dtype(x.scalar_type()),
                    "lora_linear: x has dtype ", x.scalar_type(),
@@ -75,19 +74,7 @@ void check_lora_linear_inputs(
     TORCH_CHECK_VALUE(b.device() == device, "lora_linear: bias is on ", b.device(),
                       " but x is on ", device, " (all tensors must share one device)");
   }
-  if (given(lora_input)) {
-    const auto& xl = *lora_input;
-    TORCH_CHECK_VALUE(xl.sym_sizes() == x.sym_sizes(), "lora_linear: lora_input has shape ",
-                      xl.sym_sizes(), " but x has ", x.sym_sizes(), " (shapes must match)");
-    TORCH_CHECK_TYPE(xl.scalar_type() == dtype, "lora_linear: lora_input has dtype ",
-                     xl.scalar_type(), " but x has ", dtype, " (dtypes must match)");
-    TORCH_CHECK_VALUE(xl.device() == device, "lora_linear: lora_input is on ", xl.device(),
-                      " but x is on ", device, " (all tensors must share one device)");
-  }
   check_dropout_args(dropout_p, dropout_seed, device);
-  TORCH_CHECK_VALUE(!(dropout_p > 0.0 && given(lora_input)),
-                    "lora_linear: give lora_input (your own A-branch input) or dropout_p "
-                    "(in-op dropout of x), not both");
 }
 
 void check_dropout_args(double dropout_p, const std::optional<at::Tensor>& dropout_seed,

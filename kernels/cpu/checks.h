@@ -14,12 +14,11 @@ inline at::ScalarType accum_dtype(at::ScalarType x_dtype) {
 
 // Raises c10::ValueError / c10::TypeError (Python ValueError / TypeError) naming the argument.
 // Works on symbolic shapes so that fake tensors under torch.compile go through it too.
-// lora_input (the input of the A branch, e.g. dropout(x)) must match x in shape, dtype, device.
-// In-op dropout (dropout_p > 0) needs dropout_seed and excludes lora_input.
+// In-op dropout (dropout_p > 0) needs dropout_seed.
 void check_lora_linear_inputs(
     const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& lora_a, const at::Tensor& lora_b, const at::Tensor& scale,
-    const std::optional<at::Tensor>& lora_input, double dropout_p = 0.0,
+    double dropout_p = 0.0,
     const std::optional<at::Tensor>& dropout_seed = std::nullopt);
 
 // dropout_p in [0, 1); when it is > 0, dropout_seed is an int64 tensor of one element on

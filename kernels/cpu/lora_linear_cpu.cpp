@@ -14,9 +14,6 @@
 //   g = dy B ; gs = g * S ; dx = dy W + gs A ; dA = gs^T x ; dB = dy^T (u * S) ; dS = g * u
 // with the same "small product initialises, big GEMM accumulates" order for dx.
 //
-// With lora_input (xl, the A branch's own input, e.g. dropout(x) as PEFT does LoRA dropout),
-// u = xl A^T, and the two input gradients split: dx = dy W ; d xl = gs A ; dA = gs^T xl.
-//
 // With in-op dropout (dropout.h), xl = x ⊙ keep / (1 - p) is never stored: u is computed chunk
 // by chunk from masked rows, and the backward regenerates the mask for its two rank-R terms:
 //   gsd = g * S / (1 - p) ; dx = (gsd A) ⊙ keep + dy W ; dA = gsd^T (x ⊙ keep)
@@ -55,18 +52,15 @@ at::Tensor skinny_product(const at::Tensor& lhs, const at::Tensor& rhs_t) {
 std::tuple<at::Tensor, at::Tensor> lora_linear_fwd_cpu(
     const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& lora_a, const at::Tensor& lora_b, const at::Tensor& scale,
-    const std::optional<at::Tensor>& lora_input, double dropout_p,
-    const std::optional<at::Tensor>& dropout_seed) {
-  check_lora_linear_inputs(x, weight, bias, lora_a, lora_b, scale, lora_input, dropout_p,
-                           dropout_seed);
+    double dropout_p, const std::optional<at::Tensor>& dropout_seed) {
+  check_lora_linear_inputs(x, weight, bias, lora_a, lora_b, scale, dropout_p, dropout_seed);
   const int64_t K = x.size(-1);
   const int64_t N = weight.size(0);
   const at::Tensor x2 = x.reshape({-1, K});
-  const at::Tensor xl2 = given(lora_input) ? lora_input->reshape({-1, K}) : x2;
   const LoraDropout drop = make_dropout(dropout_p, dropout_seed);
 
   at::Tensor u = drop.active() ? dropout_skinny_product(x2, lora_a, drop)  // (M, R), fp32
-                               : skinny_product(xl2, lora_a);
+                               : skinny_product(x2, lora_a);
   const at::Tensor us = (u * scale).to(x.scalar_type());   // scaled in fp32, cast once
   at::Tensor y = bias.has_value() ? at::addmm(*bias, us, lora_b.t()) : at::mm(us, lora_b.t());
   y.addmm_(x2, weight.t());                                // frozen GEMM, beta = 1
@@ -79,17 +73,15 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_fwd_cpu(
 at::Tensor lora_linear_cpu(
     const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& lora_a, const at::Tensor& lora_b, const at::Tensor& scale,
-    const std::optional<at::Tensor>& lora_input, double dropout_p,
-    const std::optional<at::Tensor>& dropout_seed) {
-  return std::get<0>(lora_linear_fwd_cpu(x, weight, bias, lora_a, lora_b, scale, lora_input,
-                                         dropout_p, dropout_seed));
+    double dropout_p, const std::optional<at::Tensor>& dropout_seed) {
+  return std::get<0>(
+      lora_linear_fwd_cpu(x, weight, bias, lora_a, lora_b, scale, dropout_p, dropout_seed));
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_bwd_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_bwd_cpu(
     const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight,
     const at::Tensor& lora_a, const at::Tensor& lora_b, const at::Tensor& scale,
-    const at::Tensor& u, const std::optional<at::Tensor>& lora_input,
-    std::array<bool, 5> output_mask, double dropout_p,
+    const at::Tensor& u, std::array<bool, 4> output_mask, double dropout_p,
     const std::optional<at::Tensor>& dropout_seed) {
   check_dropout_args(dropout_p, dropout_seed, x.device());
   const LoraDropout drop = make_dropout(dropout_p, dropout_seed);
@@ -99,31 +91,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_line
   TORCH_CHECK_VALUE(dy.scalar_type() == dtype && dy.size(-1) == N && dy.numel() / N == u.size(0),
                     "lora_linear backward: grad_output must be (..., ", N, ") of dtype ", dtype);
   const at::Tensor dy2 = dy.reshape({-1, N});
-  const bool split = given(lora_input);  // dx and d lora_input are separate gradients
-  const at::Tensor xl2 = (split ? *lora_input : x).reshape({-1, K});
-  const auto [need_dx, need_da, need_db, need_ds, need_dl_arg] = output_mask;
-  const bool need_dl = need_dl_arg && split;
+  const at::Tensor x2 = x.reshape({-1, K});
+  const auto [need_dx, need_da, need_db, need_ds] = output_mask;
 
   at::Tensor g = skinny_product(dy2, lora_b.t());  // dy B: (M, R), fp32
-  at::Tensor dx, da, db, ds, dl;
+  at::Tensor dx, da, db, ds;
   if (drop.active() && (need_dx || need_da)) {
     const at::Tensor gsd = g * scale * drop.inv_keep;  // (M, R), fp32
     if (need_dx) dx = at::empty({dy2.size(0), K}, x.options());
     const at::Tensor da_acc =
-        dropout_backward_terms(xl2, gsd, lora_a, drop, dy2, weight, dx, need_da);
+        dropout_backward_terms(x2, gsd, lora_a, drop, dy2, weight, dx, need_da);
     if (need_dx) dx = dx.view(x.sizes());
     if (need_da) da = da_acc.to(dtype);
   }
-  if (split && need_dx) dx = at::mm(dy2, weight).view(x.sizes());  // no rank-R term
-  if (!drop.active() && ((need_dx && !split) || need_da || need_dl)) {
+  if (!drop.active() && (need_dx || need_da)) {
     const at::Tensor gs = (g * scale).to(dtype);
-    if (need_dx && !split) {
+    if (need_dx) {
       dx = at::mm(gs, lora_a);    // small product initialises dx ...
       dx.addmm_(dy2, weight);     // ... the frozen GEMM accumulates
       dx = dx.view(x.sizes());
     }
-    if (need_dl) dl = at::mm(gs, lora_a).view(x.sizes());
-    if (need_da) da = at::mm(gs.t(), xl2);
+    if (need_da) da = at::mm(gs.t(), x2);
   }
   if (need_db) db = at::mm(dy2.t(), (u * scale).to(dtype));
   if (need_ds) {
@@ -132,7 +120,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_line
   }
   const auto empty = at::empty({0}, x.options());
   return {need_dx ? dx : empty, need_da ? da : empty, need_db ? db : empty,
-          need_ds ? ds : at::empty({0}, scale.options()), need_dl ? dl : empty};
+          need_ds ? ds : at::empty({0}, scale.options())};
 }
 
 }  // namespace feddpa

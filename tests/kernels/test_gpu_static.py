@@ -38,8 +38,8 @@ def test_static_gate_passes(tmp_path):
     assert {(r["target"], r["dtype"]) for r in rows} == {
         ("sm_90a", d) for d in ("bf16", "fp16", "fp32", "tf32")} | {("sm_80", "bf16")}
     kernels = {r["kernel"] for r in rows}
-    assert {"fwd", "fwd_lora_input", "fwd_pointer_loads", "dx", "dx_dy_only", "dy_pass", "dA",
-            "dA_dropout", "decode", "decode_lora_input", "gemm", "dropout_shrink",
+    assert {"fwd", "fwd_pointer_loads", "dx", "dx_dy_only", "dy_pass", "dA",
+            "dA_dropout", "decode", "gemm", "dropout_shrink",
             "dropout_expand", "fwd_pertile", "split_shrink"} <= kernels
     # Every shape the GPU tests run is among the compiled cases, in every dtype.
     from gpu_launches import GPU_TEST_PROBLEMS
@@ -75,9 +75,11 @@ def _probe(what: str) -> str:
 
 
 def test_static_report_sees_a_spill():
-    """The reader is not blind: a 128 x 256 x 32 tile on sm_80 (pointer loads) spills."""
+    """The reader is not blind: a 128 x 256 x 32 tile at 4 warps on sm_80 (pointer loads)
+    spills."""
     out = _probe("spill")
-    assert "SPILLS True 255" in out, out
+    spills, regs, spill_bytes, stl = out.split("SPILLS")[1].split()[:4]
+    assert spills == "True" and int(spill_bytes) > 1000 and int(stl) > 0, out
     assert out.split("SPILLS")[1].splitlines()[0].strip().endswith("HMMA"), out
 
 
