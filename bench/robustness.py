@@ -40,7 +40,7 @@ import common  # noqa: E402
 
 import feddpa_fast  # noqa: E402
 from feddpa_fast.fed import server as server_mod  # noqa: E402
-from feddpa_fast.fed.config import RunConfig  # noqa: E402
+from feddpa_fast.fed.run_config import RunConfig  # noqa: E402
 from feddpa_fast.fed.runner import run  # noqa: E402
 
 ATTACKS = ("none", "scale", "signflip")

@@ -145,7 +145,7 @@ class DualLoRALinear(nn.Module):
         self._mix_call: dict | None = None
         # (source, layer name) while an adapter source is attached (``set_source``): the layer
         # asks ``source.factors(name)`` for its (A, B, scaling) instead of using the stacks
-        # (C2A's generated adapters, feddpa_fast.fed.c2a.GeneratedAdapters).
+        # (C2A's generated adapters, feddpa_fast.fed.algorithms.c2a_hypernetwork.GeneratedAdapters).
         self.source: tuple | None = None
         self.merged = False
         self._restack()

@@ -10,7 +10,8 @@ report, which use fixed configs: kernels/triton_config.py).
   (and on disk, with TRITON_CACHE_AUTOTUNING=1).
 - The grid follows the chosen tiles (triton_schedule), so each config is timed with the
   schedule it would really run.
-Only the forward, the GEMM (dx, the split) and decode kernels are tuned; the backward's dy and dA kernels keep
+Only the forward, the GEMM (dx, the split) and decode kernels are tuned; the backward's dy and
+dA kernels keep
 their fixed tiles (kernels/triton_config.py).
 """
 from __future__ import annotations
@@ -24,11 +25,13 @@ from . import triton_schedule, triton_static
 from .triton_config import (
     FwdConfig,
     arch_of,
+    autotune_enabled,
     decode_candidates,
     fwd_candidates,
     padded_rank,
     sm_count,
 )
+from .triton_launch import Launch, set_tma_allocator
 
 # The constexpr modes that key a winner, next to (M bucket, N, K, R): each kernel's own.
 _MODE_KEYS = ["HAS_BIAS", "EXPAND", "STORE_U", "USE_TMA", "W_T", "PRECISION"]
@@ -51,8 +54,6 @@ def prune(configs, named_args, kernel, arch: str, smem_limit: int, **kwargs):
     """Configs whose static compile for ``arch`` (the current GPU's) neither spills nor needs
     more than ``smem_limit`` bytes of shared memory. An architecture the static compiler does
     not know keeps every config (Triton's own launch then reports what does not fit)."""
-    from .triton_launch import Launch
-
     target = arch if arch in triton_static.TARGETS else None
     # Triton's Autotuner hands the prune every keyword of the call, launch options (grid,
     # warmup) included: only the kernel's own arguments describe the compile.
@@ -92,6 +93,18 @@ def _keys(kernel) -> list[str]:
     return ["m_bucket", "N", "K", "R"] + [k for k in _MODE_KEYS if k in kernel.arg_names]
 
 
+def run_tuned(launch: Launch, device: torch.device, fixed_cfg: FwdConfig | None,
+              computes_u: bool) -> None:
+    """Runs a forward-family Launch: with its own tiles, or through the CUDA autotuner (tiles
+    from META, the grid from the schedule of each candidate)."""
+    if launch.args["USE_TMA"]:
+        set_tma_allocator()
+    if fixed_cfg is not None or device.type != "cuda" or not autotune_enabled():
+        launch.run()
+        return
+    run_forward(launch, device, computes_u)
+
+
 def run_forward(launch, device: torch.device, computes_u: bool) -> None:
     """Runs a forward or GEMM Launch through the autotuner (tiles chosen per key)."""
     args = dict(launch.args)
@@ -125,8 +138,6 @@ def decode_schedules(m: int, n: int, k: int, r: int, device: torch.device,
 def run_decode(launch, device: torch.device) -> None:
     """Runs a decode Launch (planned with room for every candidate's split: triton_decode
     forward) through the autotuner."""
-    from . import triton_decode
-
     a = launch.args
     m, n, k, r = a["M"], a["N"], a["K"], a["R"]
     sms = sm_count(device)
@@ -139,6 +150,5 @@ def run_decode(launch, device: torch.device) -> None:
                                             meta["BLOCK_K"], block_r, sms)
         return (s.col_tiles, s.chunks)
 
-    tuner = _tuner("decode", triton_decode._lora_decode_kernel, configs,
-                   _keys(triton_decode._lora_decode_kernel), device)
+    tuner = _tuner("decode", launch.kernel, configs, _keys(launch.kernel), device)
     tuner[grid](**args)

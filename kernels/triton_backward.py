@@ -16,8 +16,9 @@ of M, summed with fp32 atomics. Without the slices the dA grid had K / BLOCK_K p
 K = 4096, a quarter of an H100) while it streams all of x.
 
 With in-op dropout (kernels/triton_dropout.py) the mask is regenerated, never loaded:
-gs = g * S / (1 - p), dx = dy W (the GEMM kernel, its expand off) then dx += (gs A) ⊙ keep (one masked
-pass, triton_dropout.masked_expand_plan), dA = gs^T (x ⊙ keep) (masked as _da_kernel loads x).
+gs = g * S / (1 - p), dx = dy W (the GEMM kernel, its expand off) then dx += (gs A) ⊙ keep (one
+masked pass, triton_dropout.masked_expand_plan), dA = gs^T (x ⊙ keep) (masked as _da_kernel loads
+x).
 """
 from __future__ import annotations
 

@@ -113,8 +113,8 @@ def operand_class(dtype: torch.dtype) -> str:
 # at every config the dispatcher, the autotuner, the tests or the benchmarks launch.
 # 16-bit operands. The sm_80 persistent kernel spills at 4 warps with 128-row tiles (pointer
 # loads: 255 registers), so those run 8 warps; 128 x 128 x 64 spills under 3.6 there,
-# 64 x 64 x 64 with 4 warps (with the former lora_input stream) under 3.9 once the row offsets are int64, and
-# 64 x 128 x 64 with 4 warps on sm_100a under 3.6.
+# 64 x 64 x 64 with 4 warps (with the former lora_input stream) under 3.9 once the row offsets
+# are int64, and 64 x 128 x 64 with 4 warps on sm_100a under 3.6.
 _FWD = {
     "hopper": [(128, 256, 64, 8, 3), (128, 128, 64, 4, 4), (128, 128, 64, 8, 4),
                (64, 256, 64, 4, 3)],

@@ -28,8 +28,9 @@ import triton
 import triton.language as tl
 
 from . import triton_schedule
+from .triton_autotune import run_tuned
 from .triton_config import DECODE_MAX_M, FwdConfig, aligned, input_precision, interpreting
-from .triton_launch import Launch, device_facts, m_bucket, matrix_rows, run_tuned, tma_allowed
+from .triton_launch import Launch, device_facts, m_bucket, matrix_rows, tma_allowed
 from .triton_tiles import tile_epilogue, tile_k_loop
 
 

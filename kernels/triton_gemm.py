@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from . import triton_schedule
+from .triton_autotune import run_tuned
 from .triton_config import (
     FwdConfig,
     aligned,
@@ -27,7 +28,7 @@ from .triton_config import (
     interpreting,
     sm_count,
 )
-from .triton_launch import Launch, device_facts, m_bucket, run_tuned, tma_allowed
+from .triton_launch import Launch, device_facts, m_bucket, tma_allowed
 from .triton_tiles import tile_epilogue, tile_k_loop
 
 

@@ -1,8 +1,8 @@
-"""What every Triton launcher builds and how it runs: a ``Launch`` (kernel, grid, named
-arguments, warps, stages), the autotuner's M bucket, the facts that decide whether a launch may
-use tensor descriptors (TMA), the tiles a launch gets on its device, and the run itself (fixed
-tiles or the autotuner). Kept apart from the kernels so that every kernel file and the static
-report (kernels/triton_static.py) share one definition."""
+"""What every Triton launcher builds: a ``Launch`` (kernel, grid, named arguments, warps,
+stages), the autotuner's M bucket, the facts that decide whether a launch may use tensor
+descriptors (TMA), and the tiles a launch gets on its device. Kept apart from the kernels so
+that every kernel file and the static report (kernels/triton_static.py) share one
+definition."""
 from __future__ import annotations
 
 import dataclasses
@@ -10,10 +10,16 @@ import dataclasses
 import torch
 import triton
 
-from .triton_config import FwdConfig, arch_of, autotune_enabled, fwd_default, interpreter_config, \
-    interpreting, sm_count
+from .triton_config import (
+    FwdConfig,
+    arch_of,
+    fwd_default,
+    interpreter_config,
+    interpreting,
+    sm_count,
+)
 
-__all__ = ["Launch", "device_facts", "m_bucket", "matrix_rows", "run_tuned", "tma_allowed",
+__all__ = ["Launch", "device_facts", "m_bucket", "matrix_rows", "tma_allowed",
            "tma_rows_aligned"]
 
 
@@ -58,7 +64,7 @@ def tma_allowed(device: torch.device, *tensors) -> bool:
     return True
 
 
-def _set_tma_allocator() -> None:
+def set_tma_allocator() -> None:
     """In-kernel tensor descriptors need a small global scratch per launch (Triton asks the
     allocator of the calling context); only a missing allocator is replaced."""
     from triton.runtime import _allocation
@@ -82,15 +88,3 @@ def device_facts(device: torch.device, n: int, r: int, cfg: FwdConfig | None, is
         return cfg or interpreter_config(r), 4
     return cfg or fwd_default(arch_of(device), n, r, is_aligned, dtype, tma), sm_count(device)
 
-
-def run_tuned(launch: Launch, device: torch.device, fixed_cfg: FwdConfig | None,
-              computes_u: bool) -> None:
-    """Runs a forward-family Launch: with its own tiles, or through the CUDA autotuner (tiles
-    from META, the grid from the schedule of each candidate)."""
-    if launch.args["USE_TMA"]:
-        _set_tma_allocator()
-    if fixed_cfg is not None or device.type != "cuda" or not autotune_enabled():
-        launch.run()
-        return
-    from . import triton_autotune
-    triton_autotune.run_forward(launch, device, computes_u)

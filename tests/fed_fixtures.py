@@ -13,7 +13,7 @@ import torch
 import transformers
 from tiny_models import minilm_path
 
-from feddpa_fast.fed.config import RunConfig
+from feddpa_fast.fed.run_config import RunConfig
 
 # The small run the federated tests start from: 2 clients, 2 rounds of 2 steps of batch 8,
 # 8 test examples per task, rank 4 (a few seconds on the tiny BERT).

@@ -5,7 +5,7 @@ from __future__ import annotations
 import gzip
 from pathlib import Path
 
-from feddpa_fast.lexical.wordnet import LEXNAMES
+from feddpa_fast.fed.lexical.wordnet import LEXNAMES
 
 # Nouns: (words, lexname, hypernym key or None, gloss). Keys are the first word.
 NOUNS = [

@@ -31,7 +31,8 @@ def assert_close_scaled(actual, expected, dtype, what):
 def make_inputs(m_shape, k, n, r, dtype, *, bias=True, row_scale=True, seed=0,
                 device="cpu", noncontig=False, dropout=0.0):
     """Random op inputs; m_shape is the leading shape of x (e.g. (67,) or (2, 5)).
-    With ``noncontig`` x is a strided view (every other column of a wider tensor). With ``dropout`` they gain the in-op dropout pair (dropout_p, a seed tensor)."""
+    With ``noncontig`` x is a strided view (every other column of a wider tensor). With
+    ``dropout`` they gain the in-op dropout pair (dropout_p, a seed tensor)."""
     gen = torch.Generator().manual_seed(seed)
     acc = reference.accum_dtype(dtype)
 

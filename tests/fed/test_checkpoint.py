@@ -148,7 +148,7 @@ def test_resume_refuses_a_changed_checkpoint_or_local_adapter_and_names_settings
 
 def test_a_relative_or_absolute_data_path_is_the_same_run(tmp_path, monkeypatch):
     from feddpa_fast.fed.checkpoint import resume_state
-    from feddpa_fast.fed.config import RunConfig
+    from feddpa_fast.fed.run_config import RunConfig
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "data").mkdir()
@@ -166,7 +166,7 @@ def test_a_relative_or_absolute_data_path_is_the_same_run(tmp_path, monkeypatch)
 def test_resume_refuses_data_whose_contents_changed(tmp_path, monkeypatch):
     from fed_fixtures import causal_lm_data_dir, tiny_llama_dir
 
-    from feddpa_fast.fed.config import RunConfig
+    from feddpa_fast.fed.run_config import RunConfig
     from feddpa_fast.fed.runner import Run, run
 
     data = causal_lm_data_dir(tmp_path)

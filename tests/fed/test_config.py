@@ -1,4 +1,4 @@
-"""RunConfig, declared once (feddpa_fast/fed/config.py, fed/options.py): the CLI flags, the
+"""RunConfig, declared once (feddpa_fast/fed/run_config.py, fed/options.py): the CLI flags, the
 ``--config`` TOML file and the Flower run config derived from the declarations agree, and a
 bad value fails, naming its flag, before any model or data loads."""
 import argparse
@@ -11,14 +11,14 @@ import pytest
 import transformers
 
 import feddpa_fast.fed.flower as flower_pkg
-from feddpa_fast.cli import build_parser, config_from_args, main
-from feddpa_fast.data import DataError
 from feddpa_fast.fed import loading, runner
 from feddpa_fast.fed.algorithms import ALGORITHMS
-from feddpa_fast.fed.config import RunConfig
-from feddpa_fast.fed.flower.run_config import EXTRA, app_config, from_flower, render_app_config
+from feddpa_fast.fed.algorithms.feddpa_weighting import WeightingConfig
+from feddpa_fast.fed.cli import build_parser, config_from_args, main
+from feddpa_fast.fed.data import DataError
+from feddpa_fast.fed.flower.flower_config import EXTRA, app_config, from_flower, render_app_config
 from feddpa_fast.fed.options import ConfigError, declared_fields, flag
-from feddpa_fast.fed.weighting import WeightingConfig
+from feddpa_fast.fed.run_config import RunConfig
 
 try:
     import tomllib

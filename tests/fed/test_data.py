@@ -1,4 +1,4 @@
-"""feddpa_fast.data: JSONL loading, partitioning, and the built-in synthetic suite."""
+"""feddpa_fast.fed.data: JSONL loading, partitioning, and the built-in synthetic suite."""
 import collections
 import dataclasses
 import hashlib
@@ -7,8 +7,8 @@ import math
 
 import pytest
 
-from feddpa_fast import builtin_suite as suite_mod
-from feddpa_fast.data import (
+from feddpa_fast.fed import builtin_suite as suite_mod
+from feddpa_fast.fed.data import (
     BUILTIN_PAIRS,
     BUILTIN_TASKS,
     ClassifyExample,

@@ -42,7 +42,7 @@ _SLOW_CHECKPOINT = textwrap.dedent("""
                 time.sleep(30)
         real_replace(src, dst)
     os.replace = slow_replace
-    from feddpa_fast.cli import main
+    from feddpa_fast.fed.cli import main
     sys.exit(main(sys.argv[2:]))
 """)
 

@@ -5,8 +5,8 @@ import math
 import pytest
 
 from feddpa_fast.fed.algorithms import get_algorithm
-from feddpa_fast.fed.config import RunConfig
-from feddpa_fast.fed.fdlora import SearchConfig, fusion_search
+from feddpa_fast.fed.algorithms.fdlora_search import SearchConfig, fusion_search
+from feddpa_fast.fed.run_config import RunConfig
 
 
 def test_phases_personal_first_then_global_with_periodic_resync():
@@ -60,7 +60,7 @@ def test_fusion_weights_are_searched_on_the_holdout_and_recorded(bert_dir, tmp_p
 
 
 def test_search_examples_caps_the_slice_the_search_scores(bert_dir, tmp_path):
-    from feddpa_fast.fed.config import RunConfig
+    from feddpa_fast.fed.run_config import RunConfig
     from feddpa_fast.fed.runner import run
 
     cfg = RunConfig(algo="fdlora", model=str(bert_dir), clients=1, rounds=1,

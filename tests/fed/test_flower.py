@@ -15,9 +15,9 @@ from safetensors.torch import load_file  # noqa: E402
 
 from feddpa_fast.fed import wire  # noqa: E402
 from feddpa_fast.fed.checkpoint import load_checkpoint  # noqa: E402
-from feddpa_fast.fed.config import RunConfig  # noqa: E402
 from feddpa_fast.fed.flower import codec  # noqa: E402
-from feddpa_fast.fed.flower.run_config import from_flower  # noqa: E402
+from feddpa_fast.fed.flower.flower_config import from_flower  # noqa: E402
+from feddpa_fast.fed.run_config import RunConfig  # noqa: E402
 from feddpa_fast.fed.runner import run  # noqa: E402
 
 pytestmark = pytest.mark.flower

@@ -18,7 +18,7 @@ from safetensors.torch import save as st_save  # noqa: E402
 from feddpa_fast.fed import in_process, wire  # noqa: E402
 from feddpa_fast.fed.checkpoint import load_checkpoint  # noqa: E402
 from feddpa_fast.fed.flower.codec import decode_reply, encode_reply  # noqa: E402
-from feddpa_fast.fed.flower.run_config import app_config  # noqa: E402
+from feddpa_fast.fed.flower.flower_config import app_config  # noqa: E402
 from feddpa_fast.fed.flower.server_app import run_server  # noqa: E402
 from feddpa_fast.fed.runner import run  # noqa: E402
 

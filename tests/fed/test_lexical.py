@@ -8,17 +8,17 @@ import json
 import pytest
 from lexical_fixtures import write_dictionary, write_sources
 
-from feddpa_fast.cli import main
-from feddpa_fast.data import DataError, load_data_dir
-from feddpa_fast.lexical import (
+from feddpa_fast.fed.cli import main
+from feddpa_fast.fed.data import DataError, load_data_dir
+from feddpa_fast.fed.lexical import (
     LEXICAL_TASKS,
     MissingSourceError,
     build_lexical,
     load_sources,
     write_lexical,
 )
-from feddpa_fast.lexical.dictd import Dictionary, b64_number
-from feddpa_fast.lexical.wordnet import read_data, read_index
+from feddpa_fast.fed.lexical.dictd import Dictionary, b64_number
+from feddpa_fast.fed.lexical.wordnet import read_data, read_index
 
 TASK_NAMES = [t.name for t in LEXICAL_TASKS]
 

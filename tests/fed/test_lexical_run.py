@@ -10,9 +10,9 @@ import pytest
 from fed_fixtures import tiny_llama_dir
 from lexical_fixtures import write_sources
 
-from feddpa_fast.fed.config import RunConfig
+from feddpa_fast.fed.lexical import write_lexical
+from feddpa_fast.fed.run_config import RunConfig
 from feddpa_fast.fed.runner import run
-from feddpa_fast.lexical import write_lexical
 
 TWO_TASKS = ("antonym", "french")
 
@@ -53,7 +53,7 @@ def test_two_clients_one_round_on_a_tiny_llama(tmp_path):
 @pytest.mark.slow
 def test_two_clients_one_round_on_smollm2(tmp_path):
     pytest.importorskip("gguf")
-    from feddpa_fast.smollm2 import gguf_path
+    from feddpa_fast.fed.smollm2 import gguf_path
 
     try:
         gguf_path()

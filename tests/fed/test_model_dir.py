@@ -4,7 +4,7 @@ import shutil
 
 import pytest
 
-from feddpa_fast.cli import main as cli_main
+from feddpa_fast.fed.cli import main as cli_main
 
 
 def _train(model, out, capsys):

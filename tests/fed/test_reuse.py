@@ -11,9 +11,9 @@ import torch
 from fed_fixtures import causal_lm_data_dir, tiny_llama_dir
 from safetensors.torch import load_file
 
-from feddpa_fast.cli import main
-from feddpa_fast.fed.config import RunConfig
+from feddpa_fast.fed.cli import main
 from feddpa_fast.fed.reuse import seed_from_rounds
+from feddpa_fast.fed.run_config import RunConfig
 from feddpa_fast.fed.runner import run
 
 FLAGS = ["--task", "causal-lm", "--rounds", "2", "--max-steps", "1", "--rank", "4",

@@ -12,8 +12,8 @@ import torch
 from fed_fixtures import causal_lm_data_dir, tiny_cfg, tiny_llama_dir
 from safetensors.torch import load_file
 
-from feddpa_fast.cli import main as cli_main
 from feddpa_fast.fed.checkpoint import CheckpointError, load_checkpoint
+from feddpa_fast.fed.cli import main as cli_main
 from feddpa_fast.fed.runner import run
 
 ALGOS = ["fedit", "local", "feddpa-f", "feddpa-t", "fdlora", "c2a"]
@@ -102,7 +102,7 @@ def test_what_fdlora_and_c2a_upload(bert_dir, tmp_path, uploads_seen, algo):
 
 
 def _train_cmd(model_dir, out, rounds):
-    return [sys.executable, "-m", "feddpa_fast.cli", "train", "--model", str(model_dir),
+    return [sys.executable, "-m", "feddpa_fast.fed.cli", "train", "--model", str(model_dir),
             "--clients", "2", "--rounds", str(rounds), "--max-steps", "3", "--batch-size", "8",
             "--lr", "0.01", "--rank", "4", "--seed", "3", "--out", str(out), "--quiet"]
 

@@ -1,8 +1,8 @@
 """Small rough edges a new user hit: the round plot's axis, the CLI's help."""
 import pytest
 
-from feddpa_fast.cli import main as cli_main
-from feddpa_fast.evaluate import rounds_figure
+from feddpa_fast.fed.cli import main as cli_main
+from feddpa_fast.fed.evaluate import rounds_figure
 
 
 def test_the_round_plot_has_whole_round_ticks():
@@ -25,7 +25,7 @@ def test_every_eval_flag_has_help(capsys):
 def test_threads_sets_torch_threads_and_refuses_zero(capsys, monkeypatch):
     import torch
 
-    import feddpa_fast.cli as cli
+    import feddpa_fast.fed.cli as cli
 
     seen = []
     monkeypatch.setattr(cli, "_eval", lambda args: seen.append(torch.get_num_threads()) or 0)

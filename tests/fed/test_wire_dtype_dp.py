@@ -11,8 +11,8 @@ from opacus.accountants import RDPAccountant
 
 from feddpa_fast.fed import aggregate as aggregate_mod
 from feddpa_fast.fed.checkpoint import load_checkpoint
-from feddpa_fast.fed.config import ConfigError, RunConfig
 from feddpa_fast.fed.privacy import PrivacySettings, clip_and_noise, epsilon
+from feddpa_fast.fed.run_config import ConfigError, RunConfig
 from feddpa_fast.fed.runner import Run, run
 
 _cfg = partial(tiny_cfg, algo="feddpa-t")
@@ -177,8 +177,8 @@ def test_fdlora_round_0_is_clipped_against_its_own_starting_point(bert_dir, tmp_
     local init, not trained - the received global (a different random init)."""
     from feddpa_fast.adapters import adapter_state_dict
     from feddpa_fast.fed.checkpoint import derive_seed
-    from feddpa_fast.fed.client import init_adapter
     from feddpa_fast.fed.loading import build_task
+    from feddpa_fast.fed.training import init_adapter
 
     cfg = _cfg(bert_dir, tmp_path / "f", algo="fdlora", rounds=1, dp_clip=0.05,
                dp_noise_multiplier=0.0)

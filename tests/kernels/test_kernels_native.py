@@ -48,12 +48,6 @@ def test_transposed_weight_view_is_read_in_place():
     assert_close_to_reference(native, inputs)
 
 
-@pytest.mark.parametrize("wanted", [("lora_a", "lora_b"), ("x",), ("scale",), ("x", "bias")])
-def test_only_requested_gradients(wanted):
-    inputs = make_inputs((11,), 20, 30, 6, torch.float32)
-    assert_close_to_reference(native, inputs, wanted=wanted)
-
-
 def test_gradcheck_float64():
     for row_scale in (True, False):
         for bias in (True, False):

@@ -92,7 +92,7 @@ def test_forward_runs_and_tma_on_gpu(chunks, use_tma):
     u = torch.full((1000, 32), float("nan"), device="cuda")
     cfg = fwd_default(arch_of(x2.device), 4096, 32, True, torch.bfloat16, use_tma)
     if use_tma:
-        triton_launch._set_tma_allocator()
+        triton_launch.set_tma_allocator()
     triton_forward.forward_plan(x2, w, inputs["bias"], a, b, inputs["scale"], y, u,
                                 use_tma=use_tma, cfg=cfg, sms=132, chunks=chunks).run()
     y_ref, u_ref = _ref(inputs)

@@ -9,7 +9,7 @@ from torch import nn
 
 from feddpa_fast import merge, mix, patch, unmerge
 from feddpa_fast.config import ADAPTERS, DualLoRAConfig
-from feddpa_fast.fed.c2a import GeneratedAdapters
+from feddpa_fast.fed.algorithms.c2a_hypernetwork import GeneratedAdapters
 from feddpa_fast.layers import dual_lora_layers
 
 R, ALPHA, SCALING = 4, 8, 2.0   # the stacked adapters' rank, alpha and alpha / r

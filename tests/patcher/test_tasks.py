@@ -7,13 +7,13 @@ from fed_fixtures import causal_lm_data_dir, tiny_llama_dir
 from tiny_models import randomize_lora_b
 
 import feddpa_fast as fd
-from feddpa_fast.cli import build_parser, config_from_args
-from feddpa_fast.cli import main as cli_main
-from feddpa_fast.data import LMExample
-from feddpa_fast.fed.config import RunConfig
+from feddpa_fast.fed.algorithms.feddpa_weighting import WeightingConfig, instance_weights
+from feddpa_fast.fed.cli import build_parser, config_from_args
+from feddpa_fast.fed.cli import main as cli_main
+from feddpa_fast.fed.data import LMExample
+from feddpa_fast.fed.run_config import RunConfig
 from feddpa_fast.fed.runner import run
-from feddpa_fast.fed.weighting import WeightingConfig, instance_weights
-from feddpa_fast.tasks import CausalLMTask
+from feddpa_fast.fed.tasks import CausalLMTask
 
 
 @pytest.fixture(scope="module")

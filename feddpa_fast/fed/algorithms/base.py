@@ -26,6 +26,7 @@ import torch
 from ...adapters import adapter_state_dict, load_adapter_state_dict, save_adapter
 from ...mixing import mix, set_trainable
 from ..checkpoint import derive_seed
+from ..training import init_adapter
 
 __all__ = ["Algorithm", "Evaluation", "GLOBAL_ALONE", "LOCAL_ALONE", "Phase", "TrainTarget"]
 
@@ -98,7 +99,6 @@ class Algorithm:
 
     def initial_global(self, task) -> dict[str, torch.Tensor]:
         """What the server starts from: a seeded PEFT-initialised global adapter."""
-        from ..client import init_adapter
 
         init_adapter(task.model, "global", derive_seed(self.cfg.seed, "global-init"))
         return adapter_state_dict(task.model, "global")

@@ -23,14 +23,14 @@ from safetensors.torch import save as st_save
 from ...atomic import atomic_write_bytes
 from ...layers import dual_lora_layers
 from ...mixing import mix, set_trainable
-from ..c2a import (
+from ..checkpoint import derive_seed
+from .base import Algorithm, Evaluation, Phase, TrainTarget
+from .c2a_hypernetwork import (
     AdapterHypernetwork,
     GeneratedAdapters,
     label_distribution,
     uniform_label_distribution,
 )
-from ..checkpoint import derive_seed
-from .base import Algorithm, Evaluation, Phase, TrainTarget
 
 __all__ = ["C2A", "Conditioning", "context_embedding"]
 

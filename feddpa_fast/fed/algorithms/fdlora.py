@@ -15,8 +15,8 @@ from pathlib import Path
 
 from ...adapters import adapter_state_dict
 from ...atomic import atomic_write_bytes
-from ..fdlora import SearchConfig, fusion_search, holdout_loss
 from .base import GLOBAL_ALONE, Algorithm, Evaluation, Phase
+from .fdlora_search import SearchConfig, fusion_search, holdout_loss
 
 __all__ = ["FDLoRA"]
 

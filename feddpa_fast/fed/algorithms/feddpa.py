@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from ...adapters import load_adapter_state_dict
 from ..checkpoint import derive_seed
+from ..training import train_phase
 from .base import GLOBAL_ALONE, Algorithm, Evaluation, Phase
 
 __all__ = ["FedDPAF", "FedDPAT"]
@@ -39,7 +40,6 @@ class FedDPAF(_FedDPA):
     def post_train(self, client, tensors, rounds: int) -> dict:
         """A local adapter initialised from the final global one, trained alone; saved as the
         local adapter of round ``rounds``."""
-        from ..client import train_phase
 
         model = client.task.model
         load_adapter_state_dict(model, tensors, "global")

@@ -19,7 +19,7 @@ from ..client import Client
 from ..loading import load_data
 from ..runner import Run, prepare_run
 from .codec import decode_request, encode_reply, encode_result, request_payload
-from .run_config import extra, from_flower
+from .flower_config import extra, from_flower
 
 __all__ = ["client_app"]
 

@@ -18,7 +18,7 @@ from .. import final
 from ..checkpoint import load_checkpoint
 from ..runner import prepare_run
 from .codec import ReplyError, decode_reply, decode_result, encode_request
-from .run_config import extra, from_flower
+from .flower_config import extra, from_flower
 
 __all__ = ["GridTransport", "server_app", "run_server"]
 

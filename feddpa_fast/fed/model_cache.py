@@ -22,7 +22,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from .atomic import atomic_write_bytes
+from ..atomic import atomic_write_bytes
 
 __all__ = ["cache_root", "cached_dir", "verify", "MANIFEST", "ENV_VAR"]
 

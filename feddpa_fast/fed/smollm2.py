@@ -9,11 +9,11 @@ dequantizes it to fp32: a ``LlamaForCausalLM`` with 134.5 M parameters, 30 layer
 576, vocabulary 49,152, tied embeddings, plus its tokenizer and chat template. That takes about
 20 s on 2 cores, so the result is cached once as an ordinary Hugging Face directory
 (``model.safetensors``, ``config.json``, tokenizer files) under the user cache directory
-(``feddpa_fast.model_cache``: ``$FEDDPA_FAST_CACHE``, else ``$XDG_CACHE_HOME/feddpa_fast``, else
+(``feddpa_fast.fed.model_cache``: ``$FEDDPA_FAST_CACHE``, else ``$XDG_CACHE_HOME/feddpa_fast``, else
 ``~/.cache/feddpa_fast``), written atomically and verified by checksum on every load; later
 loads take about a second.
 
-    from feddpa_fast.smollm2 import load_smollm2
+    from feddpa_fast.fed.smollm2 import load_smollm2
     model, tokenizer = load_smollm2()          # or model_dir() for the directory itself
 """
 from __future__ import annotations
@@ -105,7 +105,7 @@ def model_dir(root: Path | None = None) -> Path:
     corrupt (about 20 s once; a checksum check, about 1 s, on every later call).
 
     Args:
-        root: the cache root (default: ``feddpa_fast.model_cache.cache_root()``).
+        root: the cache root (default: ``feddpa_fast.fed.model_cache.cache_root()``).
 
     Returns:
         A directory ``AutoModelForCausalLM.from_pretrained`` and ``AutoTokenizer`` read.

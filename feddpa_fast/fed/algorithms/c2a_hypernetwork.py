@@ -14,7 +14,7 @@ import math
 import torch
 from torch import nn
 
-from ..layers import dual_lora_layers
+from ...layers import dual_lora_layers
 
 __all__ = ["AdapterHypernetwork", "GeneratedAdapters", "label_distribution",
            "lora_parameter_count", "uniform_label_distribution"]

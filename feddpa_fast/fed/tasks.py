@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from jinja2 import TemplateError
 
-from .mixing import mix
+from ..mixing import mix
 
 __all__ = ["ClassifyTask", "CausalLMTask", "PROMPT"]
 

@@ -15,10 +15,10 @@ import json
 import random
 from pathlib import Path
 
-from ..atomic import atomic_write_bytes
+from ...atomic import atomic_write_bytes
 from ..data import DataError, LMExample
+from .lexical_tasks import LEXICAL_TASKS, is_word
 from .sources import Sources, load_sources
-from .tasks import LEXICAL_TASKS, is_word
 
 __all__ = ["build_lexical", "vocabulary", "write_lexical"]
 

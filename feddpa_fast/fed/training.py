@@ -1,0 +1,61 @@
+"""A client's local training, shared by every method (fed/algorithms/): PEFT's seeded adapter
+init, and one phase of AdamW steps on what the method names for that phase
+(``Algorithm.train_target``). It imports no method and no client, so the methods can call it
+at module level."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..layers import dual_lora_layers
+from ..mixing import set_trainable
+
+__all__ = ["init_adapter", "train_phase"]
+
+
+def init_adapter(model: nn.Module, adapter: str, seed: int) -> None:
+    """PEFT's init (A Kaiming-uniform, B zero) for one adapter, from a seeded generator."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in dual_lora_layers(model):
+            a = layer.lora_A[adapter].weight
+            bound = 1.0 / math.sqrt(a.shape[1])  # kaiming_uniform_(a=sqrt(5)) on (r, K)
+            a.copy_(torch.rand(a.shape, generator=gen, dtype=torch.float64)
+                    .mul_(2 * bound).sub_(bound).to(a.dtype))
+            layer.lora_B[adapter].weight.zero_()
+
+
+def train_phase(client, phase, seed: int) -> float:
+    """Trains what the client's method names for ``phase`` (an ``algorithms.Phase``, through
+    ``Algorithm.train_target``) on the client's training slice; returns the mean training
+    loss."""
+    model, settings = client.task.model, client.settings
+    target = client.algorithm.train_target(client, phase)
+    for module in target.modules:
+        module.train()
+    opt = torch.optim.AdamW(target.params, lr=settings.lr, weight_decay=settings.weight_decay)
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # dropout
+    model.train()
+    losses = []
+    for _ in range(settings.local_epochs):
+        order = torch.randperm(len(client.fit), generator=gen).tolist()
+        batches = [order[i:i + settings.batch_size]
+                   for i in range(0, len(order), settings.batch_size)]
+        for batch in batches[: settings.max_steps]:
+            # backward inside the context: gradient checkpointing recomputes in there
+            with target.batch_context():
+                loss = client.task.loss([client.fit[i] for i in batch])
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"non-finite training loss in phase {phase.name}")
+                loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+    model.eval()
+    set_trainable(model, "none")
+    for module in target.modules:
+        module.eval()
+    return sum(losses) / max(len(losses), 1)
