@@ -22,6 +22,7 @@ from torch import nn
 
 from .atomic import atomic_write_bytes
 from .config import ADAPTERS
+from .errors import FeddpaError
 from .layers import dual_lora_layers
 from .patch import _name_matches
 from .sealed import IntegrityError, read_sealed, sealed_bytes
@@ -34,7 +35,7 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 _PREFIX = "base_model.model."
 
 
-class AdapterError(ValueError):
+class AdapterError(FeddpaError, ValueError):
     """An adapter directory or state dict that does not fit the patched model."""
 
 

@@ -18,12 +18,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from .errors import FeddpaError
+
 __all__ = ["DIGEST_KEY", "IntegrityError", "read_sealed", "sealed_bytes"]
 
 DIGEST_KEY = "sha256"
 
 
-class IntegrityError(ValueError):
+class IntegrityError(FeddpaError, ValueError):
     """A sealed file that is unreadable or whose tensors do not match its digest."""
 
 

@@ -1,11 +1,9 @@
-"""Atomic files and the server checkpoint (docs/ARCHITECTURE.md §6).
+"""The server checkpoint and the run's metrics file (docs/ARCHITECTURE.md §6).
 
-Every state file is written to a temporary file in the same directory, flushed and fsynced,
-then renamed over the old one (``os.replace`` is atomic on POSIX), and the directory is
-fsynced: a crash leaves either the old file or the new one, never a torn one.
-
-The checkpoint is one safetensors file: the global adapter's tensors plus, in its metadata, the
-run state as JSON (rounds completed, the run's config, the seed). There is no opaque RNG state
+The checkpoint is one safetensors file, written atomically (feddpa_fast/atomic.py) and sealed
+with the SHA-256 of its tensors (feddpa_fast/sealed.py): the global adapter's tensors plus, in
+its metadata, the ``RunState`` as JSON (fed/run_state.py: rounds completed, the run's config,
+the seed, the DP account, the data's digests). There is no opaque RNG state
 to save: every random stream of the run (client sampling, shuffling, dropout, adapter init) is
 derived from ``(seed, round, client, phase)`` (``derive_seed``), so the seed and the round *are*
 the RNG state, and a resumed run replays exactly what an uninterrupted one does.
@@ -20,15 +18,16 @@ from pathlib import Path
 import torch
 
 from ..atomic import atomic_write_bytes
+from ..errors import FeddpaError, MissingFileError
 from ..sealed import IntegrityError, read_sealed, sealed_bytes
 from .options import resolved_source
+from .run_state import RunState
 
-__all__ = ["CheckpointError", "atomic_write_bytes", "derive_seed", "load_checkpoint",
-           "read_metrics", "resume_state", "save_checkpoint", "save_run_checkpoint",
-           "truncate_metrics"]
+__all__ = ["CheckpointError", "derive_seed", "load_checkpoint", "read_metrics", "resume_state",
+           "save_checkpoint", "truncate_metrics"]
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(FeddpaError, RuntimeError):
     """A checkpoint that cannot be read or does not belong to this run."""
 
 
@@ -39,23 +38,30 @@ def derive_seed(*parts) -> int:
 
 
 def save_checkpoint(path: str | os.PathLike, global_adapter: dict[str, torch.Tensor],
-                    state: dict) -> None:
-    """Atomically writes the global adapter and the JSON-able ``state``, sealed with the
-    SHA-256 of its tensors (feddpa_fast/sealed.py)."""
+                    state: RunState) -> None:
+    """Atomically writes the global adapter and the run's state, sealed with the SHA-256 of
+    its tensors (feddpa_fast/sealed.py): what both transports write after every round (and
+    after the post step)."""
     blob = sealed_bytes(global_adapter, {"format": "pt",
-                                         "state": json.dumps(state, sort_keys=True)})
+                                         "state": json.dumps(state.to_json(), sort_keys=True)})
     atomic_write_bytes(path, blob)
 
 
-def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
+def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], RunState]:
     """(global adapter, state) from a checkpoint written by ``save_checkpoint``, its digest
-    verified (a checkpoint without one, from before digests, is read unverified)."""
+    verified (a checkpoint without one, from before digests, is read unverified) and its state
+    read through its schema (fed/run_state.py).
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        CheckpointError: a file that is not a readable, intact checkpoint, naming it.
+    """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}")
+        raise MissingFileError(f"no checkpoint at {path}")
     try:
         tensors, metadata = read_sealed(path, required=False)
-        state = json.loads(metadata["state"])
+        state = RunState.from_json(json.loads(metadata["state"]))
     except IntegrityError as exc:
         raise CheckpointError(str(exc)) from None
     except (ValueError, KeyError, TypeError) as exc:
@@ -63,33 +69,18 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     return tensors, state
 
 
-def save_run_checkpoint(path, global_adapter, config: dict, seed: int, rounds_done: int,
-                        post_done: bool, sample_rates: list[float] | None = None,
-                        data_sha256: dict[str, str] | None = None) -> None:
-    """The checkpoint both transports write after every round (and after the post step);
-    ``sample_rates`` (one per attempt so far) lets a resumed run continue its DP account;
-    ``data_sha256`` ({file: digest} of the data directory) lets it refuse changed data."""
-    state = {"rounds_done": rounds_done, "post_done": post_done, "seed": seed, "config": config}
-    if sample_rates:
-        state["sample_rates"] = list(sample_rates)
-    if data_sha256:
-        state["data_sha256"] = dict(data_sha256)
-    save_checkpoint(path, global_adapter, state)
-
-
 def resume_state(path: str | os.PathLike, config: dict,
                  data_sha256: dict[str, str] | None = None):
-    """(global adapter, rounds done, post step done, DP sample rates) of the run checkpointed
-    at ``path``;
-    refuses a checkpoint of another configuration, or of other data contents (when both
-    digests are known), and removes checkpoint temp files left by a write killed mid-way."""
+    """(global adapter, RunState) of the run checkpointed at ``path``; refuses a checkpoint of
+    another configuration, or of other data contents (when both digests are known), and
+    removes checkpoint temp files left by a write killed mid-way."""
     path = Path(path)
     global_adapter, state = load_checkpoint(path)
-    saved, asked = _comparable(state.get("config") or {}), _comparable(config)
+    saved, asked = _comparable(state.config), _comparable(config)
     if saved != asked:
         raise CheckpointError(f"{path} belongs to a run with another configuration "
                               f"({config_difference(saved, asked)}); resume with the same flags")
-    recorded = state.get("data_sha256") or {}
+    recorded = state.data_sha256
     changed = sorted(n for n in recorded if data_sha256 and recorded[n] != data_sha256.get(n))
     if changed:
         raise CheckpointError(f"{path}: the data changed since the run started ("
@@ -97,8 +88,7 @@ def resume_state(path: str | os.PathLike, config: dict,
                               "SHA-256); resume with the data the run was trained on")
     for stale in path.parent.glob(f".{path.name}.*.tmp"):
         stale.unlink()
-    return (global_adapter, state["rounds_done"], state.get("post_done", False),
-            state.get("sample_rates", []))
+    return global_adapter, state
 
 
 def _comparable(config: dict) -> dict:

@@ -15,12 +15,12 @@ table; flags given on the command line win over the file.
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import logging
 import sys
-import time
 from pathlib import Path
+
+from ..errors import FeddpaError, MissingFileError
+from .options import ConfigError
 
 __all__ = ["main", "build_parser", "config_from_args"]
 
@@ -106,11 +106,11 @@ def _read_toml(path: Path) -> dict:
         try:
             import tomli as tomllib
         except ImportError:
-            raise ValueError("--config needs Python >= 3.11 (tomllib) or the tomli "
+            raise ConfigError("--config needs Python >= 3.11 (tomllib) or the tomli "
                              "package") from None
 
     if not path.is_file():
-        raise FileNotFoundError(f"--config {path} does not exist")
+        raise MissingFileError(f"--config {path} does not exist")
     with path.open("rb") as f:
         raw = tomllib.load(f)
     known = {flag for flag, *_ in _declared()} | {"algos"}
@@ -122,7 +122,7 @@ def _read_toml(path: Path) -> dict:
             items = [(key.replace("_", "-"), value)]
         for flag, v in items:
             if flag not in known:
-                raise ValueError(f"{path}: unknown option {key!r}; known: {sorted(known)}")
+                raise ConfigError(f"{path}: unknown option {key!r}; known: {sorted(known)}")
             values[flag] = v
     return values
 
@@ -187,77 +187,14 @@ def _train(args) -> int:
     return 0
 
 
-def _run_compared(cfg, args, finished: dict) -> dict:
-    """One method of a compare; a method sharing the rounds of one already ``finished`` here
-    starts from them (fed/reuse.py; results.json says so). The results carry the wall time
-    this compare spent."""
-    from .algorithms import get_algorithm
-    from .reuse import seed_from_rounds
-    from .runner import run
-
-    out = Path(cfg.out)
-    started = (out / "checkpoint.safetensors").exists()
-    done = _finished_results(out, cfg) if args.resume and started else None
-    if done is not None:
-        return done  # a finished method is not run again
-    start = time.perf_counter()
-    source = get_algorithm(cfg).shares_rounds_with
-    reused = source in finished and seed_from_rounds(finished[source], cfg)
-    # --resume continues what exists and starts what does not.
-    results = run(cfg, resume=(args.resume and started) or reused, progress=not args.quiet)
-    results["wall_s"] = time.perf_counter() - start if not started else results["wall_s"]
-    return results
-
-
-def _finished_results(out: Path, cfg) -> dict | None:
-    """The results.json of a finished run of ``cfg`` in ``out`` (None: not finished, or
-    another configuration's)."""
-    from .algorithms import get_algorithm
-    from .checkpoint import load_checkpoint
-
-    try:
-        results = json.loads((out / "results.json").read_text())
-        _, state = load_checkpoint(out / "checkpoint.safetensors")
-    except (OSError, ValueError, RuntimeError):
-        return None
-    complete = state.get("rounds_done") == cfg.rounds and (
-        state.get("post_done") or not get_algorithm(cfg).post_step)
-    return results if complete and state.get("config") == cfg.identity() else None
-
-
 def _compare(args) -> int:
-    from .evaluate import format_table, plot_methods
+    from .compare import compare
 
     algos = [a.strip() for a in args.algos.split(",") if a.strip()]
-    base = config_from_args(args)
-    if base.final_eval == "none":
-        raise ValueError("--final-eval none: compare ranks the methods by their final scores; "
-                         "use train for training-only runs")
     root = Path(args.out or "runs/compare")
-    rows, finished, notes = [], {}, []
-    for algo in algos:
-        cfg = dataclasses.replace(base, algo=algo, out=str(root / algo))
-        results = _run_compared(cfg, args, finished)
-        _print_summary(results)
-        finished[algo] = cfg.out
-        rows.append(results)
-        if results.get("reused_rounds_of"):
-            notes.append(f"{algo} reuses {results['reused_rounds_of']}'s rounds (the same "
-                         "rounds, bit for bit): its wall time is its own post step and "
-                         "evaluation.")
-        if results.get("by_assignment"):
-            other = "opposite" if cfg.weighting.assignment == "authors" else "authors"
-            v = results["by_assignment"][other]
-            rows.append({**results, "method": f"{algo} ({other} weights)", "P": v["P"],
-                         "TTP": v["TTP"]})
-    table = "\n\n".join([format_table(rows)] + notes)
+    table = compare(config_from_args(args), algos, root, resume=args.resume,
+                    progress=not args.quiet, on_result=_print_summary)
     print(table)
-    (root / "compare.md").write_text(table + "\n")
-    keys = ("method", "P", "TTP", "bytes_per_client_round", "wall_s", "server_s", "rounds_s",
-            "wire_dtype", "dp", "reused_rounds_of")
-    (root / "compare.json").write_text(
-        json.dumps([{k: r.get(k) for k in keys} for r in rows], indent=2) + "\n")
-    plot_methods(rows, root / "compare.png")
     print(f"table, json and plot in {root}")
     return 0
 
@@ -311,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     try:
         return handlers[args.command](args)
-    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as exc:
+    except FeddpaError as exc:  # bad input or state, named in the message; a bug keeps its trace
         print(f"feddpa-fast {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

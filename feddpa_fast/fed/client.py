@@ -17,10 +17,11 @@ from pathlib import Path
 import torch
 
 from ..adapters import adapter_state_dict, load_adapter_state_dict
+from ..atomic import atomic_write_bytes
 from ..sealed import IntegrityError, read_sealed, sealed_bytes
 from . import wire
 from .algorithms import Algorithm
-from .checkpoint import CheckpointError, atomic_write_bytes, derive_seed
+from .checkpoint import CheckpointError, derive_seed
 from .privacy import PrivacySettings, clip_and_noise
 from .training import init_adapter, train_phase
 
@@ -34,13 +35,20 @@ _LOCAL_FILE = re.compile(r"local_r(\d{4,})\.safetensors")
 class TrainSettings:
     """Local optimisation: AdamW per phase (re-created each phase, as the authors' per-round
     Trainer), ``local_epochs`` passes over the client's data, at most ``max_steps`` batches
-    per epoch when set."""
+    per epoch when set. Taken from a ``RunConfig`` (``from_config``), which declares and checks
+    every one of them: no second set of defaults here."""
 
-    local_epochs: int = 1
-    lr: float = 3e-4
-    batch_size: int = 16
-    max_steps: int | None = None
-    weight_decay: float = 0.0
+    local_epochs: int
+    lr: float
+    batch_size: int
+    max_steps: int | None
+    weight_decay: float = 0.0  # not a run option: the authors' AdamW has none
+
+    @classmethod
+    def from_config(cls, cfg) -> TrainSettings:
+        """A client's local optimisation settings of a RunConfig."""
+        return cls(local_epochs=cfg.local_epochs, lr=cfg.lr, batch_size=cfg.batch_size,
+                   max_steps=cfg.max_steps)
 
 
 def _attacked(tensors, received, attack: str):

@@ -26,13 +26,14 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import FeddpaError, MissingFileError
 from . import builtin_suite as _suite
 from .builtin_suite import BUILTIN_PAIRS, BUILTIN_TASKS
 
 KINDS = ("classify", "causal-lm")
 
 
-class DataError(ValueError):
+class DataError(FeddpaError, ValueError):
     """Malformed data or arguments; JSONL problems say ``file:line``."""
 
 
@@ -220,7 +221,7 @@ def partition_dirichlet(examples, n_clients: int, alpha: float, seed: int) -> li
 def _load_split_file(directory: Path, name: str, kind: str) -> list[_Row]:
     path = directory / name
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found (a data directory holds train.jsonl and "
+        raise MissingFileError(f"{path} not found (a data directory holds train.jsonl and "
                                 "test.jsonl)")
     return _read_rows(path, kind)
 

@@ -9,10 +9,12 @@ import dataclasses
 import math
 from pathlib import Path
 
+from ..errors import FeddpaError
+
 __all__ = ["ConfigError", "option", "check_options", "flag", "declared_fields"]
 
 
-class ConfigError(ValueError):
+class ConfigError(FeddpaError, ValueError):
     """A configuration value out of range, of the wrong type, or not one of the choices; the
     message names the flag."""
 

@@ -7,12 +7,14 @@ the method's name.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 from ..atomic import atomic_write_bytes
 from .algorithms import get_algorithm
-from .checkpoint import load_checkpoint, read_metrics, save_run_checkpoint
+from .checkpoint import CheckpointError, load_checkpoint, read_metrics, save_checkpoint
+from .options import ConfigError
 
 __all__ = ["REUSED", "reused_from", "seed_from_rounds"]
 
@@ -33,7 +35,7 @@ def seed_from_rounds(source_dir, cfg) -> bool:
         compare), which is then left alone.
 
     Raises:
-        ValueError: the source is another configuration or has not finished its rounds.
+        CheckpointError: the source is another configuration or has not finished its rounds.
     """
     out = Path(cfg.out)
     if (out / "checkpoint.safetensors").exists():
@@ -41,23 +43,23 @@ def seed_from_rounds(source_dir, cfg) -> bool:
     source_dir = Path(source_dir)
     source_algo = get_algorithm(cfg).shares_rounds_with
     if source_algo is None:
-        raise ValueError(f"{cfg.algo} shares its rounds with no other method")
+        raise ConfigError(f"{cfg.algo} shares its rounds with no other method")
     tensors, state = load_checkpoint(source_dir / "checkpoint.safetensors")
     expected = {**cfg.identity(), "algo": source_algo}
-    if state["config"] != expected:
-        differing = sorted(k for k in expected if state["config"].get(k) != expected[k])
-        raise ValueError(f"{source_dir}: its run differs from {cfg.algo}'s in {differing}; "
+    if state.config != expected:
+        differing = sorted(k for k in expected if state.config.get(k) != expected[k])
+        raise CheckpointError(f"{source_dir}: its run differs from {cfg.algo}'s in {differing}; "
                          "its rounds cannot be reused")
-    if state["rounds_done"] != cfg.rounds:
-        raise ValueError(f"{source_dir}: {state['rounds_done']} of {cfg.rounds} rounds done; "
+    if state.rounds_done != cfg.rounds:
+        raise CheckpointError(f"{source_dir}: {state.rounds_done} of {cfg.rounds} rounds done; "
                          "only a finished run's rounds are reused")
     rows = [r for r in read_metrics(source_dir / "metrics.jsonl") if "round" in r]
     atomic_write_bytes(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode())
     atomic_write_bytes(out / REUSED, (json.dumps({"algo": source_algo, "run": str(source_dir)})
                                       + "\n").encode())
     # The checkpoint last: it is what makes the directory a run (and resumable).
-    save_run_checkpoint(out / "checkpoint.safetensors", tensors, cfg.identity(), cfg.seed,
-                        cfg.rounds, False, state.get("sample_rates"))
+    save_checkpoint(out / "checkpoint.safetensors", tensors,
+                    dataclasses.replace(state, config=cfg.identity(), post_done=False))
     return True
 
 

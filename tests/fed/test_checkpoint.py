@@ -1,4 +1,5 @@
 """Atomic writes, seed derivation and the server checkpoint."""
+import dataclasses
 import os
 import struct
 
@@ -12,6 +13,7 @@ from feddpa_fast.fed.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from feddpa_fast.fed.run_state import RunState
 
 
 def test_atomic_write_replaces_and_leaves_no_temp_files(tmp_path):
@@ -46,7 +48,8 @@ def test_derive_seed_is_stable_and_distinguishes_its_parts():
 
 def test_checkpoint_round_trip_and_corruption(tmp_path):
     adapter = {"k": torch.arange(6.0).reshape(2, 3)}
-    state = {"rounds_done": 2, "config": {"algo": "fedit"}}
+    state = RunState(config={"algo": "fedit"}, seed=3, rounds_done=2, sample_rates=(0.5,),
+                     data_sha256={"train.jsonl": "ab"})
     save_checkpoint(tmp_path / "c", adapter, state)
     tensors, loaded = load_checkpoint(tmp_path / "c")
     assert torch.equal(tensors["k"], adapter["k"]) and loaded == state
@@ -79,7 +82,8 @@ def _flip_exponent_bit(path, tensor_offset=0):
 
 
 def test_a_finite_bit_flip_in_a_checkpoint_is_refused_naming_the_file(tmp_path):
-    save_checkpoint(tmp_path / "c", {"k": torch.full((2, 3), 0.5)}, {"rounds_done": 1})
+    save_checkpoint(tmp_path / "c", {"k": torch.full((2, 3), 0.5)},
+                    RunState(config={}, seed=0, rounds_done=1))
     _flip_exponent_bit(tmp_path / "c")
     before = (tmp_path / "c").read_bytes()
     with pytest.raises(CheckpointError, match=r"c: its tensors do not match the SHA-256"):
@@ -89,10 +93,37 @@ def test_a_finite_bit_flip_in_a_checkpoint_is_refused_naming_the_file(tmp_path):
 
 def test_a_checkpoint_from_before_digests_still_loads(tmp_path):
     from safetensors.torch import save as st_save
+    old_state = '{"config": {"algo": "fedit"}, "rounds_done": 1, "seed": 0}'
     (tmp_path / "old").write_bytes(st_save({"k": torch.ones(2)},
-                                           metadata={"format": "pt", "state": "{}"}))
+                                           metadata={"format": "pt", "state": old_state}))
     tensors, state = load_checkpoint(tmp_path / "old")
-    assert state == {} and torch.equal(tensors["k"], torch.ones(2))
+    assert state.rounds_done == 1 and torch.equal(tensors["k"], torch.ones(2))
+
+
+def test_a_schema_1_identity_reads_as_the_run_it_was(tmp_path):
+    """Schema 1 left out the options added later when they held the value such runs ran with:
+    read through the schema, the identity equals today's full one of the same run."""
+    from feddpa_fast.fed.run_config import RunConfig
+
+    today = RunConfig(prompt_format="alpaca").identity()
+    schema_1 = {k: v for k, v in today.items()
+                if k not in ("num_beams", "max_new_tokens", "prompt_format", "search_examples",
+                             "wire_dtype", "dp_clip", "dp_noise_multiplier", "dp_delta")}
+    state = RunState.from_json({"config": schema_1, "seed": 0, "rounds_done": 2})
+    assert state.config == today
+    assert RunState.from_json(state.to_json()) == state  # schema 2 records it as is
+    with pytest.raises(ValueError, match="schema 3"):
+        RunState.from_json({**state.to_json(), "schema": 3})
+    for bad in ({"seed": 0}, {"config": {}, "seed": 0}):
+        with pytest.raises(ValueError, match="without"):
+            RunState.from_json(bad)
+
+
+def test_finished_counts_the_post_step():
+    state = RunState(config={}, seed=0, rounds_done=3)
+    assert state.finished(3, None) and not state.finished(4, None)
+    assert not state.finished(3, "local fine-tuning")
+    assert dataclasses.replace(state, post_done=True).finished(3, "local fine-tuning")
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o027])
@@ -157,8 +188,9 @@ def test_a_relative_or_absolute_data_path_is_the_same_run(tmp_path, monkeypatch)
     assert relative.identity()["data"] == str(tmp_path / "data")  # recorded resolved
     # A checkpoint from before identities resolved paths holds the path as typed.
     old = {**absolute.identity(), "data": "data"}
-    save_checkpoint(tmp_path / "c", {"k": torch.ones(1)}, {"rounds_done": 1, "config": old})
-    assert resume_state(tmp_path / "c", absolute.identity())[1] == 1
+    save_checkpoint(tmp_path / "c", {"k": torch.ones(1)},
+                    RunState(config=old, seed=0, rounds_done=1))
+    assert resume_state(tmp_path / "c", absolute.identity())[1].rounds_done == 1
     with pytest.raises(CheckpointError, match=r"rounds: checkpoint 3, now 4"):
         resume_state(tmp_path / "c", RunConfig(data="data", rounds=4).identity())
 
@@ -185,7 +217,7 @@ def test_resume_refuses_data_whose_contents_changed(tmp_path, monkeypatch):
         run(cfg, progress=False)
     monkeypatch.setattr(Run, "_round", original)
     state = load_checkpoint(tmp_path / "cut" / "checkpoint.safetensors")[1]
-    assert set(state["data_sha256"]) == {"train.jsonl", "test.jsonl"}
+    assert set(state.data_sha256) == {"train.jsonl", "test.jsonl"}
     test_file = data / "test.jsonl"
     kept = test_file.read_bytes()
     test_file.write_bytes(kept.replace(b"lamp", b"lump"))  # the same shape, other contents

@@ -388,8 +388,8 @@ def test_identity_round_trips(cfg):
     assert RunConfig.from_identity(identity, cfg.out) == cfg
     assert RunConfig.from_identity(json.loads(json.dumps(identity)), cfg.out) == cfg
     assert RunConfig.from_identity(identity, "elsewhere").out == "elsewhere"
-    if cfg.num_beams == 1 and cfg.max_new_tokens == 32:  # decoding recorded only when set
-        assert "num_beams" not in identity and "max_new_tokens" not in identity
+    # Checkpoint schema 2 records every option (fed/run_state.py).
+    assert {"num_beams", "max_new_tokens", "prompt_format", "wire_dtype"} <= set(identity)
 
 
 def test_zero_unsets_an_optional_flag_as_in_the_flower_run_config():
@@ -403,13 +403,15 @@ def test_zero_unsets_an_optional_flag_as_in_the_flower_run_config():
 
 
 def test_a_checkpoint_from_before_prompt_format_reads_as_alpaca():
-    """Runs before --prompt-format used the Alpaca template whatever the model: an identity
-    without the field is an Alpaca run, and today's default (auto) is recorded."""
+    """Runs before --prompt-format used the Alpaca template whatever the model: a schema-1
+    identity without the field is an Alpaca run, and today's default (auto) is recorded."""
+    from feddpa_fast.fed.run_state import RunState
+
     cfg = RunConfig()
     identity = cfg.identity()
     assert identity["prompt_format"] == "auto"
     old = {k: v for k, v in identity.items() if k != "prompt_format"}
-    assert RunConfig.from_identity(old, "x").prompt_format == "alpaca"
+    state = RunState.from_json({"config": old, "seed": 0, "rounds_done": 1})  # schema 1
+    assert RunConfig.from_identity(state.config, "x").prompt_format == "alpaca"
     alpaca = dataclasses.replace(cfg, prompt_format="alpaca")
-    assert "prompt_format" not in alpaca.identity()  # resumes the old checkpoint
-    assert alpaca.identity() == old
+    assert alpaca.identity() == state.config  # so an Alpaca run resumes the old checkpoint

@@ -72,7 +72,7 @@ def test_kill_9_in_the_middle_of_a_checkpoint_then_resume(bert_dir, tmp_path):
     # is left behind; resuming redoes round 1 and removes the leftover.
     assert [p.name for p in out.iterdir() if p.name.startswith(".checkpoint")]
     _, state = load_checkpoint(out / "checkpoint.safetensors")
-    assert state["rounds_done"] == 1
+    assert state.rounds_done == 1
     run(_cfg(bert_dir, out), resume=True, progress=False)
     assert _same_global(reference, out)
     assert not [p.name for p in out.iterdir() if p.name.startswith(".checkpoint")]
@@ -96,7 +96,7 @@ def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint(bert_dir,
     with pytest.raises(OSError, match="No space left"):
         run(_cfg(bert_dir, out), progress=False)
     _, state = load_checkpoint(out / "checkpoint.safetensors")  # the previous one, intact
-    assert state["rounds_done"] == 1
+    assert state.rounds_done == 1
     monkeypatch.setattr(checkpoint_mod, "atomic_write_bytes", real)
     run(_cfg(bert_dir, out), resume=True, progress=False)
     assert _same_global(reference, out)
@@ -116,7 +116,7 @@ def test_a_permission_error_while_checkpointing_is_clear_and_loses_nothing(bert_
     with pytest.raises(PermissionError):
         run(_cfg(bert_dir, out), progress=False)
     tensors, state = load_checkpoint(out / "checkpoint.safetensors")
-    assert state["rounds_done"] == 1 and all(torch.isfinite(t).all() for t in tensors.values())
+    assert state.rounds_done == 1 and all(torch.isfinite(t).all() for t in tensors.values())
 
 
 def test_a_client_that_crashes_mid_round_is_left_out(bert_dir, tmp_path, monkeypatch):

@@ -70,4 +70,4 @@ def test_search_examples_caps_the_slice_the_search_scores(bert_dir, tmp_path):
     record = next(iter(results["per_client"].values()))["fusion"]
     assert record["examples"] == 5
     assert cfg.identity()["search_examples"] == 5
-    assert "search_examples" not in RunConfig().identity()  # old checkpoints still resume
+    assert RunConfig().identity()["search_examples"] is None  # schema 2 records every option

@@ -67,7 +67,7 @@ def test_deployment_equals_the_builtin_loop_and_resumes(bert_dir, tmp_path):
         ckpt = out / "checkpoint.safetensors"
         d.wait_for_file(run_id, ckpt)
         d.flwr(["stop", str(run_id), "local"])
-        assert load_checkpoint(ckpt)[1]["rounds_done"] == 1
+        assert load_checkpoint(ckpt)[1].rounds_done == 1
         status = d.wait(run_id, poll_s=0.5)
         assert status == "finished:stopped", status  # stopped during round 1
         first_row = (out / "metrics.jsonl").read_text().splitlines()[0]
@@ -80,7 +80,7 @@ def test_deployment_equals_the_builtin_loop_and_resumes(bert_dir, tmp_path):
     assert not d.leftovers, d.leftovers
 
     flower_global, state = load_checkpoint(out / "checkpoint.safetensors")
-    assert state["rounds_done"] == 2
+    assert state.rounds_done == 2
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows if "round" in r] == [0, 1] and rows[-1]["final"]
     assert all(r["accepted"] == r["sampled"] and len(r["sampled"]) == 2

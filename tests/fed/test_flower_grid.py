@@ -180,7 +180,7 @@ def test_a_hostile_or_broken_node_is_left_out_exactly_as_in_process(bert_dir, tm
     assert rows[HOSTILE_ROUND]["accepted"] == [CLIENTS[0]]  # the round went on without it
     assert rows[0]["accepted"] == list(CLIENTS)
     _, state = load_checkpoint(tmp_path / "flower" / "checkpoint.safetensors")
-    assert state["rounds_done"] == 2 and not list((tmp_path / "flower").glob(".*.tmp"))
+    assert state.rounds_done == 2 and not list((tmp_path / "flower").glob(".*.tmp"))
 
 
 def test_too_few_valid_replies_redo_the_round_exactly_as_in_process(bert_dir, tmp_path,

@@ -11,6 +11,7 @@ import torch
 from fed_fixtures import causal_lm_data_dir, tiny_llama_dir
 from safetensors.torch import load_file
 
+from feddpa_fast.fed.checkpoint import CheckpointError
 from feddpa_fast.fed.cli import main
 from feddpa_fast.fed.reuse import seed_from_rounds
 from feddpa_fast.fed.run_config import RunConfig
@@ -83,23 +84,23 @@ def test_rounds_of_another_configuration_are_not_reused(setting, tmp_path):
     source = _cfg(setting, "fedit", tmp_path / "fedit")
     run(source, progress=False)
     other = dataclasses.replace(_cfg(setting, "feddpa-f", tmp_path / "f"), lr=5e-4)
-    with pytest.raises(ValueError, match=r"differs .* in \['lr'\]"):
+    with pytest.raises(CheckpointError, match=r"differs .* in \['lr'\]"):
         seed_from_rounds(tmp_path / "fedit", other)
     longer = dataclasses.replace(_cfg(setting, "feddpa-f", tmp_path / "g"), rounds=3)
-    with pytest.raises(ValueError, match="differs"):
+    with pytest.raises(CheckpointError, match="differs"):
         seed_from_rounds(tmp_path / "fedit", longer)
     assert not (tmp_path / "f").exists() and not (tmp_path / "g").exists()
 
 
 def test_unfinished_rounds_are_not_reused(setting, tmp_path):
-    from feddpa_fast.fed.checkpoint import load_checkpoint, save_run_checkpoint
+    from feddpa_fast.fed.checkpoint import load_checkpoint, save_checkpoint
 
     source = _cfg(setting, "fedit", tmp_path / "fedit")
     run(source, progress=False)
     path = tmp_path / "fedit" / "checkpoint.safetensors"
     tensors, state = load_checkpoint(path)
-    save_run_checkpoint(path, tensors, state["config"], state["seed"], 1, False)
-    with pytest.raises(ValueError, match="1 of 2 rounds done"):
+    save_checkpoint(path, tensors, dataclasses.replace(state, rounds_done=1))
+    with pytest.raises(CheckpointError, match="1 of 2 rounds done"):
         seed_from_rounds(tmp_path / "fedit", _cfg(setting, "feddpa-f", tmp_path / "f"))
     assert not (tmp_path / "f").exists()
 

@@ -120,7 +120,7 @@ def test_resume_after_kill_equals_an_uninterrupted_run(bert_dir, tmp_path):
     deadline = time.time() + 300
     while time.time() < deadline:  # wait until round 1 is committed: round 2 is under way
         try:
-            if load_checkpoint(ckpt)[1]["rounds_done"] >= 2:
+            if load_checkpoint(ckpt)[1].rounds_done >= 2:
                 break
         except (FileNotFoundError, CheckpointError):
             pass
@@ -128,7 +128,7 @@ def test_resume_after_kill_equals_an_uninterrupted_run(bert_dir, tmp_path):
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     _, state = load_checkpoint(killed / "checkpoint.safetensors")
-    assert 2 <= state["rounds_done"] < 4  # killed mid-run
+    assert 2 <= state.rounds_done < 4  # killed mid-run
     subprocess.run(_train_cmd(bert_dir, killed, 4) + ["--test-limit", "4", "--resume"],
                    check=True, env=env, capture_output=True, timeout=600)
     a, _ = load_checkpoint(reference / "checkpoint.safetensors")
@@ -200,7 +200,7 @@ def test_final_eval_none_trains_only_and_eval_scores_it_later(bert_dir, tmp_path
     assert not (out / "predictions.jsonl").exists()
     for adapter in ("global", "sentiment/local", "product/local"):
         assert (out / "adapters" / adapter / "adapter_model.safetensors").is_file()
-    assert "final_eval" not in load_checkpoint(out / "checkpoint.safetensors")[1]["config"]
+    assert "final_eval" not in load_checkpoint(out / "checkpoint.safetensors")[1].config
     assert cli_main(["eval", "--run", str(out), "--quiet"]) == 0  # scores it now
     scored = json.loads((out / "results.json").read_text())
     assert 0 <= scored["P"] <= 1 and (out / "predictions.jsonl").stat().st_size > 0

@@ -3,14 +3,16 @@ import pytest
 import torch
 
 from feddpa_fast.fed import wire
+from feddpa_fast.fed.run_config import ConfigError, RunConfig
 from feddpa_fast.fed.server import Server, ServerSettings, TooFewUpdates
 
 KEY = "base_model.model.layer.lora_A.weight"
 
 
-def _server(**settings):
+def _server(**options):
+    """A server with the settings of RunConfig(**options): declared and checked once, there."""
     return Server({KEY: torch.zeros(2, 3)}, [f"c{i}" for i in range(8)],
-                  ServerSettings(**settings), seed=0)
+                  ServerSettings.from_config(RunConfig(**options)), seed=0)
 
 
 def _reply(name, value, round_index=0, n=10, **meta):
@@ -22,10 +24,10 @@ def test_sampling_is_seeded_and_sized():
     s = _server(fraction=0.5)
     assert s.sample(3) == s.sample(3) and len(s.sample(3)) == 4
     assert s.sample(3) != s.sample(3, attempt=1) or s.sample(4) != s.sample(3)
-    assert len(_server(per_round=3).sample(0)) == 3
+    assert len(_server(clients_per_round=3).sample(0)) == 3
     assert len(_server(fraction=0.01).sample(0)) == 1
-    with pytest.raises(ValueError):
-        ServerSettings(aggregation="mean")
+    with pytest.raises(ConfigError, match="aggregation"):
+        _server(aggregation="mean")
 
 
 def test_bad_replies_are_dropped_and_the_rest_aggregated():
@@ -55,7 +57,7 @@ def test_too_few_valid_updates_leave_the_global_adapter_unchanged():
 
 
 def test_run_round_completes_without_a_hung_client_and_redoes_short_rounds():
-    s = _server(per_round=3, min_clients=2)
+    s = _server(clients_per_round=3, min_clients=2)
     calls = []
 
     def exchange(r, sampled, broadcast):

@@ -149,7 +149,7 @@ def test_resume_is_bit_identical_with_every_wire_dtype_and_dp(bert_dir, tmp_path
     a, _ = load_checkpoint(tmp_path / "ref" / "checkpoint.safetensors")
     b, state = load_checkpoint(tmp_path / "cut" / "checkpoint.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert len(state["sample_rates"]) == 3
+    assert len(state.sample_rates) == 3
     assert resumed["dp"]["epsilon"] == reference["dp"]["epsilon"]
     assert (resumed["P"], resumed["TTP"]) == (reference["P"], reference["TTP"])
 
@@ -157,10 +157,11 @@ def test_resume_is_bit_identical_with_every_wire_dtype_and_dp(bert_dir, tmp_path
 def test_a_compressed_wire_keeps_the_fp32_master_below_the_wire_resolution():
     """Master 1.0001 is sent as bf16 1.0; an upload equal to what was sent leaves 1.0001."""
     from feddpa_fast.fed import wire
+    from feddpa_fast.fed.run_config import RunConfig
     from feddpa_fast.fed.server import Server, ServerSettings
 
     server = Server({"w": torch.tensor([1.0001, -2.0003])}, ["a"],
-                    ServerSettings(wire_dtype="bf16"), seed=0)
+                    ServerSettings.from_config(RunConfig(wire_dtype="bf16")), seed=0)
     sent, _ = wire.decode(server.round_broadcast(0), server.expected(), round=0,
                           sender="server")
     assert sent["w"].dtype == torch.bfloat16 and sent["w"][0].item() == 1.0

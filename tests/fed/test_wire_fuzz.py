@@ -37,6 +37,7 @@ from hypothesis.configuration import set_hypothesis_home_dir  # noqa: E402
 
 from feddpa_fast.fed import wire  # noqa: E402
 from feddpa_fast.fed.aggregate import RULES  # noqa: E402
+from feddpa_fast.fed.run_config import RunConfig  # noqa: E402
 from feddpa_fast.fed.server import Server, ServerSettings, TooFewUpdates  # noqa: E402
 from feddpa_fast.fed.wire import SCHEMA, WireError, decode, encode  # noqa: E402
 
@@ -497,8 +498,8 @@ def test_server_state_unchanged_by_rejected_blobs(data):
             replies[name] = bytes(data.draw(mutated(BASE[case][name])))
     min_clients = data.draw(st.integers(1, len(names)))
     rule = data.draw(st.sampled_from(RULES))
-    server = Server(GLOBALS[case], list(CLIENTS), ServerSettings(
-        aggregation=rule, min_clients=min_clients), seed=0)
+    server = Server(GLOBALS[case], list(CLIENTS), ServerSettings.from_config(
+        RunConfig(aggregation=rule, min_clients=min_clients)), seed=0)
     before = _bits(server.global_adapter)
     counts = {}
     for name, blob in replies.items():

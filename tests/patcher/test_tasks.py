@@ -63,8 +63,7 @@ def test_cli_decoding_flags_reach_the_run_config():
     cfg = config_from_args(args)
     assert (cfg.num_beams, cfg.max_new_tokens, cfg.model) == (3, 12, "smollm2")
     assert cfg.identity()["num_beams"] == 3
-    # Defaults stay out of the checkpoint identity, so runs saved before these flags resume.
-    assert "num_beams" not in RunConfig().identity()
+    assert RunConfig().identity()["num_beams"] == 1  # recorded (checkpoint schema 2)
 
 
 def test_cli_smollm2_needs_the_causal_lm_task(tmp_path, capsys):

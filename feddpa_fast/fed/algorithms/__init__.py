@@ -3,6 +3,7 @@ docs/ARCHITECTURE.md §4). Adding a method: a new module with an ``Algorithm`` s
 one entry in ``ALGORITHMS``."""
 from __future__ import annotations
 
+from ..options import ConfigError
 from .base import GLOBAL_ALONE, LOCAL_ALONE, Algorithm, Evaluation, Phase, TrainTarget
 from .c2a import C2A
 from .fdlora import FDLoRA
@@ -27,5 +28,5 @@ def get_algorithm(cfg) -> Algorithm:
         An ``Algorithm``.
     """
     if cfg.algo not in ALGORITHMS:
-        raise ValueError(f"unknown algorithm {cfg.algo!r}; choose one of {sorted(ALGORITHMS)}")
+        raise ConfigError(f"unknown algorithm {cfg.algo!r}; choose one of {sorted(ALGORITHMS)}")
     return ALGORITHMS[cfg.algo](cfg)

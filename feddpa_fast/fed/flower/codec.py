@@ -7,6 +7,8 @@ import math
 
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
+from ...errors import FeddpaError
+
 __all__ = ["ReplyError", "encode_request", "decode_request", "request_payload",
            "encode_reply", "decode_reply", "encode_result", "decode_result"]
 
@@ -49,7 +51,7 @@ def encode_reply(name: str, round_index: int, blob: bytes | None, stats: dict) -
                        "metrics": MetricRecord({k: float(v) for k, v in stats.items()})})
 
 
-class ReplyError(ValueError):
+class ReplyError(FeddpaError, ValueError):
     """A reply that is not one of ours: missing fields, wrong types."""
 
 

@@ -191,7 +191,7 @@ def run_server(grid: Grid, run_config: dict) -> dict:
     done, post_done = 0, False
     if resume:
         _, state = load_checkpoint(run.checkpoint_path)
-        done, post_done = state["rounds_done"], state.get("post_done", False)
+        done, post_done = state.rounds_done, state.post_done
         log.info("resuming from %s at round %d", run.checkpoint_path, done)
     transport.setup(done, post_done)  # the same initial global state as the built-in loop
     return run.run(transport, resume=resume, progress=False)

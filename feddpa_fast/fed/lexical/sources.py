@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from ...errors import MissingFileError
 from .dictd import Dictionary
 from .wordnet import WordNet
 
@@ -21,7 +22,7 @@ DICTIONARIES = {"freedict-eng-fra": "dict-freedict-eng-fra",
 _WORDNET_FILES = ("data.noun", "index.noun", "data.adj", "index.adj")
 
 
-class MissingSourceError(FileNotFoundError):
+class MissingSourceError(MissingFileError):
     """A source file of the lexical suite is missing; the message names the Debian package
     and the flag that points at a copy."""
 
