@@ -12,8 +12,8 @@ log = logging.getLogger("feddpa_fast.fed")
 
 
 class InProcess:
-    """Exchanges, post step, per-round score and final step of a ``Run`` (runner.py) whose
-    clients are all local."""
+    """The ``Transport`` (fed/transport.py) of a ``Run`` (runner.py) whose clients are all
+    local: exchanges, post step, per-round score and final step."""
 
     def __init__(self, run, progress: bool = True):
         self.run, self.progress = run, progress

@@ -38,8 +38,10 @@ from .privacy import epsilon
 from .run_config import ConfigError, RunConfig
 from .run_state import RunState
 from .server import Server, ServerSettings, round_row
+from .transport import Transport
 
-__all__ = ["Run", "build_run", "prepare_run", "run", "config_from_checkpoint", "evaluate_run"]
+__all__ = ["PreparedRun", "Run", "build_run", "prepare_run", "run", "config_from_checkpoint",
+           "evaluate_run"]
 
 log = logging.getLogger("feddpa_fast.fed")
 
@@ -54,24 +56,23 @@ def round_line(r: int, row: dict, sampled: int) -> str:
 
 
 @dataclasses.dataclass
-class Run:
-    """The parts of one run (``build_run``); ``clients`` are the ones that live in this
-    process (all of them in-process; those of the node on a Flower ClientApp; none on the
-    ServerApp)."""
+class PreparedRun:
+    """A run's parts before the method's setup (``prepare_run``): the task, the method and the
+    clients that live in this process (all of them in process; one on a Flower ClientApp;
+    none on the ServerApp). ``build`` runs the setup and makes the ``Run``, once."""
 
     cfg: RunConfig
     task: object
     algorithm: Algorithm
-    server: Server | None  # set by complete()
     clients: dict[str, Client]
     test: dict[str, list]
-    started: float = dataclasses.field(default_factory=time.perf_counter)  # wall_s counts from
-    names: list[str] = dataclasses.field(default_factory=list)  # every client of the run
-    sample_rates: list[float] = dataclasses.field(default_factory=list)  # the DP account's steps
+    started: float  # wall_s counts from here
+    names: list[str]  # every client of the run
     reports: dict = dataclasses.field(default_factory=dict)  # the local clients' setup reports
-    evaluation_only: bool = False  # `eval --run`: the training's wall_s is kept (final.finish)
-    data_sha256: dict = dataclasses.field(default_factory=dict)  # set by _restore, checkpointed
-    shared: dict | None = None  # what the method's setup gave every client
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return Path(self.cfg.out) / "checkpoint.safetensors"
 
     def setup_report(self, name: str):
         """A local client's setup report for the method (computed once)."""
@@ -79,20 +80,43 @@ class Run:
             self.reports[name] = self.algorithm.setup_report(self.task, self.clients[name])
         return self.reports[name]
 
-    def complete(self, *, reports: dict | None = None, shared: dict | None = None) -> dict:
-        """The method's setup and the server. The server side (in process, or a Flower
-        ServerApp given the nodes' ``reports``) runs ``setup``; a Flower node is given its
-        ``shared`` result. Every local client then joins. Returns ``shared``."""
+    def build(self, *, reports: dict | None = None, shared: dict | None = None) -> Run:
+        """The method's setup, every local client joined, and the server: the ``Run``.
+
+        Args:
+            reports: the clients' setup reports gathered elsewhere (the Flower ServerApp);
+                default: the local clients'.
+            shared: the setup's result, given to a Flower node instead of computing it.
+        """
         if shared is None:
             if reports is None:
                 reports = {name: self.setup_report(name) for name in self.clients}
             shared = self.algorithm.setup(self.task, reports)
         for name, client in self.clients.items():
             self.algorithm.join(self.task, client, shared, self.setup_report(name))
-        self.shared = shared
-        self.server = Server(self.algorithm.initial_global(self.task), self.names,
-                             ServerSettings.from_config(self.cfg), self.cfg.seed)
-        return shared
+        server = Server(self.algorithm.initial_global(self.task), self.names,
+                        ServerSettings.from_config(self.cfg), self.cfg.seed)
+        return Run(self.cfg, self.task, self.algorithm, server, self.clients, self.test,
+                   self.started, self.names, shared)
+
+
+@dataclasses.dataclass
+class Run:
+    """One run, built once (``PreparedRun.build`` / ``build_run``): its parts, the server and
+    the method's shared setup result; ``run(transport)`` plays it."""
+
+    cfg: RunConfig
+    task: object
+    algorithm: Algorithm
+    server: Server
+    clients: dict[str, Client]
+    test: dict[str, list]
+    started: float  # wall_s counts from here
+    names: list[str]  # every client of the run
+    shared: dict  # what the method's setup gave every client
+    sample_rates: list[float] = dataclasses.field(default_factory=list)  # the DP account's steps
+    evaluation_only: bool = False  # `eval --run`: the training's wall_s is kept (final.finish)
+    data_sha256: dict = dataclasses.field(default_factory=dict)  # set by _restore, checkpointed
 
     @property
     def out(self) -> Path:
@@ -102,11 +126,13 @@ class Run:
     def checkpoint_path(self) -> Path:
         return self.out / "checkpoint.safetensors"
 
-    def run(self, transport=None, *, resume: bool = False, progress: bool = True):
+    def run(self, transport: Transport | None = None, *, resume: bool = False,
+            progress: bool = True):
         """Plays (or resumes) the rounds, the post step and the final step over ``transport``.
 
         Args:
-            transport: ``InProcess`` (default) or the Flower ServerApp's ``GridTransport``.
+            transport: a ``Transport`` (fed/transport.py): ``InProcess`` (default) or the
+                Flower ServerApp's ``GridTransport``.
             resume: continue from ``checkpoint.safetensors`` in ``cfg.out``.
             progress: progress bars and a line per round on stderr.
 
@@ -192,9 +218,9 @@ class Run:
 
 
 def prepare_run(cfg: RunConfig, *, clients: list[str] | None = None,
-                state_root: Path | None = None) -> Run:
+                state_root: Path | None = None) -> PreparedRun:
     """A run's parts before the method's setup: data (checked first), the patched model, the
-    method and the local clients; ``Run.complete`` adds the setup and the server.
+    method and the local clients; ``PreparedRun.build`` adds the setup and the server.
 
     Args:
         cfg: the run's configuration.
@@ -222,12 +248,12 @@ def prepare_run(cfg: RunConfig, *, clients: list[str] | None = None,
                           attack=cfg.hostile if name in hostile else None,
                           wire_dtype=cfg.wire_dtype, privacy=cfg.privacy)
              for name in names}
-    return Run(cfg, task, algorithm, None, built, test, started, names=list(train))
+    return PreparedRun(cfg, task, algorithm, built, test, started, names=list(train))
 
 
 def build_run(cfg: RunConfig, *, clients: list[str] | None = None,
               state_root: Path | None = None, reports: dict | None = None) -> Run:
-    """``prepare_run`` and ``Run.complete``: the parts of a run, ready to run.
+    """``prepare_run`` and ``PreparedRun.build``: the parts of a run, ready to run.
 
     Args:
         cfg, clients, state_root: as ``prepare_run``.
@@ -237,9 +263,7 @@ def build_run(cfg: RunConfig, *, clients: list[str] | None = None,
     Returns:
         A ``Run``.
     """
-    run_ = prepare_run(cfg, clients=clients, state_root=state_root)
-    run_.complete(reports=reports)
-    return run_
+    return prepare_run(cfg, clients=clients, state_root=state_root).build(reports=reports)
 
 
 def run(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> dict:

@@ -207,3 +207,12 @@ def test_final_eval_none_trains_only_and_eval_scores_it_later(bert_dir, tmp_path
     assert cli_main(["compare", "--final-eval", "none", "--out", str(tmp_path / "c")]
                     + common) == 2
     assert "--final-eval none: compare" in capsys.readouterr().err
+
+
+def test_both_transports_implement_the_protocol():
+    from feddpa_fast.fed.in_process import InProcess
+    from feddpa_fast.fed.transport import Transport
+
+    assert isinstance(InProcess(run=None), Transport)
+    flower = pytest.importorskip("feddpa_fast.fed.flower.server_app")
+    assert isinstance(flower.GridTransport(None, None, {}, 1.0), Transport)

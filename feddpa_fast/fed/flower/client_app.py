@@ -17,18 +17,19 @@ from flwr.clientapp import ClientApp
 from .. import final, wire
 from ..client import Client
 from ..loading import load_data
-from ..runner import Run, prepare_run
+from ..runner import PreparedRun, Run, prepare_run
 from .codec import decode_request, encode_reply, encode_result, request_payload
 from .flower_config import extra, from_flower
 
 __all__ = ["client_app"]
 
 client_app = ClientApp()
-_RUNS: dict[tuple, Run] = {}  # one per (run config, node) in a long-lived ClientApp process
+_RUNS: dict[tuple, PreparedRun] = {}  # one per (run config, node) in a long-lived process
+_BUILT: dict[tuple, tuple[dict, Run]] = {}  # the Run of each, built for its setup result
 
 
-def _node_run(context: Context) -> tuple[Run, Client]:
-    """This node's run and client, prepared once per run config."""
+def _node_run(context: Context) -> tuple[PreparedRun, Client]:
+    """This node's prepared run and client, prepared once per run config."""
     cfg = from_flower(dict(context.run_config))
     torch.set_num_threads(extra(dict(context.run_config), "torch-threads"))
     node = dict(context.node_config)
@@ -43,21 +44,22 @@ def _node_run(context: Context) -> tuple[Run, Client]:
         if not 0 <= index < len(names):
             raise ValueError(f"partition-id {index}: the data has {len(names)} clients")
         _RUNS[key] = prepare_run(cfg, clients=[names[index]], state_root=Path(node["state-dir"]))
-    run = _RUNS[key]
-    return run, next(iter(run.clients.values()))
+    prepared = _RUNS[key]
+    return prepared, next(iter(prepared.clients.values()))
 
 
 def _joined(message: Message, context: Context) -> tuple[Run, Client]:
     """This node's run, completed with the setup's shared result that every train and
     evaluate message carries (a node may be a fresh process per message: Flower's subprocess
     isolation keeps nothing between them)."""
-    run, client = _node_run(context)
+    prepared, client = _node_run(context)
     shared = request_payload(message.content)
     if shared is None:
         raise ValueError(f"node of {client.name}: the message carries no setup result")
-    if run.server is None or run.shared != shared:
-        run.complete(shared=shared)
-    return run, client
+    key = id(prepared)
+    if key not in _BUILT or _BUILT[key][0] != shared:
+        _BUILT[key] = (shared, prepared.build(shared=shared))
+    return _BUILT[key][1], client
 
 
 @client_app.query()

@@ -65,10 +65,13 @@ def _valid_score(result: dict) -> bool:
 
 
 class GridTransport:
-    """A Run's exchanges as Flower messages to the nodes of its clients."""
+    """The ``Transport`` (fed/transport.py) of a Run as Flower messages to the nodes of its
+    clients."""
 
-    def __init__(self, run, grid: Grid, nodes: dict[str, int], round_timeout: float):
-        self.run, self.grid, self.nodes, self.round_timeout = run, grid, nodes, round_timeout
+    def __init__(self, prepared, grid: Grid, nodes: dict[str, int], round_timeout: float):
+        self.prepared, self.grid, self.nodes = prepared, grid, nodes
+        self.round_timeout = round_timeout
+        self.run = None  # the Run, built by ``setup``
 
     def _send(self, step: str, r: int, sampled: list[str], blob: bytes):
         msgs = [self.grid.create_message(encode_request(step, r, blob, self.run.shared), "train",
@@ -116,7 +119,7 @@ class GridTransport:
 
         Raises naming the nodes that gave no valid reply when fewer than ``at_least`` did
         (None: every node must reply, as the setup needs)."""
-        names = list(self.run.names)
+        names = list(self.prepared.names)
         msgs = [self.grid.create_message(encode_request(step, r, blob, payload), message_type,
                                          self.nodes[n], f"{step}-{r}") for n in names]
         by_node = {self.nodes[n]: n for n in names}
@@ -144,15 +147,17 @@ class GridTransport:
                         message_type, step, r, missing)
         return results
 
-    def setup(self, rounds_done: int, post_done: bool) -> None:
+    def setup(self, rounds_done: int, post_done: bool):
         """The method's setup exchange before round 0: every node drops the local adapters the
         checkpoint does not cover (as ``Run._restore`` does in process) and sends its report;
-        the setup's shared result then goes with every train and evaluate message."""
+        the setup's shared result then goes with every train and evaluate message. Returns
+        the built ``Run``."""
         progress = {"rounds_done": rounds_done, "post_done": post_done}
         results = self.ask("query", "setup", -1, payload=progress,
                            check=lambda result: "report" in result)
         reports = {n: result["report"] for n, result in results.items()}
-        self.run.complete(reports=reports)  # run.shared travels with every later message
+        self.run = self.prepared.build(reports=reports)  # run.shared goes with every message
+        return self.run
 
     def round_score(self, r: int) -> tuple[float, list[str]]:
         """(mean own-task P after round ``r``, each node scoring its own client; the clients
@@ -184,14 +189,14 @@ def run_server(grid: Grid, run_config: dict) -> dict:
     evaluation; returns the results dict (also written to results.json)."""
     cfg = from_flower(run_config)
     torch.set_num_threads(extra(run_config, "torch-threads"))
-    run = prepare_run(cfg, clients=[])  # the same seeded model as the built-in loop
-    nodes = discover(grid, run.names, extra(run_config, "node-wait"))
-    transport = GridTransport(run, grid, nodes, extra(run_config, "round-timeout"))
-    resume = run.checkpoint_path.exists()  # a restarted ServerApp carries the round offset
+    prepared = prepare_run(cfg, clients=[])  # the same seeded model as the built-in loop
+    nodes = discover(grid, prepared.names, extra(run_config, "node-wait"))
+    transport = GridTransport(prepared, grid, nodes, extra(run_config, "round-timeout"))
+    resume = prepared.checkpoint_path.exists()  # a restarted ServerApp carries the round offset
     done, post_done = 0, False
     if resume:
-        _, state = load_checkpoint(run.checkpoint_path)
+        _, state = load_checkpoint(prepared.checkpoint_path)
         done, post_done = state.rounds_done, state.post_done
-        log.info("resuming from %s at round %d", run.checkpoint_path, done)
-    transport.setup(done, post_done)  # the same initial global state as the built-in loop
+        log.info("resuming from %s at round %d", prepared.checkpoint_path, done)
+    run = transport.setup(done, post_done)  # the same initial global state as the built-in loop
     return run.run(transport, resume=resume, progress=False)
