@@ -102,10 +102,9 @@ def parse_args(argv):
 
 def scores(results: dict, cfg: RunConfig, hostile: set[str]) -> dict:
     """Mean P and TTP over the honest clients and over all clients."""
-    per = results["per_client"]
-    key = "fixed" if "fixed" in next(iter(per.values())) else cfg.weighting.assignment
+    per = results["per_client"]  # one record per client, the run's mix (fed/results.py)
     honest = [n for n in per if n not in hostile]
-    mean = lambda names, m: sum(per[n][key][m] for n in names) / len(names)  # noqa: E731
+    mean = lambda names, m: sum(per[n][m] for n in names) / len(names)  # noqa: E731
     return {"P_honest": mean(honest, "P"), "TTP_honest": mean(honest, "TTP"),
             "P_all": mean(list(per), "P"), "TTP_all": mean(list(per), "TTP")}
 

@@ -18,6 +18,7 @@ import torch
 
 from .algorithms.feddpa_weighting import WeightingConfig, instance_weights
 from .checkpoint import derive_seed
+from .results import FIXED
 
 __all__ = ["anchors_for", "predictions_for", "prediction_records", "score_set",
            "evaluate_client", "format_table",
@@ -44,7 +45,7 @@ def _predict(task, examples, weights, batch_size) -> list[str]:
 def predictions_for(task, examples, mode, *, anchors=None,
                     weighting: WeightingConfig | None = None, assignments=("authors",),
                     batch_size: int = 32) -> dict[str, list[str]]:
-    """The loaded model's predictions for ``examples``: {"fixed": [...]} for mode "global" /
+    """The loaded model's predictions for ``examples``: {FIXED: [...]} for mode "global" /
     "local" / a (global_w, local_w) tuple; for "dynamic", {assignment: [...]}, the instance
     weights computed once for all assignments."""
     return _predictions_and_weights(task, examples, mode, anchors, weighting, assignments,
@@ -58,7 +59,7 @@ def _predictions_and_weights(task, examples, mode, anchors, weighting, assignmen
     if mode != "dynamic":  # a named mode, or (global_w, local_w) (FDLoRA's fusion weights)
         fixed = (mode if isinstance(mode, tuple)
                  else {"global": (1.0, 0.0), "local": (0.0, 1.0)}[mode])
-        return {"fixed": _predict(task, examples, fixed, batch_size)}, {"fixed": fixed}
+        return {FIXED: _predict(task, examples, fixed, batch_size)}, {FIXED: fixed}
     global_w, local_w = instance_weights(task, examples, anchors, weighting, batch_size)
     # instance_weights used weighting.assignment; the other assignment swaps the two weights.
     out, used = {}, {}
@@ -83,7 +84,7 @@ def prediction_records(client: str, names: list[str], test_sets: dict, predicted
                 row = {"client": client, "task": name, "prompt": _prompt_text(example),
                        "reference": _reference(example), "answer": answers[i],
                        "weights": {"global": _at(g, i), "local": _at(loc, i)}}
-                if key != "fixed":
+                if key != FIXED:
                     row["assignment"] = key
                 rows.append(row)
         start += len(test_sets[name])
@@ -108,7 +109,7 @@ def score_set(task, examples, mode: str, *, anchors=None, weighting: WeightingCo
               assignments=("authors",), batch_size: int = 32) -> dict[str, float]:
     """Scores of the loaded model on ``examples``, keyed as ``predictions_for``."""
     if not examples:
-        return {a: float("nan") for a in (assignments if mode == "dynamic" else ["fixed"])}
+        return {a: float("nan") for a in (assignments if mode == "dynamic" else [FIXED])}
     predicted = predictions_for(task, examples, mode, anchors=anchors, weighting=weighting,
                                 assignments=assignments, batch_size=batch_size)
     return {key: task.score(examples, p) for key, p in predicted.items()}
@@ -118,7 +119,7 @@ def evaluate_client(task, client, mode: str, test_sets: dict, *, own: str, seed:
                     weighting: WeightingConfig, assignments=None, batch_size: int = 32,
                     own_only: bool = False, records: list | None = None) -> dict:
     """{key: {"P": .., "TTP": .., "per_set": {name: score}}} for the adapters loaded in the
-    model; key = "fixed" for global / local, each weight assignment for "dynamic".
+    model; key = FIXED ("fixed") for global / local, each weight assignment for "dynamic".
     ``records``: a list that receives ``prediction_records``' rows (predictions.jsonl).
 
     The test sets are pooled into one list, so every batch is full (``batch_size`` sequences
@@ -128,7 +129,7 @@ def evaluate_client(task, client, mode: str, test_sets: dict, *, own: str, seed:
     assignments = assignments or (weighting.assignment,)
     names = [own] if own_only else list(test_sets)
     pooled = [e for name in names for e in test_sets[name]]
-    keys = list(assignments) if mode == "dynamic" else ["fixed"]
+    keys = list(assignments) if mode == "dynamic" else [FIXED]
     predicted, weights = (_predictions_and_weights(task, pooled, mode, anchors, weighting,
                                                    assignments, batch_size)
                           if pooled else ({key: [] for key in keys}, {}))

@@ -11,13 +11,13 @@ from pathlib import Path
 from ..atomic import atomic_write_bytes
 from .checkpoint import read_metrics
 from .evaluate import evaluate_client, plot_rounds
+from .results import FIXED, client_record, summarise
 from .reuse import reused_from
 
 # A final entry's answers (evaluate.prediction_records), taken out of it into predictions.jsonl.
 PREDICTIONS = "predictions"
 
-__all__ = ["entered", "evaluate_clients", "final_entry", "finish", "limit", "round_score",
-           "summarise"]
+__all__ = ["entered", "evaluate_clients", "final_entry", "finish", "limit", "round_score"]
 
 
 def limit(examples, n):
@@ -54,8 +54,8 @@ def round_score(run, client, received: dict, r: int) -> float:
 
 def final_entry(run, client, received: dict, shared: dict | None = None,
                 outputs=None) -> dict:
-    """The client's results.json entry ({key: {"P", "TTP", "per_set"}} + the method's report)
-    from the final global state it ``received``; saves its outputs (the shared model holds
+    """The client's results.json record (fed/results.py), with its predictions, from the final
+    global state it ``received``; saves its outputs (the shared model holds
     its adapters only now). ``shared``: an entry of another client whose model was the same
     (the method says when), reused instead of scoring again. ``outputs``: the directory whose
     ``adapters/<client>/local`` receives the local adapter in PEFT format (default: the run's
@@ -63,21 +63,22 @@ def final_entry(run, client, received: dict, shared: dict | None = None,
     cfg, algorithm, name = run.cfg, run.algorithm, client.name
     algorithm.receive(client, received, None)
     evaluation = algorithm.final_evaluation(client)
+    report = algorithm.client_report(client)
     if cfg.final_eval == "none":  # training only: the outputs, no scores
-        entry = {}
+        entry = dict(report)
     elif evaluation.client_independent and shared is not None:
-        per_set = shared["fixed"]["per_set"]  # one model for every client: scored once
-        entry = {"fixed": {"P": per_set[name], "per_set": per_set,
-                           "TTP": shared["fixed"]["TTP"]},
+        per_set = shared["per_set"]  # one model for every client: scored once
+        scores = {FIXED: {"P": per_set[name], "TTP": shared["TTP"], "per_set": per_set}}
+        entry = {**client_record(scores, FIXED, report),
                  PREDICTIONS: [{**row, "client": name} for row in shared[PREDICTIONS]]}
     else:
         records = []
         with entered(evaluation):
-            entry = evaluate_client(run.task, client, evaluation.mode, _test_sets(run),
-                                    own=name, seed=cfg.seed, weighting=cfg.weighting,
-                                    assignments=_assignments(cfg), records=records)
-        entry[PREDICTIONS] = records
-    entry.update(algorithm.client_report(client))
+            scores = evaluate_client(run.task, client, evaluation.mode, _test_sets(run),
+                                     own=name, seed=cfg.seed, weighting=cfg.weighting,
+                                     assignments=_assignments(cfg), records=records)
+        main = FIXED if FIXED in scores else cfg.weighting.assignment
+        entry = {**client_record(scores, main, report), PREDICTIONS: records}
     algorithm.save_client_outputs(client, run.out if outputs is None else Path(outputs))
     return entry
 
@@ -91,16 +92,9 @@ def evaluate_clients(run, progress: bool = True) -> dict:
     for name, client in tqdm(run.clients.items(), desc="evaluate", leave=False,
                              disable=not progress):
         per_client[name] = final_entry(run, client, received, shared)
-        if "fixed" in per_client[name]:
+        if per_client[name].get("by_assignment", True) is None:  # a fixed mix: reusable
             shared = per_client[name]
     return per_client
-
-
-def summarise(per_client: dict) -> dict:
-    """{key: {"P": mean, "TTP": mean}} over the clients, for every evaluation key."""
-    keys = [k for k, v in per_client[next(iter(per_client))].items() if "P" in v]
-    return {key: {m: sum(v[key][m] for v in per_client.values()) / len(per_client)
-                  for m in ("P", "TTP")} for key in keys}
 
 
 def _previous_results(out) -> dict:
@@ -119,14 +113,13 @@ def finish(run, per_client: dict, wall_start: float) -> dict:
     per_client = {n: dict(per_client[n]) for n in run.server.client_names if n in per_client}
     predictions = [row for entry in per_client.values() for row in entry.pop(PREDICTIONS, [])]
     run.algorithm.save_global_outputs(run.task, run.server.global_adapter, out)
-    summary = summarise(per_client) if cfg.final_eval == "all" else {}
-    dynamic = cfg.weighting.assignment in summary
-    main_key = cfg.weighting.assignment if dynamic else "fixed"
-    scores = summary.get(main_key, {"P": None, "TTP": None})  # None: --final-eval none
+    # None: --final-eval none
+    summary = (summarise(per_client) if cfg.final_eval == "all"
+               else {"P": None, "TTP": None, "by_assignment": None})
     rows = read_metrics(out / "metrics.jsonl")
     results = {
-        "method": cfg.algo, "P": scores["P"], "TTP": scores["TTP"],
-        "by_assignment": summary if dynamic else None,
+        "method": cfg.algo, "P": summary["P"], "TTP": summary["TTP"],
+        "by_assignment": summary["by_assignment"],
         "per_client": per_client,
         "bytes_per_client_round": max((r.get("bytes_up_per_client", 0) for r in rows), default=0),
         "global_adapter_bytes": sum(t.numel() * t.element_size()

@@ -274,7 +274,7 @@ def test_evaluation_goes_on_without_a_missing_node_and_names_it(bert_dir, tmp_pa
     saved = json.loads((tmp_path / "flower" / "results.json").read_text())
     assert saved["eval_missing"] == [CLIENTS[1]] and list(saved["per_client"]) == [CLIENTS[0]]
     # FedDPA-T: the authors' weights; P is the one evaluated client's own
-    assert results["P"] == saved["P"] == saved["per_client"][CLIENTS[0]]["authors"]["P"]
+    assert results["P"] == saved["P"] == saved["per_client"][CLIENTS[0]]["P"]
     assert rows[0]["accepted"] == list(CLIENTS)  # training still had both
 
 

@@ -31,10 +31,11 @@ def _two_task_suite(root):
 
 def _check(results):
     assert sorted(results["per_client"]) == list(TWO_TASKS)
-    for entry in results["per_client"].values():
+    for record in results["per_client"].values():
+        assert record["per_set"] == record["by_assignment"]["authors"]["per_set"]  # the run's
         for key in ("authors", "opposite"):
-            assert set(entry[key]["per_set"]) == set(TWO_TASKS)
-            assert all(0 <= v <= 1 for v in entry[key]["per_set"].values())
+            assert set(record["by_assignment"][key]["per_set"]) == set(TWO_TASKS)
+            assert all(0 <= v <= 1 for v in record["by_assignment"][key]["per_set"].values())
     assert 0 <= results["P"] <= 1 and 0 <= results["TTP"] <= 1
     assert results["bytes_per_client_round"] > 0
 

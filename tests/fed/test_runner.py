@@ -65,7 +65,9 @@ def test_predictions_are_saved_and_give_back_the_scores(finished_run, algo):
         own = [r for r in rows if r["client"] == client == r["task"]
                and r.get("assignment") == key]
         accuracy = sum(r["answer"] == r["reference"] for r in own) / len(own)
-        entry = results["per_client"][client]["authors" if dynamic else "fixed"]
+        record = results["per_client"][client]  # one record per client (fed/results.py)
+        entry = record["by_assignment"]["authors"] if dynamic else record
+        assert (record["by_assignment"] is None) == (not dynamic)
         assert accuracy == pytest.approx(entry["P"])
     assert "predictions" not in json.loads((out / "results.json").read_text())["per_client"][
         clients[0]]
