@@ -17,7 +17,7 @@ from feddpa_fast.fed.run_config import RunConfig
 
 # The small run the federated tests start from: 2 clients, 2 rounds of 2 steps of batch 8,
 # 8 test examples per task, rank 4 (a few seconds on the tiny BERT).
-TINY_RUN = dict(clients=2, rounds=2, max_steps=2, batch_size=8, test_limit=8, lr=1e-2, rank=4,
+TINY_RUN = dict(clients=2, rounds=2, max_steps=2, batch_size=8, test_limit=8, lr=1e-2, r=4,
                 alpha=8.0)
 
 

@@ -60,8 +60,8 @@ def build_task(cfg):
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError(f"--model {path}: transformers could not load it ({first})") from None
-    targets = cfg.targets or default_targets(model)
-    patch(model, DualLoRAConfig(r=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout,
+    targets = cfg.target_modules or default_targets(model)
+    patch(model, DualLoRAConfig(r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout,
                                 target_modules=targets))
     set_trainable(model, "none")
     model.eval()

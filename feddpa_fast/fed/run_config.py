@@ -41,10 +41,11 @@ class RunConfig:
     rounds: int = option(3, "federated rounds", minimum=1)
     local_epochs: int = option(1, "passes over a client's data per phase", minimum=1)
     lr: float = option(1e-3, "AdamW learning rate", above=0)
-    rank: int = option(8, "LoRA rank r of each adapter", minimum=1)
+    # r, alpha, dropout, target_modules: DualLoRAConfig's (and PEFT's LoraConfig's) names.
+    r: int = option(8, "LoRA rank of each adapter", minimum=1)
     alpha: float = option(16, "LoRA alpha (scaling = alpha / r)", type=float, above=0)
     dropout: float = option(0.05, "LoRA dropout", minimum=0, below=1)
-    targets: tuple[str, ...] | None = option(
+    target_modules: tuple[str, ...] | None = option(
         None, "comma-separated target module suffixes, e.g. q_proj,v_proj (default: by model "
         "type)", type=tuple, optional=True)
     seed: int = option(0, "run seed (every random stream derives from it)", minimum=0)
@@ -154,7 +155,7 @@ class RunConfig:
         d = dataclasses.asdict(self)
         d.pop("out")
         d.pop("final_eval")  # what is reported at the end, not what is trained
-        d["targets"] = list(self.targets) if self.targets else None
+        d["target_modules"] = list(self.target_modules) if self.target_modules else None
         for key in ("model", "data"):  # a directory, recorded resolved: `--data d` and
             d[key] = resolved_source(d[key])  # `--data /abs/d` are the same run
         return d
@@ -165,7 +166,8 @@ class RunConfig:
         reads it, whatever the checkpoint's schema)."""
         fields = dict(identity)
         fields["weighting"] = WeightingConfig(**fields["weighting"])
-        fields["targets"] = tuple(fields["targets"]) if fields["targets"] else None
+        modules = fields["target_modules"]
+        fields["target_modules"] = tuple(modules) if modules else None
         return cls(out=str(out), **fields)
 
 

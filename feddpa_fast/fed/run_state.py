@@ -3,8 +3,10 @@ with the one rule that says whether a run is finished.
 
 The record carries a schema version. Schema 1 (every checkpoint before 2026-12-07) left out of
 the run's identity the options added after checkpoints existed, whenever they held the value
-such runs ran with; ``from_json`` reads it through ``_SCHEMA_1_VALUES``, so an old run still
-resumes and compares equal to the same run started today. Schema 2 records every option.
+such runs ran with, and named two options as the trainer then did (``rank``, ``targets``);
+``from_json`` reads it through ``_SCHEMA_1_VALUES`` and ``_SCHEMA_1_NAMES``, so an old run
+still resumes and compares equal to the same run started today. Schema 2 records every option,
+under DualLoRAConfig's names (``r``, ``target_modules``).
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ SCHEMA = 2
 _SCHEMA_1_VALUES = {"num_beams": 1, "max_new_tokens": 32, "prompt_format": "alpaca",
                     "search_examples": None, "wire_dtype": "fp32", "dp_clip": None,
                     "dp_noise_multiplier": 0.0, "dp_delta": 1e-5}
+_SCHEMA_1_NAMES = {"rank": "r", "targets": "target_modules"}  # old name -> today's
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +68,7 @@ class RunState:
             raise ValueError(f"run state without {missing}")
         config = dict(record["config"])
         if schema == 1:
+            config = {_SCHEMA_1_NAMES.get(k, k): v for k, v in config.items()}
             config = {**_SCHEMA_1_VALUES, **config}
         return cls(config=config, seed=int(record["seed"]),
                    rounds_done=int(record["rounds_done"]),

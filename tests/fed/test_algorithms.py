@@ -62,7 +62,7 @@ def test_similarity_scores_and_options():
 
 @pytest.fixture(scope="module")
 def task(bert_dir):
-    t = build_task(RunConfig(model=str(bert_dir), rank=4, alpha=8, dropout=0.0))
+    t = build_task(RunConfig(model=str(bert_dir), r=4, alpha=8, dropout=0.0))
     torch.manual_seed(0)
     randomize_lora_b(t.model, std=0.5)  # the two adapters differ
     return t

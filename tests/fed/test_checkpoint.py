@@ -101,14 +101,17 @@ def test_a_checkpoint_from_before_digests_still_loads(tmp_path):
 
 
 def test_a_schema_1_identity_reads_as_the_run_it_was(tmp_path):
-    """Schema 1 left out the options added later when they held the value such runs ran with:
-    read through the schema, the identity equals today's full one of the same run."""
+    """Schema 1 left out the options added later when they held the value such runs ran with,
+    and named r / target_modules rank / targets: read through the schema, the identity equals
+    today's full one of the same run."""
     from feddpa_fast.fed.run_config import RunConfig
 
-    today = RunConfig(prompt_format="alpaca").identity()
-    schema_1 = {k: v for k, v in today.items()
+    today = RunConfig(prompt_format="alpaca", r=4, target_modules=("query",)).identity()
+    old_names = {"r": "rank", "target_modules": "targets"}  # the trainer's names then
+    schema_1 = {old_names.get(k, k): v for k, v in today.items()
                 if k not in ("num_beams", "max_new_tokens", "prompt_format", "search_examples",
                              "wire_dtype", "dp_clip", "dp_noise_multiplier", "dp_delta")}
+    assert schema_1["rank"] == 4 and schema_1["targets"] == ["query"]
     state = RunState.from_json({"config": schema_1, "seed": 0, "rounds_done": 2})
     assert state.config == today
     assert RunState.from_json(state.to_json()) == state  # schema 2 records it as is
@@ -203,9 +206,9 @@ def test_resume_refuses_data_whose_contents_changed(tmp_path, monkeypatch):
 
     data = causal_lm_data_dir(tmp_path)
     cfg = RunConfig(algo="fedit", model=str(tiny_llama_dir(tmp_path)), task="causal-lm",
-                    data=str(data), clients=2, rounds=2, max_steps=1, batch_size=4, rank=4,
+                    data=str(data), clients=2, rounds=2, max_steps=1, batch_size=4, r=4,
                     test_limit=2, max_new_tokens=2, out=str(tmp_path / "cut"),
-                    targets=("q_proj", "v_proj"))
+                    target_modules=("q_proj", "v_proj"))
     original = Run._round
 
     def stop_after_round_0(self, r, *args, **kwargs):

@@ -50,8 +50,8 @@ def _cfg(argv):
 
 def _custom() -> RunConfig:
     """A RunConfig far from the defaults, every optional value set but one."""
-    return RunConfig(algo="fedit", rounds=2, local_epochs=2, lr=0.01, rank=4, alpha=8.0,
-                     dropout=0.0, targets=("q_proj", "v_proj"), seed=3, out="runs/custom",
+    return RunConfig(algo="fedit", rounds=2, local_epochs=2, lr=0.01, r=4, alpha=8.0,
+                     dropout=0.0, target_modules=("q_proj", "v_proj"), seed=3, out="runs/custom",
                      batch_size=4, max_steps=None, fraction=0.5, clients_per_round=3,
                      aggregation="trimmed-mean", trim=0.2, clip_norm=0.5, min_clients=2,
                      eval_every=0, test_limit=7, hostile="scale", hostile_clients=2,
@@ -107,7 +107,7 @@ def test_help_of_a_few_flags_reads_right():
     train = _options(subs["train"])
     assert "choices: " + ", ".join(ALGORITHMS) in train["--algo"].help
     assert "default: feddpa-t" in train["--algo"].help
-    assert "default: unset" in train["--targets"].help
+    assert "default: unset" in train["--target-modules"].help
     assert "default: 8" in train["--max-steps"].help
     assert "default: 5" in train["--weighting-k"].help
     assert "choices: cos, l2, pearson" in train["--weighting-similarity"].help
@@ -123,26 +123,26 @@ def test_no_flags_give_the_defaults():
 
 
 def test_flags_build_the_config_they_name():
-    cfg = _cfg(["train", "--rounds", "5", "--local-epochs", "2", "--targets", "q_proj, v_proj",
-                "--clip-norm", "0.5", "--weighting-k", "3", "--hostile", "scale"])
+    cfg = _cfg(["train", "--rounds", "5", "--local-epochs", "2", "--target-modules",
+                "q_proj, v_proj", "--clip-norm", "0.5", "--weighting-k", "3", "--hostile", "scale"])
     assert cfg == dataclasses.replace(RunConfig(), rounds=5, local_epochs=2,
-                                      targets=("q_proj", "v_proj"), clip_norm=0.5,
+                                      target_modules=("q_proj", "v_proj"), clip_norm=0.5,
                                       hostile="scale", weighting=WeightingConfig(k=3))
 
 
 def test_toml_file_gives_the_config_of_the_same_flags(tmp_path):
     path = tmp_path / "run.toml"
-    path.write_text('rounds = 2\nlocal_epochs = 2\nlr = 0.01\ntargets = ["query", "value"]\n'
+    path.write_text('rounds = 2\nlocal_epochs = 2\nlr = 0.01\ntarget_modules = ["query", "value"]\n'
                     'max-steps = 4\nclip-norm = 0.5\naggregation = "fedavg"\n'
                     'hostile = "scale"\nout = "runs/from-toml"\n'
                     '[weighting]\nk = 3\ncap = 0.25\nsimilarity = "l2"\n')
-    flags = ["--rounds", "2", "--local-epochs", "2", "--lr", "0.01", "--targets", "query,value",
-             "--max-steps", "4", "--clip-norm", "0.5", "--aggregation", "fedavg",
+    flags = ["--rounds", "2", "--local-epochs", "2", "--lr", "0.01", "--target-modules",
+             "query,value", "--max-steps", "4", "--clip-norm", "0.5", "--aggregation", "fedavg",
              "--hostile", "scale", "--out", "runs/from-toml", "--weighting-k", "3",
              "--weighting-cap", "0.25", "--weighting-similarity", "l2"]
     from_file = _cfg(["train", "--config", str(path)])
     assert from_file == _cfg(["train", *flags])
-    assert from_file.targets == ("query", "value") and from_file.weighting.k == 3
+    assert from_file.target_modules == ("query", "value") and from_file.weighting.k == 3
     assert from_file.weighting.cap == 0.25 and from_file.max_steps == 4
     # Flags win over the file; what the file does not set keeps its default.
     both = _cfg(["train", "--config", str(path), "--rounds", "7", "--weighting-k", "9"])
@@ -178,7 +178,7 @@ def test_toml_file_errors_name_the_problem(tmp_path):
 
 
 @pytest.mark.parametrize("cfg", [RunConfig(), _custom(),
-                                 dataclasses.replace(RunConfig(), targets=("query", "value"),
+                                 dataclasses.replace(RunConfig(), target_modules=("query", "value"),
                                                      max_steps=None, clip_norm=0.5,
                                                      weighting=WeightingConfig(k=3),
                                                      hostile="scale")],
@@ -193,11 +193,11 @@ def test_flower_run_config_round_trips(cfg):
 
 def test_flower_run_config_encodes_unset_values():
     flat = app_config(dataclasses.replace(RunConfig(), max_steps=None,
-                                          targets=("query", "value")))
+                                          target_modules=("query", "value")))
     assert flat["max-steps"] == 0 and flat["clip-norm"] == 0 and flat["hostile"] == ""
-    assert flat["targets"] == "query,value" and flat["weighting-k"] == 5
-    assert from_flower({"max-steps": 0, "targets": "query, value"}) == \
-        dataclasses.replace(RunConfig(), max_steps=None, targets=("query", "value"))
+    assert flat["target-modules"] == "query,value" and flat["weighting-k"] == 5
+    assert from_flower({"max-steps": 0, "target-modules": "query, value"}) == \
+        dataclasses.replace(RunConfig(), max_steps=None, target_modules=("query", "value"))
 
 
 def test_flower_app_pyproject_holds_the_derived_config():
@@ -348,10 +348,10 @@ def test_run_config_checks_its_values():
         RunConfig(rounds=2.5)
     with pytest.raises(ConfigError, match="--rounds must be of type int"):
         RunConfig(rounds=True)
-    with pytest.raises(ConfigError, match="--rank must be given"):
-        RunConfig(rank=None)
-    with pytest.raises(ConfigError, match="--targets"):
-        RunConfig(targets=("q_proj", ""))
+    with pytest.raises(ConfigError, match="--r must be given"):
+        RunConfig(r=None)
+    with pytest.raises(ConfigError, match="--target-modules"):
+        RunConfig(target_modules=("q_proj", ""))
     with pytest.raises(ConfigError, match="weighting"):
         RunConfig(weighting={"k": 3})
     with pytest.raises(ConfigError, match="--model builtin"):

@@ -50,7 +50,7 @@ _SLOW_CHECKPOINT = textwrap.dedent("""
 def _argv(model_dir, out):
     return ["train", "--algo", "feddpa-t", "--model", str(model_dir), "--clients", "2",
             "--rounds", "3", "--max-steps", "2", "--batch-size", "8", "--test-limit", "4",
-            "--lr", "0.01", "--rank", "4", "--seed", "5", "--out", str(out), "--quiet"]
+            "--lr", "0.01", "--r", "4", "--seed", "5", "--out", str(out), "--quiet"]
 
 
 @pytest.mark.slow

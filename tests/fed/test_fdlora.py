@@ -64,7 +64,7 @@ def test_search_examples_caps_the_slice_the_search_scores(bert_dir, tmp_path):
     from feddpa_fast.fed.runner import run
 
     cfg = RunConfig(algo="fdlora", model=str(bert_dir), clients=1, rounds=1,
-                    max_steps=1, batch_size=8, test_limit=4, rank=4, search_examples=5,
+                    max_steps=1, batch_size=8, test_limit=4, r=4, search_examples=5,
                     out=str(tmp_path / "run"))
     results = run(cfg, progress=False)
     record = next(iter(results["per_client"].values()))["fusion"]

@@ -47,8 +47,8 @@ def test_messages_carry_the_blob_unchanged():
 
 def test_run_config_conversions():
     """(The App file's table against RunConfig: tests/fed/test_config.py.)"""
-    assert from_flower({"max-steps": 0, "targets": "query, value"}) \
-        == RunConfig(max_steps=None, targets=("query", "value"))
+    assert from_flower({"max-steps": 0, "target-modules": "query, value"}) \
+        == RunConfig(max_steps=None, target_modules=("query", "value"))
     with pytest.raises(ValueError, match="unknown"):
         from_flower({"epochs": 3})
 
@@ -59,7 +59,7 @@ def test_deployment_equals_the_builtin_loop_and_resumes(bert_dir, tmp_path):
     start = time.monotonic()
     model = bert_dir
     settings = dict(model=str(model), clients=2, rounds=2, max_steps=2, batch_size=8,
-                    test_limit=4, lr=1e-2, rank=4, alpha=8.0, seed=3)
+                    test_limit=4, lr=1e-2, r=4, alpha=8.0, seed=3)
     out = tmp_path / "flower-out"
     with Deployment(tmp_path, nodes=2, deadline_s=DEADLINE_S) as d:
         # First submission: stopped once round 0 is checkpointed (a ServerApp that dies).
@@ -127,7 +127,7 @@ def test_eight_supernodes_one_per_builtin_client(bert_dir, tmp_path):
     model = bert_dir
     out = tmp_path / "flower-out"
     settings = dict(model=str(model), clients=8, rounds=2, max_steps=2, batch_size=8,
-                    test_limit=8, lr=1e-2, rank=4, alpha=8.0, seed=5, algo="feddpa-t",
+                    test_limit=8, lr=1e-2, r=4, alpha=8.0, seed=5, algo="feddpa-t",
                     out=str(out))
     with Deployment(tmp_path, nodes=8, deadline_s=EIGHT_NODES_S) as d:
         status = d.wait(d.submit(settings), done_file=out / "results.json")

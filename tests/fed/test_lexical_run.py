@@ -42,9 +42,9 @@ def _check(results):
 
 def test_two_clients_one_round_on_a_tiny_llama(tmp_path):
     cfg = RunConfig(algo="feddpa-t", model=str(tiny_llama_dir(tmp_path)), task="causal-lm",
-                    data=str(_two_task_suite(tmp_path)), rounds=1, max_steps=1, rank=4,
+                    data=str(_two_task_suite(tmp_path)), rounds=1, max_steps=1, r=4,
                     batch_size=2, test_limit=2, max_new_tokens=4, out=str(tmp_path / "run"),
-                    targets=("q_proj", "v_proj"))
+                    target_modules=("q_proj", "v_proj"))
     results = run(cfg, progress=False)
     _check(results)
     rows = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

@@ -9,7 +9,7 @@ from feddpa_fast.fed.cli import main as cli_main
 
 def _train(model, out, capsys):
     code = cli_main(["train", "--model", str(model), "--clients", "2", "--rounds", "1",
-                     "--max-steps", "1", "--test-limit", "2", "--rank", "4", "--out", str(out),
+                     "--max-steps", "1", "--test-limit", "2", "--r", "4", "--out", str(out),
                      "--quiet"])
     err = capsys.readouterr().err.strip()
     return code, err

@@ -17,8 +17,8 @@ from feddpa_fast.fed.reuse import seed_from_rounds
 from feddpa_fast.fed.run_config import RunConfig
 from feddpa_fast.fed.runner import run
 
-FLAGS = ["--task", "causal-lm", "--rounds", "2", "--max-steps", "1", "--rank", "4",
-         "--batch-size", "4", "--test-limit", "2", "--max-new-tokens", "3", "--targets",
+FLAGS = ["--task", "causal-lm", "--rounds", "2", "--max-steps", "1", "--r", "4",
+         "--batch-size", "4", "--test-limit", "2", "--max-new-tokens", "3", "--target-modules",
          "q_proj,v_proj", "--quiet"]
 
 
@@ -31,8 +31,8 @@ def setting(tmp_path_factory):
 def _cfg(setting, algo, out):
     model, data = setting
     return RunConfig(algo=algo, model=model, task="causal-lm", data=data, rounds=2, max_steps=1,
-                     rank=4, batch_size=4, test_limit=2, max_new_tokens=3, out=str(out),
-                     targets=("q_proj", "v_proj"))
+                     r=4, batch_size=4, test_limit=2, max_new_tokens=3, out=str(out),
+                     target_modules=("q_proj", "v_proj"))
 
 
 def _compare(setting, out, *extra):

@@ -106,7 +106,7 @@ def test_what_fdlora_and_c2a_upload(bert_dir, tmp_path, uploads_seen, algo):
 def _train_cmd(model_dir, out, rounds):
     return [sys.executable, "-m", "feddpa_fast.fed.cli", "train", "--model", str(model_dir),
             "--clients", "2", "--rounds", str(rounds), "--max-steps", "3", "--batch-size", "8",
-            "--lr", "0.01", "--rank", "4", "--seed", "3", "--out", str(out), "--quiet"]
+            "--lr", "0.01", "--r", "4", "--seed", "3", "--out", str(out), "--quiet"]
 
 
 @pytest.mark.slow
@@ -155,7 +155,7 @@ def test_causal_lm_path_with_a_model_loaded_by_path(tmp_path):
     model_dir = tiny_llama_dir(tmp_path)
     data_dir = causal_lm_data_dir(tmp_path)
     results = run(tiny_cfg(model_dir, tmp_path / "lm", algo="feddpa-t", task="causal-lm",
-                       data=str(data_dir), targets=("q_proj", "v_proj")), progress=False)
+                       data=str(data_dir), target_modules=("q_proj", "v_proj")), progress=False)
     assert sorted(results["per_client"]) == ["echo", "plural"]
     assert 0 <= results["P"] <= 1 and 0 <= results["TTP"] <= 1
     assert (tmp_path / "lm" / "adapters" / "global" / "adapter_model.safetensors").is_file()
@@ -163,7 +163,7 @@ def test_causal_lm_path_with_a_model_loaded_by_path(tmp_path):
 
 def test_cli_train_eval_and_compare(bert_dir, tmp_path, capsys):
     common = ["--model", str(bert_dir), "--clients", "2", "--rounds", "1", "--max-steps", "1",
-              "--test-limit", "4", "--rank", "4", "--quiet"]
+              "--test-limit", "4", "--r", "4", "--quiet"]
     assert cli_main(["train", "--algo", "fedit", "--out", str(tmp_path / "t")] + common) == 0
     assert "fedit: P" in capsys.readouterr().out
     trained = json.loads((tmp_path / "t" / "results.json").read_text())
@@ -191,7 +191,7 @@ def test_cli_train_eval_and_compare(bert_dir, tmp_path, capsys):
 def test_final_eval_none_trains_only_and_eval_scores_it_later(bert_dir, tmp_path, capsys):
     # 2 rounds: FedDPA-T's round 0 trains the global adapter only, round 1 the local one too
     common = ["--model", str(bert_dir), "--clients", "2", "--rounds", "2", "--max-steps", "1",
-              "--test-limit", "4", "--rank", "4", "--quiet"]
+              "--test-limit", "4", "--r", "4", "--quiet"]
     out = tmp_path / "t"
     assert cli_main(["train", "--algo", "feddpa-t", "--final-eval", "none", "--out", str(out)]
                     + common) == 0

@@ -75,9 +75,9 @@ def test_cli_smollm2_needs_the_causal_lm_task(tmp_path, capsys):
 def test_a_causal_lm_run_evaluates_with_beams(llama_dir, tmp_path):
     data = causal_lm_data_dir(tmp_path)
     cfg = RunConfig(algo="feddpa-t", model=str(llama_dir), task="causal-lm", data=str(data),
-                    clients=2, rounds=1, max_steps=1, rank=4, batch_size=4, test_limit=2,
+                    clients=2, rounds=1, max_steps=1, r=4, batch_size=4, test_limit=2,
                     num_beams=2, max_new_tokens=4, out=str(tmp_path / "run"),
-                    targets=("q_proj", "v_proj"))
+                    target_modules=("q_proj", "v_proj"))
     results = run(cfg, progress=False)
     assert sorted(results["per_client"]) == ["echo", "plural"]
     assert 0 <= results["P"] <= 1 and 0 <= results["TTP"] <= 1

@@ -135,11 +135,11 @@ class C2A(Algorithm):
         uniform = uniform_label_distribution(dist.numel(), shared["num_labels"])
         self.conditioning[client.name] = Conditioning(
             self.network, task.model, _padded(dist, shared["num_labels"]), uniform,
-            torch.tensor(report["context"], dtype=torch.float32), self.cfg.alpha / self.cfg.rank)
+            torch.tensor(report["context"], dtype=torch.float32), self.cfg.alpha / self.cfg.r)
 
     def _build_network(self, task, shared) -> None:
         layers = [(n, m.in_features, m.out_features) for n, m in dual_lora_layers(task.model)]
-        self.network = AdapterHypernetwork(layers, self.cfg.rank, int(shared["num_labels"]),
+        self.network = AdapterHypernetwork(layers, self.cfg.r, int(shared["num_labels"]),
                                            int(shared["context_dim"]))
 
     def initial_global(self, task):
