@@ -3,7 +3,8 @@
 
 Where it is applied (each place regenerates it):
 - forward: the split forward's shrink masks its x tiles (kernels/triton_split.py);
-- dx: dy W from the forward kernel, then ``masked_expand_add``: dx += (gs A) ⊙ keep;
+- dx: dy W from the GEMM kernel (kernels/triton_gemm.py, its expand off), then
+  ``masked_expand_plan``: dx += (gs A) ⊙ keep;
 - dA: _da_kernel masks its x tiles (kernels/triton_backward.py).
 
     (r0, r1, r2, r3) = Philox4x32-10(counter = (k, m // 4, 0, 0), key = seed)

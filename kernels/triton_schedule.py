@@ -50,7 +50,8 @@ def recompute_frac(shrinks_per_row_block: int, col_tiles: int, block_n: int,
 
 def forward_schedule(m: int, n: int, block_m: int, block_n: int, block_r: int, sms: int,
                      computes_u: bool, budget: float = EXTRA_MMA_BUDGET) -> Schedule:
-    """Grid of the chunked forward (also dx, which has no u and so no budget)."""
+    """Grid of the chunked forward, and of the GEMM + expand kernel (kernels/triton_gemm.py:
+    dx and the split's GEMM), which computes no u and so has no budget."""
     row_blocks, col_tiles = cdiv(m, block_m), cdiv(n, block_n)
     max_chunks = col_tiles
     if computes_u:

@@ -1,7 +1,7 @@
 """Compiling a Triton launch ahead of time for a GPU architecture, without a GPU, and reading
 what the hardware would get: registers, spills, shared memory, the matrix instructions and TMA.
 
-    report = compile_report(launch, "sm_90a")      # launch: a triton_forward.Launch
+    report = compile_report(launch, "sm_90a")      # launch: a triton_launch.Launch
 
 The argument specialisation is Triton's own: the kernel's binder (the function a real launch
 calls) turns the launch's arguments into the signature, the constexprs and the attributes, so

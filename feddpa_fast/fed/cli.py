@@ -26,7 +26,7 @@ __all__ = ["main", "build_parser", "config_from_args"]
 
 def _declared():
     """(flag without '--', field name, option metadata, prefix, default) of every declared
-    option (``fed.config.declared_options``)."""
+    option (``fed.run_config.declared_options``)."""
     from .run_config import declared_options
 
     for flag, f, prefix in declared_options():

@@ -1,6 +1,6 @@
 """Declared options: a dataclass field that carries its help, type, choices and range, so the
 CLI flags, the TOML config and the Flower run config are all derived from one declaration
-(``fed/config.py``, docs/ARCHITECTURE.md §3), and every value is checked before anything loads.
+(``fed/run_config.py``, docs/ARCHITECTURE.md §3), and every value is checked before anything loads.
 """
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ results.json holds under ``per_client``.
 
     {"P": own-task score, "TTP": mean over every task's test set, "per_set": {task: score},
      "by_assignment": {"authors": {...}, "opposite": {...}} or null,
-     ...the method's report (FDLoRA's fusion search, C2A's ...)}
+     ...the method's report (``Algorithm.client_report``: FDLoRA's "fusion" search record)}
 
 P, TTP and per_set are those of the run's mix: the method's fixed one, or for FedDPA's
 instance-wise weighting the run's ``--weighting-assignment``, both assignments listed under

@@ -1,8 +1,8 @@
 """``RunConfig``: everything a run depends on, declared once (docs/ARCHITECTURE.md §3).
 
 Each field is an ``option`` (``fed/options.py``) carrying its help, type, choices and range.
-The CLI flags (``cli.py``), the TOML keys of ``--config`` and the Flower run config
-(``fed/flower/run_config.py``) are derived from these declarations, and ``RunConfig`` checks
+The CLI flags (``fed/cli.py``), the TOML keys of ``--config`` and the Flower run config
+(``fed/flower/flower_config.py``) are derived from these declarations, and ``RunConfig`` checks
 every value when it is built, so a bad flag fails before any model or data loads.
 ``check_sources`` then checks that the model and data a run names exist.
 """
@@ -84,7 +84,8 @@ class RunConfig:
     prompt_format: str = option("auto", "causal-lm prompts: the Alpaca template, the model's "
                                 "chat template, or auto (chat when the tokenizer has one)",
                                 choices=("auto", "alpaca", "chat"))
-    # FDLoRA's fusion search (fed/fdlora.py) scores the held-out slice once per evaluation.
+    # FDLoRA's fusion search (fed/algorithms/fdlora_search.py) scores the held-out slice once
+    # per evaluation.
     search_examples: int | None = option(
         None, "fdlora: held-out examples the fusion search scores (unset: the whole held-out "
         "slice, 20% of a client's data)", type=int, minimum=1, optional=True)

@@ -1,4 +1,4 @@
-"""The lexical suite (feddpa_fast/lexical): the WordNet and dictd readers and the suite builder,
+"""The lexical suite (feddpa_fast/fed/lexical): the WordNet and dictd readers and the suite builder,
 on fixture files in the real formats (tests/lexical_fixtures.py); no system package is read."""
 from __future__ import annotations
 

@@ -1,11 +1,11 @@
-"""C2A (Kim et al. 2024) adapted to LoRA factors: a hypernetwork (fed/c2a.py), shared and
-averaged like an adapter, generates each client's LoRA factors from its label distribution,
-its mean context embedding and a layer embedding. Only the hypernetwork travels.
+"""C2A (Kim et al. 2024) adapted to LoRA factors: a hypernetwork (c2a_hypernetwork.py), shared
+and averaged like an adapter, generates each client's LoRA factors from its label
+distribution, its mean context embedding and a layer embedding. Only the hypernetwork travels.
 
 Setup: each client reports its conditioning (label distribution, mean context embedding)
 before round 0; the server sizes and seeds the hypernetwork from the reports; each client
 joins with its ``Conditioning`` (its client state).
-The generated factors reach the layers as an explicit adapter source (``fed/c2a.py``,
+The generated factors reach the layers as an explicit adapter source (``c2a_hypernetwork.py``,
 ``GeneratedAdapters``), which takes the place of both stacked adapters. Evaluated (as in the
 method) with the factors generated from a uniform label distribution; each client's generated
 adapter is saved in PEFT format as its local adapter, the hypernetwork as
@@ -48,7 +48,7 @@ def _check_report(name: str, report) -> int:
         raise ValueError(f"C2A: client {name!r} sent a malformed conditioning")
     return len(context)
 
-# Both weights 1: the generated adapter at full strength (the neutral mix, fed/c2a.py).
+# Both weights 1: the generated adapter at full strength (the neutral mix, c2a_hypernetwork.py).
 _FULL = (1.0, 1.0)
 
 

@@ -5,7 +5,7 @@ average initialises the global adapter. Later rounds: the global adapter alone, 
 averaged; every ``sync_every`` rounds the personalized adapter is first re-synced (restarted
 from the received global adapter and trained locally). After the last round, per-client fusion
 weights (w_global, w_personal) come from a bounded Nelder-Mead search on a held-out slice of the
-client's training data (fed/fdlora.py), kept in ``<client state>/fusion.json``; the client is
+client's training data (fdlora_search.py), kept in ``<client state>/fusion.json``; the client is
 evaluated with those weights (after a round, before the search, with both adapters at 1).
 """
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """FedDPA (Yang et al. 2024): a global adapter learned by federated averaging plus a local one
-kept on each client, mixed per test instance by FedDPA's dynamic weighting (fed/weighting.py).
+kept on each client, mixed per test instance by FedDPA's dynamic weighting (feddpa_weighting.py).
 
     feddpa-f  FedIT for every round, then each client fine-tunes a local adapter initialised
               from the final global one (mix 0, 1).

@@ -4,7 +4,8 @@ the data's order; ``state-dir`` is where its local adapters stay, never sent).
 
 A node answers ``query`` "discover" (which client it is) and "setup" (the method's setup
 report), then ``train`` ("round", "post") and ``evaluate`` ("round", "final") messages, each
-carrying the setup's shared result, with which the node completes its run."""
+carrying the setup's shared result, with which the node builds its ``Run``
+(``PreparedRun.build``)."""
 from __future__ import annotations
 
 import json
@@ -49,7 +50,7 @@ def _node_run(context: Context) -> tuple[PreparedRun, Client]:
 
 
 def _joined(message: Message, context: Context) -> tuple[Run, Client]:
-    """This node's run, completed with the setup's shared result that every train and
+    """This node's run, built with the setup's shared result that every train and
     evaluate message carries (a node may be a fresh process per message: Flower's subprocess
     isolation keeps nothing between them)."""
     prepared, client = _node_run(context)

@@ -1,7 +1,7 @@
-"""The Flower run config, derived from ``RunConfig``'s declarations (fed/config.py).
+"""The Flower run config, derived from ``RunConfig``'s declarations (fed/run_config.py).
 
 Keys are the flag names without ``--`` (``max-steps``, ``weighting-k``); an unset optional
-value is written 0 (numbers) or "" (strings), and ``targets`` as comma-separated names.
+value is written 0 (numbers) or "" (strings), and ``target-modules`` as comma-separated names.
 ``EXTRA`` holds the settings of the apps themselves, not of the run. ``app/pyproject.toml``'s
 ``[tool.flwr.app.config]`` is ``app_config(RunConfig(out=APP_OUT))``, written by
 ``python -m feddpa_fast.fed.flower.flower_config`` (tests/fed/test_config.py keeps them equal).
