@@ -96,23 +96,16 @@ class PreparedRun:
             self.algorithm.join(self.task, client, shared, self.setup_report(name))
         server = Server(self.algorithm.initial_global(self.task), self.names,
                         ServerSettings.from_config(self.cfg), self.cfg.seed)
-        return Run(self.cfg, self.task, self.algorithm, server, self.clients, self.test,
-                   self.started, self.names, shared)
+        parts = {f.name: getattr(self, f.name) for f in dataclasses.fields(PreparedRun)}
+        return Run(**parts, server=server, shared=shared)
 
 
-@dataclasses.dataclass
-class Run:
-    """One run, built once (``PreparedRun.build`` / ``build_run``): its parts, the server and
-    the method's shared setup result; ``run(transport)`` plays it."""
+@dataclasses.dataclass(kw_only=True)
+class Run(PreparedRun):
+    """One run, built once (``PreparedRun.build`` / ``build_run``): the prepared parts, the
+    server and the method's shared setup result; ``run(transport)`` plays it."""
 
-    cfg: RunConfig
-    task: object
-    algorithm: Algorithm
     server: Server
-    clients: dict[str, Client]
-    test: dict[str, list]
-    started: float  # wall_s counts from here
-    names: list[str]  # every client of the run
     shared: dict  # what the method's setup gave every client
     sample_rates: list[float] = dataclasses.field(default_factory=list)  # the DP account's steps
     evaluation_only: bool = False  # `eval --run`: the training's wall_s is kept (final.finish)
@@ -121,10 +114,6 @@ class Run:
     @property
     def out(self) -> Path:
         return Path(self.cfg.out)
-
-    @property
-    def checkpoint_path(self) -> Path:
-        return self.out / "checkpoint.safetensors"
 
     def run(self, transport: Transport | None = None, *, resume: bool = False,
             progress: bool = True):
