@@ -31,7 +31,7 @@ from . import triton_schedule
 from .triton_autotune import run_tuned
 from .triton_config import DECODE_MAX_M, FwdConfig, aligned, input_precision, interpreting
 from .triton_launch import Launch, device_facts, m_bucket, matrix_rows, tma_allowed
-from .triton_tiles import program_run, tile_epilogue, tile_k_loop
+from .triton_tiles import tile_epilogue, tile_k_loop
 
 
 @triton.jit(do_not_specialize=["m_bucket"])  # a key for the autotuner, not a compile input
@@ -55,7 +55,15 @@ def _lora_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr,
 ):
-    chunk, off_m, tile_first, tile_end = program_run(M, N, BLOCK_M, BLOCK_N)
+    pid = tl.program_id(0)
+    row_blocks = tl.cdiv(M, BLOCK_M)
+    col_tiles = tl.cdiv(N, BLOCK_N)
+    chunks = tl.num_programs(0) // row_blocks
+    row_block = pid // chunks
+    chunk = pid % chunks
+    tile_first = chunk * col_tiles // chunks
+    tile_end = (chunk + 1) * col_tiles // chunks
+    off_m = row_block * BLOCK_M
     offs_m = off_m + tl.arange(0, BLOCK_M)
     offs_r = tl.arange(0, BLOCK_R)
     mask_mr = (offs_m[:, None] < M) & (offs_r[None, :] < R)

@@ -29,7 +29,7 @@ from .triton_config import (
     sm_count,
 )
 from .triton_launch import Launch, device_facts, m_bucket, tma_allowed
-from .triton_tiles import program_run, tile_epilogue, tile_k_loop
+from .triton_tiles import tile_epilogue, tile_k_loop
 
 
 @triton.jit(do_not_specialize=["m_bucket"])  # a key for the autotuner, not a compile input
@@ -54,7 +54,16 @@ def _gemm_expand_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr,
 ):
-    _chunk, off_m, tile_first, tile_end = program_run(M, N, BLOCK_M, BLOCK_N)
+    # The forward kernel's program -> (row block, run of column tiles) mapping, written out
+    # again: as a shared jit helper it tipped the fp32 (FMA) dx tile on sm_90a into an 8 B
+    # spill (static gate, Triton 3.9, 2026-12-07).
+    pid = tl.program_id(0)
+    row_blocks = tl.cdiv(M, BLOCK_M)
+    col_tiles = tl.cdiv(N, BLOCK_N)
+    chunks = tl.num_programs(0) // row_blocks
+    row_block = pid // chunks
+    chunk = pid % chunks
+    off_m = row_block * BLOCK_M
     offs_m = off_m + tl.arange(0, BLOCK_M)
     offs_r = tl.arange(0, BLOCK_R)
 
@@ -77,7 +86,7 @@ def _gemm_expand_kernel(
         if UPCAST:
             us = us.to(tl.float32)
 
-    for tile in range(tile_first, tile_end):
+    for tile in range(chunk * col_tiles // chunks, (chunk + 1) * col_tiles // chunks):
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         acc, _ = tile_k_loop(acc, us, x_src, w_src, w_src, off_m, tile * BLOCK_N, 0, K,
                              M, N, R, stride_xm, stride_xk, stride_wn, stride_wk, 0, 0,

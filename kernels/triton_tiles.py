@@ -1,7 +1,6 @@
 """The tile helpers every forward-family Triton kernel is built on (kernels/triton_forward.py,
-triton_gemm.py, triton_decode.py, triton_forward_pertile.py): which run of column tiles a
-program owns, one output tile's K loop, and its epilogue. Each kernel is its own
-``@triton.jit`` over these, one kernel per job.
+triton_gemm.py, triton_decode.py, triton_forward_pertile.py): one output tile's K loop, and
+its epilogue. Each kernel is its own ``@triton.jit`` over these, one kernel per job.
 
     acc[m, n] += sum_k x[m, k] W'[k, n]        W' = W^T, or W itself read reduction-major (W_T)
     u[m, r]   += sum_k x[m, k] A[r, k]         (WITH_U: the A branch, fused into the same loop)
@@ -11,20 +10,6 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
-
-
-@triton.jit
-def program_run(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """(chunk, first row, first column tile, end column tile) of this program. The grid is
-    row_blocks x chunks programs; program (row block, chunk) walks a run of consecutive
-    column tiles of its row block (kernels/triton_schedule.py chooses the chunks)."""
-    pid = tl.program_id(0)
-    row_blocks = tl.cdiv(M, BLOCK_M)
-    col_tiles = tl.cdiv(N, BLOCK_N)
-    chunks = tl.num_programs(0) // row_blocks
-    chunk = pid % chunks
-    return (chunk, (pid // chunks) * BLOCK_M, chunk * col_tiles // chunks,
-            (chunk + 1) * col_tiles // chunks)
 
 
 @triton.jit
