@@ -137,7 +137,7 @@ def _cases(p, dtype, target, autotune, alternatives) -> list[Case]:
     fwd_tma = tma_ok and triton_launch.tma_rows_aligned(dtype.itemsize, k)
     dx_tma = tma_ok and triton_launch.tma_rows_aligned(dtype.itemsize, k, n)
     fwd_cfg = fwd_default(target, n, r, aligned(k, n), dtype, fwd_tma)
-    dx_cfg = fwd_default(target, k, r, aligned(k, n), dtype, dx_tma)
+    dx_cfg = fwd_default(target, k, r, aligned(k, n), dtype, dx_tma, gemm=True)
     pointer_cfg = fwd_default(target, n, r, aligned(k, n), dtype, tma=False)
     cases = []
 
@@ -172,7 +172,7 @@ def _cases(p, dtype, target, autotune, alternatives) -> list[Case]:
                 u32, use_tma=False, cfg=pointer_cfg, sms=sms)
             add("fwd_pointer_loads", pointer_cfg.label(), "dispatched", launch)
     # Backward: dx through the GEMM + expand kernel (K output columns), the dy pass, dA.
-    for cfg, source in _with_candidates(dx_cfg, target, r, dtype, autotune, dx_tma):
+    for cfg, source in _with_candidates(dx_cfg, target, r, dtype, autotune, dx_tma, gemm=True):
         for kernel, gs in (("dx", meta(m, r, dtype=dtype)), ("dx_dy_only", None)):
             launch = triton_gemm.dx_plan(meta(m, n, dtype=dtype), t["w"], t["a"], gs,
                                             meta(m, k, dtype=dtype), use_tma=dx_tma, cfg=cfg,
@@ -184,7 +184,7 @@ def _cases(p, dtype, target, autotune, alternatives) -> list[Case]:
     shrink = triton_split.shrink_plan(t["x"], t["a"], t["scale"], u32, us, dropout=DROPOUT)
     add("dropout_shrink", f"{shrink.args['BLOCK_M']}x{shrink.args['BLOCK_K']} w4 s3",
         "dispatched", shrink, prefill=False)
-    for cfg, source in _with_candidates(gemm_cfg, target, r, dtype, autotune, False):
+    for cfg, source in _with_candidates(gemm_cfg, target, r, dtype, autotune, False, gemm=True):
         launch = triton_gemm.gemm_plan(t["x"], t["w"], t["bias"], t["b"], us,
                                           meta(m, n, dtype=dtype), cfg=cfg, sms=sms)
         add("gemm", cfg.label(), source, launch)
@@ -195,10 +195,11 @@ def _cases(p, dtype, target, autotune, alternatives) -> list[Case]:
     return cases
 
 
-def _with_candidates(dispatched, target, r, dtype, autotune, tma):
-    """The dispatched config, and with ``autotune`` every other forward candidate."""
+def _with_candidates(dispatched, target, r, dtype, autotune, tma, gemm=False):
+    """The dispatched config, and with ``autotune`` every other candidate of the forward (or
+    of the GEMM kernel: ``gemm``)."""
     return [(dispatched, "dispatched")] + ([
-        (c, "autotune") for c in fwd_candidates(target, r, dtype, tma) if c != dispatched]
+        (c, "autotune") for c in fwd_candidates(target, r, dtype, tma, gemm) if c != dispatched]
         if autotune else [])
 
 

@@ -119,7 +119,7 @@ def run_forward(launch, device: torch.device, computes_u: bool) -> None:
                                                  meta["BLOCK_R"], sms, computes_u).programs,)
 
     configs = fwd_candidates(arch_of(device), max(r, 1), launch.args["x_ptr"].dtype,
-                             launch.args["USE_TMA"])
+                             launch.args["USE_TMA"], gemm=not computes_u)
     tuner = _tuner(launch.kernel.fn.__name__, launch.kernel, configs, _keys(launch.kernel),
                    device)
     tuner[grid](**args)

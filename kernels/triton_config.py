@@ -144,6 +144,11 @@ _FWD_UNALIGNED = {("hopper", "16bit"): (64, 64, 32, 4, 3), ("ampere", "16bit"): 
 # stages put 8-16 B in local memory even at 128 registers. This single-stage tile is clean on
 # sm_80, sm_90a and sm_100a at R = 8, 32 and 48, aligned or not (Triton 3.6 and 3.9).
 _FWD_FMA = (32, 32, 16, 8, 1)
+# The GEMM + expand kernel (dx, the split's GEMM; kernels/triton_gemm.py) takes 32-deep K
+# steps: with 16 its dx kept a 24 B local frame at 40 registers under Triton 3.6 on sm_90a
+# (M = 3 and 66 of the GPU tests); 32 x 32 x 32 is clean on sm_80, sm_90a and sm_100a under
+# 3.6 and 3.9 (probed 2026-12-07).
+_GEMM_FMA = (32, 32, 32, 8, 1)
 # (block_n, block_k, num_warps, num_stages) per family and block_m (16 / 32 vs 64 rows); 64
 # rows hold 4x the accumulator: 128 x 128 spills there on sm_90a, 256-deep K overflows shared
 # memory, and sm_80 spills at 128 x 64 with 4 warps (the static report). 4-byte operands halve
@@ -168,13 +173,15 @@ def aligned(*sizes: int) -> bool:
     return all(v % 16 == 0 for v in sizes)
 
 
-def fwd_candidates(arch: str, r: int, dtype: torch.dtype, tma: bool) -> list[FwdConfig]:
+def fwd_candidates(arch: str, r: int, dtype: torch.dtype, tma: bool,
+                   gemm: bool = False) -> list[FwdConfig]:
     """The prefill forward / dx / GEMM configs the autotuner may pick on ``arch`` for operands
     of ``dtype``, loaded through tensor descriptors (``tma``) or pointers; the small
-    unaligned-shape config last, so that one clean config survives any prune."""
+    unaligned-shape config last, so that one clean config survives any prune. ``gemm``: for
+    the GEMM + expand kernel (dx, the split's GEMM), whose ieee fp32 tile differs."""
     family, cls = _family(arch), operand_class(dtype)
     if cls == "fp32":
-        tiles = [_FWD_FMA]
+        tiles = [_GEMM_FMA if gemm else _FWD_FMA]
     elif cls == "tf32":
         tiles = _FWD_TF32[family] + [_FWD_UNALIGNED[(family, cls)]]
     else:
@@ -196,12 +203,12 @@ def decode_candidates(arch: str, m: int, r: int, dtype: torch.dtype) -> list[Fwd
 
 
 def fwd_default(arch: str, n: int, r: int, is_aligned: bool, dtype: torch.dtype,
-                tma: bool) -> FwdConfig:
+                tma: bool, gemm: bool = False) -> FwdConfig:
     """The prefill config used without autotuning: the first candidate, with 128-wide
     columns when N is small; for unaligned shapes the small tiles, with 8 warps when loading
     through pointers (Hopper's 64 x 64 tile spills at 4 there). On Ampere, R padded to 64 takes
     the small tiles too (128 x 128 x 32 w8 spills 40-56 B on sm_80 at R = 48)."""
-    candidates = fwd_candidates(arch, r, dtype, tma)
+    candidates = fwd_candidates(arch, r, dtype, tma, gemm)
     if not is_aligned or (_family(arch) == "ampere" and padded_rank(r) >= 64):
         last = candidates[-1]
         pointer_hopper = not tma and _family(arch) == "hopper"
@@ -214,8 +221,8 @@ def fwd_default(arch: str, n: int, r: int, is_aligned: bool, dtype: torch.dtype,
 
 def gemm_default(arch: str, n: int, r: int, is_aligned: bool, dtype: torch.dtype) -> FwdConfig:
     """The split forward's GEMM (us given: the in-op dropout forward), which loads through
-    pointers: fwd_default without TMA."""
-    return fwd_default(arch, n, r, is_aligned, dtype, tma=False)
+    pointers: fwd_default of the GEMM kernel without TMA."""
+    return fwd_default(arch, n, r, is_aligned, dtype, tma=False, gemm=True)
 
 
 def decode_default(arch: str, m: int, r: int, is_aligned: bool, dtype: torch.dtype) -> FwdConfig:

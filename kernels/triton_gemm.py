@@ -153,7 +153,7 @@ def expand_into_gemm(x2, weight, bias, lora_b, us, cfg: FwdConfig | None = None)
         sms = sm_count(x2.device)
     else:
         tiles, sms = device_facts(x2.device, n, us.shape[1], cfg, is_aligned, x2.dtype,
-                                  tma=False)
+                                  tma=False, gemm=True)
     y = torch.empty((m, n), device=x2.device, dtype=x2.dtype)
     run_tuned(gemm_plan(x2, weight, bias, lora_b, us, y, cfg=tiles, sms=sms), x2.device, cfg,
               computes_u=False)
@@ -167,7 +167,7 @@ def input_grad(dy2, weight, lora_a, gs, cfg: FwdConfig | None = None):
     k, r = weight.shape[1], lora_a.shape[0]
     use_tma = tma_allowed(dy2.device, dy2, weight)
     tiles, sms = device_facts(dy2.device, k, r, cfg, aligned(k, n, dy2.stride(0)), dy2.dtype,
-                              use_tma)
+                              use_tma, gemm=True)
     dx = torch.empty((m, k), device=dy2.device, dtype=dy2.dtype)
     launch = dx_plan(dy2, weight, lora_a, gs, dx, use_tma=use_tma, cfg=tiles, sms=sms)
     run_tuned(launch, dy2.device, cfg, computes_u=False)

@@ -81,10 +81,11 @@ def matrix_rows(t: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def device_facts(device: torch.device, n: int, r: int, cfg: FwdConfig | None, is_aligned: bool,
-                 dtype: torch.dtype, tma: bool) -> tuple[FwdConfig, int]:
-    """(tiles, SM count) of a forward-family launch: the given tiles, the interpreter's fixed
-    ones, or the device's default for this problem."""
+                 dtype: torch.dtype, tma: bool, gemm: bool = False) -> tuple[FwdConfig, int]:
+    """(tiles, SM count) of a forward-family launch (``gemm``: of the GEMM + expand kernel):
+    the given tiles, the interpreter's fixed ones, or the device's default for this problem."""
     if device.type != "cuda" or interpreting():
         return cfg or interpreter_config(r), 4
-    return cfg or fwd_default(arch_of(device), n, r, is_aligned, dtype, tma), sm_count(device)
+    return (cfg or fwd_default(arch_of(device), n, r, is_aligned, dtype, tma, gemm),
+            sm_count(device))
 
