@@ -23,6 +23,7 @@ from . import triton_backward, triton_dropout, triton_forward, triton_split
 
 # Device types an open ``serving`` block (or FEDDPA_FAST_BACKEND=triton) gives to Triton.
 _SERVED = Counter()
+_FOR_PROCESS: list = []  # the libraries of serve_for_process, kept alive for the process
 
 
 def _on_device(t: torch.Tensor):
@@ -110,8 +111,7 @@ def serving(device_type: str, forward=None):
 def serve_for_process(device_type: str) -> None:
     """The Triton kernels serve ``device_type`` from now on (FEDDPA_FAST_BACKEND=triton)."""
     if not serves(device_type):
-        serve_for_process._libraries = [*getattr(serve_for_process, "_libraries", []),
-                                        _register(device_type)]
+        _FOR_PROCESS.append(_register(device_type))
 
 
 def alternative_forward(name: str):

@@ -69,7 +69,7 @@ def final_entry(run, client, received: dict, shared: dict | None = None,
     elif evaluation.client_independent and shared is not None:
         per_set = shared["per_set"]  # one model for every client: scored once
         scores = {FIXED: {"P": per_set[name], "TTP": shared["TTP"], "per_set": per_set}}
-        entry = {**client_record(scores, FIXED, report),
+        entry = {**client_record(scores, cfg.weighting.assignment, report),
                  PREDICTIONS: [{**row, "client": name} for row in shared[PREDICTIONS]]}
     else:
         records = []
@@ -77,8 +77,8 @@ def final_entry(run, client, received: dict, shared: dict | None = None,
             scores = evaluate_client(run.task, client, evaluation.mode, _test_sets(run),
                                      own=name, seed=cfg.seed, weighting=cfg.weighting,
                                      assignments=_assignments(cfg), records=records)
-        main = FIXED if FIXED in scores else cfg.weighting.assignment
-        entry = {**client_record(scores, main, report), PREDICTIONS: records}
+        entry = {**client_record(scores, cfg.weighting.assignment, report),
+                 PREDICTIONS: records}
     algorithm.save_client_outputs(client, run.out if outputs is None else Path(outputs))
     return entry
 

@@ -18,16 +18,17 @@ __all__ = ["FIXED", "client_record", "summarise"]
 FIXED = "fixed"
 
 
-def client_record(scores: dict[str, dict], main: str, report: dict) -> dict:
+def client_record(scores: dict[str, dict], assignment: str, report: dict) -> dict:
     """A client's record from evaluate_client's {mix: {"P", "TTP", "per_set"}}.
 
     Args:
         scores: {FIXED: ...} for a fixed mix, {assignment: ...} for the dynamic one.
-        main: the key the record's P / TTP / per_set come from (FIXED, or the run's
-            assignment).
+        assignment: the run's weight assignment: the record's P / TTP / per_set for the
+            dynamic mix (a fixed mix has only FIXED).
         report: the method's own report of the client, merged in.
     """
-    record = {**scores[main], "by_assignment": None if FIXED in scores else scores}
+    fixed = FIXED in scores
+    record = {**scores[FIXED if fixed else assignment], "by_assignment": None if fixed else scores}
     return {**record, **report}
 
 
