@@ -122,8 +122,9 @@ _FWD = {
 }
 # Hopper without tensor descriptors (a base or row not 16-byte aligned, the split's GEMM):
 # pointer loads hold more addresses in registers, and 128 x 256 x 64 w8 spills there (255
-# registers), as does 128 x 128 x 64 w4 s4. These two stay clean.
-_FWD_POINTER_HOPPER = [(128, 128, 64, 8, 4), (64, 256, 64, 4, 3)]
+# registers), as does 128 x 128 x 64 w4 s4, and 64 x 256 x 64 w4 s3 in the GEMM kernel on
+# sm_100a (144 B). These two stay clean.
+_FWD_POINTER_HOPPER = [(128, 128, 64, 8, 4), (64, 256, 64, 8, 3)]
 # tf32 (fp32 operands on the tensor cores, always pointer loads): half the K depth for the
 # same bytes per stage. 64 x 256 x 32 spills on sm_100a even at 8 warps, 128 x 128 x 16 on
 # sm_80 (8 B).
@@ -131,14 +132,18 @@ _FWD_TF32 = {
     "hopper": [(128, 128, 32, 8, 4)],
     "ampere": [(64, 128, 32, 8, 3), (128, 64, 32, 8, 3)],
 }
+# The GEMM + expand kernel's dx on sm_100a spills at the forward's 128 x 128 x 32 w8 (16-40 B
+# at s4, 8-24 B at s3); 16-deep K steps with the same 4 stages are clean on sm_90a and sm_100a.
+_GEMM_TF32 = {"hopper": [(128, 128, 16, 8, 4)], "ampere": _FWD_TF32["ampere"]}
 # Sizes or row strides that are not multiples of 16 elements lose Triton's divisibility hint:
 # loads go element by element with a pointer and a mask each, and the big tiles spill (255
 # registers + 64-560 B of stack at 64 x 64 x 64 on sm_80, 416 B at 128 x 128 on sm_90a).
-# These small tiles compile clean there (HGMMA still on sm_90a); with pointer loads the
-# Hopper tile needs 8 warps (255 registers + 88 B at 4 in 16-bit, 32-160 B in tf32), and tf32
-# 8 warps everywhere with 2 stages on Hopper (3 leave 8 B on sm_100a).
-_FWD_UNALIGNED = {("hopper", "16bit"): (64, 64, 32, 4, 3), ("ampere", "16bit"): (32, 64, 32, 4, 3),
-                  ("hopper", "tf32"): (64, 64, 16, 8, 2), ("ampere", "tf32"): (32, 64, 16, 8, 3)}
+# These small tiles compile clean there (HGMMA still on sm_90a). On Hopper they take 8 warps
+# (with pointer loads 4 spill 255 registers + 88 B in 16-bit, 32-160 B in tf32) and 2 stages
+# (3 leave 8 B: the 16-bit dx with TMA on sm_100a at w4, the pointer-load forward at w8), and
+# the tf32 tile 32 columns (64 x 64 x 16 leaves 8 B in the sm_100a forward at R = 48).
+_FWD_UNALIGNED = {("hopper", "16bit"): (64, 64, 32, 8, 2), ("ampere", "16bit"): (32, 64, 32, 4, 3),
+                  ("hopper", "tf32"): (64, 32, 16, 8, 2), ("ampere", "tf32"): (32, 64, 16, 8, 3)}
 # ieee fp32 runs its dots on FMA units with the operand tiles in registers: from 64 x 64 x 16
 # up every tile spills on sm_90a at R = 48 (255 registers + 200-1500 B), and two pipeline
 # stages put 8-16 B in local memory even at 128 registers. This single-stage tile is clean on
@@ -183,7 +188,7 @@ def fwd_candidates(arch: str, r: int, dtype: torch.dtype, tma: bool,
     if cls == "fp32":
         tiles = [_GEMM_FMA if gemm else _FWD_FMA]
     elif cls == "tf32":
-        tiles = _FWD_TF32[family] + [_FWD_UNALIGNED[(family, cls)]]
+        tiles = (_GEMM_TF32 if gemm else _FWD_TF32)[family] + [_FWD_UNALIGNED[(family, cls)]]
     else:
         big = _FWD[family] if family == "ampere" or tma else _FWD_POINTER_HOPPER
         tiles = big + [_FWD_UNALIGNED[(family, cls)]]
@@ -205,14 +210,12 @@ def decode_candidates(arch: str, m: int, r: int, dtype: torch.dtype) -> list[Fwd
 def fwd_default(arch: str, n: int, r: int, is_aligned: bool, dtype: torch.dtype,
                 tma: bool, gemm: bool = False) -> FwdConfig:
     """The prefill config used without autotuning: the first candidate, with 128-wide
-    columns when N is small; for unaligned shapes the small tiles, with 8 warps when loading
-    through pointers (Hopper's 64 x 64 tile spills at 4 there). On Ampere, R padded to 64 takes
-    the small tiles too (128 x 128 x 32 w8 spills 40-56 B on sm_80 at R = 48)."""
+    columns when N is small; for unaligned shapes the small tile (the last candidate). On
+    Ampere, R padded to 64 takes the small tile too (128 x 128 x 32 w8 spills 40-56 B on sm_80
+    at R = 48)."""
     candidates = fwd_candidates(arch, r, dtype, tma, gemm)
     if not is_aligned or (_family(arch) == "ampere" and padded_rank(r) >= 64):
-        last = candidates[-1]
-        pointer_hopper = not tma and _family(arch) == "hopper"
-        return dataclasses.replace(last, num_warps=8) if pointer_hopper else last
+        return candidates[-1]
     first = candidates[0]
     if n < 2048 and first.block_n > 128:
         return dataclasses.replace(first, block_n=128)
@@ -241,8 +244,11 @@ def decode_default(arch: str, m: int, r: int, is_aligned: bool, dtype: torch.dty
 def _backward_tiles(r: int, is_aligned: bool, dtype: torch.dtype) -> BwdConfig:
     """64 x 128 steps; 32 x 64 where that spills: unaligned sizes (64 x 128 spills there),
     ieee fp32 (FMA dots: 8.7 KB of stack in the dy pass on sm_90a) and R padded to 64 or more
-    (the dy pass in tf32, dA under the dropout mask in 16-bit)."""
-    if not is_aligned or operand_class(dtype) == "fp32" or padded_rank(r) >= 64:
+    (the dy pass in tf32, dA under the dropout mask in 16-bit). ieee fp32 also takes 8 warps
+    and one stage: at 4 warps and 2 stages the sm_80 dy pass spills 264 B at R = 48, dA 40 B."""
+    if operand_class(dtype) == "fp32":
+        return BwdConfig(32, 64, padded_rank(r), num_warps=8, num_stages=1)
+    if not is_aligned or padded_rank(r) >= 64:
         return BwdConfig(32, 64, padded_rank(r), num_warps=4, num_stages=2)
     return BwdConfig(64, 128, padded_rank(r), num_warps=4, num_stages=2)
 

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from . import triton_gemm, triton_launch
-from .triton_config import input_precision, interpreting, padded_rank
+from .triton_config import input_precision, interpreting, operand_class, padded_rank
 from .triton_dropout import InOpDropout, keep_mask
 
 
@@ -80,6 +80,8 @@ def shrink_plan(x2, lora_a, scale, u, us, block_m: int = 64, block_k: int = 128,
     r = lora_a.shape[0]
     if dropout is not None:
         block_k = 32  # the mask's Philox state: 4 words per element of the x tile
+    elif operand_class(x2.dtype) == "fp32":
+        block_k = 32  # FMA dots hold the x tile in registers: 128 deep spilled 5 KB on sm_80
     if interpreting():
         block_m, block_k = 32, 32
     elif k % 16 or x2.stride(0) % 16:  # unaligned rows: 64-row tiles spill at R = 48
