@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from . import reference
+from . import reference, reference_banked
 
 
 def _out_shape(x, weight):
@@ -76,3 +76,60 @@ def _lora_linear_bwd_other_device(dy, x, weight, lora_a, lora_b, scale, u, outpu
                                   dropout_p=0.0, dropout_seed=None):
     return reference.lora_linear_backward(dy, x, weight, lora_a, lora_b, scale, u, output_mask,
                                           dropout_p, dropout_seed)
+
+
+# The banked op (rows of one call use different adapters: kernels/reference_banked.py).
+
+@torch.library.register_fake("feddpa::lora_linear_banked")
+def _banked_fake(x, weight, bias, bank_a, bank_b, index, scale, dropout_p=0.0,
+                 dropout_seed=None):
+    torch.ops.feddpa.lora_linear_banked_check(x, weight, bias, bank_a, bank_b, index, scale,
+                                              dropout_p, dropout_seed)
+    return x.new_empty(_out_shape(x, weight))
+
+
+@torch.library.register_fake("feddpa::lora_linear_banked_fwd")
+def _banked_fwd_fake(x, weight, bias, bank_a, bank_b, index, scale, dropout_p=0.0,
+                     dropout_seed=None):
+    torch.ops.feddpa.lora_linear_banked_check(x, weight, bias, bank_a, bank_b, index, scale,
+                                              dropout_p, dropout_seed)
+    u = x.new_empty((_leading_rows(x), scale.shape[1]), dtype=reference.accum_dtype(x.dtype))
+    return x.new_empty(_out_shape(x, weight)), u
+
+
+@torch.library.register_fake("feddpa::lora_linear_banked_bwd")
+def _banked_bwd_fake(dy, x, weight, bank_a, bank_b, index, scale, u, output_mask,
+                     dropout_p=0.0, dropout_seed=None):
+    need_dx, need_da, need_db, need_ds = output_mask
+    empty = x.new_empty(0)
+    return (
+        x.new_empty(x.shape) if need_dx else empty,
+        bank_a.new_empty(bank_a.shape) if need_da else empty,
+        bank_b.new_empty(bank_b.shape) if need_db else empty,
+        scale.new_empty(scale.shape) if need_ds else scale.new_empty(0),
+    )
+
+
+@torch.library.impl("feddpa::lora_linear_banked", "CompositeExplicitAutograd")
+def _banked_other_device(x, weight, bias, bank_a, bank_b, index, scale, dropout_p=0.0,
+                         dropout_seed=None):
+    return _banked_fwd_other_device(x, weight, bias, bank_a, bank_b, index, scale, dropout_p,
+                                    dropout_seed)[0]
+
+
+@torch.library.impl("feddpa::lora_linear_banked_fwd", "CompositeExplicitAutograd")
+def _banked_fwd_other_device(x, weight, bias, bank_a, bank_b, index, scale, dropout_p=0.0,
+                             dropout_seed=None):
+    torch.ops.feddpa.lora_linear_banked_check(x, weight, bias, bank_a, bank_b, index, scale,
+                                              dropout_p, dropout_seed)
+    torch.ops.feddpa.lora_linear_banked_check_index(index, bank_a.shape[0])
+    return reference_banked.lora_linear_banked_forward(x, weight, bias, bank_a, bank_b, index,
+                                                       scale, dropout_p, dropout_seed)
+
+
+@torch.library.impl("feddpa::lora_linear_banked_bwd", "CompositeExplicitAutograd")
+def _banked_bwd_other_device(dy, x, weight, bank_a, bank_b, index, scale, u, output_mask,
+                             dropout_p=0.0, dropout_seed=None):
+    return reference_banked.lora_linear_banked_backward(dy, x, weight, bank_a, bank_b, index,
+                                                        scale, u, output_mask, dropout_p,
+                                                        dropout_seed)

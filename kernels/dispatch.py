@@ -8,14 +8,14 @@ import sys
 
 import torch
 
-from . import reference
+from . import reference, reference_banked
 from ._native import load_native_library, native_library_path
 
 load_native_library()
 from . import _register  # noqa: E402,F401  (fake kernels + other-device kernels)
 
-__all__ = ["BACKENDS", "backend_for", "lora_linear", "native_library_path", "reference",
-           "triton_available"]
+__all__ = ["BACKENDS", "backend_for", "lora_linear", "lora_linear_banked", "native_library_path",
+           "reference", "triton_available"]
 
 BACKENDS = ("native", "triton", "reference")
 _ENV_VAR = "FEDDPA_FAST_BACKEND"
@@ -126,3 +126,45 @@ def _triton_serves_cpu(from_env: bool) -> None:
         raise ValueError("backend='triton' on cpu tensors runs inside "
                          "feddpa_fast.kernels.triton_op.serving('cpu') (or with "
                          f"{_ENV_VAR}=triton for the whole process)")
+
+
+def lora_linear_banked(x, weight, bias, bank_a, bank_b, index, scale, *,
+                       dropout_p: float = 0.0, dropout_seed=None, backend: str | None = None):
+    """``lora_linear`` over rows that use different adapters of a bank (many clients in one
+    call); see kernels/reference_banked.py for the contract.
+
+    Args:
+        x: (..., K) input; M = prod of the leading dims.
+        weight, bias: the frozen (N, K) weight and (N,) bias or None, as in ``lora_linear``.
+        bank_a: (S, r, K) the A matrices of S adapters (dtype of x).
+        bank_b: (S, N, r) their B matrices.
+        index: (M, B) int64: row m's branch b uses adapter ``index[m, b]`` (in [0, S)). FedDPA
+            serving: B = 2, column 0 the shared global, column 1 each row's client.
+        scale: (M, B * r) or (1, B * r) per-row factors, branch b in columns [b r, (b+1) r).
+        dropout_p: in-op LoRA dropout; each client (a distinct index tuple) gets the mask it
+            would get in a call of its own, from the seed of its last branch's adapter.
+        dropout_seed: (S,) int64 tensor or a sequence of S ints, one seed per adapter; needed
+            when dropout_p > 0.
+        backend: "native" or "reference" (or FEDDPA_FAST_BACKEND); by default the device picks.
+            The frozen GEMM runs once over all rows; the rank-r work runs per client segment.
+    Returns:
+        y, (..., N) in the dtype of x.
+    Raises:
+        ValueError / TypeError naming the argument for bad shapes, dtypes, devices, an index
+        out of range or a row without an adapter.
+    """
+    if dropout_seed is not None and not isinstance(dropout_seed, torch.Tensor):
+        dropout_seed = torch.tensor(list(dropout_seed), dtype=torch.int64, device=x.device)
+    args = (x, weight, bias, bank_a, bank_b, index, scale, float(dropout_p), dropout_seed)
+    choice = _forced_backend(backend)
+    if choice == "triton":
+        raise ValueError("lora_linear_banked has no Triton kernels yet: CUDA tensors run the "
+                         "reference formulas under the op's autograd (docs/op.md, Banks)")
+    if choice is None or choice == backend_for(x.device):
+        return torch.ops.feddpa.lora_linear_banked(*args)
+    torch.ops.feddpa.lora_linear_banked_check(*args)
+    torch.ops.feddpa.lora_linear_banked_check_index(index, bank_a.shape[0])
+    if choice == "reference":
+        return reference_banked.lora_linear_banked(*args)
+    raise ValueError(f"backend {choice!r} cannot run on {x.device} tensors here (this device "
+                     f"runs {backend_for(x.device)!r})")

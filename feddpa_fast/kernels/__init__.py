@@ -28,10 +28,11 @@ from .dispatch import (  # noqa: E402
     BACKENDS,
     backend_for,
     lora_linear,
+    lora_linear_banked,
     native_library_path,
     reference,
     triton_available,
 )
 
-__all__ = ["BACKENDS", "backend_for", "lora_linear", "native_library_path", "reference",
-           "triton_available"]
+__all__ = ["BACKENDS", "backend_for", "lora_linear", "lora_linear_banked", "native_library_path",
+           "reference", "triton_available"]

@@ -243,7 +243,7 @@ at::Tensor dropout_backward_terms(const at::Tensor& x2_in, const at::Tensor& gsd
   // The frozen GEMM accumulates into the masked rank-R term in one multi-threaded call: run
   // per chunk (dx written once) it re-packed W for every chunk, 1.35x base against 1.20x
   // at (2048, 1024, 1024, R 32) (bench/op_cpu.py, fwd+bwd).
-  if (need_dx) dx.addmm_(dy2, weight);
+  if (need_dx && dy2.defined()) dx.addmm_(dy2, weight);
   if (!need_da) return at::Tensor();
   at::Tensor da;
   for (const auto& part : da_parts) {

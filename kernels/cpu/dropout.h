@@ -31,7 +31,8 @@ at::Tensor dropout_skinny_product(const at::Tensor& x2, const at::Tensor& lora_a
 
 // The backward's input gradients in one pass over the mask. gsd = g * S / (1 - p), (M, R).
 //   dx (when defined, (M, K) contiguous, dtype of x): receives (gsd A) ⊙ keep, chunk by chunk,
-//   then dy2 W accumulated in one GEMM;
+//   then dy2 W accumulated in one GEMM (skipped when dy2 is undefined: the banked op runs the
+//   frozen GEMM once over all its segments);
 //   returns gsd^T (x2 ⊙ keep), (R, K) in the accumulation dtype, when need_da (else empty).
 at::Tensor dropout_backward_terms(const at::Tensor& x2, const at::Tensor& gsd,
                                   const at::Tensor& lora_a, const LoraDropout& drop,

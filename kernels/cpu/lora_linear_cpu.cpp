@@ -30,9 +30,11 @@ namespace {
 // kUpcastRows x K x 4 bytes (4 MiB at K = 4096) while keeping each BLAS call large.
 constexpr int64_t kUpcastRows = 256;
 
-// lhs (M, K) @ rhs_t (R, K)^T -> (M, R) in the accumulation dtype. For fp32/fp64 this is one
-// GEMM. For fp16/bf16 the contract wants fp32 accumulation *and* an fp32 result, which ATen's
-// CPU mm cannot give (its output dtype is the input dtype), so lhs is upcast chunk by chunk.
+}  // namespace
+
+// For fp32/fp64 one GEMM. For fp16/bf16 the contract wants fp32 accumulation *and* an fp32
+// result, which ATen's CPU mm cannot give (its output dtype is the input dtype), so lhs is
+// upcast chunk by chunk.
 at::Tensor skinny_product(const at::Tensor& lhs, const at::Tensor& rhs_t) {
   const auto acc = accum_dtype(lhs.scalar_type());
   if (lhs.scalar_type() == acc) return at::mm(lhs, rhs_t.t());
@@ -46,8 +48,6 @@ at::Tensor skinny_product(const at::Tensor& lhs, const at::Tensor& rhs_t) {
   }
   return out;
 }
-
-}  // namespace
 
 std::tuple<at::Tensor, at::Tensor> lora_linear_fwd_cpu(
     const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,

@@ -8,6 +8,9 @@
 
 namespace feddpa {
 
+// lhs (M, K) @ rhs_t (R, K)^T -> (M, R) in the accumulation dtype (fp32, fp64 for fp64 lhs).
+at::Tensor skinny_product(const at::Tensor& lhs, const at::Tensor& rhs_t);
+
 // y = x W^T + b + ((xl A^T) * S) B^T with xl = x ⊙ keep / (1 - p) under in-op dropout
 // (dropout_p > 0, mask from dropout_seed: dropout.h), else x; returns (y, u) with u = xl A^T in
 // the accumulation dtype (saved for backward: it is only M x R).
