@@ -11,13 +11,14 @@ The op lives in ``feddpa_fast.kernels`` (``lora_linear``). On top of it:
 __version__ = "0.1.0"
 
 from .adapters import AdapterError, load_adapter, save_adapter
+from .clients import add_client, client_names, remove_clients, save_client
 from .config import ADAPTERS, DualLoRAConfig
 from .layers import DualLoRALinear
 from .mixing import mix, print_trainable, set_trainable
 from .packing import packed_weights
 from .patch import merge, patch, unmerge, unpatch
 
-__all__ = ["ADAPTERS", "AdapterError", "DualLoRAConfig", "DualLoRALinear", "load_adapter",
-           "merge", "mix", "packed_weights", "patch", "print_trainable", "save_adapter",
-           "set_trainable",
+__all__ = ["ADAPTERS", "AdapterError", "DualLoRAConfig", "DualLoRALinear", "add_client",
+           "client_names", "load_adapter", "merge", "mix", "packed_weights", "patch",
+           "print_trainable", "remove_clients", "save_adapter", "save_client", "set_trainable",
            "unmerge", "unpatch"]

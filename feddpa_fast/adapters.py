@@ -27,8 +27,9 @@ from .layers import dual_lora_layers
 from .patch import _name_matches
 from .sealed import IntegrityError, read_sealed, sealed_bytes
 
-__all__ = ["save_adapter", "load_adapter", "adapter_state_dict", "load_adapter_state_dict",
-           "AdapterError", "CONFIG_NAME", "WEIGHTS_NAME"]
+__all__ = ["save_adapter", "load_adapter", "read_adapter", "write_adapter", "adapter_state_dict",
+           "load_adapter_state_dict", "check_adapter_tensors", "adapter_key", "AdapterError",
+           "CONFIG_NAME", "WEIGHTS_NAME"]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -62,15 +63,21 @@ def adapter_state_dict(model: nn.Module, adapter: str = "global") -> dict[str, t
     return out
 
 
-def load_adapter_state_dict(model: nn.Module, tensors: dict[str, torch.Tensor],
-                            adapter: str = "global") -> None:
-    """Copies ``tensors`` (PEFT key names) into one adapter, after checking all of them."""
-    _check_adapter_name(adapter)
-    layers = dict(_layers(model))
+def _adapter_params(model: nn.Module, adapter: str) -> dict[str, torch.Tensor]:
+    """PEFT key -> the patched model's parameter of ``adapter``."""
     expected = {}
-    for name, layer in layers.items():
+    for name, layer in _layers(model):
         for part, modules in (("lora_A", layer.lora_A), ("lora_B", layer.lora_B)):
             expected[f"{_PREFIX}{name}.{part}.weight"] = modules[adapter].weight
+    return expected
+
+
+def check_adapter_tensors(model: nn.Module, tensors: dict[str, torch.Tensor],
+                          adapter: str = "global") -> None:
+    """Raises AdapterError unless ``tensors`` (PEFT key names) fit one adapter of ``model``
+    exactly: the same keys, shapes, floating point, finite."""
+    _check_adapter_name(adapter)
+    expected = _adapter_params(model, adapter)
     missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
     if missing or unexpected:
         raise AdapterError(f"adapter keys do not match the patched layers: missing "
@@ -85,9 +92,20 @@ def load_adapter_state_dict(model: nn.Module, tensors: dict[str, torch.Tensor],
             raise AdapterError(f"{key}: dtype {t.dtype} is not floating point")
         if not torch.isfinite(t).all():
             raise AdapterError(f"{key}: has non-finite values")
+
+
+def load_adapter_state_dict(model: nn.Module, tensors: dict[str, torch.Tensor],
+                            adapter: str = "global") -> None:
+    """Copies ``tensors`` (PEFT key names) into one adapter, after checking all of them."""
+    check_adapter_tensors(model, tensors, adapter)
     with torch.no_grad():
-        for key, param in expected.items():
+        for key, param in _adapter_params(model, adapter).items():
             param.copy_(tensors[key])  # in place: the stacked views stay intact
+
+
+def adapter_key(layer_name: str, part: str) -> str:
+    """The PEFT key of one layer's ``lora_A`` / ``lora_B`` weight."""
+    return f"{_PREFIX}{layer_name}.{part}.weight"
 
 
 def _target_spec(model: nn.Module, names: list[str]):
@@ -117,6 +135,19 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter: str = 
             ``nn.Linear`` and ``Conv1D`` (PEFT's format has one fan_in_fan_out flag).
     """
     _check_adapter_name(adapter)
+    first = _layers(model)[0][1]
+    return write_adapter(model, directory, adapter_state_dict(model, adapter), first.r[adapter],
+                         first.scaling[adapter])
+
+
+def write_adapter(model: nn.Module, directory: str | os.PathLike,
+                  tensors: dict[str, torch.Tensor], r: int, scaling: float) -> Path:
+    """Writes ``tensors`` (PEFT key names, one adapter of ``model``'s patched layers) as a PEFT
+    LoRA directory of rank ``r`` and scaling ``scaling`` (what ``save_adapter`` writes).
+
+    Returns:
+        The directory, as a ``Path``.
+    """
     layers = _layers(model)
     first = layers[0][1]
     names = [n for n, _ in layers]
@@ -124,7 +155,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter: str = 
         "peft_type": "LORA", "task_type": None, "inference_mode": True,
         "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None),
         # lora_alpha = scaling * r, so an adapter loaded with rsLoRA scaling keeps its scaling.
-        "r": first.r[adapter], "lora_alpha": first.scaling[adapter] * first.r[adapter],
+        "r": r, "lora_alpha": scaling * r,
         "lora_dropout": first.dropout_p, "target_modules": _target_spec(model, names),
         "fan_in_fan_out": bool(first.fan_in_fan_out), "bias": "none", "use_rslora": False,
         "use_dora": False, "init_lora_weights": True, "modules_to_save": None,
@@ -133,7 +164,6 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter: str = 
     if any(layer.fan_in_fan_out != first.fan_in_fan_out for _, layer in layers):
         raise ValueError("save_adapter: PEFT's format has one fan_in_fan_out flag, but this "
                          "model mixes nn.Linear and Conv1D targets")
-    tensors = adapter_state_dict(model, adapter)
     directory = Path(directory)
     # Each file is replaced atomically and other files in the directory are kept (as PEFT's
     # save_pretrained does): the weights first, then the config that describes them.
@@ -165,24 +195,20 @@ def _read_config(directory: Path) -> dict:
     return config
 
 
-def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter: str = "global") -> None:
-    """Loads a PEFT LoRA adapter directory into one adapter of a patched model.
-
-    Checks the rank, the target modules, every key and shape before changing anything;
-    ``lora_alpha`` of the file sets the adapter's scaling (``alpha / r``, or ``alpha / sqrt(r)``
-    with ``use_rslora``).
+def read_adapter(model: nn.Module, directory: str | os.PathLike,
+                 adapter: str = "global") -> tuple[dict[str, torch.Tensor], float, float]:
+    """Reads and checks a PEFT LoRA adapter directory against one adapter of a patched model,
+    changing nothing.
 
     Args:
         model: a patched model.
         directory: a PEFT LoRA directory (``adapter_config.json``, ``adapter_model.safetensors``).
-        adapter: ``"global"`` or ``"local"``.
+        adapter: ``"global"`` or ``"local"``: the adapter whose rank and shapes it must fit.
     Returns:
-        None; the adapter's weights and scaling are replaced.
+        (tensors under PEFT's key names, lora_alpha, scaling), every key, shape and value
+        checked.
     Raises:
-        FileNotFoundError: the directory or one of its two files is missing.
-        AdapterError (a ValueError): a bad config (rank, targets, DoRA, rank patterns,
-            modules_to_save, lora_alpha), an unreadable weights file, or wrong keys, shapes or
-            non-finite values.
+        As ``load_adapter``.
     """
     _check_adapter_name(adapter)
     directory = Path(directory)
@@ -214,8 +240,32 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter: str = 
     alpha = config.get("lora_alpha", 8)  # PEFT's default
     if not isinstance(alpha, (int, float)) or not alpha > 0:
         raise AdapterError(f"{directory}: lora_alpha must be a positive number, got {alpha!r}")
-    load_adapter_state_dict(model, tensors, adapter)  # validates all before copying
+    check_adapter_tensors(model, tensors, adapter)
     scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
-    for _, layer in layers:
+    return tensors, alpha, scaling
+
+
+def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter: str = "global") -> None:
+    """Loads a PEFT LoRA adapter directory into one adapter of a patched model.
+
+    Checks the rank, the target modules, every key and shape before changing anything;
+    ``lora_alpha`` of the file sets the adapter's scaling (``alpha / r``, or ``alpha / sqrt(r)``
+    with ``use_rslora``).
+
+    Args:
+        model: a patched model.
+        directory: a PEFT LoRA directory (``adapter_config.json``, ``adapter_model.safetensors``).
+        adapter: ``"global"`` or ``"local"``.
+    Returns:
+        None; the adapter's weights and scaling are replaced.
+    Raises:
+        FileNotFoundError: the directory or one of its two files is missing.
+        AdapterError (a ValueError): a bad config (rank, targets, DoRA, rank patterns,
+            modules_to_save, lora_alpha), an unreadable weights file, or wrong keys, shapes or
+            non-finite values.
+    """
+    tensors, alpha, scaling = read_adapter(model, directory, adapter)
+    load_adapter_state_dict(model, tensors, adapter)
+    for _, layer in _layers(model):
         layer.lora_alpha[adapter] = alpha
         layer.scaling[adapter] = scaling

@@ -33,7 +33,7 @@ from torch import nn
 
 from . import rows
 from .config import ADAPTERS
-from .kernels import lora_linear, reference
+from .kernels import lora_linear, lora_linear_banked, reference
 
 __all__ = ["DualLoRALinear", "is_supported_base", "dual_lora_layers", "WEIGHT_NAMES"]
 
@@ -148,6 +148,14 @@ class DualLoRALinear(nn.Module):
         # (C2A's generated adapters, feddpa_fast.fed.algorithms.c2a_hypernetwork.GeneratedAdapters).
         self.source: tuple | None = None
         self.merged = False
+        # Several clients' adapters (feddpa_fast.clients): the bank lora_linear_banked reads,
+        # slot 0 the shared global; the name -> (global slot, local slot) registry is one dict
+        # shared by every layer of the model. Non-persistent: .to() moves the bank, state_dict()
+        # leaves it out.
+        self.register_buffer("client_bank_a", None, persistent=False)
+        self.register_buffer("client_bank_b", None, persistent=False)
+        self.client_scaling: list[float] = []
+        self.client_slots: dict = {}
         self._restack()
         self._register_state_dict_hook(_contiguous_adapter_state)
         self.register_load_state_dict_post_hook(_restack_after_load)
@@ -231,6 +239,67 @@ class DualLoRALinear(nn.Module):
         previous, self.source = self.source, source
         return previous
 
+    # ---- the client bank (feddpa_fast.clients) ---------------------------------------------
+    def reset_client_bank(self) -> None:
+        """A bank holding only slot 0: a copy of the global adapter."""
+        a, b = self.lora_A["global"].weight.detach(), self.lora_B["global"].weight.detach()
+        self.client_bank_a = a.clone().unsqueeze(0)
+        self.client_bank_b = b.clone().unsqueeze(0)
+        self.client_scaling = [self.scaling["global"]]
+
+    def append_to_bank(self, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> int:
+        """Appends one adapter ((r, K), (N, r)) to the bank; returns its slot."""
+        bank_a, bank_b = self.client_bank_a, self.client_bank_b
+        self.client_bank_a = torch.cat([bank_a, lora_a.to(bank_a).unsqueeze(0)])
+        self.client_bank_b = torch.cat([bank_b, lora_b.to(bank_b).unsqueeze(0)])
+        self.client_scaling.append(float(scaling))
+        return len(self.client_scaling) - 1
+
+    def refresh_shared_global(self) -> None:
+        """Copies the global adapter (and its scaling) into slot 0 of the bank."""
+        with torch.no_grad():
+            self.client_bank_a[0].copy_(self.lora_A["global"].weight)
+            self.client_bank_b[0].copy_(self.lora_B["global"].weight)
+        self.client_scaling[0] = self.scaling["global"]
+
+    def bank_adapter(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) of one slot of the bank."""
+        return self.client_bank_a[slot], self.client_bank_b[slot]
+
+    def drop_client_bank(self) -> None:
+        self.client_bank_a = self.client_bank_b = None
+        self.client_scaling = []
+
+    def _banked_forward(self, x, weight, bias, clients: torch.Tensor) -> torch.Tensor:
+        """Each sequence's rows through its client's (global, local) adapters of the bank, in
+        one lora_linear_banked call; the mix weights times each slot's scaling per row."""
+        if self.source is not None:
+            raise ValueError("mix(..., clients=...) cannot run with an attached adapter source")
+        acc = reference.accum_dtype(x.dtype)
+        call = self._mix_call.get("positions")
+        index = rows.expand(clients.to(torch.float64).unsqueeze(1), x, ("clients",), (),
+                            call).to(torch.int64)                            # (M, 2)
+        weights = self.mix_weights
+        if any(isinstance(w, torch.Tensor) and w.dim() for w in weights):
+            table = rows.weight_table(weights, WEIGHT_NAMES, acc, x.device)
+            token_names = [n for w, n in zip(weights, WEIGHT_NAMES)
+                           if isinstance(w, torch.Tensor) and w.dim() == 2]
+            per_row = rows.expand(table, x, WEIGHT_NAMES, token_names, call)
+        else:
+            per_row = torch.stack([torch.as_tensor(w, dtype=acc, device=x.device)
+                                   for w in weights]).expand(index.shape[0], 2)
+        scalings = torch.tensor(self.client_scaling, dtype=acc, device=x.device)[index]
+        scale = (per_row * scalings).repeat_interleave(self.r["local"], dim=1)
+        bank_a, bank_b = self.client_bank_a, self.client_bank_b
+        if torch.is_autocast_enabled(x.device.type):
+            bank_a, bank_b = bank_a.to(x.dtype), bank_b.to(x.dtype)
+        if self.training and self.dropout_p > 0:
+            seeds = torch.randint(0, 2**62, (bank_a.shape[0],), dtype=torch.int64,
+                                  device=x.device)
+            return lora_linear_banked(x, weight, bias, bank_a, bank_b, index, scale,
+                                      dropout_p=self.dropout_p, dropout_seed=seeds)
+        return lora_linear_banked(x, weight, bias, bank_a, bank_b, index, scale)
+
     # ---- forward ---------------------------------------------------------------------------
     def base_weight(self) -> torch.Tensor:
         """The frozen weight as the op wants it, (out, in); a transposed view for Conv1D."""
@@ -305,6 +374,14 @@ class DualLoRALinear(nn.Module):
         # source replaces both adapters; otherwise the stacked adapters under the mix.
         if self.merged:
             return self.base_layer(x)
+        clients = self._mix_call.get("clients") if self._mix_call else None
+        if clients is not None:
+            weight, bias = self.base_weight(), self.base_layer.bias
+            if torch.is_autocast_enabled(x.device.type):
+                dtype = torch.get_autocast_dtype(x.device.type)
+                x, weight = x.to(dtype), weight.to(dtype)
+                bias = bias.to(dtype) if bias is not None else None
+            return self._banked_forward(x, weight, bias, clients)
         if self.source is not None:
             lora_a, lora_b, scale = self._source_operands(x)
         else:

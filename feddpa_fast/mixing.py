@@ -41,6 +41,7 @@ import math
 import torch
 from torch import nn
 
+from .clients import client_table
 from .config import ADAPTERS
 from .layers import dual_lora_layers
 
@@ -103,14 +104,32 @@ def _call_positions_hook(state: dict):
     return hook
 
 
+def _client_table(model, layers, clients, global_w, local_w, device):
+    """The (batch, 2) bank slots of ``clients`` (None: no clients), checked against the batch
+    of the weights; refreshes each bank's shared global from the model's global adapter."""
+    if clients is None:
+        return None
+    table = client_table(model, clients, device)
+    shaped = [w for w in (global_w, local_w) if isinstance(w, torch.Tensor) and w.dim()]
+    if shaped and shaped[0].shape[0] != table.shape[0]:
+        raise ValueError(f"clients names {table.shape[0]} sequences but the weights are given "
+                         f"for a batch of {shaped[0].shape[0]}")
+    for layer in layers:
+        layer.refresh_shared_global()
+    return table
+
+
 @contextlib.contextmanager
-def mix(model: nn.Module, global_w, local_w):
+def mix(model: nn.Module, global_w, local_w, clients=None):
     """Sets the adapter weights of every patched layer of ``model`` for the ``with`` block.
 
     Args:
         model: a model patched by ``feddpa_fast.patch``.
         global_w: weight of the global adapter: a float, (batch,) or (batch, seq_len) tensor.
         local_w: weight of the local adapter, the same choices (module docstring).
+        clients: None (the model's own two adapters), or one client name per sequence of the
+            batch (``feddpa_fast.add_client``): each sequence runs through its client's
+            adapters, in one op call per layer for the whole batch (feddpa_fast.clients).
 
     Returns:
         A context manager yielding ``model``.
@@ -126,9 +145,10 @@ def mix(model: nn.Module, global_w, local_w):
     global_w = _check_weight("global_w", global_w, devices)
     local_w = _check_weight("local_w", local_w, devices)
     _check_pair(global_w, local_w)
+    table = _client_table(model, layers, clients, global_w, local_w, next(iter(devices)))
     per_token = any(isinstance(w, torch.Tensor) and w.dim() == 2 for w in (global_w, local_w))
     shared_scales = {}  # one scale tensor per input shape for the whole model (layers.py)
-    call = {"positions": None}
+    call = {"positions": None, "clients": table}
     handles = []
     if per_token:  # positions are known only during a model call: reset after each one
         handles = [model.register_forward_pre_hook(_call_positions_hook(call), with_kwargs=True),
