@@ -22,6 +22,7 @@
 #include "banked_cpu.h"
 
 #include <algorithm>
+#include <cmath>
 #include <vector>
 
 #include "checks.h"
@@ -37,16 +38,38 @@ struct Segment {
   std::vector<int64_t> adapter;  // one per branch
 };
 
-std::vector<Segment> segments_of(const at::Tensor& index) {
-  const auto [tuples, inverse, counts] =
-      at::unique_dim(index, 0, /*sorted=*/true, /*return_inverse=*/true, /*return_counts=*/true);
+// One int64 key per row: the index tuple read as digits in base S (unique and sortable like
+// the tuple), so grouping is a 1-D sort; unique_dim over the (M, B) rows cost 4 ms per call at
+// M = 256 (profiled). Falls back to unique_dim when S^B would not fit in 62 bits.
+at::Tensor row_keys(const at::Tensor& index, int64_t adapters) {
+  const int64_t branches = index.size(1);
+  if (branches * std::log2(static_cast<double>(std::max<int64_t>(adapters, 2))) > 62.0)
+    return at::Tensor();
+  at::Tensor key = index.select(1, 0).clone();
+  for (int64_t b = 1; b < branches; ++b) key.mul_(adapters).add_(index.select(1, b));
+  return key;
+}
+
+std::vector<Segment> segments_of(const at::Tensor& index, int64_t adapters) {
+  const at::Tensor key = row_keys(index, adapters);
+  at::Tensor tuples, inverse, counts;
+  if (key.defined()) {
+    std::tie(tuples, inverse, counts) = at::_unique2(key, /*sorted=*/true,
+                                                     /*return_inverse=*/true,
+                                                     /*return_counts=*/true);
+  } else {
+    std::tie(tuples, inverse, counts) = at::unique_dim(index, 0, true, true, true);
+  }
   const int64_t groups = tuples.size(0);
   const int64_t branches = index.size(1);
   const at::Tensor order = groups > 1 ? at::argsort(inverse, /*stable=*/true) : at::Tensor();
-  const at::Tensor tuples_cpu = tuples.cpu().contiguous();
   const at::Tensor counts_cpu = counts.cpu();
-  const int64_t* t = tuples_cpu.data_ptr<int64_t>();
   const int64_t* c = counts_cpu.data_ptr<int64_t>();
+  // The first row of each group holds its tuple.
+  const at::Tensor firsts = groups > 1 ? order.index_select(0, counts.cumsum(0).sub_(counts))
+                                       : at::zeros({1}, index.options());
+  const at::Tensor tuples_cpu = index.index_select(0, firsts).cpu().contiguous();
+  const int64_t* t = tuples_cpu.data_ptr<int64_t>();
   std::vector<Segment> segments(groups);
   int64_t start = 0;
   for (int64_t g = 0; g < groups; ++g) {
@@ -109,6 +132,48 @@ at::Tensor branch_products(const at::Tensor& xs, const at::Tensor& bank_a, const
   return at::cat(parts, 1);
 }
 
+// The dense form: the adapters the call uses, U of them, side by side as one plain lora_linear
+// problem of rank U r (A (U r, K), B (N, U r)), each row's scale in its adapters' columns and
+// zero elsewhere. Two BLAS calls of rank U r instead of a gather and 2 B small products per
+// segment: fewer, larger calls while U r stays small against K and N (kDenseMaxRank).
+struct Dense {
+  at::Tensor used;     // (U,) the adapters used, ascending
+  at::Tensor columns;  // (M, B r) each row's branch columns in the dense rank
+  at::Tensor lora_a;   // (U r, K)
+  at::Tensor lora_b;   // (N, U r)
+  at::Tensor scale;    // (M, U r)
+};
+
+Dense dense_form(const at::Tensor& bank_a, const at::Tensor& bank_b, const at::Tensor& index,
+                 const at::Tensor& scale) {
+  const int64_t r = bank_a.size(1);
+  const int64_t M = index.size(0);
+  const auto [used, inverse, counts] = at::_unique2(index, /*sorted=*/true,
+                                                    /*return_inverse=*/true,
+                                                    /*return_counts=*/false);
+  const int64_t U = used.size(0);
+  Dense d;
+  d.used = used;
+  d.columns = (inverse.unsqueeze(-1) * r + at::arange(r, index.options())).reshape({M, -1});
+  d.lora_a = bank_a.index_select(0, used).reshape({U * r, bank_a.size(2)});
+  d.lora_b = bank_b.index_select(0, used).permute({1, 0, 2}).reshape({bank_b.size(1), U * r});
+  d.scale = at::zeros({M, U * r}, scale.options())
+                .scatter_add_(1, d.columns, scale.expand({M, scale.size(1)}));
+  return d;
+}
+
+// Dense rank above which the segment form runs instead: at 8 clients of rank 8 (U r = 72) the
+// dense form is the faster one (bench/clients.py); past a few hundred columns its rank work
+// (U r (K + N) per row) outgrows a segment's fixed cost.
+constexpr int64_t kDenseMaxRank = 128;
+
+bool use_dense(const at::Tensor& index, int64_t adapters, int64_t r, double dropout_p) {
+  if (dropout_p > 0.0) return false;  // per-client mask streams need the segments
+  const int64_t bound = std::min<int64_t>(adapters, index.numel()) * r;
+  if (bound <= kDenseMaxRank) return true;
+  return std::get<0>(at::_unique2(index, false, false, false)).size(0) * r <= kDenseMaxRank;
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> lora_linear_banked_fwd_cpu(
@@ -123,7 +188,13 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_banked_fwd_cpu(
   const int64_t r = bank_a.size(1);
   const at::Tensor x2 = x.reshape({-1, K});
   const int64_t M = x2.size(0);
-  const auto segments = segments_of(index);
+  if (use_dense(index, bank_a.size(0), r, dropout_p)) {
+    const Dense d = dense_form(bank_a, bank_b, index, scale);
+    auto [y, u_dense] = lora_linear_fwd_cpu(x, weight, bias, d.lora_a, d.lora_b, d.scale, 0.0,
+                                            std::nullopt);
+    return {y, u_dense.gather(1, d.columns)};
+  }
+  const auto segments = segments_of(index, bank_a.size(0));
   check_streams(segments, dropout_p);
 
   at::Tensor u = at::empty({M, index.size(1) * r}, x.options().dtype(accum_dtype(x.scalar_type())));
@@ -163,6 +234,36 @@ at::Tensor lora_linear_banked_cpu(
                                                 dropout_p, dropout_seed));
 }
 
+namespace {
+
+// The backward of the dense form: the plain op's backward at rank U r, its adapter gradients
+// put back in the bank's slots and its scale gradient read at each row's columns.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_backward(
+    const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight,
+    const at::Tensor& bank_a, const at::Tensor& bank_b, const at::Tensor& index,
+    const at::Tensor& scale, const at::Tensor& u, std::array<bool, 4> output_mask) {
+  const Dense d = dense_form(bank_a, bank_b, index, scale);
+  const int64_t U = d.used.size(0);
+  const int64_t r = bank_a.size(1);
+  // u at each row's own columns is all the backward reads (elsewhere the scale is zero); two
+  // branches on one adapter hold the same value there.
+  const at::Tensor u_dense = at::zeros(d.scale.sizes(), u.options()).scatter_(1, d.columns, u);
+  auto [dx, da, db, ds] = lora_linear_bwd_cpu(dy, x, weight, d.lora_a, d.lora_b, d.scale,
+                                              u_dense, output_mask, 0.0, std::nullopt);
+  if (output_mask[1])
+    da = at::zeros(bank_a.sizes(), da.options()).index_copy_(0, d.used, da.view({U, r, -1}));
+  if (output_mask[2])
+    db = at::zeros(bank_b.sizes(), db.options())
+             .index_copy_(0, d.used, db.view({db.size(0), U, r}).permute({1, 0, 2}));
+  if (output_mask[3]) {
+    ds = ds.gather(1, d.columns);
+    if (scale.size(0) == 1 && ds.size(0) != 1) ds = ds.sum(0, /*keepdim=*/true);
+  }
+  return {dx, da, db, ds};
+}
+
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_banked_bwd_cpu(
     const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight,
     const at::Tensor& bank_a, const at::Tensor& bank_b, const at::Tensor& index,
@@ -180,7 +281,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_banked_bw
   const at::Tensor x2 = x.reshape({-1, K});
   const int64_t M = x2.size(0);
   const auto [need_dx, need_da, need_db, need_ds] = output_mask;
-  const auto segments = segments_of(index);
+  if (use_dense(index, bank_a.size(0), r, dropout_p))
+    return dense_backward(dy, x, weight, bank_a, bank_b, index, scale, u, output_mask);
+  const auto segments = segments_of(index, bank_a.size(0));
 
   at::Tensor g = at::empty({M, u.size(1)}, u.options());
   at::Tensor dx = need_dx ? at::empty({M, K}, x.options()) : at::Tensor();

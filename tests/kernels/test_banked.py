@@ -73,6 +73,28 @@ def test_batched_call_equals_each_client_alone(backend, dtype, index):
         torch.testing.assert_close(got, want, atol=tol * 4, rtol=tol * 4)
 
 
+# 36 clients of rank 4 with one shared global: 37 adapters x 4 = 148 columns, past the dense
+# form's 128 (kernels/cpu/banked_cpu.cpp), so the native kernels run the segment form.
+MANY = torch.stack([torch.zeros(72, dtype=torch.int64), torch.arange(72) % 36 + 1], 1)
+
+
+@pytest.mark.parametrize("backend", [None, "reference"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_many_clients_segment_form_equals_each_client_alone(backend, dtype):
+    # (bf16: the oracle sums the shared global's gradient over 36 calls in bf16; the op sums in
+    # fp32 and rounds once, so they differ by the oracle's own rounding.)
+    bank_a, bank_b = _bank(s=37, dtype=dtype)
+    index = MANY[torch.randperm(72, generator=torch.Generator().manual_seed(0))]
+    x, weight, bias, scale = _inputs(index, dtype=dtype)
+    y = lora_linear_banked(x, weight, bias, bank_a, bank_b, index, scale, backend=backend)
+    expected = _per_client(x, weight, bias, bank_a, bank_b, index, scale)
+    tol = TOL[dtype]
+    torch.testing.assert_close(y, expected, atol=tol, rtol=tol)
+    tensors = (x, bias, bank_a, bank_b, scale)
+    for got, want in zip(_grads(y, tensors), _grads(expected, tensors)):
+        torch.testing.assert_close(got, want, atol=tol * 4, rtol=tol * 4)
+
+
 def test_adapters_no_row_uses_get_zero_gradient():
     bank_a, bank_b = _bank(s=6)
     index = SERVING  # adapter 5 unused

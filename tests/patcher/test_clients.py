@@ -71,7 +71,7 @@ def test_batched_forward_and_backward_equal_each_sequence_alone(kind, own_global
             alone = model(inputs_embeds=one, attention_mask=inputs["attention_mask"][i:i + 1]).logits
         (grad_one,) = torch.autograd.grad(alone.square().sum(), one)
         torch.testing.assert_close(logits[i:i + 1], alone, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(grad[i:i + 1], grad_one, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(grad[i:i + 1], grad_one, rtol=1e-3, atol=1e-3)
     # The clients differ: sequence 0 under another client's adapters gives other logits.
     with torch.no_grad(), fd.mix(model, G[:1], L[:1], clients=["cy"]):
         other = model(inputs_embeds=embeds[:1], attention_mask=inputs["attention_mask"][:1]).logits
