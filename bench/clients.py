@@ -7,7 +7,8 @@ per row, which is all it can express; inference only) and the frozen layer alone
 Each client has its own local adapter and every row the shared global (FedDPA serving: 2
 branches of rank r), with per-row weights. Rows are interleaved across clients (a client's rows
 are not contiguous), as requests arrive. Providers run in the same process, in alternation,
-after warm-up; rows go to bench/results/clients_op.csv (device, date, versions).
+after warm-up; rows go to bench/results/clients_op.csv (device, date, versions), and
+bench/results/clients_op.png is drawn from the newest run (time / base per provider).
 
     base        F.linear over all rows (the floor)
     batched     one lora_linear_banked call (frozen GEMM once, rank-r work per client)
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
+import plot  # noqa: E402
 
 import feddpa_fast  # noqa: E402
 from feddpa_fast.kernels import lora_linear, lora_linear_banked  # noqa: E402
@@ -145,6 +147,7 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--r", type=int, default=8, help="rank per branch")
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--csv", type=Path, default=CSV_PATH)
+    ap.add_argument("--no-plot", action="store_true")
     args = ap.parse_args(argv)
     cases = ([(rows, *map(int, s.split(","))) for s in args.shapes for rows in args.rows]
              if args.shapes else
@@ -173,6 +176,8 @@ def main(argv=None) -> list[dict]:
     print(f"# {meta['device']}, {meta['threads']} threads, torch {meta['torch']}, "
           f"{meta['date']}: {args.clients} clients, rank {args.r} per branch (global + local)")
     print(table(rows))
+    if not args.no_plot:
+        print(f"plot: {plot.plot_latest_run(args.csv, args.csv.with_suffix('.png'))}")
     return rows
 
 

@@ -118,6 +118,28 @@ def render_op(rows: list[dict]) -> list[str]:
     return out
 
 
+def render_clients_op(rows: list[dict]) -> list[str]:
+    """clients_op.csv: per run, per case and mode, the providers' medians and the speedup of
+    one batched call over the per-client calls."""
+    out = []
+    for run_id, rs in runs(rows):
+        out += [run_line(run_id, rs), ""]
+        body, cases = [], ordered((r["clients"], r["rows_per_client"], r["K"], r["N"], r["mode"])
+                                  for r in rs)
+        for case in cases:
+            got = {r["provider"]: r for r in rs
+                   if (r["clients"], r["rows_per_client"], r["K"], r["N"], r["mode"]) == case}
+            ms = {name: float(r["median_ms"]) for name, r in got.items()}
+            body.append([f"{case[0]} x {case[1]}", f"{case[2]} -> {case[3]}", case[4],
+                         f"{ms['base']:.3f}", f"{ms['batched']:.3f} ({ms['batched'] / ms['base']:.2f})",
+                         f"{ms['per_client']:.3f}",
+                         f"{ms['peft']:.3f}" if "peft" in ms else "—",
+                         f"{ms['per_client'] / ms['batched']:.2f}"])
+        out += table(["clients x rows", "K -> N", "mode", "base ms", "batched ms (x base)",
+                      "per-client ms", "peft ms", "per-client / batched"], body) + [""]
+    return out
+
+
 def render_op_dropout(rows: list[dict]) -> list[str]:
     """op_cpu_dropout.csv: fwd+bwd with LoRA dropout, and what autograd saves."""
     out = []
@@ -326,6 +348,7 @@ RENDERERS = {
     "op_gpu_dropout": render_op_dropout, "model_cpu": render_model, "model_gpu": render_model,
     "model_smollm2_cpu": render_model, "llm_step_cpu": render_llm_step,
     "robustness_cpu": render_robustness, "gpu_static": render_gpu_static,
+    "clients_op": render_clients_op,
 }
 
 

@@ -11,7 +11,7 @@ The op lives in ``feddpa_fast.kernels`` (``lora_linear``). On top of it:
 __version__ = "0.1.0"
 
 from .adapters import AdapterError, load_adapter, save_adapter
-from .clients import add_client, client_names, remove_clients, save_client
+from .client_bank import add_client, client_names, remove_clients, save_client
 from .config import ADAPTERS, DualLoRAConfig
 from .layers import DualLoRALinear
 from .mixing import mix, print_trainable, set_trainable

@@ -148,7 +148,7 @@ class DualLoRALinear(nn.Module):
         # (C2A's generated adapters, feddpa_fast.fed.algorithms.c2a_hypernetwork.GeneratedAdapters).
         self.source: tuple | None = None
         self.merged = False
-        # Several clients' adapters (feddpa_fast.clients): the bank lora_linear_banked reads,
+        # Several clients' adapters (feddpa_fast.client_bank): the bank lora_linear_banked reads,
         # slot 0 the shared global; the name -> (global slot, local slot) registry is one dict
         # shared by every layer of the model. Non-persistent: .to() moves the bank, state_dict()
         # leaves it out.
@@ -239,7 +239,7 @@ class DualLoRALinear(nn.Module):
         previous, self.source = self.source, source
         return previous
 
-    # ---- the client bank (feddpa_fast.clients) ---------------------------------------------
+    # ---- the client bank (feddpa_fast.client_bank) ---------------------------------------------
     def reset_client_bank(self) -> None:
         """A bank holding only slot 0: a copy of the global adapter."""
         a, b = self.lora_A["global"].weight.detach(), self.lora_B["global"].weight.detach()

@@ -41,7 +41,7 @@ import math
 import torch
 from torch import nn
 
-from .clients import client_table
+from .client_bank import client_table
 from .config import ADAPTERS
 from .layers import dual_lora_layers
 
@@ -129,7 +129,7 @@ def mix(model: nn.Module, global_w, local_w, clients=None):
         local_w: weight of the local adapter, the same choices (module docstring).
         clients: None (the model's own two adapters), or one client name per sequence of the
             batch (``feddpa_fast.add_client``): each sequence runs through its client's
-            adapters, in one op call per layer for the whole batch (feddpa_fast.clients).
+            adapters, in one op call per layer for the whole batch (feddpa_fast.client_bank).
 
     Returns:
         A context manager yielding ``model``.
