@@ -232,3 +232,33 @@ def test_a_corrupt_smollm2_cache_is_rebuilt_not_loaded(tmp_path):
     assert smollm2.model_dir(root=tmp_path) == copy_dir  # rebuilt from the GGUF (~20 s)
     assert verify(copy_dir, verify_key()) is None
     assert weights.read_bytes() == (good / "model.safetensors").read_bytes()
+
+
+def test_three_clients_in_one_batch_equal_each_alone(base, tmp_path):
+    """mix(..., clients=...) on the real model: a batched forward and greedy generate over
+    sequences of 3 clients (each its own local adapter, the shared global) equal each sequence
+    run alone with its client's adapter loaded as the model's own."""
+    model = _patched(base)
+    names = ("ann", "bob", "cy")
+    for i, name in enumerate(names):
+        g = torch.Generator().manual_seed(20 + i)
+        with torch.no_grad():
+            for pname, p in model.named_parameters():
+                if "lora_B.local" in pname:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+        fd.save_adapter(model, tmp_path / name, adapter="local")
+        fd.add_client(model, name, local=tmp_path / name)
+    order = ["cy", "ann", "bob"]
+    ids = torch.randint(100, 4000, (3, 9), generator=torch.Generator().manual_seed(3))
+    weights = (torch.tensor([0.3, 0.6, 0.5]), torch.tensor([0.7, 0.4, 1.0]))
+    with torch.no_grad(), fd.mix(model, *weights, clients=order):
+        logits = model(input_ids=ids).logits
+        together = model.generate(input_ids=ids, max_new_tokens=4, do_sample=False)
+    for i, name in enumerate(order):
+        fd.load_adapter(model, tmp_path / name, adapter="local")
+        with torch.no_grad(), fd.mix(model, float(weights[0][i]), float(weights[1][i])):
+            alone = model(input_ids=ids[i:i + 1]).logits
+            generated = model.generate(input_ids=ids[i:i + 1], max_new_tokens=4,
+                                       do_sample=False)
+        torch.testing.assert_close(logits[i:i + 1], alone, rtol=1e-4, atol=1e-4)
+        assert torch.equal(together[i:i + 1], generated), name
