@@ -149,6 +149,9 @@ _FWD_UNALIGNED = {("hopper", "16bit"): (64, 64, 32, 8, 2), ("ampere", "16bit"): 
 # stages put 8-16 B in local memory even at 128 registers. This single-stage tile is clean on
 # sm_80, sm_90a and sm_100a at R = 8, 32 and 48, aligned or not (Triton 3.6 and 3.9).
 _FWD_FMA = (32, 32, 16, 8, 1)
+# ... with 4 warps up to R padded to 32: at 8 the forward kept an 8 B frame on sm_90a at R = 8
+# under Triton 3.6 (the GPU image's); 4 warps spill at R = 48 (216-264 B), so 8 stay there.
+_FWD_FMA_NARROW = (32, 32, 16, 4, 1)
 # The GEMM + expand kernel (dx, the split's GEMM; kernels/triton_gemm.py) takes 32-deep K
 # steps: with 16 its dx kept a 24 B local frame at 40 registers under Triton 3.6 on sm_90a
 # (M = 3 and 66 of the GPU tests); 32 x 32 x 32 is clean on sm_80, sm_90a and sm_100a under
@@ -186,7 +189,8 @@ def fwd_candidates(arch: str, r: int, dtype: torch.dtype, tma: bool,
     the GEMM + expand kernel (dx, the split's GEMM), whose ieee fp32 tile differs."""
     family, cls = _family(arch), operand_class(dtype)
     if cls == "fp32":
-        tiles = [_GEMM_FMA if gemm else _FWD_FMA]
+        narrow = padded_rank(r) <= 32
+        tiles = [_GEMM_FMA if gemm else (_FWD_FMA_NARROW if narrow else _FWD_FMA)]
     elif cls == "tf32":
         tiles = (_GEMM_TF32 if gemm else _FWD_TF32)[family] + [_FWD_UNALIGNED[(family, cls)]]
     else:
