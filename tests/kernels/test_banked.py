@@ -62,7 +62,12 @@ def _grads(y, tensors, seed=3):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("index", [SERVING, SIMULATION], ids=["serving", "simulation"])
 def test_batched_call_equals_each_client_alone(backend, dtype, index):
-    bank_a, bank_b = _bank(dtype=dtype)
+    _check_against_each_client(_bank(dtype=dtype), index, dtype, backend)
+
+
+def _check_against_each_client(bank, index, dtype, backend):
+    """The op's y and gradients (x, bias, both banks, scale) equal one plain call per client."""
+    bank_a, bank_b = bank
     x, weight, bias, scale = _inputs(index, dtype=dtype)
     y = lora_linear_banked(x, weight, bias, bank_a, bank_b, index, scale, backend=backend)
     expected = _per_client(x, weight, bias, bank_a, bank_b, index, scale)
@@ -83,16 +88,8 @@ MANY = torch.stack([torch.zeros(72, dtype=torch.int64), torch.arange(72) % 36 + 
 def test_many_clients_segment_form_equals_each_client_alone(backend, dtype):
     # (bf16: the oracle sums the shared global's gradient over 36 calls in bf16; the op sums in
     # fp32 and rounds once, so they differ by the oracle's own rounding.)
-    bank_a, bank_b = _bank(s=37, dtype=dtype)
     index = MANY[torch.randperm(72, generator=torch.Generator().manual_seed(0))]
-    x, weight, bias, scale = _inputs(index, dtype=dtype)
-    y = lora_linear_banked(x, weight, bias, bank_a, bank_b, index, scale, backend=backend)
-    expected = _per_client(x, weight, bias, bank_a, bank_b, index, scale)
-    tol = TOL[dtype]
-    torch.testing.assert_close(y, expected, atol=tol, rtol=tol)
-    tensors = (x, bias, bank_a, bank_b, scale)
-    for got, want in zip(_grads(y, tensors), _grads(expected, tensors)):
-        torch.testing.assert_close(got, want, atol=tol * 4, rtol=tol * 4)
+    _check_against_each_client(_bank(s=37, dtype=dtype), index, dtype, backend)
 
 
 def test_adapters_no_row_uses_get_zero_gradient():
