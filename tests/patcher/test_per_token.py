@@ -41,7 +41,7 @@ def test_a_layer_applies_one_weight_per_token_3d_and_flattened():
             layer(beams), _explicit(layer, beams, g.repeat_interleave(3, 0),
                                     lw.repeat_interleave(3, 0)), rtol=1e-5, atol=1e-5)
         model(**batch("llama", size=2, seq=5))  # a model call records, then forgets, positions
-        assert layer._mix_call == {"positions": None}
+        assert layer._mix_call["positions"] is None
         step = torch.randn(2, 1, layer.in_features)  # a decoding step: the last column
         torch.testing.assert_close(layer(step), _explicit(layer, step, g[:, -1:], lw[:, -1:]),
                                    rtol=1e-5, atol=1e-5)
