@@ -141,7 +141,8 @@ class DualLoRALinear(nn.Module):
         # benchmark).
         self._scale_cache: dict | None = None
         # Set by ``mix`` to one dict shared by all layers: {"positions": P} of the current model
-        # call when per-token weights are active (how a flattened 2-D input maps to tokens).
+        # call when per-token weights are active (how a flattened 2-D input maps to tokens), and
+        # {"clients": (batch, 2) bank slots} under ``mix(..., clients=...)`` (else None).
         self._mix_call: dict | None = None
         # (source, layer name) while an adapter source is attached (``set_source``): the layer
         # asks ``source.factors(name)`` for its (A, B, scaling) instead of using the stacks
