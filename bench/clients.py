@@ -111,8 +111,9 @@ def peft_layer(p):
 def providers(p, mode: str) -> dict:
     """name -> a callable running one timed call (fwd: no grad; fwd+bwd: with dx and the
     adapters' gradients)."""
-    p["stacks"] = [(torch.cat([p["bank_a"][0], p["bank_a"][c + 1]]),
-                    torch.cat([p["bank_b"][0], p["bank_b"][c + 1]], 1)) for c in range(p["clients"])]
+    bank_a, bank_b = p["bank_a"], p["bank_b"]
+    p["stacks"] = [(torch.cat([bank_a[0], bank_a[c + 1]]), torch.cat([bank_b[0], bank_b[c + 1]], 1))
+                   for c in range(p["clients"])]
     fns = {"base": base, "batched": batched, "per_client": per_client}
     if mode == "forward":
         out = {name: (lambda f=f: _no_grad(f, p)) for name, f in fns.items()}

@@ -131,7 +131,8 @@ def render_clients_op(rows: list[dict]) -> list[str]:
                    if (r["clients"], r["rows_per_client"], r["K"], r["N"], r["mode"]) == case}
             ms = {name: float(r["median_ms"]) for name, r in got.items()}
             body.append([f"{case[0]} x {case[1]}", f"{case[2]} -> {case[3]}", case[4],
-                         f"{ms['base']:.3f}", f"{ms['batched']:.3f} ({ms['batched'] / ms['base']:.2f})",
+                         f"{ms['base']:.3f}",
+                         f"{ms['batched']:.3f} ({ms['batched'] / ms['base']:.2f})",
                          f"{ms['per_client']:.3f}",
                          f"{ms['peft']:.3f}" if "peft" in ms else "—",
                          f"{ms['per_client'] / ms['batched']:.2f}"])

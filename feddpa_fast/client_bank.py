@@ -59,8 +59,9 @@ def _adapter_tensors(model, layers, source, adapter: str):
     """{layer name: (A, B)} and the scaling of ``source``: a PEFT directory, or None for the
     model's current ``adapter``."""
     if source is None:
-        return ({name: (layer.lora_A[adapter].weight.detach(), layer.lora_B[adapter].weight.detach())
-                 for name, layer in layers}, layers[0][1].scaling[adapter])
+        current = {name: (layer.lora_A[adapter].weight.detach(),
+                          layer.lora_B[adapter].weight.detach()) for name, layer in layers}
+        return current, layers[0][1].scaling[adapter]
     tensors, _, scaling = read_adapter(model, source, adapter)
     return ({name: (tensors[adapter_key(name, "lora_A")], tensors[adapter_key(name, "lora_B")])
              for name, _ in layers}, scaling)

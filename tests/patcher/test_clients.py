@@ -68,7 +68,8 @@ def test_batched_forward_and_backward_equal_each_sequence_alone(kind, own_global
         _as_model_adapters(model, dirs, name)
         one = embeds[i:i + 1].detach().requires_grad_()
         with fd.mix(model, float(G[i]), float(L[i])):
-            alone = model(inputs_embeds=one, attention_mask=inputs["attention_mask"][i:i + 1]).logits
+            mask = inputs["attention_mask"][i:i + 1]
+            alone = model(inputs_embeds=one, attention_mask=mask).logits
         (grad_one,) = torch.autograd.grad(alone.square().sum(), one)
         torch.testing.assert_close(logits[i:i + 1], alone, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(grad[i:i + 1], grad_one, rtol=1e-3, atol=1e-3)
