@@ -271,9 +271,10 @@ class DualLoRALinear(nn.Module):
         self.client_bank_a = self.client_bank_b = None
         self.client_scaling = []
 
-    def _banked_forward(self, x, weight, bias, clients: torch.Tensor) -> torch.Tensor:
-        """Each sequence's rows through its client's (global, local) adapters of the bank, in
-        one lora_linear_banked call; the mix weights times each slot's scaling per row."""
+    def _banked_operands(self, x: torch.Tensor, clients: torch.Tensor):
+        """(bank A, bank B, index, scale) for lora_linear_banked: each sequence's rows through
+        its client's (global, local) slots of the bank, the mix weights times each slot's
+        scaling per row."""
         if self.source is not None:
             raise ValueError("mix(..., clients=...) cannot run with an attached adapter source")
         acc = reference.accum_dtype(x.dtype)
@@ -282,24 +283,13 @@ class DualLoRALinear(nn.Module):
                             call).to(torch.int64)                            # (M, 2)
         weights = self.mix_weights
         if any(isinstance(w, torch.Tensor) and w.dim() for w in weights):
-            table = rows.weight_table(weights, WEIGHT_NAMES, acc, x.device)
-            token_names = [n for w, n in zip(weights, WEIGHT_NAMES)
-                           if isinstance(w, torch.Tensor) and w.dim() == 2]
-            per_row = rows.expand(table, x, WEIGHT_NAMES, token_names, call)
+            per_row = self._per_row_weights(x, acc)
         else:
             per_row = torch.stack([torch.as_tensor(w, dtype=acc, device=x.device)
                                    for w in weights]).expand(index.shape[0], 2)
         scalings = torch.tensor(self.client_scaling, dtype=acc, device=x.device)[index]
         scale = (per_row * scalings).repeat_interleave(self.r["local"], dim=1)
-        bank_a, bank_b = self.client_bank_a, self.client_bank_b
-        if torch.is_autocast_enabled(x.device.type):
-            bank_a, bank_b = bank_a.to(x.dtype), bank_b.to(x.dtype)
-        if self.training and self.dropout_p > 0:
-            seeds = torch.randint(0, 2**62, (bank_a.shape[0],), dtype=torch.int64,
-                                  device=x.device)
-            return lora_linear_banked(x, weight, bias, bank_a, bank_b, index, scale,
-                                      dropout_p=self.dropout_p, dropout_seed=seeds)
-        return lora_linear_banked(x, weight, bias, bank_a, bank_b, index, scale)
+        return self.client_bank_a, self.client_bank_b, index, scale
 
     # ---- forward ---------------------------------------------------------------------------
     def base_weight(self) -> torch.Tensor:
@@ -338,15 +328,20 @@ class DualLoRALinear(nn.Module):
             parts = [(torch.as_tensor(w, dtype=acc, device=x.device) * self.scaling[n])
                      .reshape(1).expand(self.r[n]) for w, n in zip(weights, ADAPTERS)]
             return torch.cat(parts).unsqueeze(0)
-        # Per-sequence or per-token weights: one weight per row by the rule of rows.py.
+        per_row = self._per_row_weights(x, acc)  # (M, branches)
+        m = per_row.shape[0]
+        return torch.cat([(per_row[:, i:i + 1] * self.scaling[n]).expand(m, self.r[n])
+                          for i, n in enumerate(ADAPTERS)], dim=1)
+
+    def _per_row_weights(self, x: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+        """Per-sequence or per-token weights as one weight per row of ``x`` and branch,
+        (M, branches), by the rule of rows.py."""
+        weights = self.mix_weights
         table = rows.weight_table(weights, WEIGHT_NAMES, acc, x.device)
         token_names = [n for w, n in zip(weights, WEIGHT_NAMES)
                        if isinstance(w, torch.Tensor) and w.dim() == 2]
         call = self._mix_call.get("positions") if self._mix_call else None
-        per_row = rows.expand(table, x, WEIGHT_NAMES, token_names, call)  # (M, branches)
-        m = per_row.shape[0]
-        return torch.cat([(per_row[:, i:i + 1] * self.scaling[n]).expand(m, self.r[n])
-                          for i, n in enumerate(ADAPTERS)], dim=1)
+        return rows.expand(table, x, WEIGHT_NAMES, token_names, call)
 
     def _source_operands(self, x: torch.Tensor):
         """(A, B, scale) of the attached source: one branch, weighted by the mix when both of
@@ -371,19 +366,15 @@ class DualLoRALinear(nn.Module):
         return lora_a, lora_b, self._scale(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Precedence: a merged layer is its base layer (the mix is folded in); an attached
-        # source replaces both adapters; otherwise the stacked adapters under the mix.
+        # Precedence: a merged layer is its base layer (the mix is folded in); a clients mix
+        # runs the bank (one adapter pair per sequence); an attached source replaces both
+        # adapters; otherwise the stacked adapters under the mix.
         if self.merged:
             return self.base_layer(x)
         clients = self._mix_call.get("clients") if self._mix_call else None
         if clients is not None:
-            weight, bias = self.base_weight(), self.base_layer.bias
-            if torch.is_autocast_enabled(x.device.type):
-                dtype = torch.get_autocast_dtype(x.device.type)
-                x, weight = x.to(dtype), weight.to(dtype)
-                bias = bias.to(dtype) if bias is not None else None
-            return self._banked_forward(x, weight, bias, clients)
-        if self.source is not None:
+            lora_a, lora_b, index, scale = self._banked_operands(x, clients)
+        elif self.source is not None:
             lora_a, lora_b, scale = self._source_operands(x)
         else:
             lora_a, lora_b, scale = self._stacked_operands(x)
@@ -394,15 +385,21 @@ class DualLoRALinear(nn.Module):
             dtype = torch.get_autocast_dtype(x.device.type)
             x, weight, lora_a, lora_b = (t.to(dtype) for t in (x, weight, lora_a, lora_b))
             bias = bias.to(dtype) if bias is not None else None
+        dropout = {}
         if self.training and self.dropout_p > 0:
-            return lora_linear(x, weight, bias, lora_a, lora_b, scale, dropout_p=self.dropout_p,
-                               dropout_seed=self._dropout_seed(x.device))
-        return lora_linear(x, weight, bias, lora_a, lora_b, scale)
+            # One seed per call, or per bank slot: each client its own mask stream.
+            seeds = 1 if clients is None else lora_a.shape[0]
+            dropout = {"dropout_p": self.dropout_p,
+                       "dropout_seed": self._dropout_seeds(x.device, seeds)}
+        if clients is not None:
+            return lora_linear_banked(x, weight, bias, lora_a, lora_b, index, scale, **dropout)
+        return lora_linear(x, weight, bias, lora_a, lora_b, scale, **dropout)
 
     @staticmethod
-    def _dropout_seed(device: torch.device) -> torch.Tensor:
-        """One int64 from torch's generator of ``device``: the in-op dropout mask's seed."""
-        return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device)
+    def _dropout_seeds(device: torch.device, count: int) -> torch.Tensor:
+        """``count`` int64s from torch's generator of ``device``: the in-op dropout masks'
+        seeds."""
+        return torch.randint(0, 2**62, (count,), dtype=torch.int64, device=device)
 
     # ---- merging ---------------------------------------------------------------------------
     def delta_weight(self, global_w: float, local_w: float) -> torch.Tensor:

@@ -110,11 +110,11 @@ def lora_linear_banked_backward(dy, x, weight, bank_a, bank_b, index, scale, u, 
         ss = _segment_scale(scale, rows)
         gs = (g_s * ss * inv_keep if keep is not None else g_s * ss).to(x.dtype)
         us = (u[rows] * ss).to(x.dtype)
+        xl = xs * keep if keep is not None else xs
         dx_s = torch.zeros_like(xs)
         for b, a in enumerate(adapters):
             gs_b = gs[:, b * r:(b + 1) * r]
             dx_s = dx_s + gs_b @ bank_a[a]
-            xl = xs * keep if keep is not None else xs
             da[a] += (gs_b.T @ xl).to(acc)
             db[a] += (dys.T @ us[:, b * r:(b + 1) * r]).to(acc)
         if need_dx:
