@@ -57,12 +57,14 @@ def tiny_llama_dir(root: Path) -> Path:
     return path
 
 
-def causal_lm_data_dir(root: Path) -> Path:
-    """Two tasks (clients) of short instruction / output pairs."""
+def causal_lm_data_dir(root: Path, clients: int = 2) -> Path:
+    """Two tasks (clients) of short instruction / output pairs, or three (``clients=3``)."""
     path = root / "lm-data"
     path.mkdir()
     tasks = {"echo": lambda w: (f"repeat the word {w}", w),
-             "plural": lambda w: (f"give the plural of {w}", w + "s")}
+             "plural": lambda w: (f"give the plural of {w}", w + "s"),
+             "shout": lambda w: (f"shout the word {w}", w.upper())}
+    tasks = dict(list(tasks.items())[:clients])
     words = ["cat", "dog", "tree", "house", "river", "stone", "cloud", "bird", "book", "lamp"]
     for split, chosen in (("train", words[:8]), ("test", words[8:])):
         with (path / f"{split}.jsonl").open("w") as f:

@@ -2,7 +2,8 @@
 
     feddpa-fast train   [--algo feddpa-t] [--model builtin] [--task classify] [--data builtin] ...
     feddpa-fast compare --algos fedit,local,feddpa-f,feddpa-t [same flags]
-    feddpa-fast eval    --run DIR
+    feddpa-fast eval    --run DIR [--per-client]
+    feddpa-fast generate --run DIR --input FILE.jsonl --out FILE.jsonl
     feddpa-fast data build-lexical --out DIR [--wordnet-dir DIR] [--dictd-dir DIR]
 
 With no flags, ``train`` runs FedDPA-T on the embedded default (the MiniLM of
@@ -72,6 +73,19 @@ def build_parser() -> argparse.ArgumentParser:
         _add_threads(p)
     p = sub.add_parser("eval", help="re-evaluate a finished run from its saved state")
     p.add_argument("--run", type=Path, required=True, help="the run's --out directory")
+    p.add_argument("--per-client", action="store_true",
+                   help="evaluate one client at a time (default: batches across clients)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_threads(p)
+    p = sub.add_parser("generate", help="answer prompts for the clients of a finished "
+                       "causal-lm run, batched across clients")
+    p.add_argument("--run", type=Path, required=True, help="the run's --out directory")
+    p.add_argument("--input", type=Path, required=True,
+                   help='JSONL, one {"client", "instruction", "input"?} object per line')
+    p.add_argument("--out", type=Path, required=True,
+                   help="JSONL: each input line plus output, global_w and local_w")
+    p.add_argument("--batch-size", type=_positive_int, default=32,
+                   help="prompts (of any clients) per generate call; default: 32")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_threads(p)
     _add_data_parser(sub)
@@ -216,8 +230,17 @@ def _data(args) -> int:
 def _eval(args) -> int:
     from .runner import evaluate_run
 
-    results = evaluate_run(args.run, progress=not args.quiet)
+    results = evaluate_run(args.run, progress=not args.quiet, pooled=not args.per_client)
     _print_summary(results)
+    return 0
+
+
+def _generate(args) -> int:
+    from .serve import generate_file
+
+    count = generate_file(args.run, args.input, args.out, batch_size=args.batch_size,
+                          progress=not args.quiet)
+    print(f"{count} answers in {args.out}")
     return 0
 
 
@@ -242,7 +265,8 @@ def main(argv: list[str] | None = None) -> int:
         argv = ["train"]
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    handlers = {"train": _train, "compare": _compare, "eval": _eval, "data": _data}
+    handlers = {"train": _train, "compare": _compare, "eval": _eval, "generate": _generate,
+                "data": _data}
     if getattr(args, "threads", None):
         import torch
         torch.set_num_threads(args.threads)

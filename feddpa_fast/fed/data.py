@@ -64,7 +64,7 @@ class _Row:
     choices: tuple[str, ...] | None
 
 
-def _str_field(obj: dict, key: str, where: str, *, required: bool = True,
+def str_field(obj: dict, key: str, where: str, *, required: bool = True,
                nonempty: bool = False) -> str | None:
     if key not in obj:
         if required:
@@ -79,14 +79,14 @@ def _str_field(obj: dict, key: str, where: str, *, required: bool = True,
 
 
 def _parse_line(obj: dict, kind: str, where: str) -> _Row:
-    task = _str_field(obj, "task", where, required=False, nonempty=True)
+    task = str_field(obj, "task", where, required=False, nonempty=True)
     if kind == "causal-lm":
-        fields = {"instruction": _str_field(obj, "instruction", where),
-                  "input": _str_field(obj, "input", where, required=False) or "",
-                  "output": _str_field(obj, "output", where, nonempty=True)}
+        fields = {"instruction": str_field(obj, "instruction", where),
+                  "input": str_field(obj, "input", where, required=False) or "",
+                  "output": str_field(obj, "output", where, nonempty=True)}
         return _Row(where, fields, task, None)
-    fields = {"text": _str_field(obj, "text", where, nonempty=True),
-              "label": _str_field(obj, "label", where, nonempty=True)}
+    fields = {"text": str_field(obj, "text", where, nonempty=True),
+              "label": str_field(obj, "label", where, nonempty=True)}
     choices = None
     if "choices" in obj:
         raw = obj["choices"]
@@ -319,4 +319,4 @@ def builtin_suite(seed: int = 0) -> tuple[dict[str, list[ClassifyExample]],
 
 __all__ = ["BUILTIN_PAIRS", "BUILTIN_TASKS", "ClassifyExample", "DataError", "Example", "KINDS",
            "LMExample", "builtin_suite", "load_data_dir", "load_jsonl", "partition_by_task",
-           "partition_dirichlet"]
+           "partition_dirichlet", "str_field"]

@@ -21,7 +21,7 @@ from .checkpoint import derive_seed
 from .results import FIXED
 
 __all__ = ["anchors_for", "predictions_for", "prediction_records", "score_set",
-           "evaluate_client", "format_table",
+           "evaluate_client", "scores_by_set", "format_table",
            "plot_rounds", "plot_methods"]
 
 
@@ -135,15 +135,22 @@ def evaluate_client(task, client, mode: str, test_sets: dict, *, own: str, seed:
                           if pooled else ({key: [] for key in keys}, {}))
     if records is not None and pooled:
         records += prediction_records(own, names, test_sets, predicted, weights)
-    per_set, start = {key: {} for key in keys}, 0
+    return scores_by_set(task, names, test_sets, predicted, own=own, own_only=own_only)
+
+
+def scores_by_set(task, names: list[str], test_sets: dict, predicted: dict, *, own: str,
+                  own_only: bool = False) -> dict:
+    """``evaluate_client``'s result from one client's ``predicted`` answers ({key: answers
+    over the test sets ``names``, pooled in that order}): each set scored on its own."""
+    per_set, start = {key: {} for key in predicted}, 0
     for name in names:
         examples, stop = test_sets[name], start + len(test_sets[name])
-        for key in keys:
+        for key in predicted:
             per_set[key][name] = (task.score(examples, predicted[key][start:stop])
                                   if examples else float("nan"))
         start = stop
     result = {}
-    for key in keys:
+    for key in predicted:
         result[key] = {"P": per_set[key][own], "per_set": per_set[key]}
         if not own_only:
             result[key]["TTP"] = sum(per_set[key].values()) / len(per_set[key])

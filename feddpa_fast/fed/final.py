@@ -17,7 +17,8 @@ from .reuse import reused_from
 # A final entry's answers (evaluate.prediction_records), taken out of it into predictions.jsonl.
 PREDICTIONS = "predictions"
 
-__all__ = ["entered", "evaluate_clients", "final_entry", "finish", "limit", "round_score"]
+__all__ = ["assignments_of", "entered", "evaluate_clients", "final_entry", "finish", "limit",
+           "round_score", "test_sets_of"]
 
 
 def limit(examples, n):
@@ -30,12 +31,14 @@ def entered(evaluation):
     return evaluation.context() if evaluation.context else contextlib.nullcontext()
 
 
-def _assignments(cfg) -> list[str]:
+def assignments_of(cfg) -> list[str]:
+    """The weight assignments the final evaluation scores: the run's first."""
     return [cfg.weighting.assignment] + [
         a for a in ("authors", "opposite") if a != cfg.weighting.assignment]
 
 
-def _test_sets(run) -> dict[str, list]:
+def test_sets_of(run) -> dict[str, list]:
+    """{task: its test examples, cut to --test-limit}."""
     return {n: limit(run.test[n], run.cfg.test_limit) for n in run.test}
 
 
@@ -74,9 +77,9 @@ def final_entry(run, client, received: dict, shared: dict | None = None,
     else:
         records = []
         with entered(evaluation):
-            scores = evaluate_client(run.task, client, evaluation.mode, _test_sets(run),
+            scores = evaluate_client(run.task, client, evaluation.mode, test_sets_of(run),
                                      own=name, seed=cfg.seed, weighting=cfg.weighting,
-                                     assignments=_assignments(cfg), records=records)
+                                     assignments=assignments_of(cfg), records=records)
         entry = {**client_record(scores, cfg.weighting.assignment, report),
                  PREDICTIONS: records}
     algorithm.save_client_outputs(client, run.out if outputs is None else Path(outputs))
@@ -84,9 +87,16 @@ def final_entry(run, client, received: dict, shared: dict | None = None,
 
 
 def evaluate_clients(run, progress: bool = True) -> dict:
-    """{client: final entry} for every client of an in-process run."""
+    """{client: final entry} for every client of an in-process run: in batched passes across
+    clients (fed/pooled_eval.py) where the method allows it and ``run.pooled_eval`` is set,
+    else one client at a time."""
     from tqdm.auto import tqdm
 
+    from .client_pool import can_pool
+    from .pooled_eval import evaluate_pooled
+
+    if run.pooled_eval and run.cfg.final_eval == "all" and can_pool(run):
+        return evaluate_pooled(run, progress)
     per_client, shared = {}, None
     received = run.server.expected()  # as a client receives it
     for name, client in tqdm(run.clients.items(), desc="evaluate", leave=False,

@@ -109,6 +109,7 @@ class Run(PreparedRun):
     shared: dict  # what the method's setup gave every client
     sample_rates: list[float] = dataclasses.field(default_factory=list)  # the DP account's steps
     evaluation_only: bool = False  # `eval --run`: the training's wall_s is kept (final.finish)
+    pooled_eval: bool = True  # the final evaluation batches rows across clients (final.py)
     data_sha256: dict = dataclasses.field(default_factory=dict)  # set by _restore, checkpointed
 
     @property
@@ -224,12 +225,13 @@ def prepare_run(cfg: RunConfig, *, clients: list[str] | None = None,
     started = time.perf_counter()
     cfg.check_sources()  # both, before the data is parsed and the model loaded
     train, test = load_data(cfg)
-    task = build_task(cfg)
-    algorithm = get_algorithm(cfg)
     names = list(train) if clients is None else list(clients)
     unknown = [n for n in names if n not in train]
-    if unknown:
-        raise ConfigError(f"no such clients in the data: {unknown}")
+    if unknown:  # before the model loads
+        raise ConfigError(f"no such clients in the data: {unknown}; the run's clients are "
+                          f"{list(train)}")
+    task = build_task(cfg)
+    algorithm = get_algorithm(cfg)
     hostile = set(list(train)[: cfg.hostile_clients]) if cfg.hostile else set()
     state_root = Path(cfg.out) / "clients" if state_root is None else Path(state_root)
     built = {name: Client(name, train[name], test[name], state_root / name, task,
@@ -286,13 +288,15 @@ def config_from_checkpoint(run_dir) -> tuple[RunConfig, RunState]:
     return RunConfig.from_identity(state.config, run_dir), state
 
 
-def evaluate_run(run_dir, *, progress: bool = True) -> dict:
+def evaluate_run(run_dir, *, progress: bool = True, pooled: bool = True) -> dict:
     """Re-runs the final evaluation of a finished run from its checkpoint and client states
-    (rewrites results.json, the adapters and the plots)."""
+    (rewrites results.json, the adapters and the plots); ``pooled=False`` evaluates one
+    client at a time instead of in batches across clients."""
     cfg, state = config_from_checkpoint(run_dir)
     if not state.finished(cfg.rounds, get_algorithm(cfg).post_step):
         raise CheckpointError(f"{run_dir}: the run stopped after {state.rounds_done} of "
                               f"{cfg.rounds} rounds; finish it with train --resume first")
     evaluation = build_run(cfg)
     evaluation.evaluation_only = True
+    evaluation.pooled_eval = pooled
     return evaluation.run(resume=True, progress=progress)

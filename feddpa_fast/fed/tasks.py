@@ -96,8 +96,10 @@ class ClassifyTask:
         return F.cross_entropy(logits, target)
 
     @torch.no_grad()
-    def predict(self, examples, global_w, local_w) -> list[str]:
-        with mix(self.model, global_w, local_w):
+    def predict(self, examples, global_w, local_w, clients=None) -> list[str]:
+        """The predicted label of each example under the mix (``clients``: one client name per
+        example, ``mix``'s argument)."""
+        with mix(self.model, global_w, local_w, clients):
             logits, choices = self._logits(examples)
         return [c[i] for c, i in zip(choices, logits.argmax(-1).tolist())]
 
@@ -209,11 +211,12 @@ class CausalLMTask:
         return ids.to(self.model.device), mask.to(self.model.device)
 
     @torch.no_grad()
-    def predict(self, examples, global_w, local_w) -> list[str]:
-        """Generations for ``examples`` under the mix (floats or one weight per example);
-        one batched ``generate`` call, greedy or with ``num_beams`` beams."""
+    def predict(self, examples, global_w, local_w, clients=None) -> list[str]:
+        """Generations for ``examples`` under the mix (floats or one weight per example;
+        ``clients``: one client name per example, ``mix``'s argument); one batched
+        ``generate`` call, greedy or with ``num_beams`` beams."""
         ids, mask = self._left_padded_prompts(examples)
-        with mix(self.model, global_w, local_w):
+        with mix(self.model, global_w, local_w, clients):
             out = self.model.generate(input_ids=ids, attention_mask=mask, do_sample=False,
                                       num_beams=self.num_beams,
                                       max_new_tokens=self.max_new_tokens,

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 from ..options import check_options, option
 
-__all__ = ["WeightingConfig", "instance_weights", "similarity_scores"]
+__all__ = ["WeightingConfig", "instance_weights", "represent_local", "similarity_scores",
+           "weights_from_scores"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +53,29 @@ def similarity_scores(reps: torch.Tensor, anchors: torch.Tensor, cfg: WeightingC
     return score.clamp(0.0, 1.0)
 
 
+def represent_local(task, items, how: str, batch_size: int = 32, clients=None):
+    """(N, H) representations of ``items`` with the local adapter alone, in batches;
+    ``clients``: one client name per item (each row under its own client's local adapter,
+    feddpa_fast.add_client), or None for the model's own local adapter."""
+    from ...mixing import mix
+
+    out = []
+    for i in range(0, len(items), batch_size):
+        batch_clients = None if clients is None else list(clients[i:i + batch_size])
+        with mix(task.model, 0.0, 1.0, batch_clients):
+            out.append(task.represent(items[i:i + batch_size], how))
+    return torch.cat(out)
+
+
+def weights_from_scores(score: torch.Tensor, cfg: WeightingConfig, assignment: str | None = None):
+    """(global_w, local_w), each (N,) float32, from similarity scores: the scored adapter gets
+    ``cap * score``, the other the rest (``assignment``: default ``cfg.assignment``)."""
+    weighted = cfg.cap * score.float()
+    if (assignment or cfg.assignment) == "authors":
+        return weighted, 1.0 - weighted
+    return 1.0 - weighted, weighted
+
+
 def instance_weights(task, examples, anchors, cfg: WeightingConfig, batch_size: int = 32):
     """Per-example ``(global_w, local_w)`` tensors of shape (N,) for ``examples``.
 
@@ -59,17 +83,7 @@ def instance_weights(task, examples, anchors, cfg: WeightingConfig, batch_size: 
     from batched forwards with the local adapter alone; the weights are then one tensor per
     batch, so evaluation runs one forward per batch with a different mix per sequence.
     """
-    from ...mixing import mix
-
-    def represent(items):
-        out = []
-        with mix(task.model, 0.0, 1.0):
-            for i in range(0, len(items), batch_size):
-                out.append(task.represent(items[i:i + batch_size], cfg.representation))
-        return torch.cat(out)
-
-    score = similarity_scores(represent(examples), represent(anchors), cfg).float()
-    weighted = cfg.cap * score
-    if cfg.assignment == "authors":
-        return weighted, 1.0 - weighted
-    return 1.0 - weighted, weighted
+    score = similarity_scores(represent_local(task, examples, cfg.representation, batch_size),
+                              represent_local(task, anchors, cfg.representation, batch_size),
+                              cfg)
+    return weights_from_scores(score, cfg)
