@@ -87,16 +87,10 @@ def final_entry(run, client, received: dict, shared: dict | None = None,
 
 
 def evaluate_clients(run, progress: bool = True) -> dict:
-    """{client: final entry} for every client of an in-process run: in batched passes across
-    clients (fed/pooled_eval.py) where the method allows it and ``run.pooled_eval`` is set,
-    else one client at a time."""
+    """{client: final entry} for every client of an in-process run, one client at a time
+    (fed/pooled_eval.py batches across clients where the method allows it)."""
     from tqdm.auto import tqdm
 
-    from .client_pool import can_pool
-    from .pooled_eval import evaluate_pooled
-
-    if run.pooled_eval and run.cfg.final_eval == "all" and can_pool(run):
-        return evaluate_pooled(run, progress)
     per_client, shared = {}, None
     received = run.server.expected()  # as a client receives it
     for name, client in tqdm(run.clients.items(), desc="evaluate", leave=False,

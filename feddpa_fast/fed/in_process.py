@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 
 from . import final
+from .client_pool import can_pool
+from .pooled_eval import evaluate_pooled
 
 __all__ = ["InProcess"]
 
@@ -52,6 +54,12 @@ class InProcess:
         return sum(scores) / len(scores), []
 
     def finish(self, wall_start: float) -> dict:
-        """Every client's final entry, then results.json and plots (fed/final.py)."""
-        per_client = final.evaluate_clients(self.run, self.progress)
-        return final.finish(self.run, per_client, wall_start)
+        """Every client's final entry, then results.json and plots (fed/final.py): in batched
+        passes across clients (fed/pooled_eval.py) where the method allows it and
+        ``run.pooled_eval`` is set, else one client at a time."""
+        run = self.run
+        if run.pooled_eval and run.cfg.final_eval == "all" and can_pool(run):
+            per_client = evaluate_pooled(run, self.progress)
+        else:
+            per_client = final.evaluate_clients(run, self.progress)
+        return final.finish(run, per_client, wall_start)

@@ -7,7 +7,7 @@ import torch
 from fed_fixtures import causal_lm_data_dir, tiny_cfg, tiny_llama_dir
 from safetensors.torch import load_file
 
-from feddpa_fast.fed import pooled_eval
+from feddpa_fast.fed import in_process
 from feddpa_fast.fed.client_pool import can_pool
 from feddpa_fast.fed.runner import build_run, evaluate_run, run
 
@@ -19,13 +19,13 @@ def lm_dirs(tmp_path_factory):
 
 
 def _spy(monkeypatch) -> list:
-    calls, original = [], pooled_eval.evaluate_pooled
+    calls, original = [], in_process.evaluate_pooled
 
     def spy(*args, **kwargs):
         calls.append(1)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(pooled_eval, "evaluate_pooled", spy)
+    monkeypatch.setattr(in_process, "evaluate_pooled", spy)
     return calls
 
 
