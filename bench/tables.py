@@ -141,6 +141,21 @@ def render_clients_op(rows: list[dict]) -> list[str]:
     return out
 
 
+def render_clients_serve(rows: list[dict]) -> list[str]:
+    """clients_serve.csv: per run, batched across clients against one client at a time
+    (generation in tokens/s; the evaluation's wall time), and how many answers agree."""
+    out = []
+    for run_id, rs in runs(rows):
+        out += [run_line(run_id, rs), ""]
+        body = [[r["bench"].removeprefix("clients_"), r["method"],
+                 f"{r['clients']} x {r['prompts_per_client'] or 'test sets'}", r["provider"],
+                 spread(r, "median_s", "p20_s", "p80_s", 2), r["tokens_per_s"] or "—",
+                 num(r["speedup"], 2), r["same_answers"]] for r in rs]
+        out += table(["what", "method", "clients x prompts", "provider", "median s [p20, p80]",
+                      "tokens/s", "x per-client", "same answers"], body) + [""]
+    return out
+
+
 def render_op_dropout(rows: list[dict]) -> list[str]:
     """op_cpu_dropout.csv: fwd+bwd with LoRA dropout, and what autograd saves."""
     out = []
@@ -349,7 +364,7 @@ RENDERERS = {
     "op_gpu_dropout": render_op_dropout, "model_cpu": render_model, "model_gpu": render_model,
     "model_smollm2_cpu": render_model, "llm_step_cpu": render_llm_step,
     "robustness_cpu": render_robustness, "gpu_static": render_gpu_static,
-    "clients_op": render_clients_op,
+    "clients_op": render_clients_op, "clients_serve": render_clients_serve,
 }
 
 
