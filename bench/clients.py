@@ -3,6 +3,8 @@ one ``lora_linear`` call per client, PEFT's mixed-adapter batch (``adapter_names
 per row, which is all it can express; inference only) and the frozen layer alone.
 
     python bench/clients.py [--clients 8] [--rows 32 128] [--shapes K,N ...] [--r 8] [--reps N]
+                            [--device cpu|cuda] [--dtype float32|bfloat16|float16]
+                            [--modes forward fwd+bwd]
 
 Each client has its own local adapter and every row the shared global (FedDPA serving: 2
 branches of rank r), with per-row weights. Rows are interleaved across clients (a client's rows
@@ -37,23 +39,27 @@ CSV_PATH = common.RESULTS_DIR / "clients_op.csv"
 FIELDS = common.CSV_FIELDS[:12] + ["clients", "rows_per_client"] + common.CSV_FIELDS[12:]
 
 
-def make_problem(clients: int, rows: int, k: int, n: int, r: int, seed: int = 0) -> dict:
+def make_problem(clients: int, rows: int, k: int, n: int, r: int, seed: int = 0,
+                 device: str = "cpu", dtype: torch.dtype = torch.float32) -> dict:
     """Tensors of one call: x (C * rows, K), the frozen layer, a bank (slot 0 the shared global,
-    1..C the locals), the interleaved index and per-row scales."""
+    1..C the locals), the interleaved index and per-row scales (float32), on ``device``."""
     g = torch.Generator().manual_seed(seed)
     m = clients * rows
     client_of_row = torch.arange(m) % clients  # interleaved: row i belongs to client i % C
     index = torch.stack([torch.zeros(m, dtype=torch.int64), client_of_row + 1], 1)
     mix = torch.rand(m, 1, generator=g)
     scale = torch.cat([(mix * 2.0).expand(m, r), ((1 - mix) * 2.0).expand(m, r)], 1)
-    return {
+    tensors = {
         "x": torch.randn(m, k, generator=g), "weight": torch.randn(n, k, generator=g) / k ** 0.5,
         "bias": torch.randn(n, generator=g),
         "bank_a": torch.randn(clients + 1, r, k, generator=g) / k ** 0.5,
         "bank_b": torch.randn(clients + 1, n, r, generator=g) / r ** 0.5,
-        "index": index, "scale": scale.contiguous(), "clients": clients,
-        "rows_of": [torch.nonzero(client_of_row == c).flatten() for c in range(clients)],
     }
+    tensors = {name: t.to(device, dtype) for name, t in tensors.items()}
+    return {**tensors, "index": index.to(device), "scale": scale.contiguous().to(device),
+            "clients": clients,
+            "rows_of": [torch.nonzero(client_of_row == c).flatten().to(device)
+                        for c in range(clients)]}
 
 
 def batched(p):
@@ -86,7 +92,7 @@ def peft_layer(p):
     class Holder(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.proj = torch.nn.Linear(k, n)
+            self.proj = torch.nn.Linear(k, n, device=p["x"].device, dtype=p["x"].dtype)
 
         def forward(self, inp, **kwargs):
             return self.proj(inp)
@@ -123,8 +129,22 @@ def providers(p, mode: str) -> dict:
     leaves = [p["x"], p["bank_a"], p["bank_b"]] + [t for pair in p["stacks"] for t in pair]
     for t in leaves:
         t.requires_grad_(True)
-    dy = torch.randn(p["x"].shape[0], p["weight"].shape[0])
+    dy = torch.randn_like(p["x"][:, :1].expand(-1, p["weight"].shape[0]))
     return {name: (lambda f=f: _step(f, p, leaves, dy)) for name, f in fns.items()}
+
+
+def _synchronized(fns: dict, device: str) -> dict:
+    """On CUDA each timed call ends with a synchronize (wall time of the work, not the launch)."""
+    if torch.device(device).type != "cuda":
+        return fns
+
+    def timed(f):
+        def call():
+            f()
+            torch.cuda.synchronize()
+        return call
+
+    return {name: timed(f) for name, f in fns.items()}
 
 
 def _no_grad(f, p):
@@ -147,22 +167,29 @@ def main(argv=None) -> list[dict]:
                     help="K,N pairs (default: SmolLM2's 576,576 and 576,1536, then 2048,2048)")
     ap.add_argument("--r", type=int, default=8, help="rank per branch")
     ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (CUDA: timed to a synchronize)")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    ap.add_argument("--modes", nargs="*", default=["forward", "fwd+bwd"],
+                    choices=("forward", "fwd+bwd"))
     ap.add_argument("--csv", type=Path, default=CSV_PATH)
     ap.add_argument("--no-plot", action="store_true")
     args = ap.parse_args(argv)
+    dtype = getattr(torch, args.dtype)
     cases = ([(rows, *map(int, s.split(","))) for s in args.shapes for rows in args.rows]
              if args.shapes else
              [(rows, k, n) for k, n in SMOLLM2_SHAPES for rows in args.rows]
              + [(max(args.rows), k, n) for k, n in BIG_SHAPES])
     meta = {"run_id": common.new_run_id(), "date": common.today(),
-            "device": common.device_name(torch.device("cpu")),
+            "device": common.device_name(torch.device(args.device)),
             "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "feddpa_fast": feddpa_fast.__version__, "bench": "clients_op", "dtype": "float32"}
+            "feddpa_fast": feddpa_fast.__version__, "bench": "clients_op", "dtype": args.dtype}
     rows = []
     for rows_per_client, k, n in cases:
-        for mode in ("forward", "fwd+bwd"):
-            p = make_problem(args.clients, rows_per_client, k, n, args.r)
-            samples = common.time_alternating(providers(p, mode), args.reps)
+        for mode in args.modes:
+            p = make_problem(args.clients, rows_per_client, k, n, args.r, device=args.device,
+                             dtype=dtype)
+            samples = common.time_alternating(_synchronized(providers(p, mode), args.device),
+                                              args.reps)
             base_ms = common.quantiles(samples["base"])[0]
             for name, s in samples.items():
                 med, p20, p80 = common.quantiles(s)
