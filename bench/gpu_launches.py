@@ -83,9 +83,14 @@ class Problem:
     kind: str = "prefill"   # the report's label: prefill / decode / odd / test
     autotune: bool = False  # also every candidate the CUDA autotuner may try
     alternatives: bool = False  # also the benchmark's measured alternatives
+    branches: int = 0       # > 0: the banked op, B branches of rank r over ``clients``
+    clients: int = 0        # segments (bench/gpu_launches_banked.py)
 
     @property
     def label(self) -> str:
+        if self.branches:
+            return (f"banked {self.kind} M={self.m} K={self.k} N={self.n} r={self.r} "
+                    f"B={self.branches} clients={self.clients}")
         return f"{self.kind} M={self.m} K={self.k} N={self.n} R={self.r}"
 
 
@@ -121,7 +126,25 @@ def problem_cases(p: Problem, target: str) -> list[Case]:
     """Every launch of ``p`` (forward, backward, in-op dropout) on ``target``."""
     dtype, allow_tf32 = DTYPES[p.dtype]
     with tf32(allow_tf32):
+        if p.branches:
+            return _banked(p, dtype, target)
         return _cases(p, dtype, target, p.autotune, p.alternatives)
+
+
+def _banked(p, dtype, target) -> list[Case]:
+    """The banked op's launches (bench/gpu_launches_banked.py)."""
+    from gpu_launches_banked import banked_cases
+    wide = dtype in (torch.float16, torch.bfloat16) or DTYPES[p.dtype][1]
+    cases = []
+
+    def add(kernel, config, source, launch, prefill=True):
+        cases.append(Case(kernel, p.label, p.dtype, prefill and wide, config, source, launch,
+                          0.0, 0))
+
+    banked_cases(p, dtype, target, triton_schedule.SMS[target], add,
+                 lambda cfg, tma: _with_candidates(cfg, target, 16, dtype, p.autotune, tma,
+                                                   gemm=True))
+    return cases
 
 
 def _cases(p, dtype, target, autotune, alternatives) -> list[Case]:

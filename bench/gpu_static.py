@@ -6,6 +6,7 @@ lists, tensors on the meta device) with Triton's own specialisation and reads th
 
     python bench/gpu_static.py                  full report (make gpu-static)
     python bench/gpu_static.py --gate           the bounded subset the CI test runs
+    python bench/gpu_static.py --gate --banked  the banked op's rows of it alone
 
 Per kernel, config and target: registers, spill bytes and STL/LDL count, shared memory against
 the arch limit, the matrix instruction (HGMMA / HMMA / tcgen05), TMA loads (UTMALDG), the
@@ -50,14 +51,37 @@ PREFILL = [(m, k, n, R) for m in (2048, 8192) for (k, n) in ((4096, 4096), (4096
 DECODE = [(m, 4096, n, R) for m in (1, 16, 64) for n in (4096, 11008)]
 ODD = [(67, 1000, 1030, 8), (67, 1000, 1030, 48), (1, 1000, 1030, 8), (1, 1000, 1030, 48)]
 TARGETS = ["sm_80", "sm_90a", "sm_100a"]
+# The banked op (bench/gpu_launches_banked.py): (M, K, N, r, B, clients), serving-style (one
+# shared global and ``clients`` locals, two branches of rank 16: J = 32 as the plain op's R).
+BANKED_PREFILL = [(2048, 4096, 4096, 16, 2, 8), (8192, 4096, 11008, 16, 2, 32)]
+BANKED_DECODE = [(1, 4096, 4096, 16, 2, 1), (16, 4096, 4096, 16, 2, 8),
+                 (64, 4096, 11008, 16, 2, 32)]
+BANKED_ODD = [(67, 1000, 1030, 8, 2, 5), (67, 1000, 1030, 24, 2, 5), (1, 1000, 1030, 8, 2, 1)]
 
 
-def problems(gate: bool, target: str) -> list[Problem]:
+def banked_problems(gate: bool, target: str) -> list[Problem]:
+    """The banked op's problems: the first prefill (every autotune candidate of its GEMM),
+    decode at M = 1 and 16, the odd shapes and (the gate) the GPU tests' banked shapes; the
+    full report every shape. Dtypes as for the plain op."""
+    from gpu_launches_banked import BANKED_GPU_TEST_PROBLEMS
+    dtypes = ["bf16"] if gate and target == "sm_80" else list(gpu_launches.DTYPES)
+    shapes = [(s, "prefill" if s[0] > 64 else "decode", True) for s in (
+        BANKED_PREFILL[:1] + BANKED_DECODE[:2] if gate else BANKED_PREFILL + BANKED_DECODE)]
+    shapes += [(s, "odd", False) for s in BANKED_ODD]
+    if gate:
+        shapes += [(s, "test", False) for s in BANKED_GPU_TEST_PROBLEMS]
+    return [Problem(m, k, n, r, dtype, kind, autotune=tune, branches=b, clients=c)
+            for dtype in dtypes for (m, k, n, r, b, c), kind, tune in shapes]
+
+
+def problems(gate: bool, target: str, banked_only: bool = False) -> list[Problem]:
     """The problems of every dtype: the benchmark shapes with every autotune candidate and the
     measured alternatives, the odd (unaligned) shapes (the full report with their autotune
     candidates), and (the gate) every shape the GPU tests launch. The gate keeps one prefill
     and decode at M = 1, 16 and 64 (one row bucket each) of the benchmark shapes, and on sm_80
     (no such GPU is lent) bf16 only: about 10 minutes on 2 cores instead of 20."""
+    if banked_only:
+        return banked_problems(gate, target)
     bench = PREFILL[3:4] + DECODE[::2] if gate else PREFILL + DECODE
     dtypes = ["bf16"] if gate and target == "sm_80" else list(gpu_launches.DTYPES)
     out = []
@@ -68,7 +92,7 @@ def problems(gate: bool, target: str) -> list[Problem]:
         if gate:
             out += [Problem(m, k, n, r, dtype, "test")
                     for (m, k, n, r) in gpu_launches.GPU_TEST_PROBLEMS]
-    return out
+    return out + banked_problems(gate, target)
 
 
 def judge(row: dict, prefill: bool) -> str:
@@ -83,16 +107,17 @@ def judge(row: dict, prefill: bool) -> str:
     return "; ".join(problems) or "ok"
 
 
-def run(targets, gate: bool, jobs: int) -> list[dict]:
-    """Rows of every target: each target's distinct binaries compiled by ``jobs`` processes."""
+def run(targets, gate: bool, jobs: int, banked_only: bool = False) -> list[dict]:
+    """Rows of every target: each target's distinct binaries compiled by ``jobs`` processes
+    (``banked_only``: the banked op's launches alone)."""
     supported = [t for t in targets if triton_static.target_supported(t)]
     for t in set(targets) - set(supported):
         print(f"# {t}: not supported by this Triton ({triton.__version__}), skipped")
     rows = []
     for target in supported:
         start = time.time()
-        cases, keys, results = gpu_launches.compile_all(problems(gate, target), target, jobs=jobs,
-                                                        read=True)
+        cases, keys, results = gpu_launches.compile_all(problems(gate, target, banked_only),
+                                                        target, jobs=jobs, read=True)
         rows += target_rows(target, cases, keys, results)
         print(f"# {target}: {len(cases)} launches, {len(keys)} distinct binaries, "
               f"{time.time() - start:.0f} s with {jobs} processes", flush=True)
@@ -177,6 +202,9 @@ def main(argv=None) -> int:
     ap.add_argument("--targets", default=None, help="comma-separated, default all")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
                     help="compiling processes (default: one per core)")
+    ap.add_argument("--banked", action="store_true",
+                    help="only the banked op's launches (lora_linear_banked); writes no CSV "
+                    "unless --csv is given")
     ap.add_argument("--csv", type=Path, default=None,
                     help=f"default {CSV_PATH} (the gate writes no CSV unless given)")
     args = ap.parse_args(argv)
@@ -188,10 +216,10 @@ def main(argv=None) -> int:
     cache = tempfile.mkdtemp(prefix="gpu-static-triton-")
     os.environ["TRITON_CACHE_DIR"] = cache
     try:
-        rows = run(targets, args.gate, args.jobs)
+        rows = run(targets, args.gate, args.jobs, args.banked)
     finally:
         shutil.rmtree(cache, ignore_errors=True)
-    csv_path = args.csv or (None if args.gate else CSV_PATH)
+    csv_path = args.csv or (None if args.gate or args.banked else CSV_PATH)
     if csv_path:
         write_csv(csv_path, rows)
     print(markdown(rows))

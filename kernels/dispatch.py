@@ -145,8 +145,10 @@ def lora_linear_banked(x, weight, bias, bank_a, bank_b, index, scale, *,
             would get in a call of its own, from the seed of its last branch's adapter.
         dropout_seed: (S,) int64 tensor or a sequence of S ints, one seed per adapter; needed
             when dropout_p > 0.
-        backend: "native" or "reference" (or FEDDPA_FAST_BACKEND); by default the device picks.
+        backend: "native", "triton" or "reference" (or FEDDPA_FAST_BACKEND); by default the
+            device picks (``backend_for``: Triton on CUDA, kernels/triton_banked_passes.py).
             The frozen GEMM runs once over all rows; the rank-r work runs per client segment.
+            "triton" on CPU tensors needs what it needs for ``lora_linear``.
     Returns:
         y, (..., N) in the dtype of x.
     Raises:
@@ -157,9 +159,8 @@ def lora_linear_banked(x, weight, bias, bank_a, bank_b, index, scale, *,
         dropout_seed = torch.tensor(list(dropout_seed), dtype=torch.int64, device=x.device)
     args = (x, weight, bias, bank_a, bank_b, index, scale, float(dropout_p), dropout_seed)
     choice = _forced_backend(backend)
-    if choice == "triton":
-        raise ValueError("lora_linear_banked has no Triton kernels yet: CUDA tensors run the "
-                         "reference formulas under the op's autograd (docs/op.md, Banks)")
+    if choice == "triton" and x.device.type == "cpu":
+        _triton_serves_cpu(from_env=backend is None)
     if choice is None or choice == backend_for(x.device):
         return torch.ops.feddpa.lora_linear_banked(*args)
     torch.ops.feddpa.lora_linear_banked_check(*args)

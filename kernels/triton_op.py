@@ -1,7 +1,8 @@
 """Glue between the Triton kernels and the op: the Triton kernels of the feddpa::lora_linear
-family (``lora_linear``, ``lora_linear_fwd``, ``lora_linear_bwd``). Autograd is never here: it
-is the op's one C++ autograd kernel (kernels/cpu/ops.cpp), which calls lora_linear_fwd /
-lora_linear_bwd on whatever kernels serve the device.
+family (``lora_linear``, ``lora_linear_fwd``, ``lora_linear_bwd``) and of the banked family
+(``lora_linear_banked`` and its ``_fwd`` / ``_bwd``: kernels/triton_banked_passes.py). Autograd
+is never here: it is each op's one C++ autograd kernel (kernels/cpu/ops.cpp, banked_ops.cpp),
+which calls the ``_fwd`` / ``_bwd`` kernels of whatever serves the device.
 
 - On CUDA the Triton kernels are registered once, for the process (``register_cuda_kernels``).
 - ``serving(device_type, forward=...)`` registers them for a device for the length of a
@@ -19,7 +20,13 @@ from collections import Counter
 
 import torch
 
-from . import triton_backward, triton_dropout, triton_forward, triton_split
+from . import (
+    triton_backward,
+    triton_banked_passes,
+    triton_dropout,
+    triton_forward,
+    triton_split,
+)
 
 # Device types an open ``serving`` block (or FEDDPA_FAST_BACKEND=triton) gives to Triton.
 _SERVED = Counter()
@@ -49,6 +56,27 @@ def _bwd(dy, x, weight, lora_a, lora_b, scale, u, output_mask, dropout_p=0.0,
                                         list(output_mask), dropout=dropout)
 
 
+def _banked_fwd(x, weight, bias, bank_a, bank_b, index, scale, dropout_p=0.0,
+                dropout_seed=None):
+    torch.ops.feddpa.lora_linear_banked_check(x, weight, bias, bank_a, bank_b, index, scale,
+                                              dropout_p, dropout_seed)
+    torch.ops.feddpa.lora_linear_banked_check_index(index, bank_a.shape[0])
+    with _on_device(x):
+        return triton_banked_passes.forward(x, weight, bias, bank_a, bank_b, index, scale,
+                                            dropout_p, dropout_seed)
+
+
+def _banked_bwd(dy, x, weight, bank_a, bank_b, index, scale, u, output_mask, dropout_p=0.0,
+                dropout_seed=None):
+    with _on_device(dy):
+        return triton_banked_passes.backward(dy, x, weight, bank_a, bank_b, index, scale, u,
+                                             list(output_mask), dropout_p, dropout_seed)
+
+
+_BANKED = {"lora_linear_banked_fwd": _banked_fwd, "lora_linear_banked_bwd": _banked_bwd,
+           "lora_linear_banked": lambda *a, **kw: _banked_fwd(*a, **kw)[0]}
+
+
 def _kernels(forward=None) -> dict:
     """The op family's kernels: Triton's, or ``forward`` (returning (y, u), no dropout) in place
     of the Triton forward under the regular Triton backward."""
@@ -63,11 +91,11 @@ def _kernels(forward=None) -> dict:
             with _on_device(x):
                 return forward(x, weight, bias, lora_a, lora_b, scale)
     return {"lora_linear_fwd": fwd, "lora_linear_bwd": _bwd,
-            "lora_linear": lambda *a, **kw: fwd(*a, **kw)[0]}
+            "lora_linear": lambda *a, **kw: fwd(*a, **kw)[0], **_BANKED}
 
 
 def register_cuda_kernels() -> None:
-    """Makes Triton the CUDA implementation of the op family (idempotent)."""
+    """Makes Triton the CUDA implementation of both op families (idempotent)."""
     if getattr(register_cuda_kernels, "_done", False):
         return
     for name, fn in _kernels().items():

@@ -136,6 +136,69 @@ def test_torch_compile_fullgraph_on_gpu():
     assert a.grad is not None and torch.isfinite(a.grad).all()
 
 
+# The banked op (many clients' adapters in one call): its Triton kernels against the float64
+# reference_banked, at the shapes the static gate compiles (bench/gpu_launches_banked.py).
+from gpu_launches_banked import BANKED_GPU_TEST_PROBLEMS  # noqa: E402
+
+_BANK_GRADS = ("x", "bias", "bank_a", "bank_b", "scale")
+
+
+def _banked_check(m, k, n, r, branches, clients, dtype, dropout_p=0.0):
+    from op_cases import assert_close_scaled
+
+    from feddpa_fast.kernels import lora_linear_banked, reference_banked
+    gen = torch.Generator().manual_seed(0)
+    rand = lambda *shape, std=1.0: (torch.randn(*shape, generator=gen,  # noqa: E731
+                                                dtype=torch.float64) * std).cuda()
+    local = 1 + torch.randint(clients, (m, 1), generator=gen)
+    index = torch.cat([torch.zeros(m, branches - 1, dtype=torch.int64), local], 1).cuda()
+    s = clients + 1
+    inputs = dict(x=rand(m, k), weight=rand(n, k, std=k ** -0.5), bias=rand(n, std=0.5),
+                  bank_a=rand(s, r, k, std=k ** -0.5), bank_b=rand(s, n, r, std=r ** -0.5),
+                  scale=rand(m, branches * r).abs().float(), index=index,
+                  dropout_p=dropout_p,
+                  dropout_seed=torch.arange(s, dtype=torch.int64).cuda() * 7919 + 3)
+    dy = rand(m, n)
+
+    def run(fn, cast):
+        call = {name: (cast(v).detach().requires_grad_(True) if name in _BANK_GRADS else
+                       cast(v) if torch.is_tensor(v) and v.is_floating_point() else v)
+                for name, v in inputs.items()}
+        y = fn(**call)
+        return y, torch.autograd.grad(y, [call[g] for g in _BANK_GRADS], cast(dy))
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    y, grads = run(lora_linear_banked,
+                   lambda v: v.float() if v.dtype == torch.float32 else v.to(dtype))
+    y_ref, grads_ref = run(reference_banked.lora_linear_banked, lambda v: v.double())
+    assert_close_scaled(y, y_ref, dtype, "banked output")
+    for name, got, want in zip(_BANK_GRADS, grads, grads_ref):
+        assert_close_scaled(got, want, dtype, f"banked gradient of {name}")
+
+
+def test_banked_op_runs_the_triton_kernels_on_cuda(monkeypatch):
+    from feddpa_fast.kernels import triton_banked_passes
+    calls = []
+    for name in ("forward", "backward"):
+        real = getattr(triton_banked_passes, name)
+        monkeypatch.setattr(triton_banked_passes, name, lambda *a, real=real, name=name, **kw:
+                            calls.append(name) or real(*a, **kw))
+    _banked_check(*BANKED_GPU_TEST_PROBLEMS[0], torch.bfloat16)
+    assert calls == ["forward", "backward"]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("problem", BANKED_GPU_TEST_PROBLEMS)
+def test_banked_outputs_and_gradients_match_reference(problem, dtype):
+    _banked_check(*problem, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("problem", BANKED_GPU_TEST_PROBLEMS[1:3])
+def test_banked_in_op_dropout_matches_the_reference_with_the_cpu_mask(problem, dtype):
+    _banked_check(*problem, dtype, dropout_p=0.05)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("m_shape,k,n,r", SHAPES)
 @pytest.mark.parametrize("row_scale,bias", [(True, True), (False, False)])
