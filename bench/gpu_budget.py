@@ -83,6 +83,8 @@ def estimate(counts: dict[str, dict[str, int]], timed_calls: dict[str, int],
     est["op"] = (start + compile_share(counts.get("op", {}), means, cores)
                  + timed_calls.get("prefill", 0) * PREFILL_CALL_S
                  + timed_calls.get("decode", 0) * DECODE_CALL_S)
+    # The clients step's launches are warmed and its 20 repetitions per call are milliseconds.
+    est["clients"] = start + compile_share(counts.get("clients", {}), means, cores)
     est["model"] = start + compile_share(counts.get("model", {}), means, cores)
     est["tests"] = 2 * start + compile_share(counts.get("tests", {}), means, cores)
     source = (f"Triton {next(iter(means.values()))[2]} compile times of {STATIC_CSV.name}"

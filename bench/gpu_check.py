@@ -15,12 +15,15 @@ goes to stdout and to DIR/gpu_check.log as it comes:
             peft; then the LoRA dropout rows. Each row is appended to DIR/op_gpu.csv (and
             op_gpu_dropout.csv) and printed as it completes; a failing provider is a row with
             its error
-  4. model  bench/model.py on CUDA, 4 blocks, 3 repeats, fixed configs -> DIR/model_gpu.csv
-  5. tests  tests/kernels/test_kernels_triton_gpu.py under pytest-xdist (one worker per core;
+  4. clients  bench/clients.py on CUDA, bf16: 8 clients x 128 rows (prefill) and x 1 row
+            (decode) at 4096 -> 4096, rank 16 per branch; base, batched (lora_linear_banked),
+            per_client, peft (adapter_names) -> DIR/clients_op_gpu.csv
+  5. model  bench/model.py on CUDA, 4 blocks, 3 repeats, fixed configs -> DIR/model_gpu.csv
+  6. tests  tests/kernels/test_kernels_triton_gpu.py under pytest-xdist (one worker per core;
             the GPU-only checks first, the reference matrix last) -> DIR/tests.xml
 Then DIR/summary.md, which stdout also ends with: versions, steps, the op table with ratios
-against the targets, the model table and the failed tests with their one-line errors. DIR
-holds at most 6 files (the device call returns at most 8).
+against the targets, the many-clients table, the model table and the failed tests with their
+one-line errors. DIR holds at most 7 files (the device call returns at most 8).
 
 --dry-run runs the same steps on a CPU without CUDA (CI: tests/bench/test_gpu_check.py): no
 build, warm compiles its first binaries for sm_90a, op_gpu.py runs in Triton's interpreter on
@@ -47,12 +50,14 @@ sys.path.insert(0, str(ROOT / "bench"))
 OP_SHAPES = ["8192x4096x4096", "8192x4096x11008", "1x4096x4096", "16x4096x4096"]
 OP_PROVIDERS = ["base", "fused", "two_gemm", "peft"]
 OP_MODES = ["forward", "fwd+bwd"]
+# The clients step: 8 clients' rows in one banked call (bench/clients.py), rank 16 per branch.
+CLIENTS, CLIENT_ROWS, CLIENT_SHAPE, CLIENT_RANK = 8, [128, 1], "4096,4096", 16
 # Seconds per step on the GPU machine, 345 in all: the call stays under 6 minutes with the
 # summary, and a rerun fits in the 15 minutes of device time (docs/gpu.md).
-LIMITS = {"build": 90, "warm": 45, "op": 80, "model": 40, "tests": 90}
+LIMITS = {"build": 90, "warm": 45, "op": 75, "clients": 15, "model": 40, "tests": 80}
 DRY_RUN_LIMIT_FACTOR = 4  # a 2-core CPU runs the interpreter and compiles far slower
 OUT_FILES = ["summary.md", "gpu_check.log", "op_gpu.csv", "op_gpu_dropout.csv",
-             "model_gpu.csv", "tests.xml"]
+             "clients_op_gpu.csv", "model_gpu.csv", "tests.xml"]
 
 
 def steps(out: Path, dry_run: bool, jobs: int) -> list[tuple[str, list[str], dict]]:
@@ -65,6 +70,12 @@ def steps(out: Path, dry_run: bool, jobs: int) -> list[tuple[str, list[str], dic
           "--modes", *OP_MODES, "--providers", *OP_PROVIDERS]
     op += ["--dry-run", "--dropout-shapes", "64x48x40"] if dry_run else [
         "--shapes", *OP_SHAPES, "--dropout-shapes", OP_SHAPES[0]]
+    clients = [py, "bench/clients.py", "--csv", str(out / "clients_op_gpu.csv"), "--no-plot",
+               "--clients", str(CLIENTS), "--modes", *OP_MODES]
+    clients += (["--device", "cpu", "--shapes", "64,48", "--rows", "4", "1", "--r", "8",
+                 "--reps", "3"] if dry_run else
+                ["--device", "cuda", "--dtype", "bfloat16", "--shapes", CLIENT_SHAPE,
+                 "--rows", *map(str, CLIENT_ROWS), "--r", str(CLIENT_RANK), "--reps", "20"])
     # The model step runs with the authors' LoRA dropout (0.05): in-op, materialised, PEFT.
     model = [py, "bench/model.py", "--csv", str(out / "model_gpu.csv"), "--no-plot",
              "--dropout", "0.05"]
@@ -76,7 +87,7 @@ def steps(out: Path, dry_run: bool, jobs: int) -> list[tuple[str, list[str], dic
              "-p", "no:cacheprovider", "-n", str(jobs), "--junitxml", str(out / "tests.xml")]
     listed = [("warm", warm, {}), ("op", op, dict(fixed, TRITON_INTERPRET="1") if dry_run
                                    else fixed),
-              ("model", model, fixed), ("tests", tests, fixed)]
+              ("clients", clients, fixed), ("model", model, fixed), ("tests", tests, fixed)]
     return listed if dry_run else [("build", build, {})] + listed
 
 
@@ -165,7 +176,8 @@ def planned_estimate() -> list[str]:
         kind = "decode" if int(shape.split("x")[0]) <= 64 else "prefill"
         calls[kind] += len(OP_MODES) * len(OP_PROVIDERS)
     lines, total, first_row = gpu_budget.estimate(
-        {"warm": counts(gpu_warm.op_problems() + gpu_warm.model_problems()),
+        {"warm": counts(gpu_warm.op_problems() + gpu_warm.clients_problems()
+                        + gpu_warm.model_problems()),
          "tests": counts(tests)}, calls, LIMITS)
     verdict = (f"estimate {total:.0f} s (budget 360 s), first op row after {first_row:.0f} s "
                f"(budget 180 s): {'within' if total <= 360 and first_row <= 180 else 'OVER'}")

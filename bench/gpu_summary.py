@@ -1,7 +1,8 @@
 """The summary `make gpu-check` ends its output with (and writes to OUT/summary.md): the
-versions, each step's status, the op table with its ratios against the GPU targets, the model
-table, and every failed test with its one-line error. Read from the files the steps wrote
-(op_gpu.csv, model_gpu.csv, tests.xml), so a step that was cut still shows what it saved."""
+versions, each step's status, the op table with its ratios against the GPU targets, the
+many-clients table, the model table, and every failed test with its one-line error. Read from
+the files the steps wrote (op_gpu.csv, clients_op_gpu.csv, model_gpu.csv, tests.xml), so a step
+that was cut still shows what it saved."""
 from __future__ import annotations
 
 import csv
@@ -14,6 +15,10 @@ from pathlib import Path
 # model's from bench/model.py. (what, limit, "<=" or ">=")
 OP_TARGETS = {"prefill forward": (1.08, "<="), "prefill fwd+bwd": (1.15, "<="),
               "decode forward": (1.10, "<="), "peft / fused prefill forward": (1.6, ">=")}
+# Many clients in one call (bench/clients.py, 8 clients): batched / base at prefill, and
+# peft (adapter_names) / batched at decode, forward.
+CLIENTS_TARGETS = {"batched / base prefill forward": (1.10, "<="),
+                   "peft / batched decode forward": (3.0, ">=")}
 MODEL_TARGETS = {"fused forward / base": (1.08, "<="),
                  "train step speedup vs peft_two": (1.5, ">=")}
 # kernels/triton_config.py's DECODE_MAX_M, repeated: the summary is rendered even when the build
@@ -103,6 +108,32 @@ def op_table(csv_path: Path) -> list[str]:
     return lines + [f"- failed: {e}" for e in errors]
 
 
+def clients_table(csv_path: Path) -> list[str]:
+    """One line per (clients x rows, mode): each provider's median ms, batched / base and
+    peft / batched, against the many-clients targets."""
+    rows = _rows(csv_path)
+    if not rows:
+        return ["no clients rows (clients_op_gpu.csv is missing or empty)"]
+    by = {(r["clients"], r["rows_per_client"], r["mode"], r["provider"]): r for r in rows}
+    providers = list(dict.fromkeys(r["provider"] for r in rows))
+    lines = ["| clients x rows, K, N | mode | " + " | ".join(f"{p} ms" for p in providers)
+             + " | batched / base | peft / batched |", "|---" * (4 + len(providers)) + "|"]
+    for key in dict.fromkeys((r["clients"], r["rows_per_client"], r["mode"]) for r in rows):
+        ms = {p: _ms(by.get((*key, p))) for p in providers}
+        first = by[next((*key, p) for p in providers if (*key, p) in by)]
+        kind = "decode" if int(first["M"]) <= DECODE_MAX_M else "prefill"
+        ratio = ms["batched"] / ms["base"] if ms.get("batched") and ms.get("base") else None
+        target = CLIENTS_TARGETS.get(f"batched / base {kind} {key[2]}")
+        versus = _verdict(ratio, target) if target else (f"{ratio:.3f}" if ratio else "-")
+        speedup = ms["peft"] / ms["batched"] if ms.get("peft") and ms.get("batched") else None
+        target = CLIENTS_TARGETS.get(f"peft / batched {kind} {key[2]}")
+        peft = _verdict(speedup, target) if target else (f"{speedup:.2f}" if speedup else "-")
+        cells = [f"{v:.4f}" if v else "-" for v in ms.values()]
+        lines.append(f"| {key[0]} x {key[1]}, {first['K']}, {first['N']} | {key[2]} | "
+                     + " | ".join(cells) + f" | {versus} | {peft} |")
+    return lines
+
+
 def model_table(csv_path: Path) -> list[str]:
     """Per provider: forward and train-step ms, their ratios, and the model targets."""
     rows = _rows(csv_path)
@@ -163,6 +194,8 @@ def render(out: Path, steps: list[dict], info: dict[str, str], dry_run: bool,
     lines += [f"| {s['step']} | {s['status']} | {s['seconds']} | {s['tail'][:100]} |"
               for s in steps]
     lines += ["", "## op (op_gpu.csv)", ""] + op_table(out / "op_gpu.csv")
+    lines += ["", "## many clients in one call (clients_op_gpu.csv)", ""] + clients_table(
+        out / "clients_op_gpu.csv")
     lines += ["", "## model (model_gpu.csv)", ""] + model_table(out / "model_gpu.csv")
     lines += ["", "## GPU tests (tests.xml)", ""] + test_results(out / "tests.xml")
     lines += ["", "## time estimate made before the run", ""] + estimate

@@ -1,6 +1,6 @@
-"""Warms Triton's on-disk cache for every launch of the GPU check's benchmark steps (the op and
-model steps of bench/gpu_check.py, fixed configs), compiling in one process per core before
-anything is timed: step 2 of `make gpu-check` (docs/gpu.md, "Warming Triton's cache").
+"""Warms Triton's on-disk cache for every launch of the GPU check's benchmark steps (the op,
+clients and model steps of bench/gpu_check.py, fixed configs), compiling in one process per core
+before anything is timed: step 2 of `make gpu-check` (docs/gpu.md, "Warming Triton's cache").
 
     python bench/gpu_warm.py [--jobs N]          on the GPU machine: its own target
     python bench/gpu_warm.py --dry-run           no GPU: the first binaries for sm_90a
@@ -38,6 +38,19 @@ def op_problems() -> list[Problem]:
     return out
 
 
+def clients_problems() -> list[Problem]:
+    """The clients step's launches (bench/gpu_check.py): the banked op at 8 clients x 128 rows
+    and x 1 row, and the per-client provider's plain op at 128 rows (its 1-row calls are the op
+    step's decode M = 1)."""
+    from gpu_check import CLIENT_RANK, CLIENT_ROWS, CLIENT_SHAPE, CLIENTS
+    k, n = (int(v) for v in CLIENT_SHAPE.split(","))
+    out = [Problem(CLIENTS * rows, k, n, CLIENT_RANK, "bf16",
+                   "prefill" if CLIENTS * rows > 64 else "decode", branches=2, clients=CLIENTS)
+           for rows in CLIENT_ROWS]
+    return out + [Problem(rows, k, n, 2 * CLIENT_RANK, "bf16", "prefill")
+                  for rows in CLIENT_ROWS if rows > 64]
+
+
 def model_problems() -> list[Problem]:
     """The model step's linear layers: the GPU config of bench/model.py (--layers does not
     change the shapes), M = batch x seq rows, q/k/v/o/gate/up/down, bf16."""
@@ -65,7 +78,7 @@ def main(argv=None) -> int:
     ap.add_argument("--limit", type=int, default=4, help="binaries compiled by --dry-run")
     args = ap.parse_args(argv)
     target = "sm_90a" if args.dry_run else device_target()
-    problems = op_problems() + model_problems()
+    problems = op_problems() + clients_problems() + model_problems()
     cases = gpu_launches.build_cases(problems, target)
     keys = gpu_launches.unique_keys(cases, target)
     print(f"warm: {len(cases)} launches, {len(keys)} distinct binaries for {target}, "

@@ -274,9 +274,15 @@ class DualLoRALinear(nn.Module):
     def _banked_operands(self, x: torch.Tensor, clients: torch.Tensor):
         """(bank A, bank B, index, scale) for lora_linear_banked: each sequence's rows through
         its client's (global, local) slots of the bank, the mix weights times each slot's
-        scaling per row."""
+        scaling per row. Index and scale are built once per input shape for the whole model
+        (the ``_scale`` cache): every layer of a call sees the same rows and clients."""
         if self.source is not None:
             raise ValueError("mix(..., clients=...) cannot run with an attached adapter source")
+        key = ("bank", self.r["local"], tuple(self.client_scaling))
+        index, scale = self._cached(x, key, lambda: self._bank_index_scale(x, clients))
+        return self.client_bank_a, self.client_bank_b, index, scale
+
+    def _bank_index_scale(self, x: torch.Tensor, clients: torch.Tensor):
         acc = reference.accum_dtype(x.dtype)
         call = self._mix_call.get("positions")
         index = rows.expand(clients.to(torch.float64).unsqueeze(1), x, ("clients",), (),
@@ -288,8 +294,7 @@ class DualLoRALinear(nn.Module):
             per_row = torch.stack([torch.as_tensor(w, dtype=acc, device=x.device)
                                    for w in weights]).expand(index.shape[0], 2)
         scalings = torch.tensor(self.client_scaling, dtype=acc, device=x.device)[index]
-        scale = (per_row * scalings).repeat_interleave(self.r["local"], dim=1)
-        return self.client_bank_a, self.client_bank_b, index, scale
+        return index, (per_row * scalings).repeat_interleave(self.r["local"], dim=1)
 
     # ---- forward ---------------------------------------------------------------------------
     def base_weight(self) -> torch.Tensor:
@@ -299,19 +304,24 @@ class DualLoRALinear(nn.Module):
 
     def _scale(self, x: torch.Tensor) -> torch.Tensor:
         """The op's ``scale``: (1, R) for float weights, (M, R) for per-sequence weights."""
+        key = tuple((self.r[n], self.scaling[n]) for n in ADAPTERS)
+        return self._cached(x, key, lambda: self._build_scale(x))
+
+    def _cached(self, x: torch.Tensor, extra: tuple, build):
+        """``build()``, reused across the layers of a ``mix`` block for the same input shape
+        (and ``extra``): the cache is one dict per block, shared by the model's layers."""
         cache = self._scale_cache
         if (cache is None or torch.compiler.is_compiling() or torch.is_inference_mode_enabled()
                 or any(isinstance(w, torch.Tensor) and w.requires_grad for w in self.mix_weights)):
             # Not reused: a scale with a graph (across forwards), or an inference tensor
             # (autograd could not save it in a later training forward).
-            return self._build_scale(x)
+            return build()
         call = self._mix_call.get("positions") if self._mix_call else None
-        key = (tuple(x.shape[:-1]), x.device, x.dtype, call,
-               tuple((self.r[n], self.scaling[n]) for n in ADAPTERS))
+        key = (tuple(x.shape[:-1]), x.device, x.dtype, call, extra)
         if key not in cache:
             if len(cache) >= 16:  # e.g. generate() without KV cache: one length per step
                 cache.clear()
-            cache[key] = self._build_scale(x)
+            cache[key] = build()
         return cache[key]
 
     def _build_scale(self, x: torch.Tensor) -> torch.Tensor:

@@ -118,10 +118,19 @@ class ClientGenerator:
             return self._one_client_at_a_time(clients, examples)
         from tqdm.auto import tqdm
 
+        # Each client's rows together, shortest prompts first: a batch mixes clients only where
+        # one client's rows do not fill it, so no batch pads or decodes longer than the
+        # per-client loop's would (a batch runs until its longest answer ends).
+        order = sorted(range(len(requests)), key=lambda i: (
+            clients[i], len(requests[i].instruction) + len(requests[i].input)))
+        clients, examples = [clients[i] for i in order], [examples[i] for i in order]
         (global_w, local_w), = self.pool.weights(clients, examples).values()
         with tqdm(total=len(examples), desc="generate", disable=not self.progress) as bar:
             outputs = self.pool.predict(clients, examples, global_w, local_w, bar.update)
-        return [Answer(o, float(g), float(w)) for o, g, w in zip(outputs, global_w, local_w)]
+        answers = [None] * len(requests)
+        for i, o, g, w in zip(order, outputs, global_w, local_w):
+            answers[i] = Answer(o, float(g), float(w))
+        return answers
 
     def _one_client_at_a_time(self, clients, examples) -> list[Answer]:
         """A method whose evaluation enters a per-client context (C2A): client by client."""
