@@ -42,14 +42,16 @@ def test_gpu_check_dry_run(tmp_path):
     out = proc.stdout
     # The estimate comes first, the steps in order of value, the summary last.
     order = [out.index(s) for s in ("estimate for a cold machine", "== warm:", "== op:",
-                                    "== model:", "== tests:", "# gpu-check DRY RUN")]
+                                    "== clients:", "== model:", "== tests:",
+                                    "# gpu-check DRY RUN")]
     assert order == sorted(order), order
     assert "within" in out.split("== warm:")[0]  # the estimate fits 6 min / 3 min
     summary = (tmp_path / "summary.md").read_text()
     assert out.rstrip().endswith(summary.rstrip())
-    for step in ("warm", "op", "model", "tests"):
+    for step in ("warm", "op", "clients", "model", "tests"):
         assert f"| {step} | ok |" in summary, summary
     assert "versions: torch" in summary and "cmake" in summary
+    assert "## many clients in one call" in summary and "| 8 x 4, 64, 48 | forward |" in summary
     # At most 7 files directly under OUT (the device call returns 8), none below.
     files = sorted(p.name for p in tmp_path.iterdir())
     assert set(files) <= set(gpu_check.OUT_FILES) and len(files) <= 7, files
@@ -92,7 +94,7 @@ def test_dry_run_skips_the_interpreter_steps_where_it_cannot_run(tmp_path, monke
         "step": name, "status": "ok", "seconds": 0.0, "tail": ""})
     monkeypatch.setattr(gpu_check, "planned_estimate", lambda: ["estimate"])
     assert gpu_check.main(["--out", str(tmp_path), "--dry-run"]) == 0
-    assert ran == ["warm", "model", "tests"]
+    assert ran == ["warm", "clients", "model", "tests"]
     summary = (tmp_path / "summary.md").read_text()
     assert "| op | skipped |" in summary and "numpy 2.5" in summary
 
@@ -209,10 +211,29 @@ def test_real_run_builds_first_then_estimates_and_stops_on_a_failed_build(tmp_pa
 
     monkeypatch.setattr(gpu_check, "run_step", step("ok"))
     assert gpu_check.main(["--out", str(tmp_path / "a")]) == 0
-    assert events == ["build", "estimate", "warm", "op", "model", "tests"]
+    assert events == ["build", "estimate", "warm", "op", "clients", "model", "tests"]
     assert "estimate line" in (tmp_path / "a" / "summary.md").read_text()
     events.clear()
     monkeypatch.setattr(gpu_check, "run_step", step("failed (rc 1)"))
     assert gpu_check.main(["--out", str(tmp_path / "b")]) == 1
     assert events == ["build"]
     assert "| build | failed (rc 1) |" in (tmp_path / "b" / "summary.md").read_text()
+
+
+def test_clients_table_reads_the_targets(tmp_path):
+    path = tmp_path / "clients_op_gpu.csv"
+    fields = ["clients", "rows_per_client", "M", "K", "N", "mode", "provider", "median_ms"]
+    rows = [(128, "forward", "base", 1.0), (128, "forward", "batched", 1.05),
+            (128, "forward", "per_client", 2.0), (128, "forward", "peft", 1.5),
+            (1, "forward", "base", 0.01), (1, "forward", "batched", 0.02),
+            (1, "forward", "peft", 0.08)]
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fields)
+        writer.writeheader()
+        for per, mode, provider, ms in rows:
+            writer.writerow({"clients": 8, "rows_per_client": per, "M": 8 * per, "K": 4096,
+                             "N": 4096, "mode": mode, "provider": provider, "median_ms": ms})
+    text = "\n".join(gpu_summary.clients_table(path))
+    assert "| 8 x 128, 4096, 4096 | forward |" in text and "1.050 (met: <= 1.1)" in text
+    assert "4.000 (met: >= 3.0)" in text  # peft / batched at decode
+    assert "missing" in gpu_summary.clients_table(tmp_path / "none.csv")[0]
