@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from .reference import accum_dtype, dropout_keep
 
 __all__ = ["bank_segments", "lora_linear_banked", "lora_linear_banked_forward",
-           "lora_linear_banked_backward"]
+           "lora_linear_banked_backward", "scale_gradient"]
 
 
 def bank_segments(index: torch.Tensor, dropout_p: float = 0.0) -> list[tuple[torch.Tensor, tuple]]:
@@ -45,6 +45,12 @@ def bank_segments(index: torch.Tensor, dropout_p: float = 0.0) -> list[tuple[tor
                          f"uses adapter {shared} must use the same adapters in every branch "
                          f"(one client, one dropout stream)")
     return segments
+
+
+def scale_gradient(g: torch.Tensor, u: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """d scale = g * u per row, summed over the rows for a shared (1, B r) scale."""
+    ds = g * u
+    return ds.sum(0, keepdim=True) if scale.shape[0] == 1 and ds.shape[0] != 1 else ds
 
 
 def _segment_scale(scale, rows):
@@ -122,9 +128,7 @@ def lora_linear_banked_backward(dy, x, weight, bank_a, bank_b, index, scale, u, 
         g[rows] = g_s
     empty = x.new_empty(0)
     if need_ds:
-        ds = g * u
-        if scale.shape[0] == 1 and ds.shape[0] != 1:
-            ds = ds.sum(0, keepdim=True)
+        ds = scale_gradient(g, u, scale)
     return (
         (dx + dy2 @ weight).reshape(x.shape) if need_dx else empty,
         da.to(x.dtype) if need_da else empty,

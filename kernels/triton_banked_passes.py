@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from . import triton_gemm
+from .reference_banked import scale_gradient
 from .triton_autotune import run_tuned
 from .triton_banked import a_view, b_view, banked_tiles, expand_plan, shrink_plan
 from .triton_banked_segments import bank_blocks
@@ -129,11 +130,7 @@ def backward(dy, x, weight, bank_a, bank_b, index, scale, u, output_mask, dropou
                     x=x2 if need_da else None, dbank=a_view(da32) if need_da else None,
                     dropout=dropout, dropout_seed=dropout_seed).run()
     empty = x.new_empty(0)
-    ds = scale.new_empty(0)
-    if need_ds:
-        ds = g * u
-        if scale.shape[0] == 1 and ds.shape[0] != 1:
-            ds = ds.sum(0, keepdim=True)
+    ds = scale_gradient(g, u, scale) if need_ds else scale.new_empty(0)
     return (
         (dx if dx is not None else x.new_zeros((0, k))).view(x.shape) if need_dx else empty,
         da32.to(x.dtype) if need_da else empty,
