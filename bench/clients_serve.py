@@ -39,6 +39,7 @@ from feddpa_fast.fed.algorithms.feddpa_weighting import (  # noqa: E402
     weights_from_scores,
 )
 from feddpa_fast.fed.data import LMExample  # noqa: E402
+from feddpa_fast.fed.evaluate import fixed_weights  # noqa: E402
 from feddpa_fast.fed.runner import evaluate_run  # noqa: E402
 from feddpa_fast.fed.serve import ClientGenerator, Request  # noqa: E402
 
@@ -83,8 +84,7 @@ def per_client_loop(generator, requests: list[Request], anchors: dict) -> list[s
             global_w, local_w = weights_from_scores(
                 similarity_scores(reps, anchors[name], cfg), cfg)
         else:
-            pair = {"global": (1.0, 0.0), "local": (0.0, 1.0)}.get(mode, mode)
-            global_w, local_w = (torch.full((len(rows),), float(w)) for w in pair)
+            global_w, local_w = (torch.full((len(rows),), float(w)) for w in fixed_weights(mode))
         for start in range(0, len(rows), BATCH):
             stop = start + BATCH
             outputs = task.predict(examples[start:stop], global_w[start:stop],

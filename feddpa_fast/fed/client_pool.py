@@ -21,13 +21,10 @@ import torch
 
 from ..client_bank import add_client, remove_clients
 from .algorithms.feddpa_weighting import represent_local, similarity_scores, weights_from_scores
-from .evaluate import anchors_for
+from .evaluate import anchors_for, fixed_weights
 from .results import FIXED
 
 __all__ = ["ClientPool", "can_pool"]
-
-_FIXED_MODES = {"global": (1.0, 0.0), "local": (0.0, 1.0)}
-
 
 def can_pool(run) -> bool:
     """Whether ``run``'s clients can be answered in shared batches: more than one client, and
@@ -104,7 +101,7 @@ class ClientPool:
         them: ``FIXED`` for fixed modes; each of ``assignments`` (default: the run's) for
         FedDPA's dynamic weighting, whose scores are computed once for all of them."""
         if not self.dynamic:
-            pairs = [_fixed(self.modes[c]) for c in clients]  # float64: the weights as given
+            pairs = [fixed_weights(self.modes[c]) for c in clients]  # float64: the weights as given
             return {FIXED: (torch.tensor([g for g, _ in pairs], dtype=torch.float64),
                             torch.tensor([w for _, w in pairs], dtype=torch.float64))}
         cfg = self.weighting
@@ -130,10 +127,6 @@ class ClientPool:
             if progress is not None:
                 progress(len(examples[i:stop]))
         return answers
-
-
-def _fixed(mode) -> tuple[float, float]:
-    return _FIXED_MODES[mode] if isinstance(mode, str) else tuple(mode)
 
 
 def _one_kind(modes: dict) -> bool:

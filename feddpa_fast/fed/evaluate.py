@@ -21,7 +21,7 @@ from .checkpoint import derive_seed
 from .results import FIXED
 
 __all__ = ["anchors_for", "predictions_for", "prediction_records", "score_set",
-           "evaluate_client", "scores_by_set", "format_table",
+           "evaluate_client", "fixed_weights", "scores_by_set", "format_table",
            "plot_rounds", "plot_methods"]
 
 
@@ -29,6 +29,11 @@ def anchors_for(client, k: int, seed: int):
     """The k local training instances FedDPA compares test instances with (seeded)."""
     rng = random.Random(derive_seed(seed, "anchors", client.name))
     return rng.sample(client.train, min(k, len(client.train)))
+
+
+def fixed_weights(mode) -> tuple[float, float]:
+    """(global_w, local_w) of a fixed evaluation mode: "global", "local" or a weight pair."""
+    return {"global": (1.0, 0.0), "local": (0.0, 1.0)}[mode] if isinstance(mode, str) else mode
 
 
 def _predict(task, examples, weights, batch_size) -> list[str]:
@@ -57,8 +62,7 @@ def _predictions_and_weights(task, examples, mode, anchors, weighting, assignmen
     """(predictions_for's dict, {key: (global weights, local weights)}, each a float for the
     whole set or a tensor with one weight per example)."""
     if mode != "dynamic":  # a named mode, or (global_w, local_w) (FDLoRA's fusion weights)
-        fixed = (mode if isinstance(mode, tuple)
-                 else {"global": (1.0, 0.0), "local": (0.0, 1.0)}[mode])
+        fixed = fixed_weights(mode)
         return {FIXED: _predict(task, examples, fixed, batch_size)}, {FIXED: fixed}
     global_w, local_w = instance_weights(task, examples, anchors, weighting, batch_size)
     # instance_weights used weighting.assignment; the other assignment swaps the two weights.
