@@ -11,12 +11,17 @@ Three variants, timed side by side on the same model:
   sets pooled into full batches of ``--eval-size``.
 * ``after``: that, with the model's own chat template (``--prompt-format auto``).
 
+A dtype axis (``--dtypes fp32,bf16``): each dtype loads its own copy of the base model in that
+dtype (fp32 adapters, feddpa_fast/precision.py) and every (dtype, variant) pair is timed in
+alternation in the same loop; ``ratio_to_fp32`` compares a variant with itself on the fp32 base.
+
 Measures: **train step** (ms; forward, backward and AdamW step of the global adapter on one
 batch) and **evaluation** (generated tokens / s of FedDPA's dynamic evaluation of
 ``--eval-size`` test instances: instance weights from the representation forward, then
 ``generate`` with a different mix per sequence and the KV cache).
 
     python bench/llm_step.py [--data DIR] [--batch 8] [--reps 5] [--eval-size 32]
+                             [--dtypes fp32,bf16] [--variants after]
 
 ``--data`` is a lexical suite directory (``feddpa-fast data build-lexical``); without it the
 suite is built from the Debian packages into a temporary directory. Rows go to
@@ -43,10 +48,12 @@ from feddpa_fast.fed.smollm2 import load_smollm2  # noqa: E402
 from feddpa_fast.fed.tasks import CausalLMTask  # noqa: E402
 from feddpa_fast.mixing import mix, set_trainable  # noqa: E402
 from feddpa_fast.patch import patch  # noqa: E402
+from feddpa_fast.precision import BASE_DTYPES, base_dtype  # noqa: E402
 
 FIELDS = ["run_id", "date", "device", "threads", "torch", "transformers", "feddpa_fast",
           "bench", "measure", "variant", "batch", "median", "p20", "p80", "unit",
-          "ratio_to_before"]
+          "ratio_to_before", "dtype", "ratio_to_fp32"]
+VARIANTS = ("before", "same-prompt", "after")
 
 
 class BeforeTask(CausalLMTask):
@@ -75,8 +82,8 @@ def _suite(path: Path | None):
     return load_data_dir(path, "causal-lm")
 
 
-def _model():
-    model, tokenizer = load_smollm2()
+def _model(dtype: str):
+    model, tokenizer = load_smollm2(dtype=base_dtype(dtype))
     patch(model, DualLoRAConfig(r=8, alpha=16, dropout=0.05, target_modules=("q_proj", "v_proj")))
     set_trainable(model, "none")
     return model, tokenizer
@@ -117,34 +124,54 @@ def main(argv=None) -> int:
                         help="test instances per set: the before variant's generate batch")
     parser.add_argument("--max-new-tokens", type=int, default=20)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--dtypes", default="fp32",
+                        help=f"comma-separated base dtypes out of {list(BASE_DTYPES)}")
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help=f"comma-separated variants out of {list(VARIANTS)}")
     args = parser.parse_args(argv)
+    args.dtypes = _choices(args.dtypes, BASE_DTYPES, "--dtypes")
+    args.variants = _choices(args.variants, VARIANTS, "--variants")
 
     train, test = _suite(args.data)
-    model, tokenizer = _model()
-    kw = {"max_new_tokens": args.max_new_tokens}
-    tasks = {"before": BeforeTask(model, tokenizer, prompt_format="alpaca", **kw),
-             "same-prompt": CausalLMTask(model, tokenizer, prompt_format="alpaca", **kw),
-             "after": CausalLMTask(model, tokenizer, prompt_format="auto", **kw)}
-    set_trainable(model, "global")
-    model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     names = list(train)
     # A client's batch is one task; its examples, the first of each task in turn, vary the
     # prompt and answer lengths as the eight clients' batches do.
     batch = [train[names[i % len(names)]][i // len(names)] for i in range(args.batch)]
-    train_ms = common.time_alternating(
-        {name: _train_step(t, batch, optimizer) for name, t in tasks.items()}, args.reps, 1)
-    model.eval()
-    set_trainable(model, "none")
+    tasks, steps = {}, {}
+    for dtype in args.dtypes:
+        model, tokenizer = _model(dtype)
+        kw = {"max_new_tokens": args.max_new_tokens}
+        made = {"before": (BeforeTask, "alpaca"), "same-prompt": (CausalLMTask, "alpaca"),
+                "after": (CausalLMTask, "auto")}
+        set_trainable(model, "global")
+        model.train()
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
+                                      lr=1e-4)
+        for variant in args.variants:
+            kind, prompt_format = made[variant]
+            tasks[dtype, variant] = kind(model, tokenizer, prompt_format=prompt_format, **kw)
+            steps[dtype, variant] = _train_step(tasks[dtype, variant], batch, optimizer)
+    train_ms = common.time_alternating(steps, args.reps, 1)
     weighting = WeightingConfig()
     per_set = max(1, args.eval_size // len(names))
     examples = [e for n in names for e in test[n][:per_set]][: args.eval_size]
     anchors = train[names[0]][: weighting.k]
-    eval_tps = {name: _timed_eval(t, examples, anchors, weighting,
-                                  args.set_size if name == "before" else args.eval_size,
-                                  max(2, args.reps // 2))
-                for name, t in tasks.items()}
+    eval_tps = {}
+    for (dtype, variant), task in tasks.items():
+        task.model.eval()
+        set_trainable(task.model, "none")
+        eval_tps[dtype, variant] = _timed_eval(
+            task, examples, anchors, weighting,
+            args.set_size if variant == "before" else args.eval_size, max(2, args.reps // 2))
     return _report(args, train_ms, eval_tps)
+
+
+def _choices(text: str, known, flag: str) -> list[str]:
+    chosen = [c.strip() for c in text.split(",") if c.strip()]
+    unknown = [c for c in chosen if c not in known]
+    if unknown or not chosen:
+        raise SystemExit(f"{flag}: {unknown or 'nothing'} not in {list(known)}")
+    return chosen
 
 
 def _report(args, train_ms, eval_tps) -> int:
@@ -159,22 +186,29 @@ def _report(args, train_ms, eval_tps) -> int:
     for measure, samples, unit, batch in (("train_step", train_ms, "ms", args.batch),
                                           ("eval_throughput", eval_tps, "tokens/s",
                                            args.eval_size)):
-        before = common.quantiles(samples["before"])[0]
-        for variant in ("before", "same-prompt", "after"):
-            median, p20, p80 = common.quantiles(samples[variant])
+        for dtype, variant in samples:
+            median, p20, p80 = common.quantiles(samples[dtype, variant])
+            before = samples.get((dtype, "before"))
+            fp32 = samples.get(("fp32", variant))
             rows.append({**base, "measure": measure, "variant": variant, "batch": batch,
-                         "median": f"{median:.1f}", "p20": f"{p20:.1f}", "p80": f"{p80:.1f}",
-                         "unit": unit, "ratio_to_before": f"{median / before:.3f}"})
+                         "dtype": dtype, "median": f"{median:.1f}", "p20": f"{p20:.1f}",
+                         "p80": f"{p80:.1f}", "unit": unit,
+                         "ratio_to_before": _ratio(median, before),
+                         "ratio_to_fp32": _ratio(median, fp32)})
     out = args.out or common.RESULTS_DIR / f"llm_step_{device.type}.csv"
     common.append_rows(out, rows, FIELDS)
-    print("| measure | batch | before | same prompt, new paths (x before) | after (x before) |"
-          "\n|---|---|---|---|---|")
-    for measure in ("train_step", "eval_throughput"):
-        b, s, a = [r for r in rows if r["measure"] == measure]
-        print(f"| {measure} ({a['unit']}) | {a['batch']} | {b['median']} | {s['median']} "
-              f"({s['ratio_to_before']}) | {a['median']} ({a['ratio_to_before']}) |")
+    print("| measure | dtype | variant | median [p20, p80] | x before | x fp32 |\n"
+          "|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['measure']} ({r['unit']}, batch {r['batch']}) | {r['dtype']} | "
+              f"{r['variant']} | {r['median']} [{r['p20']}, {r['p80']}] | "
+              f"{r['ratio_to_before'] or '-'} | {r['ratio_to_fp32'] or '-'} |")
     print(f"rows appended to {out}")
     return 0
+
+
+def _ratio(median: float, reference: list[float] | None) -> str:
+    return f"{median / common.quantiles(reference)[0]:.3f}" if reference else ""
 
 
 if __name__ == "__main__":

@@ -31,14 +31,14 @@ import math
 import torch
 from torch import nn
 
-from . import rows
 from .config import ADAPTERS
 from .kernels import lora_linear, lora_linear_banked, reference
+from .layer_bank import ClientBankMixin
+from .layer_scale import WEIGHT_NAMES, MixScaleMixin
+from .precision import master_dtype
 
 __all__ = ["DualLoRALinear", "is_supported_base", "dual_lora_layers", "WEIGHT_NAMES"]
 
-# The argument names of ``mix`` for the two branches' weights (error messages name them).
-WEIGHT_NAMES = ("global_w", "local_w")
 
 
 def _conv1d_class():
@@ -58,6 +58,12 @@ def is_supported_base(module: nn.Module) -> bool:
 def dual_lora_layers(model: nn.Module) -> list[tuple[str, DualLoRALinear]]:
     """``(name, layer)`` for every ``DualLoRALinear`` inside ``model``, in module order."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, DualLoRALinear)]
+
+
+def _float_zero(weight) -> bool:
+    """A mix weight that is a Python number equal to 0 (a tensor never counts: its values
+    would have to be read, and a 0-d tensor may carry a gradient)."""
+    return isinstance(weight, (int, float)) and weight == 0
 
 
 def _contiguous_adapter_state(module, state_dict, prefix, local_metadata):
@@ -97,7 +103,7 @@ class _StackedBranches(torch.autograd.Function):
         return (None, None, *[p if need else None for p, need in zip(parts, needs)])
 
 
-class DualLoRALinear(nn.Module):
+class DualLoRALinear(ClientBankMixin, MixScaleMixin, nn.Module):
     """``base_layer(x)`` plus ``w_g * s * B_g A_g x + w_l * s * B_l A_l x`` in one fused op.
 
     ``w_g`` / ``w_l`` are the current mix weights (``feddpa_fast.mix``): floats, tensors of
@@ -126,7 +132,8 @@ class DualLoRALinear(nn.Module):
         self.lora_alpha = {name: alpha for name in ADAPTERS}
         self.scaling = {name: alpha / r for name in ADAPTERS}
         self.dropout_p = float(dropout)
-        factory = {"device": weight.device, "dtype": weight.dtype}
+        # fp32 masters under a half-precision base (feddpa_fast/precision.py).
+        factory = {"device": weight.device, "dtype": master_dtype(weight.dtype)}
         self.lora_A = nn.ModuleDict(
             {n: nn.Linear(self.in_features, r, bias=False, **factory) for n in ADAPTERS})
         self.lora_B = nn.ModuleDict(
@@ -240,118 +247,11 @@ class DualLoRALinear(nn.Module):
         previous, self.source = self.source, source
         return previous
 
-    # ---- the client bank (feddpa_fast.client_bank) ---------------------------------------------
-    def reset_client_bank(self) -> None:
-        """A bank holding only slot 0: a copy of the global adapter."""
-        a, b = self.lora_A["global"].weight.detach(), self.lora_B["global"].weight.detach()
-        self.client_bank_a = a.clone().unsqueeze(0)
-        self.client_bank_b = b.clone().unsqueeze(0)
-        self.client_scaling = [self.scaling["global"]]
-
-    def append_to_bank(self, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> int:
-        """Appends one adapter ((r, K), (N, r)) to the bank; returns its slot."""
-        bank_a, bank_b = self.client_bank_a, self.client_bank_b
-        self.client_bank_a = torch.cat([bank_a, lora_a.to(bank_a).unsqueeze(0)])
-        self.client_bank_b = torch.cat([bank_b, lora_b.to(bank_b).unsqueeze(0)])
-        self.client_scaling.append(float(scaling))
-        return len(self.client_scaling) - 1
-
-    def refresh_shared_global(self) -> None:
-        """Copies the global adapter (and its scaling) into slot 0 of the bank."""
-        with torch.no_grad():
-            self.client_bank_a[0].copy_(self.lora_A["global"].weight)
-            self.client_bank_b[0].copy_(self.lora_B["global"].weight)
-        self.client_scaling[0] = self.scaling["global"]
-
-    def bank_adapter(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A, B) of one slot of the bank."""
-        return self.client_bank_a[slot], self.client_bank_b[slot]
-
-    def drop_client_bank(self) -> None:
-        self.client_bank_a = self.client_bank_b = None
-        self.client_scaling = []
-
-    def _banked_operands(self, x: torch.Tensor, clients: torch.Tensor):
-        """(bank A, bank B, index, scale) for lora_linear_banked: each sequence's rows through
-        its client's (global, local) slots of the bank, the mix weights times each slot's
-        scaling per row. Index and scale are built once per input shape for the whole model
-        (the ``_scale`` cache): every layer of a call sees the same rows and clients."""
-        if self.source is not None:
-            raise ValueError("mix(..., clients=...) cannot run with an attached adapter source")
-        key = ("bank", self.r["local"], tuple(self.client_scaling))
-        index, scale = self._cached(x, key, lambda: self._bank_index_scale(x, clients))
-        return self.client_bank_a, self.client_bank_b, index, scale
-
-    def _bank_index_scale(self, x: torch.Tensor, clients: torch.Tensor):
-        acc = reference.accum_dtype(x.dtype)
-        call = self._mix_call.get("positions")
-        index = rows.expand(clients.to(torch.float64).unsqueeze(1), x, ("clients",), (),
-                            call).to(torch.int64)                            # (M, 2)
-        weights = self.mix_weights
-        if any(isinstance(w, torch.Tensor) and w.dim() for w in weights):
-            per_row = self._per_row_weights(x, acc)
-        else:
-            per_row = torch.stack([torch.as_tensor(w, dtype=acc, device=x.device)
-                                   for w in weights]).expand(index.shape[0], 2)
-        scalings = torch.tensor(self.client_scaling, dtype=acc, device=x.device)[index]
-        return index, (per_row * scalings).repeat_interleave(self.r["local"], dim=1)
-
     # ---- forward ---------------------------------------------------------------------------
     def base_weight(self) -> torch.Tensor:
         """The frozen weight as the op wants it, (out, in); a transposed view for Conv1D."""
         weight = self.base_layer.weight
         return weight.t() if self.fan_in_fan_out else weight
-
-    def _scale(self, x: torch.Tensor) -> torch.Tensor:
-        """The op's ``scale``: (1, R) for float weights, (M, R) for per-sequence weights."""
-        key = tuple((self.r[n], self.scaling[n]) for n in ADAPTERS)
-        return self._cached(x, key, lambda: self._build_scale(x))
-
-    def _cached(self, x: torch.Tensor, extra: tuple, build):
-        """``build()``, reused across the layers of a ``mix`` block for the same input shape
-        (and ``extra``): the cache is one dict per block, shared by the model's layers."""
-        cache = self._scale_cache
-        if (cache is None or torch.compiler.is_compiling() or torch.is_inference_mode_enabled()
-                or any(isinstance(w, torch.Tensor) and w.requires_grad for w in self.mix_weights)):
-            # Not reused: a scale with a graph (across forwards), or an inference tensor
-            # (autograd could not save it in a later training forward).
-            return build()
-        call = self._mix_call.get("positions") if self._mix_call else None
-        key = (tuple(x.shape[:-1]), x.device, x.dtype, call, extra)
-        if key not in cache:
-            if len(cache) >= 16:  # e.g. generate() without KV cache: one length per step
-                cache.clear()
-            cache[key] = build()
-        return cache[key]
-
-    def _build_scale(self, x: torch.Tensor) -> torch.Tensor:
-        acc = reference.accum_dtype(x.dtype)
-        weights = self.mix_weights
-        if not any(isinstance(w, torch.Tensor) and w.dim() for w in weights):
-            if not any(isinstance(w, torch.Tensor) for w in weights):
-                # torch.full per branch: static sizes, so torch.compile sees no data-dependent
-                # shape (repeat_interleave with tensor repeats would be one).
-                return torch.cat([torch.full((self.r[n],), float(w) * self.scaling[n], dtype=acc,
-                                             device=x.device) for w, n in zip(weights, ADAPTERS)]
-                                 ).unsqueeze(0)
-            # 0-d tensor weights (which may require grad): tensor arithmetic keeps the graph.
-            parts = [(torch.as_tensor(w, dtype=acc, device=x.device) * self.scaling[n])
-                     .reshape(1).expand(self.r[n]) for w, n in zip(weights, ADAPTERS)]
-            return torch.cat(parts).unsqueeze(0)
-        per_row = self._per_row_weights(x, acc)  # (M, branches)
-        m = per_row.shape[0]
-        return torch.cat([(per_row[:, i:i + 1] * self.scaling[n]).expand(m, self.r[n])
-                          for i, n in enumerate(ADAPTERS)], dim=1)
-
-    def _per_row_weights(self, x: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
-        """Per-sequence or per-token weights as one weight per row of ``x`` and branch,
-        (M, branches), by the rule of rows.py."""
-        weights = self.mix_weights
-        table = rows.weight_table(weights, WEIGHT_NAMES, acc, x.device)
-        token_names = [n for w, n in zip(weights, WEIGHT_NAMES)
-                       if isinstance(w, torch.Tensor) and w.dim() == 2]
-        call = self._mix_call.get("positions") if self._mix_call else None
-        return rows.expand(table, x, WEIGHT_NAMES, token_names, call)
 
     def _source_operands(self, x: torch.Tensor):
         """(A, B, scale) of the attached source: one branch, weighted by the mix when both of
@@ -369,19 +269,39 @@ class DualLoRALinear(nn.Module):
         return lora_a, lora_b, scale
 
     def _stacked_operands(self, x: torch.Tensor):
-        """(stacked A, stacked B, scale) of the two adapters under the current mix."""
+        """(stacked A, stacked B, scale) of the adapters under the current mix: both, or only
+        the one whose weight is not a float 0."""
         if not torch.compiler.is_compiling() and not self._stack_intact():
             self._restack()  # a parameter got new storage (deepcopy, assign=True, ...)
         lora_a, lora_b = self._stacked_adapters()
-        return lora_a, lora_b, self._scale(x)
+        live = [i for i, w in enumerate(self.mix_weights) if not _float_zero(w)]
+        if len(live) == len(ADAPTERS):
+            return lora_a, lora_b, self._scale(x)
+        # One branch at a float weight of 0 is skipped, not computed at scale 0: FedIT's and
+        # local-only's evaluation and every single-adapter training phase do half the rank
+        # work. (A tensor of zeros is still computed: its values are not looked at.)
+        (i,) = live
+        name, weight = ADAPTERS[i], float(self.mix_weights[i])
+        start = sum(self.r[n] for n in ADAPTERS[:i])
+        rows = slice(start, start + self.r[name])
+        scale = self._cached(x, ("one", name, self.r[name], self.scaling[name], weight),
+                             lambda: torch.full((1, self.r[name]), weight * self.scaling[name],
+                                                dtype=reference.accum_dtype(x.dtype),
+                                                device=x.device))
+        return lora_a[rows], lora_b[:, rows], scale
+
+    def _adapters_off(self) -> bool:
+        """Both mix weights are float 0 (``mix(model, 0, 0)``): the layer is its base layer."""
+        return all(_float_zero(w) for w in self.mix_weights)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Precedence: a merged layer is its base layer (the mix is folded in); a clients mix
-        # runs the bank (one adapter pair per sequence); an attached source replaces both
-        # adapters; otherwise the stacked adapters under the mix.
-        if self.merged:
-            return self.base_layer(x)
+        # Precedence: a merged layer is its base layer (the mix is folded in), and so is a
+        # layer whose two weights are float 0 (outside a clients mix); a clients mix runs the
+        # bank (one adapter pair per sequence); an attached source replaces both adapters;
+        # otherwise the stacked adapters under the mix.
         clients = self._mix_call.get("clients") if self._mix_call else None
+        if self.merged or (clients is None and self._adapters_off()):
+            return self.base_layer(x)
         if clients is not None:
             lora_a, lora_b, index, scale = self._banked_operands(x, clients)
         elif self.source is not None:
@@ -395,6 +315,10 @@ class DualLoRALinear(nn.Module):
             dtype = torch.get_autocast_dtype(x.device.type)
             x, weight, lora_a, lora_b = (t.to(dtype) for t in (x, weight, lora_a, lora_b))
             bias = bias.to(dtype) if bias is not None else None
+        elif lora_a.dtype != x.dtype:
+            # fp32 masters under a bf16 / fp16 base: the op computes in the base dtype (fp32
+            # accumulation); the casts' backward hands the masters their gradients.
+            lora_a, lora_b = lora_a.to(x.dtype), lora_b.to(x.dtype)
         dropout = {}
         if self.training and self.dropout_p > 0:
             # One seed per call, or per bank slot: each client its own mask stream.

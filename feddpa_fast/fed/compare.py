@@ -22,7 +22,7 @@ from .options import ConfigError
 __all__ = ["compare", "finished_results"]
 
 _JSON_KEYS = ("method", "P", "TTP", "bytes_per_client_round", "wall_s", "server_s", "rounds_s",
-              "wire_dtype", "dp", "reused_rounds_of")
+              "dtype", "wire_dtype", "dp", "reused_rounds_of")
 
 
 def compare(base, algos: list[str], root: Path, *, resume: bool = False, progress: bool = True,
@@ -48,7 +48,14 @@ def compare(base, algos: list[str], root: Path, *, resume: bool = False, progres
     if base.final_eval == "none":
         raise ConfigError("--final-eval none: compare ranks the methods by their final scores; "
                           "use train for training-only runs")
+    from .runner import with_run_dtype
+
     root = Path(root)
+    # One base dtype for every method (their rounds are shared and compared): on resume, the
+    # one the methods already run recorded.
+    started = [root / a / "checkpoint.safetensors" for a in algos]
+    started = [p for p in started if resume and p.exists()]
+    base, _ = with_run_dtype(base, started[0] if started else None)
     rows, finished, notes = [], {}, []
     for algo in algos:
         cfg = dataclasses.replace(base, algo=algo, out=str(root / algo))

@@ -128,6 +128,7 @@ def finish(run, per_client: dict, wall_start: float) -> dict:
         "bytes_per_client_round": max((r.get("bytes_up_per_client", 0) for r in rows), default=0),
         "global_adapter_bytes": sum(t.numel() * t.element_size()
                                     for t in run.server.global_adapter.values()),
+        "dtype": cfg.dtype,
         "wire_dtype": cfg.wire_dtype,
         "dp": ({"clip": cfg.dp_clip, "noise_multiplier": cfg.dp_noise_multiplier,
                 "delta": cfg.dp_delta, "epsilon": run.epsilon()}

@@ -10,6 +10,7 @@ import torch
 from ..config import DualLoRAConfig
 from ..mixing import set_trainable
 from ..patch import patch
+from ..precision import base_dtype
 from . import data as data_mod
 from .checkpoint import derive_seed
 from .options import ConfigError
@@ -38,10 +39,11 @@ def _model_path(cfg) -> str:
 
 
 def build_task(cfg):
-    """Loads the model and tokenizer, patches the model, wraps it in the task class.
+    """Loads the model (its weights in ``cfg.dtype``) and tokenizer, patches the model (fp32
+    adapters), wraps it in the task class.
 
     Args:
-        cfg: a ``RunConfig``.
+        cfg: a ``RunConfig`` (``dtype`` unset loads fp32; runs resolve it first).
 
     Returns:
         A ``ClassifyTask`` or ``CausalLMTask`` around the patched model (adapters frozen).
@@ -56,7 +58,7 @@ def build_task(cfg):
     auto = transformers.AutoModel if cfg.task == "classify" else transformers.AutoModelForCausalLM
     try:  # what check_model cannot see (e.g. a corrupt .bin): still one line, naming --model
         tokenizer = transformers.AutoTokenizer.from_pretrained(path)
-        model = auto.from_pretrained(path)
+        model = auto.from_pretrained(path, dtype=base_dtype(cfg.dtype or "fp32"))
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError(f"--model {path}: transformers could not load it ({first})") from None

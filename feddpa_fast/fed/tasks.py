@@ -62,7 +62,7 @@ class ClassifyTask:
 
     def _embed(self, texts, how: str = "mean") -> torch.Tensor:
         batch = self._encode(texts)
-        hidden = self.model(**batch).last_hidden_state
+        hidden = self.model(**batch).last_hidden_state.float()  # fp32 logits and loss
         return F.normalize(_pool(hidden, batch["attention_mask"], how), dim=-1)
 
     def label_embeddings(self, choices: tuple[str, ...]) -> torch.Tensor:
@@ -112,7 +112,7 @@ class ClassifyTask:
     def represent(self, examples, how: str = "last") -> torch.Tensor:
         """Last-layer hidden state per example under the current mix (not normalised)."""
         batch = self._encode([e.text for e in examples])
-        hidden = self.model(**batch).last_hidden_state
+        hidden = self.model(**batch).last_hidden_state.float()  # compared in fp32
         return _pool(hidden, batch["attention_mask"], how)
 
 
@@ -240,7 +240,7 @@ class CausalLMTask:
         positions = (mask.cumsum(1) - 1).clamp_min(0)
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
                          output_hidden_states=True, logits_to_keep=1)  # no LM head over T
-        hidden = out.hidden_states[-1]
+        hidden = out.hidden_states[-1].float()  # compared in fp32 whatever the base dtype
         if how == "last":
             return hidden[:, -1]  # left padding: the last position is the last real token
         return _pool(hidden, mask, how)

@@ -27,6 +27,21 @@ def init_adapter(model: nn.Module, adapter: str, seed: int) -> None:
             layer.lora_B[adapter].weight.zero_()
 
 
+def _loss_scaler(model: nn.Module) -> torch.amp.GradScaler:
+    """Dynamic loss scaling under an fp16 base, a no-op otherwise.
+
+    fp16's smallest normal is 6e-5: the activation gradients flowing back through an fp16
+    base flush to zero below it, so the loss is scaled up (2^16 at first, halved and the step
+    skipped on an overflow) and the fp32 masters' gradients unscaled before AdamW. bf16 has
+    fp32's exponent range and fp32 needs nothing; there the scaler is disabled and a step is
+    exactly ``loss.backward(); opt.step()``. A new scaler per phase, like the optimizer, so a
+    resumed run repeats the same steps bit for bit.
+    """
+    fp16 = any(p.dtype == torch.float16 for p in model.parameters())
+    device = next(model.parameters()).device.type
+    return torch.amp.GradScaler(device, enabled=fp16)
+
+
 def train_phase(client, phase, seed: int) -> float:
     """Trains what the client's method names for ``phase`` (an ``algorithms.Phase``, through
     ``Algorithm.train_target``) on the client's training slice; returns the mean training
@@ -36,6 +51,7 @@ def train_phase(client, phase, seed: int) -> float:
     for module in target.modules:
         module.train()
     opt = torch.optim.AdamW(target.params, lr=settings.lr, weight_decay=settings.weight_decay)
+    scaler = _loss_scaler(model)
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # dropout
     model.train()
@@ -50,8 +66,9 @@ def train_phase(client, phase, seed: int) -> float:
                 loss = client.task.loss([client.fit[i] for i in batch])
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"non-finite training loss in phase {phase.name}")
-                loss.backward()
-            opt.step()
+                scaler.scale(loss).backward()
+            scaler.step(opt)  # skipped when an fp16 gradient overflowed
+            scaler.update()
             opt.zero_grad(set_to_none=True)
             losses.append(loss.item())
     model.eval()

@@ -55,7 +55,7 @@ def _custom() -> RunConfig:
                      batch_size=4, max_steps=None, fraction=0.5, clients_per_round=3,
                      aggregation="trimmed-mean", trim=0.2, clip_norm=0.5, min_clients=2,
                      eval_every=0, test_limit=7, hostile="scale", hostile_clients=2,
-                     num_beams=2, max_new_tokens=9,
+                     num_beams=2, max_new_tokens=9, dtype="bf16",
                      weighting=WeightingConfig(k=3, similarity="l2", reduction="max",
                                                representation="mean", cap=0.25,
                                                assignment="opposite"))
@@ -385,11 +385,12 @@ def test_identity_round_trips(cfg):
     identity = cfg.identity()
     assert "out" not in identity
     json.dumps(identity)  # a checkpoint stores it as JSON
-    assert RunConfig.from_identity(identity, cfg.out) == cfg
-    assert RunConfig.from_identity(json.loads(json.dumps(identity)), cfg.out) == cfg
+    resolved = cfg.with_base_dtype()[0]  # an unset --dtype is recorded as resolved
+    assert RunConfig.from_identity(identity, cfg.out) == resolved
+    assert RunConfig.from_identity(json.loads(json.dumps(identity)), cfg.out) == resolved
     assert RunConfig.from_identity(identity, "elsewhere").out == "elsewhere"
-    # Checkpoint schema 2 records every option (fed/run_state.py).
-    assert {"num_beams", "max_new_tokens", "prompt_format", "wire_dtype"} <= set(identity)
+    # Checkpoint schema 3 records every option (fed/run_state.py).
+    assert {"num_beams", "max_new_tokens", "prompt_format", "wire_dtype", "dtype"} <= set(identity)
 
 
 def test_zero_unsets_an_optional_flag_as_in_the_flower_run_config():
