@@ -18,6 +18,7 @@ own copy from one seed (or of the same pretrained weights):
     python bench/model.py [--repeats N] [--layers L] [--hidden H] [--seq S] [--batch B]
                           [--providers base fused ...] [--dropout P] [--csv PATH] [--no-plot]
     python bench/model.py --model smollm2 [--seq S] [--batch B] [--repeats N] ...
+    python bench/model.py ... --dtype fp32|bf16|fp16   (default: the trainer's, precision.py)
 
 Metrics: forward tokens/s (eval, no_grad); train-step tokens/s (train mode, loss from labels,
 backward, AdamW lr 1e-4 over the adapters); ``train_state_mb`` = ``saved_mb`` (tensors saved for
@@ -47,6 +48,7 @@ import common  # noqa: E402
 import plot  # noqa: E402
 
 import feddpa_fast  # noqa: E402
+from feddpa_fast.precision import BASE_DTYPES, base_dtype, default_base_dtype  # noqa: E402
 
 PROVIDERS = ["base", "fused", "materialised_dropout", "peft_one", "peft_two"]
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -290,6 +292,9 @@ def draw(csv_path: Path, out_path: Path, run_id: str | None = None) -> Path:
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    ap.add_argument("--dtype", choices=["auto", *BASE_DTYPES], default="auto",
+                    help="the base model's dtype (adapters stay fp32); auto: the trainer's "
+                    "default (bf16 on CUDA and on CPUs with native bf16, else fp32)")
     ap.add_argument("--model", choices=["synthetic", "smollm2"], default="synthetic",
                     help="synthetic: the Llama config above; smollm2: SmolLM2-135M-Instruct")
     for opt in (*SHAPE, "repeats"):
@@ -391,7 +396,8 @@ def main(argv=None) -> list[dict]:
     args = ap.parse_args(argv)
     cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     device = torch.device("cuda" if cuda else "cpu")
-    dtype = torch.bfloat16 if cuda else torch.float32
+    name = args.dtype if args.dtype != "auto" else default_base_dtype(device)[0]
+    dtype = base_dtype(name)
     _fill_defaults(ap, args, cuda)
     stem = "model_smollm2" if args.model == "smollm2" else "model"
     csv_path = args.csv or common.RESULTS_DIR / f"{stem}_{'gpu' if cuda else 'cpu'}.csv"

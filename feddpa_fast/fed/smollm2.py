@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from ..errors import MissingFileError
+from ..precision import base_dtype
 from .model_cache import cached_dir
 
 __all__ = ["DISTRIBUTION", "GGUF_NAME", "CACHE_NAME", "gguf_path", "model_dir", "load_smollm2"]
@@ -117,12 +118,14 @@ def model_dir(root: Path | None = None) -> Path:
     return cached_dir(CACHE_NAME, key, lambda out: _build(source, out), root=root)
 
 
-def load_smollm2(dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+def load_smollm2(dtype: torch.dtype | str = torch.float32, device: str | torch.device = "cpu",
                  root: Path | None = None):
     """SmolLM2-135M-Instruct and its tokenizer, from the cache (``model_dir``).
 
     Args:
-        dtype: parameter dtype of the returned model (the cache holds fp32).
+        dtype: parameter dtype of the returned model, a torch dtype or a ``--dtype`` name
+            ("fp32", "bf16", "fp16"; the cache holds fp32). Patch it afterwards: the
+            adapters are created fp32 (feddpa_fast/precision.py).
         device: where to put the model.
         root: the cache root (default: the user cache directory).
 
@@ -137,5 +140,7 @@ def load_smollm2(dtype: torch.dtype = torch.float32, device: str | torch.device 
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
+    if isinstance(dtype, str):
+        dtype = base_dtype(dtype)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
     return model, tokenizer

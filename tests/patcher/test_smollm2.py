@@ -115,6 +115,52 @@ def test_one_adapter_at_weight_one_equals_peft_logits_and_gradients(smol, base):
     assert checked == 2 * 2 * 30
 
 
+def _one_adapter_step(model, ids):
+    """(logits, loss, {global adapter parameter: gradient}) of one step at weights (1, 0)."""
+    fd.set_trainable(model, "global")
+    with fd.mix(model, 1.0, 0.0):
+        out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+    return (out.logits.detach().float(), float(out.loss),
+            {n: p.grad for n, p in model.named_parameters() if ".global." in n})
+
+
+def test_bf16_parity_with_peft_as_close_to_fp32_as_peft_in_bf16(smol, base):
+    """A bf16 base with fp32 adapters (ours: the op in bf16, fp32 accumulation; PEFT: the
+    LoRA branch upcast to fp32) against the fp32 model with the same adapters: ours is no
+    further from fp32 than twice PEFT-bf16's distance, in logits, loss and every gradient.
+    Measured (AMD EPYC): logits 1.25 vs 1.81 max abs, loss 0.036 vs 0.033, gradients 12.5% vs
+    11.8% worst relative L2 (bf16 rounds the activations of 30 blocks)."""
+    model, tokenizer = smol
+    ids = _ids(tokenizer, TEXTS[:2])
+    fp32 = _patched(base)
+    adapters = {k: v for k, v in fp32.state_dict().items() if "lora_" in k}
+    low = copy.deepcopy(model).to(torch.bfloat16)
+    ours = _patched(copy.deepcopy(low))
+    ours.load_state_dict(adapters, strict=False)
+    assert {p.dtype for n, p in ours.named_parameters() if "lora_" in n} == {torch.float32}
+    theirs = peft.get_peft_model(low, peft.LoraConfig(
+        r=8, lora_alpha=16, lora_dropout=0.0, target_modules=list(TARGETS)))
+    peft.set_peft_model_state_dict(theirs, fd.adapters.adapter_state_dict(fp32, "global"))
+    ref_logits, ref_loss, ref_grads = _one_adapter_step(fp32, ids)
+    logits, loss, grads = _one_adapter_step(ours, ids)
+    theirs_out = theirs(input_ids=ids, labels=ids)
+    theirs_out.loss.backward()
+    peft_grads = {n.removeprefix("base_model.model.").replace(".default", ".global"): p.grad
+                  for n, p in theirs.named_parameters() if p.requires_grad}
+
+    def grad_error(g):
+        return max(float((g[n].float() - ref_grads[n]).norm() / ref_grads[n].norm())
+                   for n in ref_grads)
+
+    ours_err = ((logits - ref_logits).abs().max(), abs(loss - ref_loss), grad_error(grads))
+    peft_err = ((theirs_out.logits.detach().float() - ref_logits).abs().max(),
+                abs(float(theirs_out.loss) - ref_loss), grad_error(peft_grads))
+    for what, mine, theirs_e in zip(("logits", "loss", "gradients"), ours_err, peft_err):
+        assert mine <= 2 * theirs_e, (what, float(mine), float(theirs_e))
+    assert ours_err[1] < 0.1 and ours_err[2] < 0.3  # and both are small in absolute terms
+
+
 def test_per_sequence_and_per_token_mixes_equal_one_by_one(smol, base):
     _, tokenizer = smol
     model = _patched(base, std=0.05)
