@@ -4,8 +4,9 @@ Each method runs in ``<root>/<algo>``. With ``resume`` a finished method is not 
 (its results.json is read back, when its checkpoint says the run finished with this very
 configuration) and an unfinished one continues; a method that shares the rounds of one already
 finished here (FedDPA-F those of FedIT: ``Algorithm.shares_rounds_with``) starts from them
-(fed/reuse.py). The table (compare.md), its rows (compare.json) and a plot (compare.png) go to
-``root``.
+(fed/reuse.py). The untrained base model is scored too (``<root>/base``, fed/base_model.py), and
+the paper's comparisons get paired bootstrap intervals (fed/bootstrap.py). The tables
+(compare.md), the rows and intervals (compare.json) and a plot (compare.png) go to ``root``.
 """
 from __future__ import annotations
 
@@ -14,10 +15,14 @@ import json
 import time
 from pathlib import Path
 
+from ..atomic import atomic_write_bytes
 from ..errors import FeddpaError
 from .algorithms import get_algorithm
+from .base_model import BASE, evaluate_base
+from .bootstrap import example_scores, paired_interval
 from .checkpoint import load_checkpoint
 from .options import ConfigError
+from .results import FIXED
 
 __all__ = ["compare", "finished_results"]
 
@@ -73,13 +78,78 @@ def compare(base, algos: list[str], root: Path, *, resume: bool = False, progres
             v = results["by_assignment"][other]
             rows.append({**results, "method": f"{algo} ({other} weights)", "P": v["P"],
                          "TTP": v["TTP"]})
-    table = "\n\n".join([format_table(rows)] + notes)
+    rows.insert(0, _base_row(base, root, resume))
+    intervals = paper_intervals(root, [BASE, *algos], base.task)
+    table = "\n\n".join([format_table(rows), interval_table(intervals)] + notes)
     root.mkdir(parents=True, exist_ok=True)
     (root / "compare.md").write_text(table + "\n")
-    (root / "compare.json").write_text(
-        json.dumps([{k: r.get(k) for k in _JSON_KEYS} for r in rows], indent=2) + "\n")
+    (root / "compare.json").write_text(json.dumps(
+        {"methods": [{k: r.get(k) for k in _JSON_KEYS} for r in rows],
+         "intervals": intervals}, indent=2) + "\n")
     plot_methods(rows, root / "compare.png")
     return table
+
+
+def _base_row(cfg, root: Path, resume: bool) -> dict:
+    """The base model's row (fed/base_model.py): evaluated once, kept on resume when it was
+    evaluated under the same settings."""
+    out = root / BASE
+    if resume:
+        try:
+            results = json.loads((out / "results.json").read_text())
+            if results.get("settings") == _base_settings(cfg):
+                return results
+        except (OSError, ValueError):
+            pass
+    results = {**evaluate_base(cfg, out), "settings": _base_settings(cfg)}
+    atomic_write_bytes(out / "results.json", (json.dumps(results, indent=2) + "\n").encode())
+    return results
+
+
+def _base_settings(cfg) -> dict:
+    """What the base model's scores depend on."""
+    identity = cfg.identity()
+    keys = ("model", "task", "data", "clients", "seed", "test_limit", "dirichlet_alpha",
+            "num_beams", "max_new_tokens", "prompt_format", "dtype")
+    return {k: identity[k] for k in keys}
+
+
+# The paper's comparisons (FedDPA beats FedIT on P, FedDPA beats local-only on TTP), and the
+# budget rule's (FedIT learned: its TTP above the base model's): (run, baseline, metric).
+_COMPARISONS = [(dpa, "fedit", "P") for dpa in ("feddpa-f", "feddpa-t")] + \
+               [(dpa, "local", "TTP") for dpa in ("feddpa-f", "feddpa-t")] + \
+               [("fedit", BASE, "TTP")]
+
+
+def paper_intervals(root: Path, methods: list[str], kind: str) -> list[dict]:
+    """Each comparison of ``_COMPARISONS`` whose two methods were run, for every weight
+    assignment, with its paired bootstrap interval (fed/bootstrap.py; points = x 100)."""
+    scores = {m: example_scores(root / m, kind) for m in methods
+              if (root / m / "predictions.jsonl").exists()}
+    out = []
+    for run, baseline, metric in _COMPARISONS:
+        if run not in scores or baseline not in scores:
+            continue
+        reference = scores[baseline][FIXED]
+        for key, by_client in scores[run].items():
+            label = run if key == FIXED else f"{run} ({key} weights)"
+            iv = paired_interval(by_client, reference, metric)
+            out.append({"comparison": f"{label} vs {baseline}", "metric": metric,
+                        "difference": iv.difference, "low": iv.low, "high": iv.high,
+                        "verdict": iv.verdict})
+    return out
+
+
+def interval_table(intervals: list[dict]) -> str:
+    """Markdown table of ``paper_intervals`` (differences in ROUGE-L / accuracy points)."""
+    if not intervals:
+        return ""
+    lines = ["| comparison | metric | difference (points) | 95% paired bootstrap interval | "
+             "verdict |", "|---|---|---|---|---|"]
+    for iv in intervals:
+        lines.append(f"| {iv['comparison']} | {iv['metric']} | {100 * iv['difference']:+.2f} | "
+                     f"[{100 * iv['low']:+.2f}, {100 * iv['high']:+.2f}] | {iv['verdict']} |")
+    return "\n".join(lines)
 
 
 def run_compared(cfg, finished: dict, *, resume: bool, progress: bool) -> dict:

@@ -76,8 +76,13 @@ def test_compare_resume_starts_missing_and_keeps_finished_methods(setting, tmp_p
     assert _compare(setting, tmp_path / "cmp", "--resume") == 0
     after = results.read_text(), (tmp_path / "cmp" / "fedit" / "metrics.jsonl").read_text()
     assert after == before  # finished: neither trained nor evaluated again
-    rows = json.loads((tmp_path / "cmp" / "compare.json").read_text())
-    assert [r["method"] for r in rows][:2] == ["fedit", "feddpa-f"]
+    base_results = (tmp_path / "cmp" / "base" / "results.json").read_text()
+    assert _compare(setting, tmp_path / "cmp", "--resume") == 0
+    assert (tmp_path / "cmp" / "base" / "results.json").read_text() == base_results  # kept
+    compared = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    assert [r["method"] for r in compared["methods"]][:3] == [
+        "base model, no adapter", "fedit", "feddpa-f"]
+    assert {iv["comparison"] for iv in compared["intervals"]} >= {"fedit vs base"}
 
 
 def test_rounds_of_another_configuration_are_not_reused(setting, tmp_path):
