@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -60,7 +61,9 @@ def compare(base, algos: list[str], root: Path, *, resume: bool = False, progres
     # one the methods already run recorded.
     started = [root / a / "checkpoint.safetensors" for a in algos]
     started = [p for p in started if resume and p.exists()]
-    base, _ = with_run_dtype(base, started[0] if started else None)
+    base, why = with_run_dtype(base, started[0] if started else None)
+    if progress:
+        print(f"base model dtype for every method: {base.dtype} ({why})", file=sys.stderr)
     rows, finished, notes = [], {}, []
     for algo in algos:
         cfg = dataclasses.replace(base, algo=algo, out=str(root / algo))
