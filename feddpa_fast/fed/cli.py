@@ -64,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
         for flag, _, meta, _, default in _declared():
             if name == "compare" and flag == "algo":
                 continue
+            if meta["type"] is bool:  # --compile / --no-compile
+                p.add_argument(f"--{flag}", action=argparse.BooleanOptionalAction,
+                               default=None, help=_help(meta, default))
+                continue
             p.add_argument(f"--{flag}", type=_flag_type(meta), default=None,
                            help=_help(meta, default))
         p.add_argument("--resume", action="store_true", help="continue the run in --out")

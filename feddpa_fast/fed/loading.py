@@ -67,6 +67,11 @@ def build_task(cfg):
                                 target_modules=targets))
     set_trainable(model, "none")
     model.eval()
+    if cfg.compile:
+        # Every call of the model (training forward and backward, generate's prefill and
+        # decoding steps, the representation pass) runs compiled; dynamic shapes, so batches of
+        # other lengths reuse the graph instead of recompiling (docs/precision.md, --compile).
+        model.compile(dynamic=True)
     if cfg.task == "classify":
         return ClassifyTask(model, tokenizer)
     return CausalLMTask(model, tokenizer, max_new_tokens=cfg.max_new_tokens,

@@ -43,6 +43,8 @@ class RunConfig:
                                "bf16 on CUDA and on CPUs with native bf16, else fp32; a resumed "
                                "run keeps its own)", type=str, choices=tuple(BASE_DTYPES),
                                optional=True)
+    compile: bool = option(False, "torch.compile (inductor) the patched model: its training "
+                           "steps and the evaluation's forward passes (docs/precision.md)")
     clients: int = option(8, "number of clients (built-in suite: at most 8, one task each)",
                           minimum=1)
     rounds: int = option(3, "federated rounds", minimum=1)

@@ -7,7 +7,8 @@ such runs ran with, and named two options as the trainer then did (``rank``, ``t
 ``from_json`` reads it through ``_SCHEMA_1_VALUES`` and ``_SCHEMA_1_NAMES``, so an old run
 still resumes and compares equal to the same run started today. Schema 2 records every option,
 under DualLoRAConfig's names (``r``, ``target_modules``). Schema 3 adds the base model's
-``dtype``; every run before it ran its base in fp32 (``_SCHEMA_2_VALUES``).
+``dtype`` and ``compile``; every run before it ran its base in fp32, eagerly
+(``_SCHEMA_2_VALUES``).
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ __all__ = ["RunState", "SCHEMA"]
 
 SCHEMA = 3
 # Options added after schema 2, with the value every run written before them ran with.
-_SCHEMA_2_VALUES = {"dtype": "fp32"}
+_SCHEMA_2_VALUES = {"dtype": "fp32", "compile": False}
 # What a schema-1 identity meant where it recorded nothing: these options did not exist when
 # such runs were written (prompt_format: runs before it were Alpaca, whatever the model).
 _SCHEMA_1_VALUES = {"num_beams": 1, "max_new_tokens": 32, "prompt_format": "alpaca",

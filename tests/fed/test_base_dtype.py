@@ -172,3 +172,19 @@ def test_fp16_loss_scaling_keeps_gradients_that_fp16_would_flush_to_zero(lm):
                                   if p.requires_grad])
     kept, lost = (grads[2.0 ** 16] != 0).sum(), (grads[1.0] != 0).sum()
     assert kept > lost  # unscaled, fp16 flushed gradients that scaling kept
+
+
+@pytest.mark.slow
+def test_compile_trains_and_scores_as_the_eager_run(lm, tmp_path):
+    """--compile (inductor) runs the same FedIT round as eager: the learned adapter within
+    fp32 reordering error, the same greedy answers."""
+    settings = dict(algo="fedit", rounds=1, dtype="fp32", test_limit=2, max_new_tokens=3)
+    eager = runner.run(_cfg(lm, tmp_path / "eager", **settings), progress=False)
+    compiled = runner.run(_cfg(lm, tmp_path / "compiled", compile=True, **settings),
+                          progress=False)
+    a, _ = load_checkpoint(tmp_path / "eager" / "checkpoint.safetensors")
+    b, state = load_checkpoint(tmp_path / "compiled" / "checkpoint.safetensors")
+    assert state.config["compile"] is True
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5)
+    assert compiled["per_client"] == eager["per_client"]

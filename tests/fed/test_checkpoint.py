@@ -112,13 +112,14 @@ def test_a_schema_1_identity_reads_as_the_run_it_was(tmp_path):
     schema_1 = {old_names.get(k, k): v for k, v in today.items()
                 if k not in ("num_beams", "max_new_tokens", "prompt_format", "search_examples",
                              "wire_dtype", "dp_clip", "dp_noise_multiplier", "dp_delta",
-                             "dtype")}
+                             "dtype", "compile")}
     assert schema_1["rank"] == 4 and schema_1["targets"] == ["query"]
     state = RunState.from_json({"config": schema_1, "seed": 0, "rounds_done": 2})
     assert state.config == today
     assert RunState.from_json(state.to_json()) == state  # schema 3 records it as is
-    # Schema 2 recorded every option but the base dtype: those runs ran it in fp32.
-    schema_2 = {k: v for k, v in today.items() if k != "dtype"}
+    # Schema 2 recorded every option but the base dtype and compile: those runs ran the base
+    # in fp32, eagerly.
+    schema_2 = {k: v for k, v in today.items() if k not in ("dtype", "compile")}
     assert RunState.from_json({"schema": 2, "config": schema_2, "seed": 0,
                                "rounds_done": 2}).config == today
     with pytest.raises(ValueError, match="schema 4"):

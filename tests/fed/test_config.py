@@ -55,7 +55,7 @@ def _custom() -> RunConfig:
                      batch_size=4, max_steps=None, fraction=0.5, clients_per_round=3,
                      aggregation="trimmed-mean", trim=0.2, clip_norm=0.5, min_clients=2,
                      eval_every=0, test_limit=7, hostile="scale", hostile_clients=2,
-                     num_beams=2, max_new_tokens=9, dtype="bf16",
+                     num_beams=2, max_new_tokens=9, dtype="bf16", compile=True,
                      weighting=WeightingConfig(k=3, similarity="l2", reduction="max",
                                                representation="mean", cap=0.25,
                                                assignment="opposite"))
@@ -97,7 +97,8 @@ def test_every_declared_option_is_a_flag_of_train_and_compare_with_its_default_a
                 assert "choices:" not in text, name
     # Nothing else: the declared flags plus the commands' own.
     declared = {name for name, _ in _declared()}
-    own = {"-h", "--help", "--resume", "--config", "--quiet", "--threads"}
+    # A bool option is a pair of flags: --compile / --no-compile.
+    own = {"-h", "--help", "--resume", "--config", "--quiet", "--threads", "--no-compile"}
     assert set(train) == declared | own
     assert set(compare) == (declared - {"--algo"}) | own | {"--algos"}
 
@@ -157,7 +158,9 @@ def test_toml_file_with_every_key_gives_the_config_of_every_flag(tmp_path):
     assert "" not in values.values() and 0 not in (values["max-steps"], values["clip-norm"])
     path = tmp_path / "every.toml"
     path.write_text("".join(f"{key} = {json.dumps(v)}\n" for key, v in values.items()))
-    flags = [item for key, v in values.items() for item in (f"--{key}", str(v))]
+    flags = [item for key, v in values.items()
+             for item in ((f"--{key}" if v else f"--no-{key}",) if isinstance(v, bool)
+                          else (f"--{key}", str(v)))]
     assert _cfg(["train", "--config", str(path)]) == cfg
     assert _cfg(["train", *flags]) == cfg
 
