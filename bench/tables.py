@@ -204,24 +204,36 @@ def render_model(rows: list[dict]) -> list[str]:
 
 
 def render_llm_step(rows: list[dict]) -> list[str]:
-    """llm_step_cpu.csv: per run, one line per measure, the variants side by side."""
+    """llm_step_cpu.csv: per run, one line per measure, the (variant, dtype) pairs side by
+    side (rows before the dtype axis have no dtype: fp32)."""
     out = []
     for run_id, rs in runs(rows):
         out += [run_line(run_id, rs), ""]
-        variants = ordered(r["variant"] for r in rs)
+        pairs = ordered((r["variant"], r.get("dtype") or "") for r in rs)
+        several = len({d for _, d in pairs}) > 1
         body = []
         for measure in ordered(r["measure"] for r in rs):
             mr = [r for r in rs if r["measure"] == measure]
             cells = [measure, mr[0]["unit"], mr[0]["batch"]]
-            for v in variants:
-                r = next((x for x in mr if x["variant"] == v), None)
-                cells.append(f"{spread(r, 'median', 'p20', 'p80', 1)} "
-                             f"({num(r['ratio_to_before'], 3)}x)" if r else "-")
+            for v, d in pairs:
+                r = next((x for x in mr if (x["variant"], x.get("dtype") or "") == (v, d)), None)
+                cells.append(f"{spread(r, 'median', 'p20', 'p80', 1)} ({_ratios(r)})"
+                             if r else "-")
             body.append(cells)
-        header = ["measure", "unit", "batch"] + [f"{v} median [p20, p80] (x before)"
-                                                 for v in variants]
+        header = ["measure", "unit", "batch"] + [
+            f"{v}{' ' + d if several else ''} median [p20, p80] (ratios)" for v, d in pairs]
         out += table(header, body) + [""]
     return out
+
+
+def _ratios(row: dict) -> str:
+    """'1.000x before', plus 'x fp32' on a row of another dtype."""
+    parts = []
+    if row.get("ratio_to_before"):
+        parts.append(f"{num(row['ratio_to_before'], 3)}x before")
+    if row.get("ratio_to_fp32") and row.get("dtype") not in ("", None, "fp32"):
+        parts.append(f"{num(row['ratio_to_fp32'], 3)}x fp32")
+    return ", ".join(parts) or "-"
 
 
 def render_robustness(rows: list[dict]) -> list[str]:
