@@ -19,7 +19,7 @@ loss on the answer only) from the same base weights and the same initial adapter
 alternate round by round (bench/common.py), after one warm-up round each.
 
     python bench/round.py [--data DIR] [--model smollm2|DIR] [--clients 8] [--steps 4]
-                          [--batch 8] [--reps 3] [--dtype fp32|bf16] [--out CSV]
+                          [--batch 8] [--reps 3] [--dtype fp32|bf16|fp16] [--out CSV]
 
 Rows go to bench/results/round_cpu.csv (``round_s`` median, p20, p80; ``x_ours``).
 """

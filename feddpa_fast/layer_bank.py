@@ -42,6 +42,7 @@ class ClientBankMixin:
         return self.client_bank_a[slot], self.client_bank_b[slot]
 
     def drop_client_bank(self) -> None:
+        """Frees the bank (``remove_clients`` of every client)."""
         self.client_bank_a = self.client_bank_b = None
         self.client_scaling = []
 

@@ -40,7 +40,6 @@ from .precision import master_dtype
 __all__ = ["DualLoRALinear", "is_supported_base", "dual_lora_layers", "WEIGHT_NAMES"]
 
 
-
 def _conv1d_class():
     try:
         from transformers.pytorch_utils import Conv1D
@@ -279,16 +278,13 @@ class DualLoRALinear(ClientBankMixin, MixScaleMixin, nn.Module):
             return lora_a, lora_b, self._scale(x)
         # One branch at a float weight of 0 is skipped, not computed at scale 0: FedIT's and
         # local-only's evaluation and every single-adapter training phase do half the rank
-        # work. (A tensor of zeros is still computed: its values are not looked at.)
+        # work. (A tensor of zeros is still computed: its values are not looked at.) The live
+        # branch's columns of the full scale: any weight kind (float, per sequence, per token,
+        # a 0-d tensor with a gradient) keeps its rows and its graph; the op reads the views.
         (i,) = live
-        name, weight = ADAPTERS[i], float(self.mix_weights[i])
         start = sum(self.r[n] for n in ADAPTERS[:i])
-        rows = slice(start, start + self.r[name])
-        scale = self._cached(x, ("one", name, self.r[name], self.scaling[name], weight),
-                             lambda: torch.full((1, self.r[name]), weight * self.scaling[name],
-                                                dtype=reference.accum_dtype(x.dtype),
-                                                device=x.device))
-        return lora_a[rows], lora_b[:, rows], scale
+        cols = slice(start, start + self.r[ADAPTERS[i]])
+        return lora_a[cols], lora_b[:, cols], self._scale(x)[:, cols]
 
     def _adapters_off(self) -> bool:
         """Both mix weights are float 0 (``mix(model, 0, 0)``): the layer is its base layer."""

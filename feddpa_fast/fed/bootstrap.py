@@ -1,6 +1,8 @@
 """Paired bootstrap intervals over test examples for the comparisons the paper makes
-(docs/trainer.md, "Reading the comparison"): a difference of P or TTP between two finished runs
-is reported with a 95 % interval, so a "beats" is backed by more than one run's noise.
+(docs/trainer.md, compare): a difference of P or TTP between two finished runs is reported with
+a 95 % interval, so a "beats" is backed by more than the luck of which test examples were
+drawn. It covers that source of noise only: not the training seed (one run per method), and
+the several intervals of a comparison are not corrected for multiple comparisons.
 
 Both runs answered the same test examples (the same data, seed and ``--test-limit``). One
 bootstrap replicate draws, for every test set, its examples with replacement, the same draw for
@@ -86,6 +88,9 @@ def paired_interval(a: dict, b: dict, metric: str, *, reps: int = 2000, level: f
         reps: bootstrap replicates.
         level: the interval's coverage.
         seed: the resampling seed (the interval is reproducible).
+
+    Returns:
+        ``Interval(difference, low, high)``: the observed difference and the interval's ends.
 
     Raises:
         ValueError: the runs did not answer the same examples, or an unknown metric.

@@ -22,6 +22,7 @@ from .algorithms import get_algorithm
 from .base_model import BASE, evaluate_base
 from .bootstrap import example_scores, paired_interval
 from .checkpoint import load_checkpoint
+from .loading import data_digests
 from .options import ConfigError
 from .results import FIXED
 
@@ -83,7 +84,11 @@ def compare(base, algos: list[str], root: Path, *, resume: bool = False, progres
                          "TTP": v["TTP"]})
     rows.insert(0, _base_row(base, root, resume))
     intervals = paper_intervals(root, [BASE, *algos], base.task)
-    table = "\n\n".join([format_table(rows), interval_table(intervals)] + notes)
+    notes += [f"{iv['comparison']} ({iv['metric']}): no interval, {iv['error']}"
+              for iv in intervals if "error" in iv]
+    intervals = [iv for iv in intervals if "error" not in iv]
+    parts = [format_table(rows), interval_table(intervals)] + notes
+    table = "\n\n".join(p for p in parts if p)
     root.mkdir(parents=True, exist_ok=True)
     (root / "compare.md").write_text(table + "\n")
     (root / "compare.json").write_text(json.dumps(
@@ -110,11 +115,11 @@ def _base_row(cfg, root: Path, resume: bool) -> dict:
 
 
 def _base_settings(cfg) -> dict:
-    """What the base model's scores depend on."""
+    """What the base model's scores depend on (the data's contents included)."""
     identity = cfg.identity()
     keys = ("model", "task", "data", "clients", "seed", "test_limit", "dirichlet_alpha",
-            "num_beams", "max_new_tokens", "prompt_format", "dtype")
-    return {k: identity[k] for k in keys}
+            "num_beams", "max_new_tokens", "prompt_format", "dtype", "compile")
+    return {**{k: identity[k] for k in keys}, "data_sha256": data_digests(cfg)}
 
 
 # The paper's comparisons (FedDPA beats FedIT on P, FedDPA beats local-only on TTP), and the
@@ -126,7 +131,18 @@ _COMPARISONS = [(dpa, "fedit", "P") for dpa in ("feddpa-f", "feddpa-t")] + \
 
 def paper_intervals(root: Path, methods: list[str], kind: str) -> list[dict]:
     """Each comparison of ``_COMPARISONS`` whose two methods were run, for every weight
-    assignment, with its paired bootstrap interval (fed/bootstrap.py; points = x 100)."""
+    assignment, with its paired bootstrap interval (fed/bootstrap.py).
+
+    Args:
+        root: the comparison's directory (``<root>/<method>/predictions.jsonl``).
+        methods: the methods run there (the base model's directory name included).
+        kind: the task kind (how an answer is scored).
+
+    Returns:
+        One dict per comparison: comparison, metric, difference / low / high (in [0, 1]
+        units) and verdict; or comparison, metric and ``error`` when the two runs did not
+        answer the same examples (e.g. a client a Flower evaluation could not reach).
+    """
     scores = {m: example_scores(root / m, kind) for m in methods
               if (root / m / "predictions.jsonl").exists()}
     out = []
@@ -136,15 +152,20 @@ def paper_intervals(root: Path, methods: list[str], kind: str) -> list[dict]:
         reference = scores[baseline][FIXED]
         for key, by_client in scores[run].items():
             label = run if key == FIXED else f"{run} ({key} weights)"
-            iv = paired_interval(by_client, reference, metric)
-            out.append({"comparison": f"{label} vs {baseline}", "metric": metric,
-                        "difference": iv.difference, "low": iv.low, "high": iv.high,
+            entry = {"comparison": f"{label} vs {baseline}", "metric": metric}
+            try:
+                iv = paired_interval(by_client, reference, metric)
+            except ValueError as exc:
+                out.append({**entry, "error": str(exc)})
+                continue
+            out.append({**entry, "difference": iv.difference, "low": iv.low, "high": iv.high,
                         "verdict": iv.verdict})
     return out
 
 
 def interval_table(intervals: list[dict]) -> str:
-    """Markdown table of ``paper_intervals`` (differences in ROUGE-L / accuracy points)."""
+    """The markdown table of ``paper_intervals``' entries (differences in ROUGE-L or accuracy
+    points); "" when there are none."""
     if not intervals:
         return ""
     lines = ["| comparison | metric | difference (points) | 95% paired bootstrap interval | "

@@ -179,7 +179,9 @@ class RunConfig:
 
     def identity(self) -> dict:
         """The fields a resumed run must share with the checkpointed one (all of them, as
-        checkpoint schema 2 records them: fed/run_state.py)."""
+        checkpoint schema 3 records them: fed/run_state.py). An unset ``dtype`` is recorded
+        as this machine's default: the runner resolves it first (``with_base_dtype``), from
+        the checkpoint when resuming."""
         d = dataclasses.asdict(self.with_base_dtype()[0])  # an unset dtype: the machine's
         d.pop("out")
         d.pop("final_eval")  # what is reported at the end, not what is trained

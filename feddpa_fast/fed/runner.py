@@ -296,6 +296,9 @@ def with_run_dtype(cfg: RunConfig, checkpoint: Path | None = None) -> tuple[RunC
         cfg: the run's configuration.
         checkpoint: the checkpoint of the run being resumed, if any: an unset ``--dtype``
             takes the dtype it recorded.
+
+    Returns:
+        ``(config, reason)``: the config with ``dtype`` set, and why it is that dtype.
     """
     recorded = None
     if checkpoint is not None and Path(checkpoint).exists():

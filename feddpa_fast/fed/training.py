@@ -4,6 +4,7 @@ init, and one phase of AdamW steps on what the method names for that phase
 at module level."""
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -13,6 +14,8 @@ from ..layers import dual_lora_layers
 from ..mixing import set_trainable
 
 __all__ = ["init_adapter", "train_phase"]
+
+log = logging.getLogger("feddpa_fast.fed")
 
 
 def init_adapter(model: nn.Module, adapter: str, seed: int) -> None:
@@ -30,16 +33,19 @@ def init_adapter(model: nn.Module, adapter: str, seed: int) -> None:
 def _loss_scaler(model: nn.Module) -> torch.amp.GradScaler:
     """Dynamic loss scaling under an fp16 base, a no-op otherwise.
 
-    fp16's smallest normal is 6e-5: the activation gradients flowing back through an fp16
-    base flush to zero below it, so the loss is scaled up (2^16 at first, halved and the step
-    skipped on an overflow) and the fp32 masters' gradients unscaled before AdamW. bf16 has
-    fp32's exponent range and fp32 needs nothing; there the scaler is disabled and a step is
-    exactly ``loss.backward(); opt.step()``. A new scaler per phase, like the optimizer, so a
-    resumed run repeats the same steps bit for bit.
+    fp16 keeps full precision down to 6.1e-5 and flushes to zero below 6e-8 (its smallest
+    subnormal): the activation gradients flowing back through an fp16 base lose their small
+    values, so the loss is scaled up and the fp32 masters' gradients unscaled before AdamW; a
+    step whose gradients overflowed is skipped and the scale halved. It starts at 2^10, not
+    torch's 2^16: a phase is a few steps (8 in the demos), and each halving from too high a
+    start costs a skipped step (a loss near 10 times 2^10 stays far from fp16's 65,504 max).
+    bf16 has fp32's exponent range and fp32 needs nothing: there the scaler is disabled and a
+    step is exactly ``loss.backward(); opt.step()``. A new scaler per phase, like the
+    optimizer, so a resumed run repeats the same steps bit for bit.
     """
     fp16 = any(p.dtype == torch.float16 for p in model.parameters())
     device = next(model.parameters()).device.type
-    return torch.amp.GradScaler(device, enabled=fp16)
+    return torch.amp.GradScaler(device, init_scale=2.0 ** 10, enabled=fp16)
 
 
 def train_phase(client, phase, seed: int) -> float:
@@ -55,7 +61,7 @@ def train_phase(client, phase, seed: int) -> float:
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # dropout
     model.train()
-    losses = []
+    losses, skipped = [], 0
     for _ in range(settings.local_epochs):
         order = torch.randperm(len(client.fit), generator=gen).tolist()
         batches = [order[i:i + settings.batch_size]
@@ -67,10 +73,16 @@ def train_phase(client, phase, seed: int) -> float:
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"non-finite training loss in phase {phase.name}")
                 scaler.scale(loss).backward()
+            scale = scaler.get_scale() if scaler.is_enabled() else None
             scaler.step(opt)  # skipped when an fp16 gradient overflowed
             scaler.update()
+            if scale is not None and scaler.get_scale() < scale:
+                skipped += 1
             opt.zero_grad(set_to_none=True)
             losses.append(loss.item())
+    if skipped:
+        log.warning("client %s, phase %s: %d of %d fp16 steps overflowed and were skipped "
+                    "(loss scaling)", client.name, phase.name, skipped, len(losses))
     model.eval()
     set_trainable(model, "none")
     for module in target.modules:

@@ -87,3 +87,30 @@ def test_a_half_precision_base_keeps_fp32_adapter_masters_and_gradients():
     trained = [p for p in base.parameters() if p.requires_grad]
     assert trained and all(p.grad.dtype == torch.float32 and p.grad.abs().any()
                            for p in trained)
+
+
+@pytest.mark.parametrize("kind", ["per_sequence", "per_token", "scalar_with_grad"])
+def test_a_float_zero_beside_a_tensor_weight_keeps_its_rows_and_graph(model, ranks_seen, kind):
+    """mix(model, 0.0, w) with w a tensor: the global branch is skipped, the local one keeps
+    w's rows (or w's gradient), equal to computing both with a zero tensor for global."""
+    inputs = batch("llama")
+    w = {"per_sequence": torch.tensor([0.3, 0.9, -0.4]),
+         "per_token": torch.rand(3, 7, generator=torch.Generator().manual_seed(0)),
+         "scalar_with_grad": torch.tensor(0.6, requires_grad=True)}[kind]
+    grads, outs = [], []
+    for global_w in (0.0, torch.zeros_like(w.detach()) if w.dim() else torch.zeros(3)):
+        ranks_seen.clear()
+        if w.grad is not None:
+            w.grad = None
+        with fd.mix(model, global_w, w):
+            out = output_of(model, inputs)
+        outs.append(out)
+        if w.requires_grad:
+            out.square().sum().backward()
+            grads.append(w.grad.clone())
+        expected = R if isinstance(global_w, float) else 2 * R
+        assert set(ranks_seen) == {expected}, (kind, global_w)
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-6)
+    if grads:
+        assert grads[0].abs() > 0
+        torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-6)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
 import torch
 from flwr.app import Context
@@ -16,7 +17,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from .. import final
 from ..checkpoint import load_checkpoint
-from ..runner import prepare_run
+from ..runner import prepare_run, with_run_dtype
 from .codec import ReplyError, decode_reply, decode_result, encode_request
 from .flower_config import extra, from_flower
 
@@ -189,6 +190,8 @@ def run_server(grid: Grid, run_config: dict) -> dict:
     evaluation; returns the results dict (also written to results.json)."""
     cfg = from_flower(run_config)
     torch.set_num_threads(extra(run_config, "torch-threads"))
+    # A restarted ServerApp keeps the base dtype its checkpoint recorded (an unset dtype).
+    cfg, _ = with_run_dtype(cfg, Path(cfg.out) / "checkpoint.safetensors")
     prepared = prepare_run(cfg, clients=[])  # the same seeded model as the built-in loop
     nodes = discover(grid, prepared.names, extra(run_config, "node-wait"))
     transport = GridTransport(prepared, grid, nodes, extra(run_config, "round-timeout"))
