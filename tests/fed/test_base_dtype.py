@@ -155,7 +155,8 @@ def test_fp16_scales_the_loss_and_the_others_do_not(lm):
 
 def test_fp16_loss_scaling_keeps_gradients_that_fp16_would_flush_to_zero(lm):
     """An fp16 base flushes activation gradients below 6e-8 to zero on the way back; the
-    scaled loss (x 2^16) keeps them, and unscaling restores their true size."""
+    loss scaled by the trainer's initial scale (2^10) keeps some of them, and unscaling
+    restores their true size."""
     from feddpa_fast.fed.loading import build_task
     from feddpa_fast.mixing import mix, set_trainable
 
@@ -164,13 +165,15 @@ def test_fp16_loss_scaling_keeps_gradients_that_fp16_would_flush_to_zero(lm):
     examples = [type("E", (), {"instruction": "repeat the word cat", "input": "",
                                "output": "cat"})()]
     grads = {}
-    for scale in (1.0, 2.0 ** 16):
+    initial = _loss_scaler(task.model).get_scale()
+    assert initial == 2.0 ** 10
+    for scale in (1.0, initial):
         task.model.zero_grad(set_to_none=True)
         with mix(task.model, 1.0, 0.0):
             (task.loss(examples) * 1e-6 * scale).backward()  # a small loss: tiny gradients
         grads[scale] = torch.cat([p.grad.flatten() / scale for p in task.model.parameters()
                                   if p.requires_grad])
-    kept, lost = (grads[2.0 ** 16] != 0).sum(), (grads[1.0] != 0).sum()
+    kept, lost = (grads[initial] != 0).sum(), (grads[1.0] != 0).sum()
     assert kept > lost  # unscaled, fp16 flushed gradients that scaling kept
 
 
