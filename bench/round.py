@@ -148,7 +148,7 @@ class _Batches(torch.utils.data.Dataset):
 
 
 def _trainer(model, client_batches, args, workdir: Path):
-    from transformers import Trainer, TrainingArguments
+    from transformers import PrinterCallback, Trainer, TrainingArguments
 
     targs = TrainingArguments(
         output_dir=str(workdir / "trainer"), max_steps=len(client_batches),
@@ -156,8 +156,10 @@ def _trainer(model, client_batches, args, workdir: Path):
         lr_scheduler_type="constant", warmup_steps=0, optim="adamw_torch",
         save_strategy="no", logging_strategy="no", report_to=[], use_cpu=True,
         dataloader_num_workers=0, disable_tqdm=True, seed=0)
-    return Trainer(model=model, args=targs, train_dataset=_Batches(client_batches),
-                   data_collator=lambda items: items[0])
+    trainer = Trainer(model=model, args=targs, train_dataset=_Batches(client_batches),
+                      data_collator=lambda items: items[0])
+    trainer.remove_callback(PrinterCallback)  # its end-of-train line per client is noise here
+    return trainer
 
 
 def main(argv=None) -> int:
