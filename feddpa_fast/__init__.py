@@ -17,8 +17,9 @@ from .layers import DualLoRALinear
 from .mixing import mix, print_trainable, set_trainable
 from .packing import packed_weights
 from .patch import merge, patch, unmerge, unpatch
+from .routing import LayerRouters, route
 
-__all__ = ["ADAPTERS", "AdapterError", "DualLoRAConfig", "DualLoRALinear", "add_client",
-           "client_names", "load_adapter", "merge", "mix", "packed_weights", "patch",
-           "print_trainable", "remove_clients", "save_adapter", "save_client", "set_trainable",
-           "unmerge", "unpatch"]
+__all__ = ["ADAPTERS", "AdapterError", "DualLoRAConfig", "DualLoRALinear", "LayerRouters",
+           "add_client", "client_names", "load_adapter", "merge", "mix", "packed_weights",
+           "patch", "print_trainable", "remove_clients", "route", "save_adapter", "save_client",
+           "set_trainable", "unmerge", "unpatch"]

@@ -18,10 +18,13 @@ WEIGHT_NAMES = ("global_w", "local_w")
 
 class MixScaleMixin:
     """``_scale`` and the per-block cache; ``DualLoRALinear`` holds ``r``, ``scaling``,
-    ``mix_weights``, ``_scale_cache`` and ``_mix_call``."""
+    ``mix_weights``, ``_scale_cache``, ``_mix_call`` and ``_router``."""
 
     def _scale(self, x: torch.Tensor) -> torch.Tensor:
-        """The op's ``scale``: (1, R) for float weights, (M, R) for per-sequence weights."""
+        """The op's ``scale``: (1, R) for float weights, (M, R) for per-sequence weights or
+        under a router."""
+        if self._router is not None:  # per layer and with a graph: never cached
+            return self._routed_scale(x)
         key = tuple((self.r[n], self.scaling[n]) for n in ADAPTERS)
         return self._cached(x, key, lambda: self._build_scale(x))
 
@@ -60,6 +63,22 @@ class MixScaleMixin:
         m = per_row.shape[0]
         return torch.cat([(per_row[:, i:i + 1] * self.scaling[n]).expand(m, self.r[n])
                           for i, n in enumerate(ADAPTERS)], dim=1)
+
+    def _routed_scale(self, x: torch.Tensor) -> torch.Tensor:
+        """(M, R): each row's router softmax, in fp32 (fp64 for fp64 x), times the float mix
+        weights (feddpa_fast/routing.py)."""
+        weights = self.mix_weights
+        if any(isinstance(w, torch.Tensor) for w in weights):
+            raise ValueError("a routed layer (feddpa_fast.route) takes float mix weights, got "
+                             f"{[type(w).__name__ for w in weights]}")
+        acc = reference.accum_dtype(x.dtype)
+        router = self._router[0]
+        logits = torch.nn.functional.linear(x.reshape(-1, x.shape[-1]).to(acc),
+                                            router.weight.to(acc))
+        probs = torch.softmax(logits, dim=-1)  # (M, 2): (global, local)
+        m = probs.shape[0]
+        return torch.cat([(probs[:, i:i + 1] * (float(w) * self.scaling[n])).expand(m, self.r[n])
+                          for i, (w, n) in enumerate(zip(weights, ADAPTERS))], dim=1)
 
     def _per_row_weights(self, x: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
         """Per-sequence or per-token weights as one weight per row of ``x`` and branch,

@@ -154,6 +154,10 @@ class DualLoRALinear(ClientBankMixin, MixScaleMixin, nn.Module):
         # asks ``source.factors(name)`` for its (A, B, scaling) instead of using the stacks
         # (C2A's generated adapters, feddpa_fast.fed.algorithms.c2a_hypernetwork.GeneratedAdapters).
         self.source: tuple | None = None
+        # (router,) while ``feddpa_fast.route`` runs: a Linear(in_features, 2) whose softmax
+        # gives each row its two weights (routing.py). A tuple, so that the router is not
+        # registered as a submodule (state_dict and parameters() stay the adapters').
+        self._router: tuple | None = None
         self.merged = False
         # Several clients' adapters (feddpa_fast.client_bank): the bank lora_linear_banked reads,
         # slot 0 the shared global; the name -> (global slot, local slot) registry is one dict
@@ -246,6 +250,13 @@ class DualLoRALinear(ClientBankMixin, MixScaleMixin, nn.Module):
         previous, self.source = self.source, source
         return previous
 
+    def set_router(self, router: nn.Module | None) -> nn.Module | None:
+        """Attaches a per-token router (``feddpa_fast.route``) or detaches (None); returns the
+        previous one."""
+        previous = self._router[0] if self._router else None
+        self._router = None if router is None else (router,)
+        return previous
+
     # ---- forward ---------------------------------------------------------------------------
     def base_weight(self) -> torch.Tensor:
         """The frozen weight as the op wants it, (out, in); a transposed view for Conv1D."""
@@ -298,6 +309,10 @@ class DualLoRALinear(ClientBankMixin, MixScaleMixin, nn.Module):
         clients = self._mix_call.get("clients") if self._mix_call else None
         if self.merged or (clients is None and self._adapters_off()):
             return self.base_layer(x)
+        if self._router is not None and (clients is not None or self.source is not None):
+            raise ValueError("a routed layer (feddpa_fast.route) runs the model's own two "
+                             "adapters: not a client bank (mix(..., clients=...)) nor an "
+                             "attached adapter source")
         if clients is not None:
             lora_a, lora_b, index, scale = self._banked_operands(x, clients)
         elif self.source is not None:

@@ -26,6 +26,29 @@ def tiny_cfg(model_dir, out, **overrides) -> RunConfig:
     return RunConfig(**{**TINY_RUN, "model": str(model_dir), "out": str(out), **overrides})
 
 
+def interrupted_then_resumed(cfg: RunConfig, monkeypatch, resumed: RunConfig | None = None):
+    """Runs ``cfg`` until round 1 starts (its first round checkpointed), as a kill then would
+    leave it, and resumes it (as ``resumed``, default ``cfg``); returns the results."""
+    import pytest
+
+    from feddpa_fast.fed import runner
+    from feddpa_fast.fed.checkpoint import load_checkpoint
+
+    real_round = runner.Run._round
+
+    def dies_in_round_1(self, r, transport):
+        if r == 1:
+            raise KeyboardInterrupt
+        return real_round(self, r, transport)
+
+    with monkeypatch.context() as m:
+        m.setattr(runner.Run, "_round", dies_in_round_1)
+        with pytest.raises(KeyboardInterrupt):
+            runner.run(cfg, progress=False)
+    assert load_checkpoint(f"{cfg.out}/checkpoint.safetensors")[1].rounds_done == 1
+    return runner.run(resumed or cfg, resume=True, progress=False)
+
+
 def _tokenizer():
     return transformers.AutoTokenizer.from_pretrained(minilm_path())
 

@@ -16,14 +16,14 @@ from pathlib import Path
 
 import torch
 
-from ..adapters import adapter_state_dict, load_adapter_state_dict
+from ..adapters import load_adapter_state_dict
 from ..atomic import atomic_write_bytes
 from ..sealed import IntegrityError, read_sealed, sealed_bytes
 from . import wire
 from .algorithms import Algorithm
 from .checkpoint import CheckpointError, derive_seed
 from .privacy import PrivacySettings, clip_and_noise
-from .training import init_adapter, train_phase
+from .training import train_phase
 
 __all__ = ["Client", "TrainSettings"]
 
@@ -106,16 +106,18 @@ class Client:
         files = {r: p for r, p in self._local_files().items()
                  if before_round is None or r < before_round}
         if not files:
-            init_adapter(self.task.model, "local", derive_seed(self.seed, "local-init", self.name))
+            self.algorithm.init_local(self, derive_seed(self.seed, "local-init", self.name))
             return
         try:  # digest checked: a local adapter changed on disk is refused, named
             tensors, _ = read_sealed(files[max(files)], required=False)
         except IntegrityError as exc:
             raise CheckpointError(str(exc)) from None
-        load_adapter_state_dict(self.task.model, tensors, "local")
+        self.algorithm.load_local_tensors(self, tensors)
 
     def save_local(self, round_index: int) -> None:
-        blob = sealed_bytes(adapter_state_dict(self.task.model, "local"), {"format": "pt"})
+        """The client's state after ``round_index`` (its method's ``local_tensors``), sealed
+        and written atomically."""
+        blob = sealed_bytes(self.algorithm.local_tensors(self), {"format": "pt"})
         atomic_write_bytes(self.state_dir / f"local_r{round_index:04d}.safetensors", blob)
 
     # ---- one round -------------------------------------------------------------------------

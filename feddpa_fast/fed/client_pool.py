@@ -39,14 +39,12 @@ def can_pool(run) -> bool:
 class ClientPool:
     """The clients of a ``Run`` (fed/runner.py) loaded into its model's client bank."""
 
-    def __init__(self, run, received: dict, *, batch_size: int = 32,
+    def __init__(self, run, *, batch_size: int = 32,
                  on_loaded: Callable | None = None, progress: bool = False):
         """Loads every client of ``run`` (one ``receive`` each) into the bank.
 
         Args:
             run: a built ``Run`` whose clients all live in this process.
-            received: the final global state, as a client receives it
-                (``run.server.expected()``).
             batch_size: rows per forward / ``generate`` call.
             on_loaded: called as ``on_loaded(client)`` while the client's adapters are the
                 model's own (the evaluation saves its outputs there).
@@ -61,7 +59,7 @@ class ClientPool:
         remove_clients(model)  # a bank left by an earlier pool
         for name, client in tqdm(run.clients.items(), desc="load clients", leave=False,
                                  disable=not progress):
-            run.algorithm.receive(client, received, None)
+            run.algorithm.receive(client, run.server.message(name), None)
             self.modes[name] = run.algorithm.final_evaluation(client).mode
             if on_loaded is not None:
                 on_loaded(client)

@@ -92,9 +92,9 @@ def evaluate_clients(run, progress: bool = True) -> dict:
     from tqdm.auto import tqdm
 
     per_client, shared = {}, None
-    received = run.server.expected()  # as a client receives it
     for name, client in tqdm(run.clients.items(), desc="evaluate", leave=False,
                              disable=not progress):
+        received = run.server.message(name)  # as the client receives it
         per_client[name] = final_entry(run, client, received, shared)
         if per_client[name].get("by_assignment", True) is None:  # a fixed mix: reusable
             shared = per_client[name]
@@ -126,8 +126,10 @@ def finish(run, per_client: dict, wall_start: float) -> dict:
         "by_assignment": summary["by_assignment"],
         "per_client": per_client,
         "bytes_per_client_round": max((r.get("bytes_up_per_client", 0) for r in rows), default=0),
+        # One message's tensors in fp32 (FedALT's server keeps one adapter per client).
         "global_adapter_bytes": sum(t.numel() * t.element_size()
-                                    for t in run.server.global_adapter.values()),
+                                    for t in run.algorithm.message_spec(
+                                        run.server.global_adapter).values()),
         "dtype": cfg.dtype,
         "wire_dtype": cfg.wire_dtype,
         "dp": ({"clip": cfg.dp_clip, "noise_multiplier": cfg.dp_noise_multiplier,

@@ -25,13 +25,13 @@ class InProcess:
 
         return tqdm(items, desc=desc, leave=False, disable=not self.progress)
 
-    def exchange(self, r: int, sampled: list[str], broadcast: bytes):
+    def exchange(self, r: int, sampled: list[str], broadcasts: dict[str, bytes]):
         """Runs the round on each sampled client; a client that raises is left out."""
         replies, stats = {}, []
         expected = self.run.server.expected()
         for name in self._bar(sampled, f"round {r}"):
             try:
-                reply, s = self.run.clients[name].run_round(broadcast, r, expected)
+                reply, s = self.run.clients[name].run_round(broadcasts[name], r, expected)
                 stats.append(s)
                 if reply is not None:
                     replies[name] = reply
@@ -40,16 +40,16 @@ class InProcess:
                 replies[name] = exc
         return replies, stats
 
-    def post_train(self, rounds: int, broadcast: bytes) -> None:
+    def post_train(self, rounds: int, broadcasts: dict[str, bytes]) -> None:
         """The method's post step on every client."""
         expected = self.run.server.expected()
         for client in self._bar(list(self.run.clients.values()), self.run.algorithm.post_step):
-            client.post_train(broadcast, rounds, expected)
+            client.post_train(broadcasts[client.name], rounds, expected)
 
     def round_score(self, r: int) -> tuple[float, list[str]]:
         """(mean own-task score after round ``r``, clients left out: none in process)."""
-        received = self.run.server.expected()
-        scores = [final.round_score(self.run, client, received, r)
+        server = self.run.server
+        scores = [final.round_score(self.run, client, server.message(client.name), r)
                   for client in self.run.clients.values()]
         return sum(scores) / len(scores), []
 

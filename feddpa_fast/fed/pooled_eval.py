@@ -37,7 +37,7 @@ def evaluate_pooled(run, progress: bool = True, batch_size: int = 32) -> dict:
         reports[client.name] = algorithm.client_report(client)
         algorithm.save_client_outputs(client, run.out)
 
-    pool = ClientPool(run, run.server.expected(), batch_size=batch_size, on_loaded=loaded,
+    pool = ClientPool(run, batch_size=batch_size, on_loaded=loaded,
                       progress=progress)
     try:
         test_sets = test_sets_of(run)

@@ -123,6 +123,7 @@ class RunConfig:
             raise ConfigError("--data builtin is a classification suite; use --task classify")
         if self.dp_noise_multiplier > 0 and self.dp_clip is None:
             raise ConfigError("--dp-noise-multiplier needs --dp-clip (the noise is sigma * C)")
+        ALGORITHMS[self.algo].check_config(self)
         if self.dp_noise_multiplier > 0 and importlib.util.find_spec("opacus") is None:
             raise ConfigError("--dp-noise-multiplier: the privacy accountant needs opacus "
                               '(pip install "feddpa_fast[dp]")')

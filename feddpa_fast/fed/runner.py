@@ -95,7 +95,7 @@ class PreparedRun:
         for name, client in self.clients.items():
             self.algorithm.join(self.task, client, shared, self.setup_report(name))
         server = Server(self.algorithm.initial_global(self.task), self.names,
-                        ServerSettings.from_config(self.cfg), self.cfg.seed)
+                        ServerSettings.from_config(self.cfg), self.cfg.seed, self.algorithm)
         parts = {f.name: getattr(self, f.name) for f in dataclasses.fields(PreparedRun)}
         return Run(**parts, server=server, shared=shared)
 
@@ -147,7 +147,8 @@ class Run(PreparedRun):
             else:
                 log.info(round_line(r, row, len(row["sampled"])))
         if self.algorithm.post_step and not post_done:
-            transport.post_train(self.cfg.rounds, self.server.round_broadcast(self.cfg.rounds))
+            transport.post_train(self.cfg.rounds, self.server.broadcasts(
+                self.cfg.rounds, self.server.client_names))
             self._checkpoint(self.cfg.rounds, True)
         return transport.finish(self.started)
 
@@ -185,11 +186,11 @@ class Run(PreparedRun):
     def _round(self, r: int, transport) -> dict:
         """One round: exchange and aggregate, score, one metrics line, checkpoint."""
         round_start, server_before = time.perf_counter(), self.server.server_seconds
-        sampled, broadcast, replies, stats, accepted = self.server.run_round(
+        sampled, broadcasts, replies, stats, accepted = self.server.run_round(
             r, transport.exchange, self.algorithm.uploads)
         rate = len(sampled) / len(self.server.client_names)
         self.sample_rates += [rate] * self.server.attempts  # every attempt's uploads count
-        row = round_row(r, sampled, accepted, replies, broadcast, stats)
+        row = round_row(r, sampled, accepted, replies, broadcasts, stats)
         if self.cfg.privacy.enabled:
             row["epsilon"] = self.epsilon()
         if self.cfg.eval_every and (r + 1) % self.cfg.eval_every == 0:

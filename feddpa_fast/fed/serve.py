@@ -56,9 +56,8 @@ class ClientGenerator:
     def __init__(self, run, *, batch_size: int = 32, progress: bool = False):
         """Use ``from_run``. ``run``: a built ``Run`` whose server holds the final global."""
         self.run, self.progress = run, progress
-        self.received = run.server.expected()
         evaluation = run.algorithm.final_evaluation(next(iter(run.clients.values())))
-        self.pool = (ClientPool(run, self.received, batch_size=batch_size, progress=progress)
+        self.pool = (ClientPool(run, batch_size=batch_size, progress=progress)
                      if evaluation.context is None else None)
         self.batch_size = batch_size
 
@@ -137,7 +136,7 @@ class ClientGenerator:
         run, answers = self.run, [None] * len(examples)
         for name in dict.fromkeys(clients):
             client = run.clients[name]
-            run.algorithm.receive(client, self.received, None)
+            run.algorithm.receive(client, run.server.message(client.name), None)
             evaluation = run.algorithm.final_evaluation(client)
             rows = [i for i, c in enumerate(clients) if c == name]
             g, w = evaluation.mode  # such a method's mode is a fixed (global_w, local_w)

@@ -1,7 +1,8 @@
 """The federated server: samples clients, validates their blobs, aggregates, checkpoints.
 
-Transport-agnostic: ``round_broadcast`` makes the blob sent to every sampled client, and
-``aggregate_round`` takes the replies (blobs, or exceptions for clients that failed), drops
+Transport-agnostic: ``broadcasts`` makes the blob sent to each sampled client (the same global
+adapter for most methods; the method's ``message`` decides), and ``aggregate_round`` takes the
+replies (blobs, or exceptions for clients that failed), drops
 and logs whatever fails validation, and either returns the new global adapter or raises
 ``TooFewUpdates`` so that the caller redoes the round. The in-process loop
 (``fed/runner.py``) and the Flower apps call the same functions.
@@ -18,7 +19,7 @@ import torch
 
 from ..errors import FeddpaError
 from . import wire
-from .aggregate import aggregate
+from .algorithms.base import Algorithm
 from .checkpoint import derive_seed
 
 __all__ = ["ServerSettings", "Server", "TooFewUpdates", "round_row"]
@@ -61,13 +62,18 @@ class ServerSettings:
 
 
 class Server:
-    """Holds the global adapter (PEFT key names) and the server-side timers."""
+    """Holds the server's state (``global_adapter``: the global adapter in PEFT key names for
+    most methods, or what the method's ``fold`` keeps, e.g. FedALT's individual adapters) and
+    the server-side timers. ``rule``: the run's method (``algorithms.Algorithm``), which says
+    what each client is sent and how uploads fold into the state; default: FedIT's (one
+    global adapter, the aggregation rule of ``settings``)."""
 
     def __init__(self, global_adapter: dict[str, torch.Tensor], client_names: list[str],
-                 settings: ServerSettings, seed: int):
+                 settings: ServerSettings, seed: int, rule: Algorithm | None = None):
         self.global_adapter = {k: v.detach().clone() for k, v in global_adapter.items()}
         self.client_names = list(client_names)
         self.settings, self.seed = settings, seed
+        self.rule = rule if rule is not None else Algorithm(None)
         self.server_seconds = 0.0  # decode + validate + aggregate (+ checkpoint, by the runner)
         self.attempts = 0  # of the last round (a redone round samples again)
 
@@ -82,11 +88,18 @@ class Server:
 
     def expected(self) -> dict[str, torch.Tensor]:
         """The keys, shapes and dtypes every message of the run carries (the wire dtype)."""
-        return wire.cast(self.global_adapter, self.settings.wire_dtype)
+        return wire.cast(self.rule.message_spec(self.global_adapter), self.settings.wire_dtype)
 
-    def round_broadcast(self, round_index: int) -> bytes:
-        return wire.encode(self.expected(),
-                           {"round": round_index, "client": "server", "num_examples": 0})
+    def message(self, client: str) -> dict[str, torch.Tensor]:
+        """What ``client`` is sent now, as it receives it (in the wire dtype)."""
+        return wire.cast(self.rule.message(self.global_adapter, client, self.client_names),
+                         self.settings.wire_dtype)
+
+    def broadcasts(self, round_index: int, clients: list[str]) -> dict[str, bytes]:
+        """{client: the blob it is sent for round ``round_index``}."""
+        return {name: wire.encode(self.message(name), {"round": round_index, "client": "server",
+                                                       "num_examples": 0})
+                for name in clients}
 
     def aggregate_round(self, round_index: int, replies: dict[str, bytes | BaseException]):
         """Validates the replies and aggregates; returns (new global, accepted client names).
@@ -95,7 +108,7 @@ class Server:
         adapter is then unchanged.
         """
         start = time.perf_counter()
-        updates, counts, accepted = [], [], []
+        updates, counts = {}, {}
         expected = self.expected()
         for name, reply in replies.items():
             if isinstance(reply, BaseException):
@@ -109,22 +122,20 @@ class Server:
                 log.warning("round %d: blob from %s rejected (%s: %s); left out",
                             round_index, name, type(exc).__name__, exc)
                 continue
-            updates.append(self._rebased(tensors, expected))
-            counts.append(meta["num_examples"])
-            accepted.append(name)
+            updates[name] = (self._rebased(tensors, expected) if self.rule.uploads_update_message
+                             else tensors)
+            counts[name] = meta["num_examples"]
         try:
             if len(updates) < self.settings.min_clients:
                 raise TooFewUpdates(f"round {round_index}: {len(updates)} valid updates, "
                                     f"min_clients is {self.settings.min_clients}")
-            if self.settings.aggregation == "fedavg" and sum(counts) == 0:
+            if self.settings.aggregation == "fedavg" and sum(counts.values()) == 0:
                 raise TooFewUpdates(f"round {round_index}: the valid updates hold 0 examples")
-            s = self.settings
-            new = aggregate(s.aggregation, self.global_adapter, updates, counts,
-                            trim=s.trim, clip_norm=s.clip_norm)
+            new = self.rule.fold(self.global_adapter, updates, counts, self.settings)
         finally:
             self.server_seconds += time.perf_counter() - start
         self.global_adapter = new
-        return new, accepted
+        return new, list(updates)
 
     def _rebased(self, upload: dict, sent: dict) -> dict:
         """A compressed upload as master + (upload - what was sent), in the master's dtype:
@@ -138,31 +149,32 @@ class Server:
 
     def run_round(self, round_index: int, exchange, uploads: bool = True):
         """One round over any transport: sample, broadcast, ``exchange(round, sampled,
-        broadcast) -> (replies, stats)``, aggregate; redone with a new sample (up to
+        broadcasts) -> (replies, stats)``, aggregate; redone with a new sample (up to
         ``MAX_ATTEMPTS``) while too few updates are valid. Returns
-        (sampled, broadcast, replies, stats, accepted)."""
+        (sampled, broadcasts, replies, stats, accepted)."""
         for attempt in range(MAX_ATTEMPTS):
             self.attempts = attempt + 1  # each attempt's uploads count for the DP account
             sampled = self.sample(round_index, attempt)
-            broadcast = self.round_broadcast(round_index)
-            replies, stats = exchange(round_index, sampled, broadcast)
+            broadcasts = self.broadcasts(round_index, sampled)
+            replies, stats = exchange(round_index, sampled, broadcasts)
             if not uploads:
-                return sampled, broadcast, replies, stats, []
+                return sampled, broadcasts, replies, stats, []
             try:
                 _, accepted = self.aggregate_round(round_index, replies)
-                return sampled, broadcast, replies, stats, accepted
+                return sampled, broadcasts, replies, stats, accepted
             except TooFewUpdates as exc:
                 log.warning("%s; redoing the round", exc)
         raise RuntimeError(f"round {round_index}: too few valid updates after "
                            f"{MAX_ATTEMPTS} attempts")
 
 
-def round_row(round_index: int, sampled, accepted, replies, broadcast, stats) -> dict:
-    """The metrics.jsonl line of a round (both transports write the same one)."""
+def round_row(round_index: int, sampled, accepted, replies, broadcasts, stats) -> dict:
+    """The metrics.jsonl line of a round (both transports write the same one); bytes are the
+    largest blob of one client, each way."""
     row = {"round": round_index, "sampled": sampled, "accepted": accepted,
            "bytes_up_per_client": max((len(b) for b in replies.values()
                                        if isinstance(b, bytes)), default=0),
-           "bytes_down": len(broadcast)}
+           "bytes_down": max((len(b) for b in broadcasts.values()), default=0)}
     for key in sorted({k for s in stats for k in s}):
         row[key] = sum(s[key] for s in stats if key in s) / len(stats)
     return row

@@ -13,16 +13,16 @@ __all__ = ["Transport"]
 class Transport(Protocol):
     """The four exchanges of a run between the server and its clients."""
 
-    def exchange(self, r: int, sampled: list[str], broadcast: bytes
+    def exchange(self, r: int, sampled: list[str], broadcasts: dict[str, bytes]
                  ) -> tuple[dict[str, bytes | BaseException], list[dict]]:
-        """Round ``r`` on the ``sampled`` clients, given the server's broadcast blob.
+        """Round ``r`` on the ``sampled`` clients, given the server's blob for each.
 
         Returns:
             ({client: its reply blob, or the exception it failed with}, the clients' training
             statistics). A client with nothing to upload has no entry.
         """
 
-    def post_train(self, rounds: int, broadcast: bytes) -> None:
+    def post_train(self, rounds: int, broadcasts: dict[str, bytes]) -> None:
         """The method's post step (FedDPA-F's local fine-tuning, ...) on every client."""
 
     def round_score(self, r: int) -> tuple[float, list[str]]:

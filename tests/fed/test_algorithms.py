@@ -36,7 +36,8 @@ def test_phases_follow_the_papers():
 def test_every_method_is_one_registered_algorithm_class():
     """The registry maps each name to its own Algorithm subclass; the protocol's hooks exist
     on each, and no method needs another module to say what it does."""
-    assert set(ALGORITHMS) == {"fedit", "local", "feddpa-f", "feddpa-t", "fdlora", "c2a"}
+    assert set(ALGORITHMS) == {"fedit", "local", "feddpa-f", "feddpa-t", "fdlora", "c2a",
+                               "fedalt", "fedsa"}
     for name, cls in ALGORITHMS.items():
         assert issubclass(cls, Algorithm) and cls.name == name
         algo = cls(RunConfig(algo=name))
@@ -45,6 +46,9 @@ def test_every_method_is_one_registered_algorithm_class():
     assert [a for a, c in ALGORITHMS.items() if c.post_step] == ["feddpa-f", "fdlora"]
     overridden = [a for a, c in ALGORITHMS.items() if c.setup is not Algorithm.setup]
     assert overridden == ["c2a"]  # the only method with a setup exchange before round 0
+    # the only methods whose server is not "one global adapter, aggregated by the rule"
+    own_server = [a for a, c in ALGORITHMS.items() if c.message is not Algorithm.message]
+    assert own_server == ["fedalt"]
 
 
 def test_similarity_scores_and_options():

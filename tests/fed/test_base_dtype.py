@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 import torch
-from fed_fixtures import causal_lm_data_dir, tiny_cfg, tiny_llama_dir
+from fed_fixtures import causal_lm_data_dir, interrupted_then_resumed, tiny_cfg, tiny_llama_dir
 from safetensors.torch import load_file
 
 from feddpa_fast import precision
@@ -71,21 +71,9 @@ def test_the_flag_the_checkpoint_and_the_machine_decide_in_that_order(monkeypatc
 
 
 def _interrupted_then_resumed(cfg, monkeypatch):
-    """The run killed after its first round's checkpoint, then resumed."""
-    real_round = runner.Run._round
-
-    def dies_in_round_1(self, r, transport):
-        if r == 1:
-            raise KeyboardInterrupt
-        return real_round(self, r, transport)
-
-    with monkeypatch.context() as m:
-        m.setattr(runner.Run, "_round", dies_in_round_1)
-        with pytest.raises(KeyboardInterrupt):
-            runner.run(cfg, progress=False)
-    assert load_checkpoint(f"{cfg.out}/checkpoint.safetensors")[1].rounds_done == 1
-    # Resumed without the flag: the checkpoint's dtype, whatever this machine's default.
-    return runner.run(dataclasses.replace(cfg, dtype=None), resume=True, progress=False)
+    """The run killed after its first round's checkpoint, then resumed without the flag: the
+    checkpoint's dtype, whatever this machine's default."""
+    return interrupted_then_resumed(cfg, monkeypatch, dataclasses.replace(cfg, dtype=None))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

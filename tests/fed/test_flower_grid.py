@@ -55,6 +55,8 @@ def _metrics(out):
     ("c2a", {}),
     ("feddpa-t", {"wire_dtype": "bf16", "dp_clip": 0.5, "dp_noise_multiplier": 0.5}),
     ("fdlora", {"wire_dtype": "fp16"}),
+    ("fedalt", {}),  # one message per client
+    ("fedsa", {"wire_dtype": "bf16"}),
 ])
 def test_flower_equals_the_builtin_loop_evaluation_included(bert_dir, tmp_path, algo, extra):
     fl_cfg = _cfg(bert_dir, tmp_path / "flower", algo=algo, **extra)
@@ -145,8 +147,8 @@ def _drop_in_process(monkeypatch, attempts: set[int]):
     original = in_process.InProcess.exchange
     seen = {}
 
-    def exchange(self, r, sampled, broadcast):
-        replies, stats = original(self, r, sampled, broadcast)
+    def exchange(self, r, sampled, broadcasts):
+        replies, stats = original(self, r, sampled, broadcasts)
         attempt = seen.get(r, 0)
         seen[r] = attempt + 1
         if r == HOSTILE_ROUND and attempt in attempts:

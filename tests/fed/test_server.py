@@ -51,7 +51,7 @@ def test_too_few_valid_updates_leave_the_global_adapter_unchanged():
     with pytest.raises(TooFewUpdates):
         s.aggregate_round(0, {"c0": _reply("c0", 1.0), "c1": b"junk"})
     assert torch.equal(s.global_adapter[KEY], torch.zeros(2, 3))
-    blob = s.round_broadcast(5)
+    blob = s.broadcasts(5, ["c0"])["c0"]
     tensors, meta = wire.decode(blob, s.global_adapter, round=5, sender="server")
     assert meta["num_examples"] == 0 and torch.equal(tensors[KEY], torch.zeros(2, 3))
 

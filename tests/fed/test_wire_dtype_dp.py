@@ -162,7 +162,7 @@ def test_a_compressed_wire_keeps_the_fp32_master_below_the_wire_resolution():
 
     server = Server({"w": torch.tensor([1.0001, -2.0003])}, ["a"],
                     ServerSettings.from_config(RunConfig(wire_dtype="bf16")), seed=0)
-    sent, _ = wire.decode(server.round_broadcast(0), server.expected(), round=0,
+    sent, _ = wire.decode(server.broadcasts(0, ["a"])["a"], server.expected(), round=0,
                           sender="server")
     assert sent["w"].dtype == torch.bfloat16 and sent["w"][0].item() == 1.0
     blob = wire.encode(sent, {"round": 0, "client": "a", "num_examples": 1})

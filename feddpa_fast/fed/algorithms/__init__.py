@@ -7,15 +7,17 @@ from ..options import ConfigError
 from .base import GLOBAL_ALONE, LOCAL_ALONE, Algorithm, Evaluation, Phase, TrainTarget
 from .c2a import C2A
 from .fdlora import FDLoRA
+from .fedalt import FedALT
 from .feddpa import FedDPAF, FedDPAT
 from .fedit import FedIT
+from .fedsa import FedSA
 from .local import LocalOnly
 
 __all__ = ["ALGORITHMS", "Algorithm", "Evaluation", "GLOBAL_ALONE", "LOCAL_ALONE", "Phase",
            "TrainTarget", "get_algorithm"]
 
 ALGORITHMS: dict[str, type[Algorithm]] = {
-    cls.name: cls for cls in (FedIT, LocalOnly, FedDPAF, FedDPAT, FDLoRA, C2A)}
+    cls.name: cls for cls in (FedIT, LocalOnly, FedDPAF, FedDPAT, FDLoRA, C2A, FedALT, FedSA)}
 
 
 def get_algorithm(cfg) -> Algorithm:

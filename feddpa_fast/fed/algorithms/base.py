@@ -6,12 +6,15 @@ method's name:
 
     the run        setup_report (client), setup (server), join (client), initial_global,
                    post_step, keeps_local, save_global_outputs
+    the server     message_spec, message, fold (uploads_update_message)
+    client state   local_tensors, load_local_tensors, init_local
     a round        phases, receive, train_target, upload
     after it       post_train (when post_step is set)
     evaluation     round_evaluation, final_evaluation, client_report, save_client_outputs
 
-The defaults are FedIT-like: the global adapter is what travels and is aggregated; each phase
-trains one adapter of the patched model under a fixed mix.
+The defaults are FedIT-like: the server's state is the global adapter, sent to every client and
+aggregated by the run's rule; a client's state is its local adapter; each phase trains one
+adapter of the patched model under a fixed mix.
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ import torch
 
 from ...adapters import adapter_state_dict, load_adapter_state_dict, save_adapter
 from ...mixing import mix, set_trainable
+from ..aggregate import aggregate
 from ..checkpoint import derive_seed
 from ..training import init_adapter
 
@@ -83,6 +87,11 @@ class Algorithm:
     def __init__(self, cfg):
         self.cfg = cfg  # the run's RunConfig
 
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        """Raises ConfigError for run options the method cannot honour (RunConfig calls it
+        when the config is made; nothing by default)."""
+
     # ---- the run ---------------------------------------------------------------------------
     def setup_report(self, task, client) -> dict | None:
         """What a client tells the server before round 0 (JSON-able; nothing by default)."""
@@ -102,6 +111,46 @@ class Algorithm:
 
         init_adapter(task.model, "global", derive_seed(self.cfg.seed, "global-init"))
         return adapter_state_dict(task.model, "global")
+
+    # ---- the server ------------------------------------------------------------------------
+    # Whether an upload is what the client was sent plus its update, so that a compressed
+    # upload is rebased on the server's fp32 master (server.py); a method whose uploads are
+    # the clients' own adapters (FedALT) sets False.
+    uploads_update_message: ClassVar[bool] = True
+
+    def message_spec(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Tensors with the keys, shapes and dtypes of every message of the run, both ways
+        (by default the server's state itself: the global adapter)."""
+        return state
+
+    def message(self, state: dict[str, torch.Tensor], client: str,
+                clients: list[str]) -> dict[str, torch.Tensor]:
+        """What the server sends ``client`` (one of the run's ``clients``) from its state: the
+        global adapter, the same for everyone, by default."""
+        return state
+
+    def fold(self, state: dict[str, torch.Tensor], uploads: dict[str, dict],
+             counts: dict[str, int], settings) -> dict[str, torch.Tensor]:
+        """The server's next state from the round's valid ``uploads`` ({client: tensors}, in
+        the state's dtype where they were rebased) and example ``counts``: the aggregation
+        rule of ``settings`` (a ``ServerSettings``) by default."""
+        return aggregate(settings.aggregation, state, list(uploads.values()),
+                         [counts[n] for n in uploads], trim=settings.trim,
+                         clip_norm=settings.clip_norm)
+
+    # ---- a client's own state --------------------------------------------------------------
+    def local_tensors(self, client) -> dict[str, torch.Tensor]:
+        """What a client keeps between rounds (``local_r<round>.safetensors``): its local
+        adapter by default."""
+        return adapter_state_dict(client.task.model, "local")
+
+    def load_local_tensors(self, client, tensors: dict[str, torch.Tensor]) -> None:
+        """Puts what ``local_tensors`` gave back into the client's model."""
+        load_adapter_state_dict(client.task.model, tensors, "local")
+
+    def init_local(self, client, seed: int) -> None:
+        """A client's state before it has any: a seeded PEFT-initialised local adapter."""
+        init_adapter(client.task.model, "local", seed)
 
     def keeps_local(self, rounds: int) -> bool:
         """Whether clients end the run with a local adapter worth saving."""

@@ -74,9 +74,9 @@ class GridTransport:
         self.round_timeout = round_timeout
         self.run = None  # the Run, built by ``setup``
 
-    def _send(self, step: str, r: int, sampled: list[str], blob: bytes):
-        msgs = [self.grid.create_message(encode_request(step, r, blob, self.run.shared), "train",
-                                         self.nodes[n], str(r)) for n in sampled]
+    def _send(self, step: str, r: int, sampled: list[str], blobs: dict[str, bytes]):
+        msgs = [self.grid.create_message(encode_request(step, r, blobs[n], self.run.shared),
+                                         "train", self.nodes[n], str(r)) for n in sampled]
         replies: dict[str, bytes | BaseException] = {n: TimeoutError("no reply") for n in sampled}
         stats = []
         by_node = {self.nodes[n]: n for n in sampled}
@@ -101,28 +101,30 @@ class GridTransport:
                 replies[name] = blob_back
         return replies, stats
 
-    def exchange(self, r: int, sampled: list[str], broadcast: bytes):
+    def exchange(self, r: int, sampled: list[str], broadcasts: dict[str, bytes]):
         """One round's messages; a node that fails or does not reply is left out."""
-        return self._send("round", r, sampled, broadcast)
+        return self._send("round", r, sampled, broadcasts)
 
-    def post_train(self, rounds: int, broadcast: bytes) -> None:
+    def post_train(self, rounds: int, broadcasts: dict[str, bytes]) -> None:
         """The method's post step on every node; raises if a node failed it."""
-        replies, _ = self._send("post", rounds, list(self.run.server.client_names), broadcast)
+        replies, _ = self._send("post", rounds, list(self.run.server.client_names), broadcasts)
         failed = [n for n, v in replies.items() if isinstance(v, BaseException)]
         if failed:
             raise RuntimeError(f"post-training step failed on {failed}")
 
-    def ask(self, message_type: str, step: str, r: int, blob: bytes | None = None,
+    def ask(self, message_type: str, step: str, r: int, blobs: dict[str, bytes] | None = None,
             payload: dict | None = None, check=lambda result: True,
             at_least: int | None = None) -> dict[str, dict]:
-        """{client: its result} from one message to every client's node; a result that is
-        malformed, for another client or round, or fails ``check`` counts as no reply.
+        """{client: its result} from one message to every client's node (carrying its blob in
+        ``blobs``, if any); a result that is malformed, for another client or round, or fails
+        ``check`` counts as no reply.
 
         Raises naming the nodes that gave no valid reply when fewer than ``at_least`` did
         (None: every node must reply, as the setup needs)."""
         names = list(self.prepared.names)
-        msgs = [self.grid.create_message(encode_request(step, r, blob, payload), message_type,
-                                         self.nodes[n], f"{step}-{r}") for n in names]
+        msgs = [self.grid.create_message(
+            encode_request(step, r, None if blobs is None else blobs[n], payload), message_type,
+            self.nodes[n], f"{step}-{r}") for n in names]
         by_node = {self.nodes[n]: n for n in names}
         results: dict[str, dict] = {}
         for msg in self.grid.send_and_receive(msgs, timeout=self.round_timeout):
@@ -164,18 +166,19 @@ class GridTransport:
         """(mean own-task P after round ``r``, each node scoring its own client; the clients
         whose node gave no valid score). A missing node is left out, as in training, unless
         fewer than ``min_clients`` replied."""
-        results = self.ask("evaluate", "round", r, self.run.server.round_broadcast(r),
+        names = self.run.server.client_names
+        results = self.ask("evaluate", "round", r, self.run.server.broadcasts(r, names),
                            self.run.shared, check=_valid_score,
                            at_least=self.run.cfg.min_clients)
-        names = self.run.server.client_names
         scores = [results[n]["P"] for n in names if n in results]
         return sum(scores) / len(scores), [n for n in names if n not in results]
 
     def finish(self, wall_start: float) -> dict:
         """Every node's final entry, then results.json, the metrics line and the plots."""
         rounds = self.run.cfg.rounds
+        server = self.run.server
         per_client = self.ask("evaluate", "final", rounds,
-                              self.run.server.round_broadcast(rounds), self.run.shared,
+                              server.broadcasts(rounds, server.client_names), self.run.shared,
                               at_least=self.run.cfg.min_clients)
         return final.finish(self.run, per_client, wall_start)
 
