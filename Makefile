@@ -84,35 +84,37 @@ fuzz: install
 	FEDDPA_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PYTHON) -m pytest tests/fed/test_wire_fuzz.py -q \
 		--hypothesis-show-statistics
 
-# The main job: the four algorithms on the embedded default (MiniLM + the built-in suite).
+# The main job: FedDPA's four methods and its successors FedALT and FedSA-LoRA on the embedded
+# default (MiniLM + the built-in suite).
 demo: install
-	$(PYTHON) -m feddpa_fast.fed.cli compare --algos fedit,local,feddpa-f,feddpa-t --out runs/demo
+	$(PYTHON) -m feddpa_fast.fed.cli compare --algos fedit,local,feddpa-f,feddpa-t,fedalt,fedsa --out runs/demo
 
-# All six methods (adds FDLoRA and C2A) on the embedded default, one table.
+# All eight methods (adds FDLoRA and C2A) on the embedded default, one table.
 demo-all: install
-	$(PYTHON) -m feddpa_fast.fed.cli compare --algos fedit,local,feddpa-f,feddpa-t,fdlora,c2a --out runs/demo-all
+	$(PYTHON) -m feddpa_fast.fed.cli compare --algos fedit,local,feddpa-f,feddpa-t,fdlora,c2a,fedalt,fedsa --out runs/demo-all
 
 # The paper's setting on CPU: SmolLM2-135M-Instruct over the lexical suite (8 real-text
-# instruction tasks built from Debian's WordNet and dictd packages), the paper's four methods
-# and the base model, ROUGE-L P and TTP with paired bootstrap intervals, at the budget the rule
-# in docs/trainer.md chose (4 rounds x 8 steps: the smallest rung at which FedIT beats the base
-# model). About 50 minutes on a 2-core AMD EPYC (docs/trainer.md). Resumable: run it again.
+# instruction tasks built from Debian's WordNet and dictd packages), the paper's four methods,
+# FedALT, FedSA-LoRA and the base model, ROUGE-L P and TTP with paired bootstrap intervals, at
+# the budget the rule in docs/trainer.md chose (4 rounds x 8 steps: the smallest rung at which
+# FedIT beats the base model). About 70 minutes on a 2-core AMD EPYC (docs/trainer.md).
+# Resumable: run it again.
 LEXICAL_DIR ?= runs/lexical-data
 LLM_FLAGS := --model smollm2 --task causal-lm --data $(LEXICAL_DIR) --batch-size 8 \
 	--max-new-tokens 16 --eval-every 0
 LLM_DEMO_FLAGS := $(LLM_FLAGS) --rounds 4 --max-steps 8 --test-limit 25
 demo-llm: install lexical-sources
 	$(PYTHON) -m feddpa_fast.fed.cli data build-lexical --out $(LEXICAL_DIR)
-	$(PYTHON) -m feddpa_fast.fed.cli compare --algos fedit,local,feddpa-f,feddpa-t \
+	$(PYTHON) -m feddpa_fast.fed.cli compare --algos fedit,local,feddpa-f,feddpa-t,fedalt,fedsa \
 		$(LLM_DEMO_FLAGS) --out runs/demo-llm --resume
 
 # Closer to the paper's scale, not run by CI: 8 rounds x 16 steps, every test example (50 per
-# task), FDLoRA too. Hours on 2 cores (docs/trainer.md); resumable: run it again to continue.
+# task), FDLoRA, FedALT and FedSA-LoRA too. Hours on 2 cores (docs/trainer.md); resumable: run it again to continue.
 LLM_LONG_FLAGS := $(LLM_FLAGS) --rounds 8 --max-steps 16 --test-limit 50 --search-examples 32
 demo-llm-long: install lexical-sources
 	$(PYTHON) -m feddpa_fast.fed.cli data build-lexical --out $(LEXICAL_DIR)
-	$(PYTHON) -m feddpa_fast.fed.cli compare --algos fedit,local,feddpa-f,feddpa-t,fdlora \
-		$(LLM_LONG_FLAGS) --out runs/demo-llm-long --resume
+	$(PYTHON) -m feddpa_fast.fed.cli compare \
+		--algos fedit,local,feddpa-f,feddpa-t,fdlora,fedalt,fedsa $(LLM_LONG_FLAGS) --out runs/demo-llm-long --resume
 
 # The Debian packages the lexical suite reads, installed with apt-get when they are missing and
 # this is root on a Debian-like system; otherwise `data build-lexical` names what is missing.

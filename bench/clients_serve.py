@@ -63,7 +63,7 @@ def per_client_anchors(generator) -> dict[str, torch.Tensor]:
     pool, run = generator.pool, generator.run
     out = {}
     for name in run.clients:
-        run.algorithm.receive(run.clients[name], generator.received, None)
+        run.algorithm.receive(run.clients[name], run.server.message(name), None)
         out[name] = pool.anchor_representations([name])[name]
     return out
 
@@ -74,7 +74,7 @@ def per_client_loop(generator, requests: list[Request], anchors: dict) -> list[s
     answers = [None] * len(requests)
     for name in dict.fromkeys(r.client for r in requests):
         client = run.clients[name]
-        run.algorithm.receive(client, generator.received, None)
+        run.algorithm.receive(client, run.server.message(name), None)
         rows = [i for i, r in enumerate(requests) if r.client == name]
         examples = [LMExample(requests[i].instruction, requests[i].input, "", name)
                     for i in rows]

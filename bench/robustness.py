@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 import feddpa_fast  # noqa: E402
-from feddpa_fast.fed import server as server_mod  # noqa: E402
+from feddpa_fast.fed.algorithms import base as fold_mod  # noqa: E402  (the default fold)
 from feddpa_fast.fed.run_config import RunConfig  # noqa: E402
 from feddpa_fast.fed.runner import run  # noqa: E402
 
@@ -52,13 +52,14 @@ FIELDS = ["run_id", "date", "device", "torch", "feddpa_fast", "config", "attack"
 
 
 class NormRecorder:
-    """Wraps the server's ``aggregate`` to record each round's update L2 norms (client -
-    global, before any clipping). The runner keeps no record of what clients sent, and the
-    clip bound must come from what honest clients actually send."""
+    """Wraps the default ``fold``'s ``aggregate`` (fed/algorithms/base.py) to record each
+    round's update L2 norms (client - global, before any clipping). The runner keeps no
+    record of what clients sent, and the clip bound must come from what honest clients
+    actually send."""
 
     def __init__(self):
         self.rounds: list[list[float]] = []
-        self._inner = server_mod.aggregate
+        self._inner = fold_mod.aggregate
 
     def __call__(self, rule, global_adapter, updates, *args, **kwargs):
         self.rounds.append([
@@ -67,11 +68,11 @@ class NormRecorder:
         return self._inner(rule, global_adapter, updates, *args, **kwargs)
 
     def __enter__(self):
-        server_mod.aggregate = self
+        fold_mod.aggregate = self
         return self
 
     def __exit__(self, *exc):
-        server_mod.aggregate = self._inner
+        fold_mod.aggregate = self._inner
 
 
 def parse_args(argv):

@@ -122,10 +122,15 @@ def _base_settings(cfg) -> dict:
     return {**{k: identity[k] for k in keys}, "data_sha256": data_digests(cfg)}
 
 
-# The paper's comparisons (FedDPA beats FedIT on P, FedDPA beats local-only on TTP), and the
-# budget rule's (FedIT learned: its TTP above the base model's): (run, baseline, metric).
-_COMPARISONS = [(dpa, "fedit", "P") for dpa in ("feddpa-f", "feddpa-t")] + \
-               [(dpa, "local", "TTP") for dpa in ("feddpa-f", "feddpa-t")] + \
+# The paper's comparisons (a personalized method beats FedIT on P and local-only on TTP), made
+# for FedDPA and for its successors FedALT and FedSA-LoRA; FedDPA-T against each successor on
+# both metrics; and the budget rule's (FedIT learned: its TTP above the base model's):
+# (run, baseline, metric). A baseline is scored with one fixed mix (FedDPA never is one).
+_PERSONALIZED = ("feddpa-f", "feddpa-t", "fedalt", "fedsa")
+_COMPARISONS = [(m, "fedit", "P") for m in _PERSONALIZED] + \
+               [(m, "local", "TTP") for m in _PERSONALIZED] + \
+               [("feddpa-t", rival, metric) for rival in ("fedalt", "fedsa")
+                for metric in ("P", "TTP")] + \
                [("fedit", BASE, "TTP")]
 
 

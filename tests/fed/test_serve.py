@@ -130,14 +130,17 @@ def test_a_run_whose_base_model_is_gone_is_refused(tmp_path):
         ClientGenerator.from_run(out)
 
 
-def test_c2a_answers_one_client_at_a_time(tmp_path):
+@pytest.mark.parametrize("algo", ["c2a", "fedalt"])
+def test_context_methods_answer_one_client_at_a_time(tmp_path, algo):
+    """C2A (generated adapters) and FedALT (each client its own Rest-of-World adapter and
+    routers) answer as their final evaluation did."""
     model_dir, data_dir = tiny_llama_dir(tmp_path), causal_lm_data_dir(tmp_path)
-    out = tmp_path / "c2a"
-    run(tiny_cfg(model_dir, out, algo="c2a", task="causal-lm", data=str(data_dir),
+    out = tmp_path / algo
+    run(tiny_cfg(model_dir, out, algo=algo, task="causal-lm", data=str(data_dir),
                  max_new_tokens=4, test_limit=4), progress=False)
     rows = _evaluated(out)
     generator = ClientGenerator.from_run(out)
-    assert generator.pool is None  # its evaluation swaps in generated adapters per client
+    assert generator.pool is None  # its evaluation enters a per-client context
     answers = generator.generate([Request(r["client"], r["prompt"]) for r in rows])
     assert [a.output for a in answers] == [r["answer"] for r in rows]
     assert [(a.global_w, a.local_w) for a in answers] == [
