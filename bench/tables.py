@@ -156,6 +156,18 @@ def render_clients_serve(rows: list[dict]) -> list[str]:
     return out
 
 
+def render_router_step(rows: list[dict]) -> list[str]:
+    """router_step_cpu.csv: per run, FedALT's routed train step against FedDPA-T's local
+    step on the same model, batch and shapes."""
+    out = []
+    for run_id, rs in runs(rows):
+        out += [run_line(run_id, rs, ["model", "batch", "tokens"]), ""]
+        body = [[r["provider"], spread(r, "median_ms", "p20_ms", "p80_ms", 1),
+                 num(r["x_feddpa"], 3)] for r in rs]
+        out += table(["step", "median ms [p20, p80]", "x feddpa-t-local"], body) + [""]
+    return out
+
+
 def render_op_dropout(rows: list[dict]) -> list[str]:
     """op_cpu_dropout.csv: fwd+bwd with LoRA dropout, and what autograd saves."""
     out = []
@@ -377,6 +389,7 @@ RENDERERS = {
     "model_smollm2_cpu": render_model, "llm_step_cpu": render_llm_step,
     "robustness_cpu": render_robustness, "gpu_static": render_gpu_static,
     "clients_op": render_clients_op, "clients_serve": render_clients_serve,
+    "router_step_cpu": render_router_step,
 }
 
 
