@@ -73,8 +73,9 @@ class MixScaleMixin:
                              f"{[type(w).__name__ for w in weights]}")
         acc = reference.accum_dtype(x.dtype)
         router = self._router[0]
-        logits = torch.nn.functional.linear(x.reshape(-1, x.shape[-1]).to(acc),
-                                            router.weight.to(acc))
+        with torch.autocast(x.device.type, enabled=False):  # fp32 logits under autocast too
+            logits = torch.nn.functional.linear(x.reshape(-1, x.shape[-1]).to(acc),
+                                                router.weight.to(acc))
         probs = torch.softmax(logits, dim=-1)  # (M, 2): (global, local)
         m = probs.shape[0]
         return torch.cat([(probs[:, i:i + 1] * (float(w) * self.scaling[n])).expand(m, self.r[n])

@@ -9,8 +9,9 @@ in fp32, for the (global, local) branches:
 The weights become the op's per-row ``scale`` (M, R), so one fused call per layer serves the
 whole batch and the gradient reaches the routers through the op's ``d scale = g * u``. Under a
 ``mix`` with float weights the routed weights are multiplied by them (``mix(model, 0, 1)``
-turns the global branch off and skips it); per-sequence or per-token mix weights, a client
-bank (``mix(..., clients=...)``) and an attached adapter source raise ValueError.
+turns the global branch off and skips it); tensor mix weights (any shape), a client bank
+(``mix(..., clients=...)``) and an attached adapter source raise ValueError, and so does
+``route`` on a merged model.
 
     routers = LayerRouters(model)            # fp32 masters, PEFT-like Kaiming-uniform init
     with route(model, routers):
@@ -104,9 +105,13 @@ def route(model: nn.Module, routers: LayerRouters):
         A context manager yielding ``model``.
 
     Raises:
-        ValueError: the routers were built for other layers.
+        ValueError: the routers were built for other layers, or a layer is merged (a merged
+            layer is its base layer: there would be nothing to route).
     """
     layers = dual_lora_layers(model)
+    merged = [name for name, layer in layers if layer.merged]
+    if merged:
+        raise ValueError(f"route: layers {merged[:3]} are merged; unmerge(model) first")
     names = [name for name, _ in layers]
     if names != routers.layer_names:
         raise ValueError(f"the routers were built for other layers: {len(routers.layer_names)} "

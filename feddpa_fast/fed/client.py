@@ -1,5 +1,6 @@
-"""A federated client: receives the global adapter as a blob, trains its phases, keeps its local
-adapter in its own state directory, and answers with a blob holding only the global adapter.
+"""A federated client: receives the server's message as a blob (the global adapter for most
+methods), trains its phases, keeps its local adapter (and what else its method keeps) in its
+own state directory, and answers with a blob of what its method uploads.
 
 In-process simulation shares one patched model between clients (one at a time): a client
 loads the received global adapter and its own local adapter into it before training. Each
@@ -51,10 +52,11 @@ class TrainSettings:
                    max_steps=cfg.max_steps)
 
 
-def _attacked(tensors, received, attack: str):
-    """A hostile client's upload: its update (upload - received) scaled by 1000 or negated."""
+def _attacked(tensors, base, attack: str):
+    """A hostile client's upload: its update (upload - base: what it received, or its own
+    starting point when the upload is not its message updated) scaled by 1000 or negated."""
     factor = 1000.0 if attack == "scale" else -1.0
-    return {k: (received[k].double() + factor * (v.double() - received[k].double())).to(v.dtype)
+    return {k: (base[k].double() + factor * (v.double() - base[k].double())).to(v.dtype)
             for k, v in tensors.items()}
 
 
@@ -127,7 +129,11 @@ class Client:
         self.algorithm.receive(self, received, round_index)
         # DP clips the update of what is uploaded: its value after training minus before it
         # (the received global for most methods; FDLoRA's round 0: the fresh local adapter).
-        before = self.algorithm.upload(self, round_index) if self.privacy.enabled else None
+        # A hostile client's update is taken from there too where the upload is not the
+        # message updated (FedALT's individual adapter).
+        own_base = self.attack is not None and not self.algorithm.uploads_update_message
+        before = (self.algorithm.upload(self, round_index)
+                  if self.privacy.enabled or own_base else None)
         phases = self.algorithm.phases(round_index)
         stats = {}
         for phase in phases:
@@ -144,7 +150,7 @@ class Client:
             tensors = clip_and_noise(tensors, before, self.privacy,
                                      derive_seed(self.seed, round_index, self.name, "dp-noise"))
         if self.attack is not None:
-            tensors = _attacked(tensors, received, self.attack)
+            tensors = _attacked(tensors, before if own_base else received, self.attack)
         reply = wire.encode(wire.cast(tensors, self.wire_dtype), {
             "round": round_index, "client": self.name, "num_examples": len(self.fit)})
         return reply, stats

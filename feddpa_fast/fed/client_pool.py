@@ -29,9 +29,10 @@ __all__ = ["ClientPool", "can_pool"]
 def can_pool(run) -> bool:
     """Whether ``run``'s clients can be answered in shared batches: more than one client, and
     a method whose final evaluation uses the model's own two adapters (C2A's swaps in generated
-    factors per client; FedIT's model is the same for everyone, so it is scored once)."""
-    if len(run.clients) < 2:
-        return False
+    factors per client, FedALT's routes with per-client routers; FedIT's model is the same for
+    everyone, so it is scored once)."""
+    if len(run.clients) < 2 or run.algorithm.personal_messages:
+        return False  # (the bank holds one global adapter for every client)
     evaluation = run.algorithm.final_evaluation(next(iter(run.clients.values())))
     return evaluation.context is None and not evaluation.client_independent
 

@@ -122,8 +122,8 @@ class Server:
                 log.warning("round %d: blob from %s rejected (%s: %s); left out",
                             round_index, name, type(exc).__name__, exc)
                 continue
-            updates[name] = (self._rebased(tensors, expected) if self.rule.uploads_update_message
-                             else tensors)
+            updates[name] = (self._rebased(tensors, self.message(name))
+                             if self.rule.uploads_update_message else tensors)
             counts[name] = meta["num_examples"]
         try:
             if len(updates) < self.settings.min_clients:

@@ -6,12 +6,14 @@ import torch
 from fed_fixtures import interrupted_then_resumed, tiny_cfg
 from safetensors.torch import load_file
 
+from feddpa_fast.adapters import adapter_state_dict
 from feddpa_fast.fed import wire
 from feddpa_fast.fed.algorithms.fedalt import FedALT, rest_of_world
 from feddpa_fast.fed.checkpoint import load_checkpoint
 from feddpa_fast.fed.run_config import ConfigError, RunConfig
 from feddpa_fast.fed.runner import build_run
 from feddpa_fast.fed.server import Server, ServerSettings
+from feddpa_fast.layers import dual_lora_layers
 
 KEYS = ("m.lora_A.weight", "m.lora_B.weight")
 
@@ -61,11 +63,13 @@ def test_the_server_sends_each_client_its_own_rest_of_world_and_keeps_the_upload
     assert torch.equal(got["z"][KEYS[1]].float(), torch.full((3, 2), -1.5))  # -(1 + 2) / 2
 
 
-def test_fedalt_refuses_aggregation_rules_it_does_not_use():
+def test_fedalt_refuses_aggregation_rules_and_dp_it_cannot_honour():
     with pytest.raises(ConfigError, match="leave-one-out"):
         RunConfig(algo="fedalt", aggregation="median")
     with pytest.raises(ConfigError, match="clip-norm"):
         RunConfig(algo="fedalt", clip_norm=1.0)
+    with pytest.raises(ConfigError, match="dp-clip"):
+        RunConfig(algo="fedalt", dp_clip=1.0)
 
 
 def test_a_run_trains_the_individual_lora_and_routers_and_uploads_the_individual_lora(
@@ -96,26 +100,55 @@ def test_a_run_trains_the_individual_lora_and_routers_and_uploads_the_individual
     assert size < results["bytes_per_client_round"] < size + 16384
 
 
-def test_the_individual_lora_continues_and_the_rest_of_world_is_the_others(bert_dir, tmp_path):
+def test_the_individual_lora_continues_and_the_rest_of_world_is_the_others(
+        bert_dir, tmp_path, monkeypatch):
+    from feddpa_fast.fed import client as client_mod
+
+    started = []  # (client, its local adapter and routers as each phase starts)
+    real_phase = client_mod.train_phase
+
+    def recording(client, phase, seed):
+        started.append((client.name, {**adapter_state_dict(client.task.model, "local"),
+                                      **client.algorithm.routers.tensors()}))
+        return real_phase(client, phase, seed)
+
+    monkeypatch.setattr(client_mod, "train_phase", recording)
     run = build_run(tiny_cfg(bert_dir, tmp_path / "run", algo="fedalt", clients=3, rounds=2))
     run.run(progress=False)
     names = run.server.client_names
+    for name in names:  # round 1 starts exactly where round 0 ended: never reset
+        round0 = load_file(tmp_path / "run" / "clients" / name / "local_r0000.safetensors")
+        second = [state for who, state in started if who == name][1]
+        assert second.keys() == round0.keys()
+        assert all(torch.equal(second[k], round0[k]) for k in round0)
+        assert any(float(v.abs().sum()) > 0 for k, v in round0.items() if ".lora_B." in k)
     x = run.clients[names[0]]
     run.algorithm.receive(x, run.server.message(x.name), None)  # its final state, loaded
-    model = x.task.model
-    final = load_file(tmp_path / "run" / "clients" / x.name / "local_r0001.safetensors")
-    local = {k: v for k, v in final.items() if not k.endswith(".router.weight")}
-    from feddpa_fast.adapters import adapter_state_dict
-    assert all(torch.equal(adapter_state_dict(model, "local")[k], v) for k, v in local.items())
-    rest = adapter_state_dict(model, "global")
+    rest = adapter_state_dict(x.task.model, "global")
     others = [load_file(tmp_path / "run" / "clients" / n / "local_r0001.safetensors")
               for n in names[1:]]
     for k, v in rest.items():  # the RoW is the mean of the two others' individual LoRAs
         torch.testing.assert_close(v, (others[0][k].double() + others[1][k].double()).div(2)
                                    .float(), rtol=0, atol=1e-7)
-    # round 1 started from round 0's individual LoRA: different from a fresh init's B (zero)
-    r0 = load_file(tmp_path / "run" / "clients" / x.name / "local_r0000.safetensors")
-    assert any(float(v.abs().sum()) > 0 for k, v in r0.items() if ".lora_B." in k)
+    # The evaluation routes: inside its context every layer holds this client's router.
+    with run.algorithm.final_evaluation(x).context():
+        assert all(layer._router is not None for _, layer in dual_lora_layers(x.task.model))
+    assert all(layer._router is None for _, layer in dual_lora_layers(x.task.model))
+
+
+def test_a_hostile_fedalt_client_scales_its_own_update(bert_dir, tmp_path, uploads_seen):
+    """--hostile scale: the upload is (start of round) + 1000 x (its update), not taken from
+    the Rest-of-World adapter it received."""
+    sent = uploads_seen
+    cfg = tiny_cfg(bert_dir, tmp_path / "run", algo="fedalt", rounds=1, hostile="scale",
+                   hostile_clients=1, final_eval="none")
+    run = build_run(cfg)
+    run.run(progress=False)
+    hostile = run.server.client_names[0]
+    upload = next(t for meta, t in sent if meta["client"] == hostile)
+    trained = load_file(tmp_path / "run" / "clients" / hostile / "local_r0000.safetensors")
+    key = next(k for k in upload if ".lora_B." in k)  # B starts at 0: the update is B itself
+    torch.testing.assert_close(upload[key], 1000 * trained[key], rtol=1e-5, atol=1e-6)
 
 
 def test_fedalt_resumes_bit_identically(bert_dir, tmp_path, monkeypatch):

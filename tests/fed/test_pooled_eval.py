@@ -36,7 +36,7 @@ def _outputs(out):
     return results, (out / "predictions.jsonl").read_text()
 
 
-@pytest.mark.parametrize("algo", ["feddpa-t", "feddpa-f", "fdlora", "local"])
+@pytest.mark.parametrize("algo", ["feddpa-t", "feddpa-f", "fdlora", "local", "fedsa"])
 def test_pooled_evaluation_equals_the_per_client_one(lm_dirs, tmp_path, monkeypatch, algo):
     model_dir, data_dir = lm_dirs
     out = tmp_path / algo
@@ -84,9 +84,10 @@ def test_classify_pooled_equals_per_client(finished_run, monkeypatch):
 
 def test_methods_that_cannot_pool_keep_the_per_client_path(bert_dir, tmp_path):
     c2a = build_run(tiny_cfg(bert_dir, tmp_path / "c2a", algo="c2a"))
+    fedalt = build_run(tiny_cfg(bert_dir, tmp_path / "fedalt", algo="fedalt"))
     fedit = build_run(tiny_cfg(bert_dir, tmp_path / "fedit", algo="fedit"))
     one = build_run(tiny_cfg(bert_dir, tmp_path / "one", algo="feddpa-t", clients=1))
     two = build_run(tiny_cfg(bert_dir, tmp_path / "two", algo="feddpa-t"))
-    assert not can_pool(c2a)  # a per-client evaluation context
+    assert not can_pool(c2a) and not can_pool(fedalt)  # a per-client evaluation context
     assert not can_pool(fedit)  # one model for everyone: scored once
     assert not can_pool(one) and can_pool(two)

@@ -6,7 +6,7 @@ method's name:
 
     the run        setup_report (client), setup (server), join (client), initial_global,
                    post_step, keeps_local, save_global_outputs
-    the server     message_spec, message, fold (uploads_update_message)
+    the server     message_spec, message, fold (uploads_update_message, personal_messages)
     client state   local_tensors, load_local_tensors, init_local
     a round        phases, receive, train_target, upload
     after it       post_train (when post_step is set)
@@ -117,6 +117,9 @@ class Algorithm:
     # upload is rebased on the server's fp32 master (server.py); a method whose uploads are
     # the clients' own adapters (FedALT) sets False.
     uploads_update_message: ClassVar[bool] = True
+    # Whether ``message`` differs between clients (FedALT): such a method's clients cannot
+    # share one global adapter in the client bank (fed/client_pool.py).
+    personal_messages: ClassVar[bool] = False
 
     def message_spec(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Tensors with the keys, shapes and dtypes of every message of the run, both ways

@@ -65,6 +65,7 @@ def rest_of_world(state: dict[str, torch.Tensor], client: str,
 class FedALT(Algorithm):
     name = "fedalt"
     uploads_update_message = False  # an upload is the client's own LoRA, not the RoW updated
+    personal_messages = True        # each client its own RoW
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -72,11 +73,18 @@ class FedALT(Algorithm):
 
     @classmethod
     def check_config(cls, cfg) -> None:
-        """The RoW is the reference's unweighted leave-one-out mean: no other aggregation."""
+        """The RoW is the reference's unweighted leave-one-out mean: no other aggregation; and
+        no client-level DP: an upload is the client's whole adapter, built on earlier rounds
+        that were never released, so one upload's sensitivity is not the clip bound."""
         if cfg.aggregation != "uniform" or cfg.clip_norm is not None:
             raise ConfigError("--algo fedalt: the Rest-of-World adapter is the unweighted "
                               "leave-one-out mean of the other clients' adapters; use "
                               "--aggregation uniform and no --clip-norm")
+        if cfg.dp_clip is not None:
+            raise ConfigError("--algo fedalt: client-level DP (--dp-clip) is not supported: an "
+                              "upload is the client's whole individual adapter, which holds "
+                              "every earlier round's unreleased training, so the DP account "
+                              "of one clipped update per round does not hold")
 
     # ---- the server ------------------------------------------------------------------------
     def initial_global(self, task):
