@@ -12,6 +12,7 @@ import datetime as _dt
 import os
 import platform
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -136,3 +137,15 @@ def markdown_table(rows: list[dict], providers: list[str]) -> str:
         lines.append(f"| {key[0]}, {key[1]}, {key[2]}, {key[3]} | {key[4]} | "
                      + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def lexical_suite(path: Path | None) -> Path:
+    """``path`` (a lexical suite directory, ``feddpa-fast data build-lexical``), or a new one
+    built from the Debian packages into a temporary directory when it is None."""
+    if path is not None:
+        return path
+    from feddpa_fast.fed.lexical import write_lexical
+
+    out = Path(tempfile.mkdtemp(prefix="lexical-"))
+    write_lexical(out)
+    return out

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -74,12 +73,7 @@ class BeforeTask(CausalLMTask):
 
 
 def _suite(path: Path | None):
-    if path is None:
-        from feddpa_fast.fed.lexical import write_lexical
-
-        path = Path(tempfile.mkdtemp(prefix="lexical-"))
-        write_lexical(path)
-    return load_data_dir(path, "causal-lm")
+    return load_data_dir(common.lexical_suite(path), "causal-lm")
 
 
 def _model(dtype: str):

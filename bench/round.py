@@ -45,16 +45,6 @@ R, ALPHA, DROPOUT, LR = 8, 16, 0.05, 1e-3
 TARGETS = ("q_proj", "v_proj")
 
 
-def _suite(path: Path | None) -> Path:
-    if path is not None:
-        return path
-    from feddpa_fast.fed.lexical import write_lexical
-
-    out = Path(tempfile.mkdtemp(prefix="lexical-"))
-    write_lexical(out)
-    return out
-
-
 def ours(args, data: Path, workdir: Path):
     """A callable playing one FedIT round of the trainer (the next round each call)."""
     from feddpa_fast.fed.in_process import InProcess
@@ -174,7 +164,7 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", choices=list(BASE_DTYPES), default="fp32")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
-    data = _suite(args.data)
+    data = common.lexical_suite(args.data)
     with tempfile.TemporaryDirectory(prefix="round-") as tmp:
         workdir = Path(tmp)
         ours_round, run = ours(args, data, workdir)

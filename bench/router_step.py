@@ -40,16 +40,6 @@ FIELDS = ["run_id", "date", "device", "threads", "torch", "transformers", "feddp
 BASELINE = "feddpa-t-local"
 
 
-def _suite(path: Path | None) -> Path:
-    if path is not None:
-        return path
-    from feddpa_fast.fed.lexical import write_lexical
-
-    out = Path(tempfile.mkdtemp(prefix="lexical-"))
-    write_lexical(out)
-    return out
-
-
 def _step(client, target, batch):
     """One training step of ``target`` (a TrainTarget) on ``batch``, as fed/training.py
     takes it."""
@@ -83,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     from feddpa_fast.fed.run_config import RunConfig
     from feddpa_fast.fed.runner import build_run
 
-    data = _suite(args.data)
+    data = common.lexical_suite(args.data)
     cfg = RunConfig(algo="fedalt", model=args.model, task="causal-lm", data=str(data),
                     clients=1, batch_size=args.batch, dtype=args.dtype,
                     out=tempfile.mkdtemp(prefix="router-step-"))

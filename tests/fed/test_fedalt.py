@@ -1,6 +1,6 @@
 """FedALT (fed/algorithms/fedalt.py): the server's leave-one-out Rest-of-World mean, one
 message per client, what travels, the routers trained and kept on the client, the individual
-LoRA never reset, resume after a kill, and the options it refuses."""
+LoRA never reset, the options it refuses, and resume after a kill (FedSA-LoRA's too)."""
 import pytest
 import torch
 from fed_fixtures import interrupted_then_resumed, tiny_cfg
@@ -151,16 +151,20 @@ def test_a_hostile_fedalt_client_scales_its_own_update(bert_dir, tmp_path, uploa
     torch.testing.assert_close(upload[key], 1000 * trained[key], rtol=1e-5, atol=1e-6)
 
 
-def test_fedalt_resumes_bit_identically(bert_dir, tmp_path, monkeypatch):
-    straight = build_run(tiny_cfg(bert_dir, tmp_path / "straight", algo="fedalt")).run(
+@pytest.mark.parametrize("algo", ["fedalt", "fedsa"])
+def test_fedalt_and_fedsa_resume_bit_identically(bert_dir, tmp_path, monkeypatch, algo):
+    straight = build_run(tiny_cfg(bert_dir, tmp_path / "straight", algo=algo)).run(
         progress=False)
-    resumed = interrupted_then_resumed(tiny_cfg(bert_dir, tmp_path / "resumed", algo="fedalt"),
+    resumed = interrupted_then_resumed(tiny_cfg(bert_dir, tmp_path / "resumed", algo=algo),
                                        monkeypatch)
     a, _ = load_checkpoint(tmp_path / "straight" / "checkpoint.safetensors")
     b, _ = load_checkpoint(tmp_path / "resumed" / "checkpoint.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    kept = ["local/adapter_model.safetensors"] + (["router.safetensors"] if algo == "fedalt"
+                                                  else [])
     for name in straight["per_client"]:
-        ra = load_file(tmp_path / "straight" / "adapters" / name / "router.safetensors")
-        rb = load_file(tmp_path / "resumed" / "adapters" / name / "router.safetensors")
-        assert all(torch.equal(ra[k], rb[k]) for k in ra)
+        for file in kept:
+            ta = load_file(tmp_path / "straight" / "adapters" / name / file)
+            tb = load_file(tmp_path / "resumed" / "adapters" / name / file)
+            assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
     assert straight["per_client"] == resumed["per_client"]
