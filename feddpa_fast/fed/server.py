@@ -122,8 +122,8 @@ class Server:
                 log.warning("round %d: blob from %s rejected (%s: %s); left out",
                             round_index, name, type(exc).__name__, exc)
                 continue
-            updates[name] = (self._rebased(tensors, self.message(name))
-                             if self.rule.uploads_update_message else tensors)
+            updates[name] = (self._rebased(tensors, name) if self.rule.uploads_update_message
+                             else tensors)
             counts[name] = meta["num_examples"]
         try:
             if len(updates) < self.settings.min_clients:
@@ -137,13 +137,15 @@ class Server:
         self.global_adapter = new
         return new, list(updates)
 
-    def _rebased(self, upload: dict, sent: dict) -> dict:
-        """A compressed upload as master + (upload - what was sent), in the master's dtype:
-        the update a client made is kept even where it is below the wire dtype's resolution
-        (averaging the bf16 uploads themselves would round the master to bf16 every round).
-        fp32 uploads are used as they are (the broadcast is the master itself)."""
+    def _rebased(self, upload: dict, client: str) -> dict:
+        """A compressed upload as master + (upload - what ``client`` was sent), in the master's
+        dtype: the update a client made is kept even where it is below the wire dtype's
+        resolution (averaging the bf16 uploads themselves would round the master to bf16 every
+        round). fp32 uploads are used as they are (the broadcast is the master itself), so the
+        message is only rebuilt for a compressed wire."""
         if self.settings.wire_dtype == "fp32":
             return upload
+        sent = self.message(client)
         return {k: (self.global_adapter[k].double() + upload[k].double() - sent[k].double())
                 .to(self.global_adapter[k].dtype) for k in upload}
 
