@@ -12,6 +12,7 @@ __version__ = "0.1.0"
 
 from .adapters import AdapterError, load_adapter, save_adapter
 from .client_bank import add_client, client_names, remove_clients, save_client
+from .client_training import ClientAdapters, client_adapters
 from .config import ADAPTERS, DualLoRAConfig
 from .layers import DualLoRALinear
 from .mixing import mix, print_trainable, set_trainable
@@ -19,7 +20,7 @@ from .packing import packed_weights
 from .patch import merge, patch, unmerge, unpatch
 from .routing import LayerRouters, route
 
-__all__ = ["ADAPTERS", "AdapterError", "DualLoRAConfig", "DualLoRALinear", "LayerRouters",
-           "add_client", "client_names", "load_adapter", "merge", "mix", "packed_weights",
+__all__ = ["ADAPTERS", "AdapterError", "ClientAdapters", "DualLoRAConfig", "DualLoRALinear",
+           "LayerRouters", "add_client", "client_adapters", "client_names", "load_adapter", "merge", "mix", "packed_weights",
            "patch", "print_trainable", "remove_clients", "route", "save_adapter", "save_client",
            "set_trainable", "unmerge", "unpatch"]

@@ -53,8 +53,11 @@ class ClientBankMixin:
         (the ``_scale`` cache): every layer of a call sees the same rows and clients."""
         if self.source is not None:
             raise ValueError("mix(..., clients=...) cannot run with an attached adapter source")
-        key = ("bank", self.r["local"], tuple(self.client_scaling))
-        index, scale = self._cached(x, key, lambda: self._bank_index_scale(x, clients))
+        if self.client_routers is not None:  # per layer and with a graph: never cached
+            index, scale = self._bank_index_scale(x, clients)
+        else:
+            key = ("bank", self.r["local"], tuple(self.client_scaling))
+            index, scale = self._cached(x, key, lambda: self._bank_index_scale(x, clients))
         return self.client_bank_a, self.client_bank_b, index, scale
 
     def _bank_index_scale(self, x: torch.Tensor, clients: torch.Tensor):
@@ -68,5 +71,19 @@ class ClientBankMixin:
         else:
             per_row = torch.stack([torch.as_tensor(w, dtype=acc, device=x.device)
                                    for w in weights]).expand(index.shape[0], 2)
+        if self.client_routers is not None:
+            per_row = per_row * self._bank_routed(x, index, acc)
         scalings = torch.tensor(self.client_scaling, dtype=acc, device=x.device)[index]
         return index, (per_row * scalings).repeat_interleave(self.r["local"], dim=1)
+
+    def _bank_routed(self, x: torch.Tensor, index: torch.Tensor, acc) -> torch.Tensor:
+        """(M, 2): each row's softmax over its client's router (the router of its local slot,
+        ``client_routers``), in fp32: every slot's logits in one (M, K) x (K, 2 slots) product,
+        then each row's pair gathered (2 slots of 17 for 8 clients: a third of one rank-8 A)."""
+        routers = self.client_routers
+        with torch.autocast(x.device.type, enabled=False):
+            logits = torch.nn.functional.linear(x.reshape(-1, x.shape[-1]).to(acc),
+                                                routers.reshape(-1, routers.shape[-1]).to(acc))
+        pairs = logits.view(logits.shape[0], -1, 2)
+        mine = pairs[torch.arange(pairs.shape[0], device=x.device), index[:, 1]]
+        return torch.softmax(mine, dim=-1)

@@ -167,6 +167,11 @@ class DualLoRALinear(ClientBankMixin, MixScaleMixin, nn.Module):
         self.register_buffer("client_bank_b", None, persistent=False)
         self.client_scaling: list[float] = []
         self.client_slots: dict = {}
+        # Set by ``feddpa_fast.client_adapters`` for its block (client_training.py): a
+        # (slots, 2, K) bank of per-client routers, and a callable giving a banked call's
+        # per-slot dropout seeds from each client's own generator.
+        self.client_routers: torch.Tensor | None = None
+        self.client_seed_source = None
         self._restack()
         self._register_state_dict_hook(_contiguous_adapter_state)
         self.register_load_state_dict_post_hook(_restack_after_load)
@@ -332,10 +337,13 @@ class DualLoRALinear(ClientBankMixin, MixScaleMixin, nn.Module):
             lora_a, lora_b = lora_a.to(x.dtype), lora_b.to(x.dtype)
         dropout = {}
         if self.training and self.dropout_p > 0:
-            # One seed per call, or per bank slot: each client its own mask stream.
-            seeds = 1 if clients is None else lora_a.shape[0]
-            dropout = {"dropout_p": self.dropout_p,
-                       "dropout_seed": self._dropout_seeds(x.device, seeds)}
+            # One seed per call, or per bank slot: each client its own mask stream (from its
+            # own generator when client_adapters gave one).
+            if clients is not None and self.client_seed_source is not None:
+                seed = self.client_seed_source(x.device)
+            else:
+                seed = self._dropout_seeds(x.device, 1 if clients is None else lora_a.shape[0])
+            dropout = {"dropout_p": self.dropout_p, "dropout_seed": seed}
         if clients is not None:
             return lora_linear_banked(x, weight, bias, lora_a, lora_b, index, scale, **dropout)
         return lora_linear(x, weight, bias, lora_a, lora_b, scale, **dropout)

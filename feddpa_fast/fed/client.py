@@ -26,7 +26,7 @@ from .checkpoint import CheckpointError, derive_seed
 from .privacy import PrivacySettings, clip_and_noise
 from .training import train_phase
 
-__all__ = ["Client", "TrainSettings"]
+__all__ = ["Client", "RoundStart", "TrainSettings"]
 
 log = logging.getLogger("feddpa_fast.fed")
 _LOCAL_FILE = re.compile(r"local_r(\d{4,})\.safetensors")
@@ -50,6 +50,18 @@ class TrainSettings:
         """A client's local optimisation settings of a RunConfig."""
         return cls(local_epochs=cfg.local_epochs, lr=cfg.lr, batch_size=cfg.batch_size,
                    max_steps=cfg.max_steps)
+
+
+@dataclasses.dataclass(frozen=True)
+class RoundStart:
+    """A round of one client after ``begin_round``: the decoded message, the upload before
+    training (DP's and a hostile client's base, else None), whether a hostile client's update
+    is taken from it, and the round's phases."""
+
+    received: dict
+    before: dict | None
+    own_base: bool
+    phases: list
 
 
 def _attacked(tensors, base, attack: str):
@@ -122,9 +134,25 @@ class Client:
         blob = sealed_bytes(self.algorithm.local_tensors(self), {"format": "pt"})
         atomic_write_bytes(self.state_dir / f"local_r{round_index:04d}.safetensors", blob)
 
-    # ---- one round -------------------------------------------------------------------------
+    # ---- one round ---------------------------------------------------------------------------
     def run_round(self, broadcast: bytes, round_index: int, expected) -> tuple[bytes | None, dict]:
         """Decodes the server's blob, trains this round's phases; returns (reply blob, stats)."""
+        start = self.begin_round(broadcast, round_index, expected)
+        stats = {}
+        for phase in start.phases:
+            if phase.init_from_global:
+                load_adapter_state_dict(self.task.model, start.received, "local")
+            stats[f"loss_{phase.name}"] = train_phase(self, phase,
+                                                      self.phase_seed(round_index, phase))
+        return self.finish_round(start, round_index, stats)
+
+    def phase_seed(self, round_index: int, phase) -> int:
+        """The derived seed of one phase of this client: its data order and dropout."""
+        return derive_seed(self.seed, round_index, self.name, phase.name)
+
+    def begin_round(self, broadcast: bytes, round_index: int, expected) -> RoundStart:
+        """Decodes the server's blob and loads the client's state into the model (the method's
+        ``receive``); what a round's training starts from."""
         received, _ = wire.decode(broadcast, expected, round=round_index, sender="server")
         self.algorithm.receive(self, received, round_index)
         # DP clips the update of what is uploaded: its value after training minus before it
@@ -134,23 +162,23 @@ class Client:
         own_base = self.attack is not None and not self.algorithm.uploads_update_message
         before = (self.algorithm.upload(self, round_index)
                   if self.privacy.enabled or own_base else None)
-        phases = self.algorithm.phases(round_index)
-        stats = {}
-        for phase in phases:
-            if phase.init_from_global:
-                load_adapter_state_dict(self.task.model, received, "local")
-            seed = derive_seed(self.seed, round_index, self.name, phase.name)
-            stats[f"loss_{phase.name}"] = train_phase(self, phase, seed)
-        if any(p.train == "local" for p in phases):
+        return RoundStart(received, before, own_base, self.algorithm.phases(round_index))
+
+    def finish_round(self, start: RoundStart, round_index: int,
+                     stats: dict) -> tuple[bytes | None, dict]:
+        """After the phases, with the trained state in the model: saves the client's state,
+        answers with its upload (clipped and noised under DP, corrupted when hostile)."""
+        if any(p.train == "local" for p in start.phases):
             self.save_local(round_index)
         if not self.algorithm.uploads:
             return None, stats
         tensors = self.algorithm.upload(self, round_index)
         if self.privacy.enabled:  # clipped and noised by the client itself (fed/privacy.py)
-            tensors = clip_and_noise(tensors, before, self.privacy,
+            tensors = clip_and_noise(tensors, start.before, self.privacy,
                                      derive_seed(self.seed, round_index, self.name, "dp-noise"))
         if self.attack is not None:
-            tensors = _attacked(tensors, before if own_base else received, self.attack)
+            base = start.before if start.own_base else start.received
+            tensors = _attacked(tensors, base, self.attack)
         reply = wire.encode(wire.cast(tensors, self.wire_dtype), {
             "round": round_index, "client": self.name, "num_examples": len(self.fit)})
         return reply, stats

@@ -1,11 +1,13 @@
 """The in-process transport: every client of a ``Run`` lives in this process and shares its
-one patched model (one client at a time). It carries the same blobs as the Flower Grid."""
+one patched model: one client at a time, or a cohort of clients side by side in one batched
+pass per local step (fed/cohort.py). It carries the same blobs as the Flower Grid."""
 from __future__ import annotations
 
 import logging
 
 from . import final
 from .client_pool import can_pool
+from .cohort import cohort_size, run_cohort
 from .pooled_eval import evaluate_pooled
 
 __all__ = ["InProcess"]
@@ -26,19 +28,36 @@ class InProcess:
         return tqdm(items, desc=desc, leave=False, disable=not self.progress)
 
     def exchange(self, r: int, sampled: list[str], broadcasts: dict[str, bytes]):
-        """Runs the round on each sampled client; a client that raises is left out."""
+        """Runs the round on the sampled clients, in cohorts of ``cohort.cohort_size`` (one at
+        a time for 1); a client that raises is left out."""
         replies, stats = {}, []
         expected = self.run.server.expected()
-        for name in self._bar(sampled, f"round {r}"):
-            try:
-                reply, s = self.run.clients[name].run_round(broadcasts[name], r, expected)
-                stats.append(s)
-                if reply is not None:
-                    replies[name] = reply
-            except Exception as exc:  # a failing client is left out of the round
-                log.warning("round %d: client %s raised %r", r, name, exc)
-                replies[name] = exc
+        size = cohort_size(self.run.cfg, len(sampled))
+        cohorts = [sampled[i:i + size] for i in range(0, len(sampled), size)]
+        with self._bar_total(len(sampled), f"round {r}") as bar:
+            for names in cohorts:
+                if size == 1:
+                    got, got_stats = self._one(names[0], broadcasts, r, expected)
+                else:
+                    got, got_stats = run_cohort([self.run.clients[n] for n in names],
+                                                broadcasts, r, expected)
+                stats += [got_stats[n] for n in names if n in got_stats]
+                replies.update({n: v for n, v in got.items() if v is not None})
+                bar.update(len(names))
         return replies, stats
+
+    def _one(self, name: str, broadcasts, r: int, expected):
+        try:
+            reply, s = self.run.clients[name].run_round(broadcasts[name], r, expected)
+            return {name: reply}, {name: s}
+        except Exception as exc:  # a failing client is left out of the round
+            log.warning("round %d: client %s raised %r", r, name, exc)
+            return {name: exc}, {}
+
+    def _bar_total(self, total: int, desc: str):
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, desc=desc, leave=False, disable=not self.progress)
 
     def post_train(self, rounds: int, broadcasts: dict[str, bytes]) -> None:
         """The method's post step on every client."""

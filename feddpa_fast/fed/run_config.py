@@ -62,6 +62,12 @@ class RunConfig:
     batch_size: int = option(16, "local batch size", minimum=1)
     max_steps: int | None = option(8, "at most this many batches per local epoch (unset: all)",
                                    minimum=1, optional=True)
+    # Cohort training (fed/cohort.py): how many sampled clients train side by side, in one
+    # batched pass per local step (in process; a Flower SuperNode holds one client).
+    cohort_size: int | None = option(
+        None, "clients trained together in one batched pass per local step (1: one at a "
+        "time; unset: every sampled client, at most 64 sequences per pass)", type=int,
+        minimum=1, optional=True)
     fraction: float = option(1.0, "fraction of clients sampled per round", above=0, maximum=1)
     clients_per_round: int | None = option(
         None, "clients sampled per round (instead of --fraction)", type=int, minimum=1,

@@ -8,7 +8,8 @@ such runs ran with, and named two options as the trainer then did (``rank``, ``t
 still resumes and compares equal to the same run started today. Schema 2 records every option,
 under DualLoRAConfig's names (``r``, ``target_modules``). Schema 3 adds the base model's
 ``dtype`` and ``compile``; every run before it ran its base in fp32, eagerly
-(``_SCHEMA_2_VALUES``).
+(``_SCHEMA_2_VALUES``). Schema 4 adds ``cohort_size``; every run before it trained its clients
+one at a time (``_SCHEMA_3_VALUES``).
 """
 from __future__ import annotations
 
@@ -16,7 +17,9 @@ import dataclasses
 
 __all__ = ["RunState", "SCHEMA"]
 
-SCHEMA = 3
+SCHEMA = 4
+# Options added after schema 3, with the value every run written before them ran with.
+_SCHEMA_3_VALUES = {"cohort_size": 1}
 # Options added after schema 2, with the value every run written before them ran with.
 _SCHEMA_2_VALUES = {"dtype": "fp32", "compile": False}
 # What a schema-1 identity meant where it recorded nothing: these options did not exist when
@@ -76,6 +79,8 @@ class RunState:
             config = {**_SCHEMA_1_VALUES, **config}
         if schema <= 2:
             config = {**_SCHEMA_2_VALUES, **config}
+        if schema <= 3:
+            config = {**_SCHEMA_3_VALUES, **config}
         return cls(config=config, seed=int(record["seed"]),
                    rounds_done=int(record["rounds_done"]),
                    post_done=bool(record.get("post_done", False)),

@@ -45,6 +45,15 @@ def _pool(hidden: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
     raise ValueError(f"representation must be 'last' or 'mean', got {how!r}")
 
 
+def _group_means(per_row: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
+    return [part.mean() for part in torch.split(per_row, sizes)]
+
+
+def _padding(mask: torch.Tensor) -> float:
+    """The fraction of a batch's token positions that are padding."""
+    return 1.0 - float(mask.sum()) / max(mask.numel(), 1)
+
+
 class ClassifyTask:
     """Text classification by matching text and label-name embeddings (see module docstring)."""
 
@@ -77,8 +86,8 @@ class ClassifyTask:
                 self.model.train(was_training)
         return self._label_cache[choices]
 
-    def _logits(self, examples) -> tuple[torch.Tensor, list[tuple[str, ...]]]:
-        texts = self._embed([e.text for e in examples])
+    def _logits(self, examples, texts=None) -> tuple[torch.Tensor, list[tuple[str, ...]]]:
+        texts = self._embed([e.text for e in examples]) if texts is None else texts
         label_sets = sorted({e.choices for e in examples})
         width = max(len(c) for c in label_sets)
         logits = texts.new_full((len(examples), width), float("-inf"))
@@ -94,6 +103,20 @@ class ClassifyTask:
         target = torch.tensor([c.index(e.label) for c, e in zip(choices, examples)],
                               device=logits.device)
         return F.cross_entropy(logits, target)
+
+    def group_losses(self, groups) -> tuple[list[torch.Tensor], float]:
+        """Each group's mean cross-entropy (``loss`` of the group alone) from one forward over
+        every group's rows, and the pass's padding fraction (call inside ``mix``: the cohort,
+        fed/cohort.py)."""
+        examples = [e for g in groups for e in g]
+        batch = self._encode([e.text for e in examples])
+        hidden = self.model(**batch).last_hidden_state.float()
+        texts = F.normalize(_pool(hidden, batch["attention_mask"], "mean"), dim=-1)
+        logits, choices = self._logits(examples, texts)
+        target = torch.tensor([c.index(e.label) for c, e in zip(choices, examples)],
+                              device=logits.device)
+        per_row = F.cross_entropy(logits, target, reduction="none")
+        return _group_means(per_row, [len(g) for g in groups]), _padding(batch["attention_mask"])
 
     @torch.no_grad()
     def predict(self, examples, global_w, local_w, clients=None) -> list[str]:
@@ -201,6 +224,27 @@ class CausalLMTask:
         targets = labels[:, -keep + 1:]
         return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets.flatten(),
                                ignore_index=-100)
+
+    def group_losses(self, groups) -> tuple[list[torch.Tensor], float]:
+        """Each group's mean cross-entropy over its response tokens (``loss`` of the group
+        alone) from one forward over every group's rows, right-padded to the longest row of
+        all, and the pass's padding fraction (call inside ``mix``: the cohort, fed/cohort.py)."""
+        examples = [e for g in groups for e in g]
+        if not examples:
+            raise ValueError("CausalLMTask.group_losses: no examples")
+        ids, mask, labels, keep = self._training_batch(examples)
+        logits = self.model(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits
+        logits = logits[:, -keep:]
+        targets = labels[:, -keep + 1:]
+        per_token = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets.flatten(),
+                                    ignore_index=-100, reduction="none").view(targets.shape)
+        counted = (targets != -100).sum(1)
+        losses, start = [], 0
+        for g in groups:  # a group's mean over its own tokens, as loss() of the group alone
+            stop = start + len(g)
+            losses.append(per_token[start:stop].sum() / counted[start:stop].sum())
+            start = stop
+        return losses, _padding(mask)
 
     def _left_padded_prompts(self, examples):
         prompts = [self._prompt_ids(e) for e in examples]

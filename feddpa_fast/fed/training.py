@@ -13,7 +13,7 @@ from torch import nn
 from ..layers import dual_lora_layers
 from ..mixing import set_trainable
 
-__all__ = ["init_adapter", "train_phase"]
+__all__ = ["batch_plan", "init_adapter", "loss_scaler", "optimizer_step", "train_phase"]
 
 log = logging.getLogger("feddpa_fast.fed")
 
@@ -30,7 +30,7 @@ def init_adapter(model: nn.Module, adapter: str, seed: int) -> None:
             layer.lora_B[adapter].weight.zero_()
 
 
-def _loss_scaler(model: nn.Module) -> torch.amp.GradScaler:
+def loss_scaler(model: nn.Module) -> torch.amp.GradScaler:
     """Dynamic loss scaling under an fp16 base, a no-op otherwise.
 
     fp16 keeps full precision down to 6.1e-5 and flushes to zero below 6e-8 (its smallest
@@ -48,6 +48,30 @@ def _loss_scaler(model: nn.Module) -> torch.amp.GradScaler:
     return torch.amp.GradScaler(device, init_scale=2.0 ** 10, enabled=fp16)
 
 
+def batch_plan(size: int, settings, gen: torch.Generator) -> list[list[int]]:
+    """A client's batches of one phase, in order: each epoch a ``randperm`` of its ``size``
+    examples from ``gen`` (the phase's seeded generator), cut into ``batch_size`` batches, the
+    first ``max_steps`` of them (the generator serves nothing else, so drawing every epoch's
+    order up front draws what the epoch loop drew)."""
+    plan = []
+    for _ in range(settings.local_epochs):
+        order = torch.randperm(size, generator=gen).tolist()
+        batches = [order[i:i + settings.batch_size]
+                   for i in range(0, len(order), settings.batch_size)]
+        plan += batches[: settings.max_steps]
+    return plan
+
+
+def optimizer_step(opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> int:
+    """One AdamW step through the loss scaler, then the gradients cleared; returns 1 when an
+    fp16 gradient overflowed and the step was skipped, else 0."""
+    scale = scaler.get_scale() if scaler.is_enabled() else None
+    scaler.step(opt)  # skipped when an fp16 gradient overflowed
+    scaler.update()
+    opt.zero_grad(set_to_none=True)
+    return int(scale is not None and scaler.get_scale() < scale)
+
+
 def train_phase(client, phase, seed: int) -> float:
     """Trains what the client's method names for ``phase`` (an ``algorithms.Phase``, through
     ``Algorithm.train_target``) on the client's training slice; returns the mean training
@@ -57,29 +81,20 @@ def train_phase(client, phase, seed: int) -> float:
     for module in target.modules:
         module.train()
     opt = torch.optim.AdamW(target.params, lr=settings.lr, weight_decay=settings.weight_decay)
-    scaler = _loss_scaler(model)
+    scaler = loss_scaler(model)
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # dropout
     model.train()
     losses, skipped = [], 0
-    for _ in range(settings.local_epochs):
-        order = torch.randperm(len(client.fit), generator=gen).tolist()
-        batches = [order[i:i + settings.batch_size]
-                   for i in range(0, len(order), settings.batch_size)]
-        for batch in batches[: settings.max_steps]:
-            # backward inside the context: gradient checkpointing recomputes in there
-            with target.batch_context():
-                loss = client.task.loss([client.fit[i] for i in batch])
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"non-finite training loss in phase {phase.name}")
-                scaler.scale(loss).backward()
-            scale = scaler.get_scale() if scaler.is_enabled() else None
-            scaler.step(opt)  # skipped when an fp16 gradient overflowed
-            scaler.update()
-            if scale is not None and scaler.get_scale() < scale:
-                skipped += 1
-            opt.zero_grad(set_to_none=True)
-            losses.append(loss.item())
+    for batch in batch_plan(len(client.fit), settings, gen):
+        # backward inside the context: gradient checkpointing recomputes in there
+        with target.batch_context():
+            loss = client.task.loss([client.fit[i] for i in batch])
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite training loss in phase {phase.name}")
+            scaler.scale(loss).backward()
+        skipped += optimizer_step(opt, scaler)
+        losses.append(loss.item())
     if skipped:
         log.warning("client %s, phase %s: %d of %d fp16 steps overflowed and were skipped "
                     "(loss scaling)", client.name, phase.name, skipped, len(losses))

@@ -14,7 +14,7 @@ from feddpa_fast.fed import runner
 from feddpa_fast.fed.checkpoint import load_checkpoint, read_metrics
 from feddpa_fast.fed.cli import build_parser, config_from_args
 from feddpa_fast.fed.run_config import ConfigError, RunConfig
-from feddpa_fast.fed.training import _loss_scaler
+from feddpa_fast.fed.training import loss_scaler
 
 DTYPES = ("fp32", "bf16", "fp16")
 
@@ -138,7 +138,7 @@ def test_fp16_scales_the_loss_and_the_others_do_not(lm):
     for dtype, scaled in (("fp16", True), ("bf16", False), ("fp32", False)):
         task = build_task(_cfg(lm, "unused", dtype=dtype))
         assert next(task.model.parameters()).dtype == precision.base_dtype(dtype)
-        assert _loss_scaler(task.model).is_enabled() == scaled, dtype
+        assert loss_scaler(task.model).is_enabled() == scaled, dtype
 
 
 def test_fp16_loss_scaling_keeps_gradients_that_fp16_would_flush_to_zero(lm):
@@ -153,7 +153,7 @@ def test_fp16_loss_scaling_keeps_gradients_that_fp16_would_flush_to_zero(lm):
     examples = [type("E", (), {"instruction": "repeat the word cat", "input": "",
                                "output": "cat"})()]
     grads = {}
-    initial = _loss_scaler(task.model).get_scale()
+    initial = loss_scaler(task.model).get_scale()
     assert initial == 2.0 ** 10
     for scale in (1.0, initial):
         task.model.zero_grad(set_to_none=True)

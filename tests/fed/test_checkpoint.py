@@ -107,23 +107,26 @@ def test_a_schema_1_identity_reads_as_the_run_it_was(tmp_path):
     from feddpa_fast.fed.run_config import RunConfig
 
     today = RunConfig(prompt_format="alpaca", r=4, target_modules=("query",),
-                      dtype="fp32").identity()
+                      dtype="fp32", cohort_size=1).identity()
     old_names = {"r": "rank", "target_modules": "targets"}  # the trainer's names then
     schema_1 = {old_names.get(k, k): v for k, v in today.items()
                 if k not in ("num_beams", "max_new_tokens", "prompt_format", "search_examples",
                              "wire_dtype", "dp_clip", "dp_noise_multiplier", "dp_delta",
-                             "dtype", "compile")}
+                             "dtype", "compile", "cohort_size")}
     assert schema_1["rank"] == 4 and schema_1["targets"] == ["query"]
     state = RunState.from_json({"config": schema_1, "seed": 0, "rounds_done": 2})
     assert state.config == today
-    assert RunState.from_json(state.to_json()) == state  # schema 3 records it as is
+    assert RunState.from_json(state.to_json()) == state  # schema 4 records it as is
     # Schema 2 recorded every option but the base dtype and compile: those runs ran the base
-    # in fp32, eagerly.
-    schema_2 = {k: v for k, v in today.items() if k not in ("dtype", "compile")}
+    # in fp32, eagerly. Schema 3 recorded all but cohort_size: they trained one at a time.
+    schema_2 = {k: v for k, v in today.items() if k not in ("dtype", "compile", "cohort_size")}
     assert RunState.from_json({"schema": 2, "config": schema_2, "seed": 0,
                                "rounds_done": 2}).config == today
-    with pytest.raises(ValueError, match="schema 4"):
-        RunState.from_json({**state.to_json(), "schema": 4})
+    schema_3 = {k: v for k, v in today.items() if k != "cohort_size"}
+    assert RunState.from_json({"schema": 3, "config": schema_3, "seed": 0,
+                               "rounds_done": 2}).config == today
+    with pytest.raises(ValueError, match="schema 5"):
+        RunState.from_json({**state.to_json(), "schema": 5})
     for bad in ({"seed": 0}, {"config": {}, "seed": 0}):
         with pytest.raises(ValueError, match="without"):
             RunState.from_json(bad)

@@ -392,8 +392,9 @@ def test_identity_round_trips(cfg):
     assert RunConfig.from_identity(identity, cfg.out) == resolved
     assert RunConfig.from_identity(json.loads(json.dumps(identity)), cfg.out) == resolved
     assert RunConfig.from_identity(identity, "elsewhere").out == "elsewhere"
-    # Checkpoint schema 3 records every option (fed/run_state.py).
-    assert {"num_beams", "max_new_tokens", "prompt_format", "wire_dtype", "dtype"} <= set(identity)
+    # Checkpoint schema 4 records every option (fed/run_state.py).
+    assert {"num_beams", "max_new_tokens", "prompt_format", "wire_dtype", "dtype",
+            "cohort_size"} <= set(identity)
 
 
 def test_zero_unsets_an_optional_flag_as_in_the_flower_run_config():

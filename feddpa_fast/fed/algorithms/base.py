@@ -8,7 +8,7 @@ method's name:
                    post_step, keeps_local, save_global_outputs
     the server     message_spec, message, fold (uploads_update_message, personal_messages)
     client state   local_tensors, load_local_tensors, init_local
-    a round        phases, receive, train_target, upload
+    a round        phases, receive, train_target, upload; cohort_member (fed/cohort.py)
     after it       post_train (when post_step is set)
     evaluation     round_evaluation, final_evaluation, client_report, save_client_outputs
 
@@ -180,6 +180,15 @@ class Algorithm:
     def upload(self, client, round_index: int) -> dict[str, torch.Tensor]:
         """What a client sends after ``round_index``: its global adapter."""
         return adapter_state_dict(client.task.model, "global")
+
+    def cohort_member(self, client):
+        """The client's part in a cohort (fed/cohort.py), made right after its ``receive``: a
+        copy of what ``train_target`` would train, trained beside the other clients'
+        (algorithms/cohort_member.py). The default: the global and local adapters under the
+        phase's fixed mix."""
+        from .cohort_member import AdapterMember  # it builds on this module's Phase
+
+        return AdapterMember(client)
 
     # ---- after the last round --------------------------------------------------------------
     def post_train(self, client, tensors: dict[str, torch.Tensor], rounds: int) -> dict:

@@ -14,6 +14,7 @@ adapter is saved in PEFT format as its local adapter, the hypernetwork as
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 from pathlib import Path
 
@@ -21,10 +22,12 @@ import torch
 from safetensors.torch import save as st_save
 
 from ...atomic import atomic_write_bytes
+from ...client_training import ClientAdapters
 from ...layers import dual_lora_layers
 from ...mixing import mix, set_trainable
 from ..checkpoint import derive_seed
 from .base import Algorithm, Evaluation, Phase, TrainTarget
+from .cohort_member import AdapterMember
 from .c2a_hypernetwork import (
     AdapterHypernetwork,
     GeneratedAdapters,
@@ -160,6 +163,10 @@ class C2A(Algorithm):
                            self.conditioning[client.name].training_factors,
                            modules=(self.network,))
 
+    def cohort_member(self, client):
+        """A copy of the received hypernetwork, generating the client's factors."""
+        return HyperMember(client, self.network, self.conditioning[client.name])
+
     def upload(self, client, round_index: int):
         return self._network_state()
 
@@ -182,3 +189,29 @@ class C2A(Algorithm):
 
     def _network_state(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().clone() for k, v in self.network.state_dict().items()}
+
+
+class HyperMember(AdapterMember):
+    """C2A in a cohort: the client's copy of the received hypernetwork trains; each step its
+    generated factors (the client's conditioning) are the client's local slot of the bank,
+    alone at full strength (mix 0, 1: what ``GeneratedAdapters`` does in place of both
+    adapters)."""
+
+    def __init__(self, client, network, conditioning: Conditioning):
+        super().__init__(client)
+        self.shared, self.conditioning = network, conditioning
+        self.network = copy.deepcopy(network)
+
+    def start_phase(self, phase: Phase) -> TrainTarget:
+        return TrainTarget(list(self.network.parameters()), lambda: None,
+                           modules=(self.network,))
+
+    def weights(self, phase: Phase) -> tuple[float, float]:
+        return (0.0, 1.0)
+
+    def adapters(self) -> ClientAdapters:
+        c = self.conditioning
+        return ClientAdapters(local=self.network(c.label_dist, c.context), scaling=c.scaling)
+
+    def finish(self) -> None:
+        self.shared.load_state_dict(self.network.state_dict())

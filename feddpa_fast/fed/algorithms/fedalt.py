@@ -18,6 +18,8 @@ individual LoRA. Evaluation: the router decides per token (no similarity weighti
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -31,6 +33,7 @@ from ..checkpoint import derive_seed
 from ..options import ConfigError
 from ..training import init_adapter
 from .base import Algorithm, Evaluation, Phase, TrainTarget
+from .cohort_member import AdapterMember
 
 __all__ = ["FedALT", "rest_of_world"]
 
@@ -134,6 +137,10 @@ class FedALT(Algorithm):
         return TrainTarget(params + list(self.routers.parameters()),
                            lambda: route(model, self.routers), modules=(self.routers,))
 
+    def cohort_member(self, client):
+        """The client's adapters and a copy of its routers (loaded by ``receive``)."""
+        return RoutedMember(client, self.routers)
+
     def upload(self, client, round_index: int):
         """The individual LoRA (the routers stay on the client)."""
         return adapter_state_dict(client.task.model, "local")
@@ -152,3 +159,25 @@ class FedALT(Algorithm):
     def save_global_outputs(self, task, tensors, out: Path) -> None:
         """Nothing: there is no global adapter (each client's RoW is the server's
         ``rest_of_world`` of the checkpointed state)."""
+
+
+class RoutedMember(AdapterMember):
+    """FedALT in a cohort: the individual LoRA and the client's own routers train; the rows
+    are mixed per token by the client's routers (``feddpa_fast.client_adapters``)."""
+
+    def __init__(self, client, routers: LayerRouters):
+        super().__init__(client)
+        self.shared = routers
+        self.router = copy.deepcopy(routers)
+
+    def start_phase(self, phase: Phase) -> TrainTarget:
+        target = super().start_phase(phase)
+        return TrainTarget(target.params + list(self.router.parameters()),
+                           target.batch_context, modules=(self.router,))
+
+    def adapters(self):
+        return dataclasses.replace(super().adapters(), router=self.router)
+
+    def finish(self) -> None:
+        super().finish()
+        self.shared.load_state_dict(self.router.state_dict())
