@@ -205,6 +205,8 @@ def materialised_dropout(x, w, bias, a_st, b_st, scale, p: float):
     """y = x W^T + b + ((dropout(x) A^T) * S) B^T with the dropped copy materialised: what a
     layer without in-op dropout runs (u in fp32, scaled, cast once, as the op)."""
     x2 = x.reshape(-1, x.shape[-1])
+    # fp32 masters under a half-precision base compute in the base dtype, as the layer does
+    a_st, b_st = a_st.to(x.dtype), b_st.to(x.dtype)
     u = F.linear(F.dropout(x2, p, training=True), a_st).float()
     y = F.linear(x2, w, bias) + (u * scale).to(x.dtype) @ b_st.T
     return y.view(*x.shape[:-1], w.shape[0])

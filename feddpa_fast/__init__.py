@@ -21,6 +21,6 @@ from .patch import merge, patch, unmerge, unpatch
 from .routing import LayerRouters, route
 
 __all__ = ["ADAPTERS", "AdapterError", "ClientAdapters", "DualLoRAConfig", "DualLoRALinear",
-           "LayerRouters", "add_client", "client_adapters", "client_names", "load_adapter", "merge", "mix", "packed_weights",
-           "patch", "print_trainable", "remove_clients", "route", "save_adapter", "save_client",
-           "set_trainable", "unmerge", "unpatch"]
+           "LayerRouters", "add_client", "client_adapters", "client_names", "load_adapter",
+           "merge", "mix", "packed_weights", "patch", "print_trainable", "remove_clients",
+           "route", "save_adapter", "save_client", "set_trainable", "unmerge", "unpatch"]

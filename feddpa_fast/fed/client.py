@@ -185,6 +185,12 @@ class Client:
 
     def post_train(self, broadcast: bytes, rounds: int, expected) -> dict:
         """The method's step after the last round, from the server's final blob."""
+        return self.algorithm.post_train(self, self.begin_post(broadcast, rounds, expected),
+                                         rounds)
+
+    def begin_post(self, broadcast: bytes, rounds: int, expected) -> dict:
+        """Decodes the server's final blob (what the post step starts from) and removes an
+        interrupted attempt's leftovers."""
         received, _ = wire.decode(broadcast, expected, round=rounds, sender="server")
         self.discard_uncommitted(rounds)  # leftovers of an interrupted attempt at this step
-        return self.algorithm.post_train(self, received, rounds)
+        return received

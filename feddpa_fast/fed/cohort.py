@@ -18,7 +18,7 @@ import logging
 
 from .cohort_train import train_cohort
 
-__all__ = ["COHORT_SEQUENCES", "cohort_size", "run_cohort"]
+__all__ = ["COHORT_SEQUENCES", "cohort_size", "run_cohort", "run_cohort_post"]
 
 log = logging.getLogger("feddpa_fast.fed")
 
@@ -89,3 +89,23 @@ def run_cohort(clients: list, broadcasts: dict[str, bytes], round_index: int,
             log.warning("round %d: client %s raised %r", round_index, name, exc)
             replies[name] = exc
     return replies, {n: s for n, s in stats.items() if not isinstance(replies.get(n), Exception)}
+
+
+def run_cohort_post(clients: list, broadcasts: dict[str, bytes], rounds: int, expected) -> None:
+    """The method's post step (its ``post_phase``: FedDPA-F's fine-tuning) for ``clients`` as a
+    cohort; each client's state is saved as of round ``rounds``. An error stops the run, as in
+    the one-client loop."""
+    algorithm = clients[0].algorithm
+    phase = algorithm.post_phase
+    members = {}
+    for client in clients:
+        algorithm.prepare_post(client, client.begin_post(broadcasts[client.name], rounds,
+                                                         expected), rounds)
+        members[client.name] = algorithm.cohort_member(client)
+    seeds = {c.name: c.phase_seed(rounds, phase) for c in clients}
+    result = train_cohort(members, phase, seeds, clients[0].task, clients[0].settings)
+    if result.failed:
+        raise next(iter(result.failed.values()))
+    for client in clients:
+        members[client.name].finish()
+        client.save_local(rounds)

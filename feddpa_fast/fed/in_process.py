@@ -7,7 +7,7 @@ import logging
 
 from . import final
 from .client_pool import can_pool
-from .cohort import cohort_size, run_cohort
+from .cohort import cohort_size, run_cohort, run_cohort_post
 from .pooled_eval import evaluate_pooled
 
 __all__ = ["InProcess"]
@@ -60,9 +60,16 @@ class InProcess:
         return tqdm(total=total, desc=desc, leave=False, disable=not self.progress)
 
     def post_train(self, rounds: int, broadcasts: dict[str, bytes]) -> None:
-        """The method's post step on every client."""
+        """The method's post step on every client: in cohorts when it is one training phase
+        (``post_phase``), else one client at a time."""
         expected = self.run.server.expected()
-        for client in self._bar(list(self.run.clients.values()), self.run.algorithm.post_step):
+        clients = list(self.run.clients.values())
+        size = cohort_size(self.run.cfg, len(clients))
+        if size > 1 and self.run.algorithm.post_phase is not None:
+            for i in range(0, len(clients), size):
+                run_cohort_post(clients[i:i + size], broadcasts, rounds, expected)
+            return
+        for client in self._bar(clients, self.run.algorithm.post_step):
             client.post_train(broadcasts[client.name], rounds, expected)
 
     def round_score(self, r: int) -> tuple[float, list[str]]:

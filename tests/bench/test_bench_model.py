@@ -23,7 +23,8 @@ def test_model_benchmark_tiny_config(tmp_path, capsys):
     out_csv = tmp_path / "model.csv"
     bench_model.main(["--device", "cpu", "--layers", "1", "--hidden", "64", "--heads", "4",
                       "--kv-heads", "2", "--vocab", "128", "--seq", "16", "--batch", "2",
-                      "--repeats", "1", "--dropout", "0.1", "--csv", str(out_csv)])
+                      "--repeats", "1", "--dropout", "0.1", "--dtype", "fp32",
+                      "--csv", str(out_csv)])
     rows = list(csv.DictReader(out_csv.open()))
     assert {(r["mode"], r["provider"]) for r in rows} == {
         (mode, p) for mode in ("forward", "train_step") for p in bench_model.PROVIDERS}

@@ -120,14 +120,15 @@ def test_a_permission_error_while_checkpointing_is_clear_and_loses_nothing(bert_
 
 
 def test_a_client_that_crashes_mid_round_is_left_out(bert_dir, tmp_path, monkeypatch):
-    real = Client.run_round
+    """The crash is in ``begin_round``, which both the one-client loop and a cohort run."""
+    real = Client.begin_round
 
     def flaky(self, broadcast, round_index, expected):
         if self.name == "product" and round_index == 1:
             raise ConnectionResetError("client vanished")
         return real(self, broadcast, round_index, expected)
 
-    monkeypatch.setattr(Client, "run_round", flaky)
+    monkeypatch.setattr(Client, "begin_round", flaky)
     results = run(_cfg(bert_dir, tmp_path / "r"), progress=False)
     import json
     metrics = (tmp_path / "r" / "metrics.jsonl").read_text()

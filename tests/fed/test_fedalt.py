@@ -113,7 +113,9 @@ def test_the_individual_lora_continues_and_the_rest_of_world_is_the_others(
         return real_phase(client, phase, seed)
 
     monkeypatch.setattr(client_mod, "train_phase", recording)
-    run = build_run(tiny_cfg(bert_dir, tmp_path / "run", algo="fedalt", clients=3, rounds=2))
+    # The spy is on the one-client loop's phases (tests/fed/test_cohort.py: a cohort is it).
+    run = build_run(tiny_cfg(bert_dir, tmp_path / "run", algo="fedalt", clients=3, rounds=2,
+                             cohort_size=1))
     run.run(progress=False)
     names = run.server.client_names
     for name in names:  # round 1 starts exactly where round 0 ended: never reset

@@ -58,8 +58,11 @@ def test_run_config_conversions():
 def test_deployment_equals_the_builtin_loop_and_resumes(bert_dir, tmp_path):
     start = time.monotonic()
     model = bert_dir
+    # cohort_size 1: a SuperNode trains its one client alone, so the built-in loop it must
+    # equal bit for bit is the one-client-at-a-time loop (a cohort equals it only up to float
+    # summation order, tests/fed/test_cohort.py).
     settings = dict(model=str(model), clients=2, rounds=2, max_steps=2, batch_size=8,
-                    test_limit=4, lr=1e-2, r=4, alpha=8.0, seed=3)
+                    test_limit=4, lr=1e-2, r=4, alpha=8.0, seed=3, cohort_size=1)
     out = tmp_path / "flower-out"
     with Deployment(tmp_path, nodes=2, deadline_s=DEADLINE_S) as d:
         # First submission: stopped once round 0 is checkpointed (a ServerApp that dies).

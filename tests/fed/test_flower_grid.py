@@ -27,7 +27,9 @@ CLIENTS = ("sentiment", "product")  # the built-in suite's first two tasks, in o
 
 
 
-_cfg = partial(tiny_cfg, max_steps=3, seed=3)
+# cohort_size 1: a SuperNode trains its one client alone; the built-in loop it must equal bit
+# for bit is the one-client-at-a-time loop (fed/cohort.py).
+_cfg = partial(tiny_cfg, max_steps=3, seed=3, cohort_size=1)
 
 
 def _flower(cfg, tmp_path, tamper=None):

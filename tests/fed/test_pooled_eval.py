@@ -41,15 +41,26 @@ def test_pooled_evaluation_equals_the_per_client_one(lm_dirs, tmp_path, monkeypa
     model_dir, data_dir = lm_dirs
     out = tmp_path / algo
     calls = _spy(monkeypatch)
+    # fp32: a bf16 base (the default on a CPU with native bf16) rounds the two paths' batches
+    # differently enough to flip a greedy token.
     run(tiny_cfg(model_dir, out, algo=algo, task="causal-lm", data=str(data_dir), clients=3,
-                 max_new_tokens=4, test_limit=4), progress=False)
+                 max_new_tokens=4, test_limit=4, dtype="fp32"), progress=False)
     assert calls == [1]  # the training's final evaluation took the pooled path
     pooled_results, pooled_rows = _outputs(out)
     adapter = load_file(out / "adapters" / "echo" / "local" / "adapter_model.safetensors")
     evaluate_run(out, progress=False, pooled=False)
     assert calls == [1]  # ... and pooled=False did not
     per_client_results, per_client_rows = _outputs(out)
-    assert pooled_rows == per_client_rows  # answers, weights, assignments, row order
+    # Answers, assignments and row order are the same; a dynamic weight may move in its last
+    # float bits (the two paths' representation GEMMs have other row counts, and AVX-512 BLAS
+    # kernels round by row count: 3e-8 on an AMD EPYC with AVX-512, 0 with AVX2).
+    pooled_list, per_client_list = ([json.loads(line) for line in r.splitlines()]
+                                    for r in (pooled_rows, per_client_rows))
+    assert len(pooled_list) == len(per_client_list)
+    for a, b in zip(pooled_list, per_client_list):
+        assert {**a, "weights": None} == {**b, "weights": None}
+        for key in ("global", "local"):
+            assert a["weights"][key] == pytest.approx(b["weights"][key], abs=1e-6)
     assert pooled_results == per_client_results
     saved = load_file(out / "adapters" / "echo" / "local" / "adapter_model.safetensors")
     assert saved.keys() == adapter.keys()

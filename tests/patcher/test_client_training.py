@@ -3,8 +3,8 @@ batch equal each client trained alone, dropout and routers included."""
 import copy
 
 import pytest
-import torch
 import tiny_models
+import torch
 
 import feddpa_fast as fd
 from feddpa_fast.client_training import ClientAdapters, client_adapters

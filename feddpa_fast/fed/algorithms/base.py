@@ -31,6 +31,7 @@ from ...mixing import mix, set_trainable
 from ..aggregate import aggregate
 from ..checkpoint import derive_seed
 from ..training import init_adapter
+from .cohort_member import AdapterMember
 
 __all__ = ["Algorithm", "Evaluation", "GLOBAL_ALONE", "LOCAL_ALONE", "Phase", "TrainTarget"]
 
@@ -80,6 +81,10 @@ class Algorithm:
     uploads: ClassVar[bool] = True          # does a client send something each round?
     holdout: ClassVar[float] = 0.0          # fraction of a client's data kept out of training
     post_step: ClassVar[str | None] = None  # label of the step after the last round, if any
+    # A post step that is one training phase (FedDPA-F's fine-tuning), started by
+    # ``prepare_post``: a cohort (fed/cohort.py) runs it for its clients side by side. None:
+    # ``post_train``, one client at a time.
+    post_phase: ClassVar[Phase | None] = None
     # A method whose rounds are this one's, bit for bit (same phases, uploads and seeds):
     # compare reuses them (fed/reuse.py).
     shares_rounds_with: ClassVar[str | None] = None
@@ -186,11 +191,13 @@ class Algorithm:
         copy of what ``train_target`` would train, trained beside the other clients'
         (algorithms/cohort_member.py). The default: the global and local adapters under the
         phase's fixed mix."""
-        from .cohort_member import AdapterMember  # it builds on this module's Phase
-
         return AdapterMember(client)
 
     # ---- after the last round --------------------------------------------------------------
+    def prepare_post(self, client, tensors: dict[str, torch.Tensor], rounds: int) -> None:
+        """Loads what ``post_phase`` trains from (only when ``post_phase`` is set)."""
+        raise NotImplementedError(f"{self.name} has no post-training phase")
+
     def post_train(self, client, tensors: dict[str, torch.Tensor], rounds: int) -> dict:
         """The step after the last round on one client (only when ``post_step`` is set);
         returns its stats."""

@@ -27,13 +27,13 @@ from ...layers import dual_lora_layers
 from ...mixing import mix, set_trainable
 from ..checkpoint import derive_seed
 from .base import Algorithm, Evaluation, Phase, TrainTarget
-from .cohort_member import AdapterMember
 from .c2a_hypernetwork import (
     AdapterHypernetwork,
     GeneratedAdapters,
     label_distribution,
     uniform_label_distribution,
 )
+from .cohort_member import AdapterMember, MemberTarget
 
 __all__ = ["C2A", "Conditioning", "context_embedding"]
 
@@ -202,9 +202,8 @@ class HyperMember(AdapterMember):
         self.shared, self.conditioning = network, conditioning
         self.network = copy.deepcopy(network)
 
-    def start_phase(self, phase: Phase) -> TrainTarget:
-        return TrainTarget(list(self.network.parameters()), lambda: None,
-                           modules=(self.network,))
+    def start_phase(self, phase: Phase) -> MemberTarget:
+        return MemberTarget(list(self.network.parameters()), (self.network,))
 
     def weights(self, phase: Phase) -> tuple[float, float]:
         return (0.0, 1.0)

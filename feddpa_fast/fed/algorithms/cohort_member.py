@@ -10,15 +10,25 @@ C2A's members extend it (fedalt.py, c2a.py).
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from ...adapters import adapter_key
 from ...client_training import ClientAdapters
 from ...config import ADAPTERS
 from ...layers import dual_lora_layers
-from .base import Phase, TrainTarget
 
-__all__ = ["AdapterMember"]
+__all__ = ["AdapterMember", "MemberTarget"]
+
+
+@dataclasses.dataclass(frozen=True)
+class MemberTarget:
+    """What a member trains in a phase: the optimizer's parameters, and modules put in
+    training mode (the cohort's own pass is the batch context)."""
+
+    params: list[torch.Tensor]
+    modules: tuple[torch.nn.Module, ...] = ()
 
 
 class AdapterMember:
@@ -43,9 +53,8 @@ class AdapterMember:
                         for i, part in enumerate(("lora_A", "lora_B")))
             for name in self.layers}
 
-    def start_phase(self, phase: Phase) -> TrainTarget:
-        """What ``phase`` trains: the parameters (the optimizer's) and modules put in training
-        mode (the batch context is the cohort's, so it is unused)."""
+    def start_phase(self, phase) -> MemberTarget:
+        """What ``phase`` (an ``algorithms.Phase``) trains."""
         params = []
         for which in ADAPTERS:
             for a, b in self.adapters_of[which].values():
@@ -53,9 +62,9 @@ class AdapterMember:
                     t.requires_grad_(which == phase.train)
                     if which == phase.train:
                         params.append(t)
-        return TrainTarget(params, batch_context=lambda: None)
+        return MemberTarget(params)
 
-    def weights(self, phase: Phase) -> tuple[float, float]:
+    def weights(self, phase) -> tuple[float, float]:
         """The phase's (global_w, local_w) in the cohort's bank."""
         return phase.weights
 

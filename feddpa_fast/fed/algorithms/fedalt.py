@@ -33,7 +33,7 @@ from ..checkpoint import derive_seed
 from ..options import ConfigError
 from ..training import init_adapter
 from .base import Algorithm, Evaluation, Phase, TrainTarget
-from .cohort_member import AdapterMember
+from .cohort_member import AdapterMember, MemberTarget
 
 __all__ = ["FedALT", "rest_of_world"]
 
@@ -170,10 +170,9 @@ class RoutedMember(AdapterMember):
         self.shared = routers
         self.router = copy.deepcopy(routers)
 
-    def start_phase(self, phase: Phase) -> TrainTarget:
+    def start_phase(self, phase: Phase) -> MemberTarget:
         target = super().start_phase(phase)
-        return TrainTarget(target.params + list(self.router.parameters()),
-                           target.batch_context, modules=(self.router,))
+        return MemberTarget(target.params + list(self.router.parameters()), (self.router,))
 
     def adapters(self):
         return dataclasses.replace(super().adapters(), router=self.router)

@@ -10,7 +10,6 @@ kept on each client, mixed per test instance by FedDPA's dynamic weighting (fedd
 from __future__ import annotations
 
 from ...adapters import load_adapter_state_dict
-from ..checkpoint import derive_seed
 from ..training import train_phase
 from .base import GLOBAL_ALONE, Algorithm, Evaluation, Phase
 
@@ -27,6 +26,7 @@ class FedDPAF(_FedDPA):
 
     name = "feddpa-f"
     post_step = "finetune"
+    post_phase = Phase("finetune", "local", (0.0, 1.0))
     shares_rounds_with = "fedit"
 
     def round_evaluation(self, client) -> Evaluation:
@@ -37,16 +37,17 @@ class FedDPAF(_FedDPA):
     def keeps_local(self, rounds: int) -> bool:
         return True
 
-    def post_train(self, client, tensors, rounds: int) -> dict:
-        """A local adapter initialised from the final global one, trained alone; saved as the
-        local adapter of round ``rounds``."""
-
+    def prepare_post(self, client, tensors, rounds: int) -> None:
+        """Both adapters from the final global one."""
         model = client.task.model
         load_adapter_state_dict(model, tensors, "global")
         load_adapter_state_dict(model, tensors, "local")
-        phase = Phase("finetune", "local", (0.0, 1.0))
-        seed = derive_seed(client.seed, rounds, client.name, phase.name)
-        loss = train_phase(client, phase, seed)
+
+    def post_train(self, client, tensors, rounds: int) -> dict:
+        """A local adapter initialised from the final global one, trained alone; saved as the
+        local adapter of round ``rounds``."""
+        self.prepare_post(client, tensors, rounds)
+        loss = train_phase(client, self.post_phase, client.phase_seed(rounds, self.post_phase))
         client.save_local(rounds)
         return {"loss_finetune": loss}
 
