@@ -168,6 +168,20 @@ def render_router_step(rows: list[dict]) -> list[str]:
     return out
 
 
+def render_cohort(rows: list[dict]) -> list[str]:
+    """cohort_cpu.csv: per run, whole trainer rounds of each method, a cohort against one
+    client at a time."""
+    out = []
+    for run_id, rs in runs(rows):
+        out += [run_line(run_id, rs, ["model", "dtype", "clients", "steps", "batch"]), ""]
+        body = [[r["algo"], r["provider"], spread(r, "median_s", "p20_s", "p80_s", 2),
+                 r["tokens_per_s"], r["padding"], r["peak_rss_mb"] or "—",
+                 num(r["x_cohort"], 3)] for r in rs]
+        out += table(["method", "side", "round s [p20, p80]", "tokens/s", "padding",
+                      "peak MB added", "x cohort"], body) + [""]
+    return out
+
+
 def render_op_dropout(rows: list[dict]) -> list[str]:
     """op_cpu_dropout.csv: fwd+bwd with LoRA dropout, and what autograd saves."""
     out = []
@@ -389,7 +403,7 @@ RENDERERS = {
     "model_smollm2_cpu": render_model, "llm_step_cpu": render_llm_step,
     "robustness_cpu": render_robustness, "gpu_static": render_gpu_static,
     "clients_op": render_clients_op, "clients_serve": render_clients_serve,
-    "router_step_cpu": render_router_step,
+    "router_step_cpu": render_router_step, "cohort_cpu": render_cohort,
 }
 
 

@@ -19,9 +19,16 @@ from ..client_training import client_adapters
 from ..mixing import mix, set_trainable
 from .training import batch_plan, loss_scaler, optimizer_step
 
-__all__ = ["CohortResult", "train_cohort"]
+__all__ = ["COHORT_PADDING", "CohortResult", "passes_by_width", "train_cohort"]
 
 log = logging.getLogger("feddpa_fast.fed")
+
+# The padding a pass may add beyond each client's own batch width, as a share of its positions:
+# above it the step splits into more passes (passes_by_width). On the lexical suite one pass of
+# 8 clients padded 24 % of its positions where the clients alone padded 8.5 %, and the cohort's
+# FedIT round on SmolLM2 took 1.25x the one-client loop's on a 2-core CPU (bench/cohort_round.py
+# run 20261207T222923): padding is work. 10 % keeps passes large on the suite.
+COHORT_PADDING = 0.10
 
 
 @dataclasses.dataclass
@@ -33,6 +40,46 @@ class CohortResult:
     failed: dict[str, Exception]
     padded: float = 0.0
     positions: float = 0.0
+
+
+def passes_by_width(groups: dict[str, list], task) -> list[list[str]]:
+    """The passes of one step: the clients sorted by their batch's longest row, a pass growing
+    while the padding it adds beyond each client's own width stays within ``COHORT_PADDING``
+    of its positions (each client's rows pad to its pass's width; alone, to its own)."""
+    widths = {n: max(task.row_lengths(g)) for n, g in groups.items()}
+    passes, current = [], []
+    for name in sorted(groups, key=widths.__getitem__):  # stable: ties keep the cohort order
+        trial = current + [name]
+        positions = sum(len(groups[n]) for n in trial) * widths[name]
+        own = sum(len(groups[n]) * widths[n] for n in trial)
+        if current and positions - own > COHORT_PADDING * positions:
+            passes.append(current)
+            trial = [name]
+        current = trial
+    return passes + [current]
+
+
+def _one_pass(model, members, names, groups, weights, dropout, scalers, task, phase,
+              result) -> dict:
+    """Forward and backward of the clients ``names`` in one pass over the client bank; returns
+    their losses (a non-finite one is recorded as the client's failure)."""
+    bank = {n: dataclasses.replace(members[n].adapters(), generator=dropout[n]) for n in names}
+    rows = [n for n in names for _ in groups[n]]
+    with client_adapters(model, bank), mix(model, *weights, clients=rows):
+        losses, padding = task.group_losses([groups[n] for n in names])
+        total = None
+        for n, loss in zip(names, losses):
+            if not torch.isfinite(loss):
+                result.failed[n] = FloatingPointError(
+                    f"non-finite training loss in phase {phase.name}")
+                continue
+            term = scalers[n].scale(loss)
+            total = term if total is None else total + term
+        if total is not None:
+            total.backward()  # inside the block: a recomputation would see the bank
+    result.padded += padding * len(rows)
+    result.positions += len(rows)
+    return dict(zip(names, losses))
 
 
 def train_cohort(members: dict, phase, seeds: dict[str, int], task, settings) -> CohortResult:
@@ -63,26 +110,12 @@ def train_cohort(members: dict, phase, seeds: dict[str, int], task, settings) ->
         active = [n for n in members if n not in result.failed and step < len(plans[n])]
         if not active:
             break
-        groups = [[members[n].client.fit[i] for i in plans[n][step]] for n in active]
-        rows = [n for n, group in zip(active, groups) for _ in group]
-        bank = {n: dataclasses.replace(members[n].adapters(), generator=dropout[n])
-                for n in active}
-        with client_adapters(model, bank), mix(model, *weights, clients=rows):
-            losses, padding = task.group_losses(groups)
-            total = None
-            for n, loss in zip(active, losses):
-                if not torch.isfinite(loss):
-                    result.failed[n] = FloatingPointError(
-                        f"non-finite training loss in phase {phase.name}")
-                    continue
-                term = scalers[n].scale(loss)
-                total = term if total is None else total + term
-            if total is not None:
-                total.backward()  # inside the block: a recomputation would see the bank
-        width = sum(len(g) for g in groups)
-        result.padded += padding * width
-        result.positions += width
-        for n, loss in zip(active, losses):
+        groups = {n: [members[n].client.fit[i] for i in plans[n][step]] for n in active}
+        losses = {}
+        for names in passes_by_width(groups, task):
+            losses.update(_one_pass(model, members, names, groups, weights, dropout, scalers,
+                                    task, phase, result))
+        for n, loss in losses.items():
             if n not in result.failed:
                 skipped[n] += optimizer_step(optimizers[n], scalers[n])
                 result.losses[n].append(loss.item())

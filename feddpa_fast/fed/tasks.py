@@ -104,6 +104,12 @@ class ClassifyTask:
                               device=logits.device)
         return F.cross_entropy(logits, target)
 
+    def row_lengths(self, examples) -> list[int]:
+        """The tokens of each example's row in a training batch (before padding)."""
+        ids = self.tokenizer([e.text for e in examples], truncation=True,
+                             max_length=self.max_length)["input_ids"]
+        return [len(row) for row in ids]
+
     def group_losses(self, groups) -> tuple[list[torch.Tensor], float]:
         """Each group's mean cross-entropy (``loss`` of the group alone) from one forward over
         every group's rows, and the pass's padding fraction (call inside ``mix``: the cohort,
@@ -197,8 +203,7 @@ class CausalLMTask:
         prompts = [self._prompt_ids(e) for e in examples]
         rows, labels = [], []
         for e, prompt in zip(examples, prompts):
-            answer = self.tokenizer(e.output, add_special_tokens=False)["input_ids"]
-            answer = answer[: self.cutoff] + [self.tokenizer.eos_token_id]
+            answer = self._answer_ids(e)
             rows.append(prompt + answer)
             labels.append([-100] * len(prompt) + answer)  # loss on the response only
         width = max(len(r) for r in rows)
@@ -224,6 +229,15 @@ class CausalLMTask:
         targets = labels[:, -keep + 1:]
         return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets.flatten(),
                                ignore_index=-100)
+
+    def row_lengths(self, examples) -> list[int]:
+        """The tokens of each example's training row (prompt, answer and EOS; before
+        padding), as ``_training_batch`` builds it."""
+        return [len(self._prompt_ids(e)) + len(self._answer_ids(e)) for e in examples]
+
+    def _answer_ids(self, e) -> list[int]:
+        answer = self.tokenizer(e.output, add_special_tokens=False)["input_ids"]
+        return answer[: self.cutoff] + [self.tokenizer.eos_token_id]
 
     def group_losses(self, groups) -> tuple[list[torch.Tensor], float]:
         """Each group's mean cross-entropy over its response tokens (``loss`` of the group

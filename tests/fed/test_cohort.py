@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 import transformers
-from fed_fixtures import _tokenizer, tiny_cfg
+from fed_fixtures import _tokenizer, interrupted_then_resumed, tiny_cfg
 from safetensors.torch import load_file
 
 from feddpa_fast.fed import runner
@@ -107,24 +107,42 @@ def test_hostile_clients_and_dp_clipping_stay_per_client(quiet_bert, tmp_path, e
 
 
 def test_a_client_with_a_non_finite_loss_fails_alone(quiet_bert, tmp_path, monkeypatch):
-    """The second client's first loss is NaN: it is left out of the round (as the loop leaves
-    it out); the others finish the round."""
+    """One client's first loss is NaN: it is left out of the round (as the loop leaves it out);
+    the others finish the round."""
     from feddpa_fast.fed.tasks import ClassifyTask
 
-    real, calls = ClassifyTask.group_losses, []
+    real, seen = ClassifyTask.group_losses, []
 
-    def second_is_nan_once(self, groups):
+    def product_nan_once(self, groups):
         losses, padding = real(self, groups)
-        if not calls:
-            losses[1] = losses[1] * float("nan")
-        calls.append(len(groups))
+        for i, group in enumerate(groups):
+            if group[0].task == "product" and "product" not in seen:
+                losses[i] = losses[i] * float("nan")
+        seen.extend(g[0].task for g in groups)
         return losses, padding
 
-    monkeypatch.setattr(ClassifyTask, "group_losses", second_is_nan_once)
+    monkeypatch.setattr(ClassifyTask, "group_losses", product_nan_once)
     _, rows = _run(quiet_bert, tmp_path / "nan", algo="fedit", rounds=1)
-    assert calls[0] == 3 and calls[1] == 2  # the failed client left the pass
-    assert len(rows[0]["sampled"]) == 3
-    assert rows[0]["accepted"] == [rows[0]["sampled"][0], rows[0]["sampled"][2]]
+    assert sorted(rows[0]["sampled"]) == ["product", "sentiment", "temperature"]
+    assert rows[0]["accepted"] == [n for n in rows[0]["sampled"] if n != "product"]
+    assert seen.count("product") == 1  # the failed client left the cohort's later passes
+
+
+def test_a_step_splits_into_passes_by_width():
+    """Clients sorted by their batch's longest row; a pass grows while it pads at most
+    COHORT_PADDING of its positions beyond each client's own width."""
+    from feddpa_fast.fed.cohort_train import COHORT_PADDING, passes_by_width
+
+    class Lengths:
+        @staticmethod
+        def row_lengths(examples):
+            return list(examples)
+
+    groups = {"a": [10, 40], "b": [41, 5], "c": [100], "d": [39, 39], "e": [98]}
+    assert COHORT_PADDING == 0.10
+    # d, a, b (widths 39, 40, 41) add 6 of 246 positions; e, c (98, 100) add 2 of 200
+    assert passes_by_width(groups, Lengths) == [["d", "a", "b"], ["e", "c"]]
+    assert passes_by_width({"a": [10]}, Lengths) == [["a"]]
 
 
 def test_the_default_cohort_size():
@@ -135,3 +153,19 @@ def test_the_default_cohort_size():
     assert cohort_size(RunConfig(batch_size=8), 3) == 3
     assert cohort_size(RunConfig(cohort_size=2, batch_size=8), 8) == 2
     assert cohort_size(RunConfig(cohort_size=20, batch_size=8), 8) == 8
+
+
+@pytest.mark.parametrize("algo", ["feddpa-t", "feddpa-f", "c2a"])
+def test_a_cohort_run_resumes_bit_identically(bert_dir, tmp_path, monkeypatch, algo):
+    """Killed after round 0 and resumed, a cohort run (LoRA dropout and the encoder's own
+    dropout on) ends bit for bit where the uninterrupted one does: every stream of a cohort
+    phase derives from its clients' phase seeds."""
+    cfg = dict(algo=algo, clients=3)
+    straight = runner.run(tiny_cfg(bert_dir, tmp_path / "straight", **cfg), progress=False)
+    resumed = interrupted_then_resumed(tiny_cfg(bert_dir, tmp_path / "resumed", **cfg),
+                                       monkeypatch)
+    assert straight["per_client"] == resumed["per_client"]
+    a, b = _states(tmp_path / "straight"), _states(tmp_path / "resumed")
+    assert a.keys() == b.keys()
+    for name, tensors in a.items():
+        assert all(torch.equal(tensors[k], b[name][k]) for k in tensors), name
