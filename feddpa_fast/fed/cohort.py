@@ -1,6 +1,6 @@
 """Cohort training (docs/trainer.md, "Cohorts"): the in-process round runs the local steps of
-several sampled clients in one batched pass per step, over the client bank of the shared model
-(cohort_train.py), instead of one client after the other.
+several sampled clients side by side, each step in a few batched passes over the client bank of
+the shared model (cohort_train.py), instead of one client after the other.
 
 A round of a cohort: each client decodes its message and loads its state (``begin_round``), and
 its method copies what it trains (``Algorithm.cohort_member``); the round's phases run in
@@ -23,8 +23,8 @@ __all__ = ["COHORT_SEQUENCES", "cohort_size", "run_cohort", "run_cohort_post"]
 log = logging.getLogger("feddpa_fast.fed")
 
 # The default cohort's bound: at most 64 sequences per pass (8 clients x batch 8, the setting
-# bench/cohort.py measures on SmolLM2), so the activation memory of a pass stays that of one
-# client at batch 64.
+# bench/cohort_round.py measures on SmolLM2), so the activation memory of a pass stays that of
+# one client at batch 64.
 COHORT_SEQUENCES = 64
 
 
@@ -76,7 +76,7 @@ def run_cohort(clients: list, broadcasts: dict[str, bytes], round_index: int,
             replies[name] = exc
         for name, loss in result.losses.items():
             stats[name][f"loss_{phase.name}"] = loss
-        padded, rows = padded + result.padded, rows + result.positions
+        padded, rows = padded + result.padded_rows, rows + result.rows
     for name, member in members.items():
         if name in replies:
             continue

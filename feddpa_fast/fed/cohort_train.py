@@ -34,12 +34,12 @@ COHORT_PADDING = 0.10
 @dataclasses.dataclass
 class CohortResult:
     """A cohort phase's outcome: each finished client's mean loss, each failed client's error,
-    and the padded and all token positions of its passes."""
+    and its passes' rows and padding (each pass's padded share times its rows, summed)."""
 
     losses: dict[str, float]
     failed: dict[str, Exception]
-    padded: float = 0.0
-    positions: float = 0.0
+    padded_rows: float = 0.0
+    rows: int = 0
 
 
 def passes_by_width(groups: dict[str, list], task) -> list[list[str]]:
@@ -77,8 +77,8 @@ def _one_pass(model, members, names, groups, weights, dropout, scalers, task, ph
             total = term if total is None else total + term
         if total is not None:
             total.backward()  # inside the block: a recomputation would see the bank
-    result.padded += padding * len(rows)
-    result.positions += len(rows)
+    result.padded_rows += padding * len(rows)
+    result.rows += len(rows)
     return dict(zip(names, losses))
 
 

@@ -198,7 +198,8 @@ class HyperMember(AdapterMember):
     adapters)."""
 
     def __init__(self, client, network, conditioning: Conditioning):
-        super().__init__(client)
+        # No AdapterMember.__init__: C2A trains no adapter of the model, so nothing is copied.
+        self.client = client
         self.shared, self.conditioning = network, conditioning
         self.network = copy.deepcopy(network)
 
