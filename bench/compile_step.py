@@ -31,7 +31,8 @@ def _build(compiled: bool):
         model.compile(dynamic=True)
     set_trainable(model, "global")
     model.train()
-    task = CausalLMTask(model, tokenizer, max_new_tokens=16, prompt_format="auto")
+    task = CausalLMTask(model, tokenizer, max_new_tokens=16, prompt_format="auto",
+                        gather_answers=not compiled)  # as the trainer builds it (loading.py)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     return task, opt
 

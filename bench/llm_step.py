@@ -1,15 +1,19 @@
 """The causal-LM step's speed on SmolLM2-135M-Instruct, before and after, in one process.
 
-Three variants, timed side by side on the same model:
+Four variants, timed side by side on the same model:
 
 * ``before``: the paths the project used before issue 16. Alpaca prompts; a training batch
   right-padded and Hugging Face's own loss (``labels=``), so the LM head (49,152 x 576) runs at
   every position; the representation forward of FedDPA's weighting with the LM head over every
   position too; evaluation in one ``generate`` per test set (``--set-size`` sequences).
 * ``same-prompt``: Alpaca prompts, but ``CausalLMTask`` as it is now: the LM head on the
-  response columns only (training) and ``logits_to_keep=1`` (representation), and the test
+  response positions only (training) and ``logits_to_keep=1`` (representation), and the test
   sets pooled into full batches of ``--eval-size``.
-* ``after``: that, with the model's own chat template (``--prompt-format auto``).
+* ``columns``: the chat template, with the LM head on every row's columns from the shortest
+  prompt's end (``gather_answers=False``: how training ran before the head was gathered to the
+  response positions, and how a compiled model still runs).
+* ``after``: ``CausalLMTask`` as it is now, with the model's own chat template
+  (``--prompt-format auto``).
 
 A dtype axis (``--dtypes fp32,bf16``): each dtype loads its own copy of the base model in that
 dtype (fp32 adapters, feddpa_fast/precision.py) and every (dtype, variant) pair is timed in
@@ -52,7 +56,7 @@ from feddpa_fast.precision import BASE_DTYPES, base_dtype  # noqa: E402
 FIELDS = ["run_id", "date", "device", "threads", "torch", "transformers", "feddpa_fast",
           "bench", "measure", "variant", "batch", "median", "p20", "p80", "unit",
           "ratio_to_before", "dtype", "ratio_to_fp32"]
-VARIANTS = ("before", "same-prompt", "after")
+VARIANTS = ("before", "same-prompt", "columns", "after")
 
 
 class BeforeTask(CausalLMTask):
@@ -135,15 +139,17 @@ def main(argv=None) -> int:
     for dtype in args.dtypes:
         model, tokenizer = _model(dtype)
         kw = {"max_new_tokens": args.max_new_tokens}
-        made = {"before": (BeforeTask, "alpaca"), "same-prompt": (CausalLMTask, "alpaca"),
-                "after": (CausalLMTask, "auto")}
+        made = {"before": (BeforeTask, {"prompt_format": "alpaca"}),
+                "same-prompt": (CausalLMTask, {"prompt_format": "alpaca"}),
+                "columns": (CausalLMTask, {"prompt_format": "auto", "gather_answers": False}),
+                "after": (CausalLMTask, {"prompt_format": "auto"})}
         set_trainable(model, "global")
         model.train()
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
                                       lr=1e-4)
         for variant in args.variants:
-            kind, prompt_format = made[variant]
-            tasks[dtype, variant] = kind(model, tokenizer, prompt_format=prompt_format, **kw)
+            kind, options = made[variant]
+            tasks[dtype, variant] = kind(model, tokenizer, **options, **kw)
             steps[dtype, variant] = _train_step(tasks[dtype, variant], batch, optimizer)
     train_ms = common.time_alternating(steps, args.reps, 1)
     weighting = WeightingConfig()

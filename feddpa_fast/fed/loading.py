@@ -81,7 +81,8 @@ def build_task(cfg):
     if cfg.task == "classify":
         return ClassifyTask(model, tokenizer)
     return CausalLMTask(model, tokenizer, max_new_tokens=cfg.max_new_tokens,
-                        num_beams=cfg.num_beams, prompt_format=cfg.prompt_format)
+                        num_beams=cfg.num_beams, prompt_format=cfg.prompt_format,
+                        gather_answers=not cfg.compile)
 
 
 def load_data(cfg) -> tuple[dict[str, list], dict[str, list]]:

@@ -9,8 +9,8 @@ space does not depend on which adapter mix is evaluating it.
 
 ``CausalLMTask``: an instruction-tuned causal LM; the prompt is the Alpaca template (the paper's)
 or, for a model with a chat template, that template with an empty system turn; the loss
-covers the response tokens only (EOS appended; the LM head runs on those columns only), prompts
-are truncated to ``cutoff`` tokens;
+covers the response tokens only (EOS appended; the LM head runs only where a response token is
+predicted), prompts are truncated to ``cutoff`` tokens;
 evaluation generates (greedy, or beam search with ``num_beams`` > 1: each sequence's beams keep
 its own mix weights, feddpa_fast/rows.py) and scores ROUGE-L against the reference output.
 
@@ -151,9 +151,13 @@ class CausalLMTask:
     kind = "causal-lm"
 
     def __init__(self, model, tokenizer, *, cutoff: int = 256, max_new_tokens: int = 32,
-                 num_beams: int = 1, prompt_format: str = "alpaca"):
+                 num_beams: int = 1, prompt_format: str = "alpaca", gather_answers: bool = True):
         """Args:
             cutoff: prompt (and answer) tokens kept.
+            gather_answers: the LM head runs on the answer-predicting positions only (a
+                forward pre-hook on the model's output embeddings); False runs it on the
+                answer columns of every row (``logits_to_keep``), which a compiled model
+                needs (no data-dependent shape inside its graph).
             max_new_tokens, num_beams: decoding of ``predict``.
             prompt_format: "alpaca", "chat" (the tokenizer's chat template, an empty system
                 turn: SmolLM2's default system prompt would add 16 tokens to prompts of 25)
@@ -172,7 +176,7 @@ class CausalLMTask:
                              "template")
         self.model, self.tokenizer = model, tokenizer
         self.cutoff, self.max_new_tokens, self.num_beams = cutoff, max_new_tokens, num_beams
-        self.prompt_format = prompt_format
+        self.prompt_format, self.gather_answers = prompt_format, gather_answers
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         self._scorer = None
@@ -217,18 +221,13 @@ class CausalLMTask:
 
     def loss(self, examples) -> torch.Tensor:
         """Mean cross-entropy over the response tokens (call inside ``mix``). The LM head runs
-        only on the columns that hold answers (``logits_to_keep``): for SmolLM2 it is
+        only where a response token is predicted (``_answer_logits``): for SmolLM2 it is
         49,152 x 576, the largest layer, and the prompts are most of each row. Right padding
         as before, so the rest of the model computes exactly what it did (bench/llm_step.py)."""
         if not examples:
             raise ValueError("CausalLMTask.loss: no examples")
-        ids, mask, labels, keep = self._training_batch(examples)
-        logits = self.model(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits
-        logits = logits[:, -keep:]  # a model that ignores logits_to_keep returns every column
-        # Column j predicts token j + 1: the last `keep` columns predict the last keep - 1.
-        targets = labels[:, -keep + 1:]
-        return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets.flatten(),
-                               ignore_index=-100)
+        logits, targets, _, _ = self._answer_logits(examples)
+        return F.cross_entropy(logits.float(), targets)
 
     def row_lengths(self, examples) -> list[int]:
         """The tokens of each example's training row (prompt, answer and EOS; before
@@ -246,19 +245,39 @@ class CausalLMTask:
         examples = [e for g in groups for e in g]
         if not examples:
             raise ValueError("CausalLMTask.group_losses: no examples")
+        logits, targets, per_row, padding = self._answer_logits(examples)
+        per_token = F.cross_entropy(logits.float(), targets, reduction="none")
+        counts = [int(rows.sum()) for rows in per_row.split([len(g) for g in groups])]
+        return [tokens.mean() for tokens in per_token.split(counts)], padding
+
+    def _answer_logits(self, examples):
+        """(logits (N, vocab), targets (N,), response tokens per row (B,), padding fraction)
+        over the N positions that predict a response token, row after row.
+
+        Column j predicts token j + 1 and every response lies in the last ``keep - 1``
+        columns, so the model's head runs on those (``logits_to_keep``); with
+        ``gather_answers`` on their response positions only: a pass of 8 clients x 8 rows of
+        the lexical suite keeps about 40 columns per row, of which a handful predict a
+        response token."""
         ids, mask, labels, keep = self._training_batch(examples)
-        logits = self.model(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits
-        logits = logits[:, -keep:]
         targets = labels[:, -keep + 1:]
-        per_token = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets.flatten(),
-                                    ignore_index=-100, reduction="none").view(targets.shape)
-        counted = (targets != -100).sum(1)
-        losses, start = [], 0
-        for g in groups:  # a group's mean over its own tokens, as loss() of the group alone
-            stop = start + len(g)
-            losses.append(per_token[start:stop].sum() / counted[start:stop].sum())
-            start = stop
-        return losses, _padding(mask)
+        predicts = torch.cat([targets != -100, torch.zeros_like(targets[:, :1], dtype=torch.bool)],
+                             dim=1)  # (B, keep): the last column predicts past the row
+        answers = targets[predicts[:, :-1]]
+        if not self.gather_answers:
+            logits = self.model(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits
+            logits = logits[:, -keep:]  # a model that ignores logits_to_keep returns every column
+            return logits[predicts], answers, predicts.sum(1), _padding(mask)
+
+        def answer_positions(_head, args):  # the head's input (B, >= keep, H) -> (N, H)
+            return (args[0][:, -keep:][predicts], *args[1:])
+
+        hook = self.model.get_output_embeddings().register_forward_pre_hook(answer_positions)
+        try:
+            logits = self.model(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits
+        finally:
+            hook.remove()
+        return logits, answers, predicts.sum(1), _padding(mask)
 
     def _left_padded_prompts(self, examples):
         prompts = [self._prompt_ids(e) for e in examples]

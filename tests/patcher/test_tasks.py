@@ -21,13 +21,14 @@ def llama_dir(tmp_path_factory):
     return tiny_llama_dir(tmp_path_factory.mktemp("llama"))
 
 
-def _task(path, num_beams):
+def _task(path, num_beams, gather_answers=True):
     tok = transformers.AutoTokenizer.from_pretrained(path)
     model = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
     fd.patch(model, fd.DualLoRAConfig(r=4, alpha=8, dropout=0.0,
                                       target_modules=("q_proj", "v_proj")))
     randomize_lora_b(model, std=0.5)
-    return CausalLMTask(model, tok, max_new_tokens=5, num_beams=num_beams)
+    return CausalLMTask(model, tok, max_new_tokens=5, num_beams=num_beams,
+                        gather_answers=gather_answers)
 
 
 def _examples():
@@ -93,9 +94,14 @@ def _lora_grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def test_response_only_loss_and_grads_equal_the_full_vocabulary_loss(llama_dir):
-    task = _task(llama_dir, num_beams=1)
-    examples = _examples() + [LMExample("a much longer instruction " * 3, "", "a b c d", "x")]
+def _mixed_lengths():
+    return _examples() + [LMExample("a much longer instruction " * 3, "", "a b c d", "x")]
+
+
+@pytest.mark.parametrize("gather_answers", [True, False])
+def test_response_only_loss_and_grads_equal_the_full_vocabulary_loss(llama_dir, gather_answers):
+    task = _task(llama_dir, num_beams=1, gather_answers=gather_answers)
+    examples = _mixed_lengths()
     fd.set_trainable(task.model, "global")
     values, grads = [], []
     for loss_fn in (task.loss, lambda ex: _full_vocabulary_loss(task, ex)):
@@ -109,6 +115,34 @@ def test_response_only_loss_and_grads_equal_the_full_vocabulary_loss(llama_dir):
     assert grads[0] and grads[0].keys() == grads[1].keys()
     for name in grads[0]:
         assert torch.allclose(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-6), name
+
+
+@pytest.mark.parametrize("gather_answers", [True, False])
+def test_each_groups_loss_equals_its_full_vocabulary_loss_alone(llama_dir, gather_answers):
+    task = _task(llama_dir, num_beams=1, gather_answers=gather_answers)
+    rows = _mixed_lengths()
+    groups = [rows[:1], rows[1:3], rows[3:]]  # the long row pads the others' columns
+    with fd.mix(task.model, 1.0, 0.5):
+        losses, padding = task.group_losses(groups)
+        alone = [_full_vocabulary_loss(task, g) for g in groups]
+    assert padding > 0
+    for got, want in zip(losses, alone, strict=True):
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-6), (got, want)
+
+
+def test_the_answer_gather_leaves_no_hook_behind_even_when_the_forward_fails(llama_dir):
+    task = _task(llama_dir, num_beams=1)
+    head = task.model.get_output_embeddings()
+    task.loss(_examples())
+    assert not head._forward_pre_hooks
+
+    def broken(*_args, **_kwargs):
+        raise RuntimeError("the forward failed")
+
+    task.model.forward = broken
+    with pytest.raises(RuntimeError, match="the forward failed"):
+        task.loss(_examples())
+    assert not head._forward_pre_hooks
 
 
 def test_represent_equals_the_full_forward_without_its_lm_head(llama_dir):
