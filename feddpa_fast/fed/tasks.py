@@ -256,9 +256,9 @@ class CausalLMTask:
 
         Column j predicts token j + 1 and every response lies in the last ``keep - 1``
         columns, so the model's head runs on those (``logits_to_keep``); with
-        ``gather_answers`` on their response positions only: a pass of 8 clients x 8 rows of
-        the lexical suite keeps about 40 columns per row, of which a handful predict a
-        response token."""
+        ``gather_answers`` on their response positions only: a batch of 8 rows of the
+        lexical suite keeps 18 columns per row (144 positions), of which 53 predict a
+        response token (bench/README.md, "The causal-LM step")."""
         ids, mask, labels, keep = self._training_batch(examples)
         targets = labels[:, -keep + 1:]
         predicts = torch.cat([targets != -100, torch.zeros_like(targets[:, :1], dtype=torch.bool)],
