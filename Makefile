@@ -97,7 +97,8 @@ demo-all: install
 # instruction tasks built from Debian's WordNet and dictd packages), the paper's four methods,
 # FedALT, FedSA-LoRA and the base model, ROUGE-L P and TTP with paired bootstrap intervals, at
 # the budget the rule in docs/trainer.md chose (4 rounds x 8 steps: the smallest rung at which
-# FedIT beats the base model). About 70 minutes on a 2-core AMD EPYC (docs/trainer.md).
+# FedIT beats the base model). 29 minutes on a 2-core CPU with native bf16, 74 on one without
+# (AMD EPYCs; docs/trainer.md).
 # Resumable: run it again.
 LEXICAL_DIR ?= runs/lexical-data
 LLM_FLAGS := --model smollm2 --task causal-lm --data $(LEXICAL_DIR) --batch-size 8 \
@@ -109,7 +110,8 @@ demo-llm: install lexical-sources
 		$(LLM_DEMO_FLAGS) --out runs/demo-llm --resume
 
 # Closer to the paper's scale, not run by CI: 8 rounds x 16 steps, every test example (50 per
-# task), FDLoRA, FedALT and FedSA-LoRA too. Hours on 2 cores (docs/trainer.md); resumable: run it again to continue.
+# task), FDLoRA, FedALT and FedSA-LoRA too. Hours on 2 cores (docs/trainer.md); resumable: run it
+# again to continue.
 LLM_LONG_FLAGS := $(LLM_FLAGS) --rounds 8 --max-steps 16 --test-limit 50 --search-examples 32
 demo-llm-long: install lexical-sources
 	$(PYTHON) -m feddpa_fast.fed.cli data build-lexical --out $(LEXICAL_DIR)
