@@ -111,7 +111,7 @@ CASES = [((67,), 80, 96, 16, True, True), ((2, 9), 48, 40, 8, False, True),
 
 
 @pytest.mark.parametrize("m_shape,k,n,r,row_scale,bias", CASES)
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
 def test_native_matches_the_reference_with_the_same_mask(m_shape, k, n, r, row_scale, bias,
                                                          dtype):
     inputs = make_inputs(m_shape, k, n, r, dtype, bias=bias, row_scale=row_scale, dropout=0.3)
