@@ -277,6 +277,11 @@ class CausalLMTask:
             logits = self.model(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits
         finally:
             hook.remove()
+        if logits.dim() != 2 or logits.shape[0] != answers.numel():
+            raise RuntimeError(
+                f"CausalLMTask: {type(self.model).__name__} did not compute its logits with its "
+                f"output embeddings on the gathered positions (logits {tuple(logits.shape)}, "
+                f"{answers.numel()} response tokens); build the task with gather_answers=False")
         return logits, answers, predicts.sum(1), _padding(mask)
 
     def _left_padded_prompts(self, examples):

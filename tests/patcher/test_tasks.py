@@ -1,5 +1,7 @@
 """CausalLMTask with FedDPA's per-instance dynamic weights and beam search; the CLI's decoding
 flags (--num-beams, --max-new-tokens) and --model smollm2's task check."""
+from types import SimpleNamespace
+
 import pytest
 import torch
 import transformers
@@ -143,6 +145,17 @@ def test_the_answer_gather_leaves_no_hook_behind_even_when_the_forward_fails(lla
     with pytest.raises(RuntimeError, match="the forward failed"):
         task.loss(_examples())
     assert not head._forward_pre_hooks
+
+
+def test_a_model_whose_head_the_gather_cannot_reach_gets_a_clear_error(llama_dir):
+    task = _task(llama_dir, num_beams=1)
+
+    def head_elsewhere(input_ids, **_kwargs):  # logits from somewhere else than the head
+        return SimpleNamespace(logits=torch.zeros(*input_ids.shape, 7))
+
+    task.model.forward = head_elsewhere
+    with pytest.raises(RuntimeError, match="gather_answers=False"):
+        task.loss(_examples())
 
 
 def test_represent_equals_the_full_forward_without_its_lm_head(llama_dir):
