@@ -248,7 +248,7 @@ class CausalLMTask:
         logits, targets, per_row, padding = self._answer_logits(examples)
         per_token = F.cross_entropy(logits.float(), targets, reduction="none")
         counts = [int(rows.sum()) for rows in per_row.split([len(g) for g in groups])]
-        return [tokens.mean() for tokens in per_token.split(counts)], padding
+        return _group_means(per_token, counts), padding
 
     def _answer_logits(self, examples):
         """(logits (N, vocab), targets (N,), response tokens per row (B,), padding fraction)
@@ -264,19 +264,19 @@ class CausalLMTask:
         predicts = torch.cat([targets != -100, torch.zeros_like(targets[:, :1], dtype=torch.bool)],
                              dim=1)  # (B, keep): the last column predicts past the row
         answers = targets[predicts[:, :-1]]
-        if not self.gather_answers:
-            logits = self.model(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits
-            logits = logits[:, -keep:]  # a model that ignores logits_to_keep returns every column
-            return logits[predicts], answers, predicts.sum(1), _padding(mask)
 
         def answer_positions(_head, args):  # the head's input (B, >= keep, H) -> (N, H)
             return (args[0][:, -keep:][predicts], *args[1:])
 
-        hook = self.model.get_output_embeddings().register_forward_pre_hook(answer_positions)
+        head = self.model.get_output_embeddings()
+        hook = head.register_forward_pre_hook(answer_positions) if self.gather_answers else None
         try:
             logits = self.model(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits
         finally:
-            hook.remove()
+            if hook is not None:
+                hook.remove()
+        if not self.gather_answers:  # a model that ignores logits_to_keep returns every column
+            logits = logits[:, -keep:][predicts]
         if logits.dim() != 2 or logits.shape[0] != answers.numel():
             raise RuntimeError(
                 f"CausalLMTask: {type(self.model).__name__} did not compute its logits with its "

@@ -66,9 +66,9 @@ void keep_f32_in_place(float* __restrict row, const uint32_t* __restrict rnd,
 // The bf16 base's cases (the trainer's default on a CPU with native bf16), cloned the same way:
 // with the generic loops below, a bf16 forward and backward with dropout at SmolLM2's v
 // (360 x 576 -> 192, p 0.05) took 3.8x a bf16 F.linear, with these 2.8x (one-off timing,
-// AVX-512 BF16 EPYC; bench/README.md, "One FedIT round against PEFT + HF Trainer"). bf16 widens to fp32 by a
-// 16-bit shift, exactly as c10::BFloat16's conversion does; masking a 16-bit value is the same
-// AND on its bits for bf16 and fp16.
+// AVX-512 BF16 EPYC; bench/README.md, "One FedIT round against PEFT + HF Trainer"). bf16
+// widens to fp32 by a 16-bit shift, exactly as c10::BFloat16's conversion does; masking a
+// 16-bit value is the same AND on its bits for bf16 and fp16.
 __attribute__((target_clones("avx512f", "avx2", "default")))
 void keep_bf16_to_f32(const uint16_t* __restrict src, const uint32_t* __restrict rnd,
                       uint32_t threshold, float* __restrict dst, int64_t n) {
